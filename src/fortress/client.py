@@ -1,0 +1,181 @@
+"""One client's local training as a pure function, and a round of clients: vectorised or looped.
+
+A client holds one private time-ordered sequence. Each round it downloads the dense encoder and
+the item rows it needs — its own items plus `n_neg` negatives sampled uniformly from the rest of
+the catalogue — trains `local_epochs` full-sequence steps with a fresh optimiser, and uploads the
+change of exactly those parameters. The next-item loss is a softmax over that sub-table.
+
+The vectorised engine stacks clients into chunks (sorted by length so each chunk is padded only
+to its own longest sequence) and runs `torch.func.vmap` over `local_train`; the loop engine calls
+the very same `local_train` on each client's unpadded tensors and is the reference it must match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.func import grad_and_value, vmap
+
+from fortress.data.dataset import Dataset
+from fortress.models import Model, Params, dense_keys
+from fortress.objectives import next_item_loss
+from fortress.updates import Updates, concat, flatten
+
+
+@dataclass
+class Chunk:
+    """Clients trained together. Slot 0 of every sub-table is padding; unused slots hold item 0."""
+
+    users: torch.Tensor    # (n,) int64
+    weight: torch.Tensor   # (n,) number of train interactions the client holds
+    items: torch.Tensor    # (n, S) global item id of each sub-table slot
+    x: torch.Tensor        # (n, L) inputs as sub-table slots, left-padded with 0
+    y: torch.Tensor        # (n, L) next-item targets as sub-table slots, 0 = none
+
+    @property
+    def n(self) -> int:
+        return len(self.users)
+
+
+def eligible_clients(ds: Dataset) -> np.ndarray:
+    """Users with at least one (input, next item) pair to train on."""
+    return np.flatnonzero(ds.train_len >= 2)
+
+
+def _negatives(own: np.ndarray, n_items: int, n_neg: int, rng: np.random.Generator) -> np.ndarray:
+    """n_neg distinct items drawn uniformly from 1..n_items without the client's own items."""
+    free = n_items - len(own)
+    if n_neg >= free:
+        rest = np.setdiff1d(np.arange(1, n_items + 1), own)
+        return rng.permutation(rest)
+    out = np.empty(0, dtype=np.int64)
+    while len(out) < n_neg:
+        cand = rng.integers(1, n_items + 1, size=2 * n_neg + len(own))
+        cand = np.concatenate([out, cand[~np.isin(cand, own)]])
+        _, first = np.unique(cand, return_index=True)
+        out = cand[np.sort(first)]
+    return out[:n_neg]
+
+
+def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk_size: int,
+                 rng: np.random.Generator) -> list[Chunk]:
+    """Gather each client's last max_len + 1 train items and its sub-table, grouped by length."""
+    seqs = [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
+    subs = []
+    for s in seqs:
+        own = np.unique(s)                                                  # sorted
+        subs.append((own, _negatives(own, ds.n_items, n_neg, rng)))
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    chunks = []
+    for start in range(0, len(order), chunk_size):
+        idx = order[start:start + chunk_size]
+        L = max(len(seqs[i]) for i in idx) - 1
+        S = 1 + max(len(subs[i][0]) + len(subs[i][1]) for i in idx)
+        items = np.zeros((len(idx), S), dtype=np.int64)
+        x = np.zeros((len(idx), L), dtype=np.int64)
+        y = np.zeros((len(idx), L), dtype=np.int64)
+        for row, i in enumerate(idx):
+            own, neg = subs[i]
+            items[row, 1:1 + len(own) + len(neg)] = np.concatenate([own, neg])
+            local = 1 + np.searchsorted(own, seqs[i])                       # slot of each item
+            n = len(local) - 1
+            x[row, L - n:], y[row, L - n:] = local[:-1], local[1:]
+        chunks.append(Chunk(torch.as_tensor(users[idx], dtype=torch.int64),
+                            torch.as_tensor([len(ds.train_seq(int(users[i]))) for i in idx],
+                                            dtype=torch.float64),
+                            torch.from_numpy(items), torch.from_numpy(x), torch.from_numpy(y)))
+    return chunks
+
+
+def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+             col_mask: torch.Tensor) -> torch.Tensor:
+    """Next-item loss of one client: x, y (L,) sub-table slots, table (S, d)."""
+    h = model.encode({**dense, "item_emb": table}, x[None], training=True)[0]   # (L, d)
+    return next_item_loss(h @ table.T, y, col_mask)                             # (L, S) -> ()
+
+
+def local_train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,
+                dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                col_mask: torch.Tensor) -> tuple[Params, torch.Tensor, torch.Tensor]:
+    """`epochs` full-sequence steps of SGD or Adam (fresh state) on one client's data.
+
+    Returns the change of the dense parameters, the change of the sub-table (S, d) and the loss
+    of the last step. Pure: the broadcast tensors are never modified.
+    """
+    step = grad_and_value(partial(loss_fn, model), argnums=(0, 1))
+    params = (dict(dense), table)
+    m = v = None
+    for t in range(1, epochs + 1):
+        (g_dense, g_table), loss = step(params[0], params[1], x, y, col_mask)
+        grads = (g_dense, g_table)
+        if opt == "sgd":
+            params = ({k: params[0][k] - lr * g_dense[k] for k in dense}, params[1] - lr * g_table)
+            continue
+        # Adam (b1 0.9, b2 0.999), written out so that it vectorises with the rest
+        if m is None:
+            m = ({k: torch.zeros_like(g) for k, g in g_dense.items()}, torch.zeros_like(g_table))
+            v = ({k: torch.zeros_like(g) for k, g in g_dense.items()}, torch.zeros_like(g_table))
+        c1, c2 = 1 - 0.9 ** t, 1 - 0.999 ** t
+
+        def adam(p, g, m_, v_):
+            m_ = 0.9 * m_ + 0.1 * g
+            v_ = 0.999 * v_ + 0.001 * g * g
+            return p - lr * (m_ / c1) / ((v_ / c2).sqrt() + 1e-8), m_, v_
+
+        new_dense, m_d, v_d = {}, {}, {}
+        for k in dense:
+            new_dense[k], m_d[k], v_d[k] = adam(params[0][k], grads[0][k], m[0][k], v[0][k])
+        new_table, m_t, v_t = adam(params[1], grads[1], m[1], v[1])
+        params, m, v = (new_dense, new_table), (m_d, m_t), (v_d, v_t)
+    return {k: params[0][k] - dense[k] for k in dense}, params[1] - table, loss
+
+
+def _to_updates(chunk: Chunk, keys: list[str], d_dense: Params, d_table: torch.Tensor,
+                loss: torch.Tensor) -> Updates:
+    real = chunk.items > 0                                                      # (n, S)
+    rows_client = real.nonzero()[:, 0]
+    return Updates(chunk.users, chunk.weight.to(d_table.dtype), flatten(d_dense, keys, batched=True),
+                   rows_client, chunk.items[real], d_table[real], loss)
+
+
+def train_chunk(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,
+                params: Params, chunk: Chunk, engine: str = "vmap") -> Updates:
+    """Local training of one chunk of clients from the broadcast `params`; returns their uploads."""
+    keys = dense_keys(params)
+    dense = {k: params[k] for k in keys}
+    table = params["item_emb"][chunk.items]                                     # (n, S, d)
+    col_mask = chunk.items > 0                                                  # (n, S)
+    fn = partial(local_train, model, loss_fn, epochs, lr, opt)
+    if engine == "vmap":
+        d_dense, d_table, loss = vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different")(
+            dense, table, chunk.x, chunk.y, col_mask)
+        return _to_updates(chunk, keys, d_dense, d_table, loss)
+    # reference: one client at a time on its own unpadded tensors
+    outs = []
+    for i in range(chunk.n):
+        S = int(col_mask[i].sum()) + 1
+        L = int((chunk.x[i] > 0).sum())
+        outs.append(fn(dense, table[i, :S], chunk.x[i, -L:], chunk.y[i, -L:], col_mask[i, :S]))
+    S_max = chunk.items.shape[1]
+    d_table = torch.zeros_like(table)
+    for i, (_, dt, _) in enumerate(outs):
+        d_table[i, :dt.shape[0]] = dt
+    d_dense = {k: torch.stack([o[0][k] for o in outs]) for k in keys}
+    loss = torch.stack([o[2] for o in outs])
+    assert d_table.shape[1] == S_max
+    return _to_updates(chunk, keys, d_dense, d_table, loss)
+
+
+def train_round(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,
+                params: Params, chunks: list[Chunk], engine: str = "vmap") -> Updates:
+    return concat([train_chunk(model, loss_fn, epochs, lr, opt, params, c, engine) for c in chunks])
+
+
+def round_bytes(chunks: list[Chunk], dense_size: int, dim: int, float_bytes: int) -> int:
+    """Bytes one direction of a round moves: each client's item rows (+ their int32 ids) and encoder."""
+    rows = sum(int((c.items > 0).sum()) for c in chunks)
+    clients = sum(c.n for c in chunks)
+    return rows * (dim * float_bytes + 4) + clients * dense_size * float_bytes

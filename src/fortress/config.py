@@ -1,0 +1,172 @@
+"""One frozen dataclass of defaults; TOML files and `--set key=value` overrides, type-checked."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fortress.errors import InputError
+
+
+@dataclass(frozen=True)
+class Config:
+    # what to run
+    mode: str = "fedavg"            # pop | central | fedavg
+    backbone: str = "sasrec"        # sasrec | gru4rec
+    seed: int = 0
+    # data
+    data_format: str = "auto"       # auto | seq | table | mind | split
+    kcore: int = 0                  # k-core filter on users and items (0 = off)
+    max_len: int = 50               # most recent items a model sees
+    synthetic_users: int = 5000
+    synthetic_items: int = 1000
+    # model
+    dim: int = 64
+    blocks: int = 2                 # SASRec attention blocks / GRU4Rec layers (GRU uses 1)
+    heads: int = 1
+    dropout: float = 0.2
+    dtype: str = "float32"          # float32 | float64 (float64 for equivalence tests)
+    # federated rounds
+    rounds: int = 300
+    clients_per_round: int = 256
+    local_epochs: int = 1
+    lr: float = 0.001               # client lr (fedavg) / Adam lr (central)
+    client_opt: str = "adam"        # adam | sgd: the optimiser a device runs, fresh each round
+    n_neg: int = 256                # negatives a client samples into its item sub-table
+    global_opt: str = "sgd"         # sgd | adam: how the server applies the aggregate (FedAvg = sgd, global_lr 1)
+    global_lr: float = 1.0
+    engine: str = "vmap"            # vmap | loop (reference)
+    chunk_size: int = 256           # clients trained together in one vmap call
+    # centralised training
+    epochs: int = 15
+    batch_size: int = 128
+    # evaluation
+    eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
+    eval_batch: int = 2048          # users scored at once
+    threads: int = 0                # torch threads (0 = all cores)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("pop", "central", "fedavg"),
+    "backbone": ("sasrec", "gru4rec"),
+    "data_format": ("auto", "seq", "table", "mind", "split"),
+    "dtype": ("float32", "float64"),
+    "client_opt": ("adam", "sgd"),
+    "global_opt": ("sgd", "adam"),
+    "engine": ("vmap", "loop"),
+}
+# lower bounds (inclusive) for numbers; everything else numeric must be >= 0
+MINIMUM: dict[str, float] = {
+    "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "dim": 2, "blocks": 1, "heads": 1,
+    "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
+    "epochs": 0, "batch_size": 1, "eval_batch": 1,
+}
+POSITIVE = ("lr", "global_lr")
+
+
+def keys() -> list[str]:
+    return [f.name for f in fields(Config)]
+
+
+def _parse_value(key: str, raw: Any, kind: type) -> Any:
+    """Convert a TOML value or a `--set` string to the field's type, or raise a one-line error."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        raise InputError(f"{key}={raw!r}: expected true or false")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise InputError(f"{key}={raw!r}: expected an integer")
+        if isinstance(raw, int):
+            return raw
+        try:
+            return int(str(raw))
+        except ValueError:
+            raise InputError(f"{key}={raw!r}: expected an integer") from None
+    if kind is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        try:
+            return float(str(raw))
+        except ValueError:
+            raise InputError(f"{key}={raw!r}: expected a number") from None
+    return str(raw)
+
+
+def _field_types() -> dict[str, type]:
+    types = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: types[f.type] if isinstance(f.type, str) else f.type for f in fields(Config)}
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; raise InputError naming the key, the value and what is allowed."""
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise InputError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    for key, kind in _field_types().items():
+        value = getattr(cfg, key)
+        if kind in (int, float):
+            low = MINIMUM.get(key, 0)
+            if value < low or (key in POSITIVE and value <= 0):
+                bound = "> 0" if key in POSITIVE else f">= {low:g}"
+                raise InputError(f"{key}={value!r} is out of range; it must be {bound}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)")
+    if cfg.dim % cfg.heads:
+        raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}")
+    return cfg
+
+
+def override(cfg: Config, values: dict[str, Any], source: str = "--set") -> Config:
+    """Return cfg with `values` applied; unknown keys and bad values are one-line errors."""
+    types = _field_types()
+    changes = {}
+    for key, raw in values.items():
+        if key not in types:
+            raise InputError(f"{source}: unknown key {key!r}; known keys: {', '.join(keys())}")
+        changes[key] = _parse_value(key, raw, types[key])
+    return validate(dataclasses.replace(cfg, **changes))
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {pair!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load(path: str | Path | None = None, sets: list[str] | None = None, base: Config | None = None) -> Config:
+    """Defaults <- TOML file (flat table of keys) <- `--set key=value` overrides."""
+    cfg = base or Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise InputError(f"{path}: not valid TOML ({err})") from None
+        nested = [k for k, v in table.items() if isinstance(v, dict)]
+        if nested:
+            raise InputError(f"{path}: config must be a flat table of keys; found section [{nested[0]}]")
+        cfg = override(cfg, table, source=str(path))
+    if sets:
+        cfg = override(cfg, parse_sets(sets))
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a saved config; keys this version does not know are an error, not silently dropped."""
+    return override(Config(), values, source="saved config")

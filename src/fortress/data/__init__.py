@@ -1,0 +1,31 @@
+"""Data: load files or generate synthetic sequences into a remapped, leave-one-out split Dataset."""
+from __future__ import annotations
+
+from fortress.data.dataset import Dataset, from_sequences
+from fortress.data.load import detect_format, load_dataset, resolve, shared_dir
+from fortress.data.synthetic import synthetic
+
+__all__ = ["Dataset", "from_sequences", "load_dataset", "detect_format", "resolve", "shared_dir",
+           "synthetic", "describe"]
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
+
+
+def describe(ds: Dataset) -> str:
+    """A short multi-line summary of a dataset, for `fortress data stats`."""
+    s = ds.stats()
+    pct = s["length_percentiles"]
+    evaluated = s["users_with_test"]
+    return "\n".join([
+        f"dataset        {s['name']}",
+        f"users          {s['users']:,}",
+        f"items          {s['items']:,}",
+        f"interactions   {s['interactions']:,}",
+        f"density        {100 * s['density']:.4f}%",
+        f"evaluated      {evaluated:,} users with a test item "
+        f"({100 * evaluated / max(1, s['users']):.1f}%)",
+        "seq length     " + " / ".join(f"{k} {_num(v)}" for k, v in pct.items()),
+        f"chronological  {'yes' if s['chronological'] else 'no (source order is not time order)'}",
+    ])

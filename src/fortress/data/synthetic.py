@@ -1,0 +1,78 @@
+"""Synthetic sequences with learnable structure, for demos, tests and scale runs (no download needed).
+
+Design (all draws from numpy `default_rng(seed)`, so a seed gives identical arrays):
+- popularity: p_i proportional to 1 / rank^0.9 (Zipf-like) over a seeded random permutation of
+  items 1..n_items, so popular items are not simply the small ids;
+- transitions: every item has 3 "successor" items drawn from the popularity distribution, fixed
+  for the dataset; this is the sequential signal a next-item model can learn;
+- length: 5 + Geometric(p=0.2) - 1, capped at 60 (mean about 9, minimum 5, so every user has a
+  valid and a test item);
+- sequence: first item ~ popularity; each next item is, with probability 0.7, a uniformly chosen
+  successor of the current item, else ~ popularity. Repeats are allowed.
+Generation loops over the (at most 60) time steps, each vectorised over the users still active,
+so 1,000,000 users x 100,000 items takes seconds and memory linear in the interactions.
+User ids are "u0".."u{n-1}", item ids "i1".."i{n}"; the split is `from_sequences`' leave-one-out.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fortress.data.dataset import Dataset
+from fortress.errors import InputError
+
+ZIPF_EXPONENT = 0.9
+N_SUCCESSORS = 3
+P_FOLLOW = 0.7
+MIN_LEN = 5
+MAX_LEN = 60
+P_STOP = 0.2
+
+
+def synthetic(n_users: int, n_items: int, seed: int = 0) -> Dataset:
+    """Deterministic synthetic dataset of popularity-plus-transition sequences, split leave-one-out."""
+    if n_users < 1 or n_items < 1:
+        raise InputError(f"synthetic data needs at least 1 user and 1 item, got {n_users} users "
+                         f"and {n_items} items")
+    rng = np.random.default_rng(seed)
+    by_rank = rng.permutation(n_items).astype(np.int64) + 1             # (n_items,) item at rank r
+    cdf = np.cumsum(1.0 / np.arange(1, n_items + 1) ** ZIPF_EXPONENT)
+    cdf /= cdf[-1]
+
+    def popular(k: int) -> np.ndarray:
+        rank = np.searchsorted(cdf, rng.random(k), side="right")        # inverse-CDF sampling
+        return by_rank[np.minimum(rank, n_items - 1)]                   # (k,)
+
+    successors = np.zeros((n_items + 1, N_SUCCESSORS), dtype=np.int64)  # row 0 = padding, unused
+    successors[1:] = popular(n_items * N_SUCCESSORS).reshape(n_items, N_SUCCESSORS)
+    lengths = np.minimum(MIN_LEN - 1 + rng.geometric(P_STOP, n_users), MAX_LEN)    # (n_users,)
+    ptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(lengths, out=ptr[1:])
+
+    flat = np.empty(int(ptr[-1]), dtype=np.int64)      # all sequences, concatenated
+    active = np.arange(n_users)
+    cur = popular(n_users)
+    flat[ptr[:-1]] = cur
+    for t in range(1, MAX_LEN):
+        still = lengths[active] > t
+        active, cur = active[still], cur[still]
+        if not len(active):
+            break
+        follow = rng.random(len(active)) < P_FOLLOW
+        nxt = np.empty_like(cur)
+        pick = rng.integers(0, N_SUCCESSORS, int(follow.sum()))
+        nxt[follow] = successors[cur[follow], pick]
+        nxt[~follow] = popular(int((~follow).sum()))
+        flat[ptr[active] + t] = nxt
+        cur = nxt
+
+    # leave-one-out as in from_sequences, on the CSR arrays directly (a loop over 1M users is slow);
+    # every length is >= MIN_LEN >= 3, so every user has a valid and a test item
+    last = ptr[1:] - 1
+    train = np.ones(len(flat), dtype=bool)
+    train[last] = False
+    train[last - 1] = False
+    train_ptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(lengths - 2, out=train_ptr[1:])
+    return Dataset("synthetic", n_items, [f"u{u}" for u in range(n_users)],
+                   [""] + [f"i{i}" for i in range(1, n_items + 1)], train_ptr, flat[train],
+                   flat[last - 1], flat[last], chronological=True)

@@ -1,0 +1,105 @@
+"""Full-ranking evaluation: HR@K and NDCG@K over the whole catalogue, ER@K for target items.
+
+No sampled negatives. Items in the user's history (everything before the held-out item) are
+masked out, and so is padding; the held-out item itself is never masked, even where it also
+occurs earlier in the history (repeat consumption, as in MIND). Ties are broken uniformly at
+random *in expectation*: a target whose score ties with e - 1 other items at g items behind
+better ones is equally likely to sit at each rank g..g+e-1, and HR/NDCG are the exact expected
+values over those ranks. So a constant scorer gets the chance level, not a perfect score.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fortress.data.dataset import Dataset
+
+KS = (5, 10, 20)
+Scorer = Callable[[np.ndarray, str], torch.Tensor]   # (users, split) -> (B, n_items + 1) scores
+
+
+def _discount_cumsum(n: int) -> torch.Tensor:
+    """D[k] = sum_{r<k} 1/log2(r+2), the NDCG gain of ranks 0..k-1; D[0] = 0."""
+    ranks = torch.arange(n, dtype=torch.float64)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), (1.0 / torch.log2(ranks + 2)).cumsum(0)])
+
+
+def rank_hits(greater: torch.Tensor, equal: torch.Tensor, k: int,
+              disc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected hit and NDCG at k for targets with `greater` better and `equal` tied items (incl. self)."""
+    g, e = greater.double(), equal.double()
+    hit = (k - g).clamp(0, None).minimum(e) / e
+    hi = (g + e).clamp(max=k).long()
+    lo = g.clamp(max=k).long()
+    return hit, (disc[hi] - disc[lo]) / e
+
+
+def history_matrix(ds: Dataset, users: np.ndarray, split: str) -> torch.Tensor:
+    """(B, H) histories before the `split` item, right-padded with 0."""
+    hists = [ds.history(int(u), split) for u in users]
+    H = max(1, max(len(h) for h in hists))
+    out = np.zeros((len(users), H), dtype=np.int64)
+    for i, h in enumerate(hists):
+        out[i, :len(h)] = h
+    return torch.from_numpy(out)
+
+
+def evaluate(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
+             targets: list[int] | None = None, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """HR@K / NDCG@K over users with a `split` item; with `targets`, ER@K over eligible users.
+
+    ER@K of a target item t: the share of eligible users (t in none of their train, valid or test
+    items) with t in their top-K at this split. Reported as the mean over targets, plus per target.
+    """
+    truth = ds.valid if split == "valid" else ds.test
+    users = np.flatnonzero(truth > 0)
+    # similar lengths in a batch keep the model's padding (and time) small; sums ignore order
+    hist_len = ds.train_len[users] + (split == "test") * (ds.valid[users] > 0)
+    users = users[np.argsort(hist_len, kind="stable")]
+    disc = _discount_cumsum(ds.n_items + 2)
+    sums = {f"{m}@{k}": 0.0 for m in ("HR", "NDCG") for k in ks}
+    tgt = torch.as_tensor(targets or [], dtype=torch.int64)
+    er_hits = torch.zeros(len(tgt), len(ks), dtype=torch.float64)
+    er_count = torch.zeros(len(tgt), dtype=torch.float64)
+    for start in range(0, len(users), batch):
+        ub = users[start:start + batch]
+        scores = scorer(ub, split).contiguous().clone()                           # (B, N+1)
+        t = torch.as_tensor(truth[ub], dtype=torch.int64)                          # (B,)
+        hist = history_matrix(ds, ub, split)                                        # (B, H)
+        rows = torch.arange(len(ub))
+        target_score = scores[rows, t].clone()
+        scores.scatter_(1, hist, float("-inf"))
+        scores[:, 0] = float("-inf")
+        scores[rows, t] = target_score                                             # never mask the target
+        greater = (scores > target_score[:, None]).sum(1, dtype=torch.int32)
+        equal = (scores == target_score[:, None]).sum(1, dtype=torch.int32)
+        for k in ks:
+            hit, ndcg = rank_hits(greater, equal, k, disc)
+            sums[f"HR@{k}"] += float(hit.sum())
+            sums[f"NDCG@{k}"] += float(ndcg.sum())
+        if len(tgt):
+            seen = torch.zeros(len(ub), ds.n_items + 1, dtype=torch.bool)
+            seen.scatter_(1, hist, True)
+            seen[rows, torch.as_tensor(ds.valid[ub])] = True
+            seen[rows, torch.as_tensor(ds.test[ub])] = True
+            for j, item in enumerate(tgt.tolist()):
+                elig = ~seen[:, item]                                              # (B,)
+                s_t = scores[:, item]
+                g = (scores > s_t[:, None]).sum(1, dtype=torch.int32)
+                e = (scores == s_t[:, None]).sum(1, dtype=torch.int32)
+                er_count[j] += float(elig.sum())
+                for c, k in enumerate(ks):
+                    hit, _ = rank_hits(g, e, k, disc)
+                    er_hits[j, c] += float(hit[elig].sum())
+    n = max(1, len(users))
+    out = {key: val / n for key, val in sums.items()}
+    out["users"] = int(len(users))
+    if len(tgt):
+        per = er_hits / er_count.clamp(min=1)[:, None]                              # (T, K)
+        for c, k in enumerate(ks):
+            out[f"ER@{k}"] = float(per[:, c].mean())
+        out["ER_per_target"] = {str(i): {f"ER@{k}": float(per[j, c]) for c, k in enumerate(ks)}
+                                for j, i in enumerate(tgt.tolist())}
+    return out

@@ -1,0 +1,1 @@
+"""Server side: aggregation of a round's uploads and how the result is applied."""

@@ -1,0 +1,80 @@
+"""FedAvg over sparse item rows and the dense encoder, and how the server applies the result.
+
+Each item row is averaged over the clients that uploaded it (weighted by their number of
+interactions); rows nobody touched stay as they are. The dense encoder is averaged over all
+clients. `GlobalOptimizer` then applies the aggregate: `sgd` with lr 1 is plain FedAvg; `adam`
+is FedAdam (Reddi et al., "Adaptive Federated Optimization", ICLR 2021) with lazy moments for
+item rows (a row's moments only move in rounds where someone updated it, as torch's SparseAdam).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fortress.updates import Updates, unflatten
+
+
+@dataclass
+class Aggregate:
+    """A round's result: dense delta (P,) and the delta of each touched item row."""
+
+    dense: torch.Tensor        # (P,)
+    rows_item: torch.Tensor    # (R,) unique item ids
+    rows_delta: torch.Tensor   # (R, d)
+
+
+def fedavg(u: Updates, client_weight: torch.Tensor | None = None) -> Aggregate:
+    """Weighted mean of dense deltas; per-item weighted mean of row deltas over their uploaders.
+
+    client_weight (n,) optionally multiplies the interaction weights (a defence's reliability).
+    """
+    w = u.weight if client_weight is None else u.weight * client_weight                # (n,)
+    total = w.sum()
+    dense = (w[:, None] * u.dense).sum(0) / total.clamp(min=1e-12)                     # (P,)
+    items, inv = torch.unique(u.rows_item, return_inverse=True)                        # (R,), (M,)
+    rw = w[u.rows_client]                                                              # (M,)
+    num = torch.zeros(len(items), u.rows_delta.shape[1], dtype=u.rows_delta.dtype)
+    num.index_add_(0, inv, rw[:, None] * u.rows_delta)                                 # (R, d)
+    den = torch.zeros(len(items), dtype=u.rows_delta.dtype).index_add_(0, inv, rw)     # (R,)
+    keep = den > 0
+    return Aggregate(dense, items[keep], num[keep] / den[keep, None])
+
+
+class GlobalOptimizer:
+    """Applies an Aggregate to the global parameters (in place); state is checkpointable."""
+
+    def __init__(self, kind: str, lr: float, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-6):
+        self.kind, self.lr, self.betas, self.eps = kind, lr, betas, eps
+        self.state: dict[str, torch.Tensor] = {}
+
+    def apply(self, dense: dict[str, torch.Tensor], keys: list[str], table: torch.Tensor,
+              agg: Aggregate) -> None:
+        delta = unflatten(agg.dense, dense, keys)
+        if self.kind == "sgd":
+            for k in keys:
+                dense[k] += self.lr * delta[k]
+            table.index_add_(0, agg.rows_item, self.lr * agg.rows_delta)
+            return
+        b1, b2 = self.betas
+        st = self.state
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float64)
+            st["row_step"] = torch.zeros(table.shape[0], dtype=torch.float64)
+            for k in keys:
+                st[f"m.{k}"], st[f"v.{k}"] = torch.zeros_like(dense[k]), torch.zeros_like(dense[k])
+            st["m.item_emb"], st["v.item_emb"] = torch.zeros_like(table), torch.zeros_like(table)
+        st["step"] += 1
+        t = float(st["step"])
+        for k in keys:
+            m, v = st[f"m.{k}"], st[f"v.{k}"]
+            m.mul_(b1).add_(delta[k], alpha=1 - b1)
+            v.mul_(b2).addcmul_(delta[k], delta[k], value=1 - b2)
+            dense[k] += self.lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + self.eps)
+        rows, g = agg.rows_item, agg.rows_delta
+        st["row_step"][rows] += 1
+        rt = st["row_step"][rows].to(g.dtype)[:, None]                                 # (R, 1)
+        m = st["m.item_emb"][rows] * b1 + (1 - b1) * g
+        v = st["v.item_emb"][rows] * b2 + (1 - b2) * g * g
+        st["m.item_emb"][rows], st["v.item_emb"][rows] = m, v
+        table[rows] += self.lr * (m / (1 - b1 ** rt)) / ((v / (1 - b2 ** rt)).sqrt() + self.eps)

@@ -1,0 +1,271 @@
+"""In-process runs: pop baseline, centralised training, and federated rounds.
+
+A federated round: sample clients -> build their sub-tables -> local training (vmap or loop)
+-> check uploads -> aggregate (FedAvg) -> apply -> every `eval_every` rounds, validate.
+Every run writes `results.json` and `model.pt` into its output folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fortress import config as config_mod
+from fortress.client import build_chunks, eligible_clients, rec_loss, round_bytes, train_round
+from fortress.config import Config
+from fortress.data.dataset import Dataset
+from fortress.metrics import KS, evaluate
+from fortress.models import Model, Params, dense_keys, from_config
+from fortress.objectives import next_item_loss
+from fortress.server.aggregate import GlobalOptimizer, fedavg
+from fortress.updates import check
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def setup_torch(cfg: Config) -> None:
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pad_left(seqs: list[np.ndarray], length: int | None = None) -> torch.Tensor:
+    """Stack sequences into (B, L) left-padded with 0 (L = longest, or `length`)."""
+    L = length or max(1, max(len(s) for s in seqs))
+    out = np.zeros((len(seqs), L), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        if len(s):
+            out[i, L - len(s):] = s[-L:]
+    return torch.from_numpy(out)
+
+
+def model_scorer(model: Model, params: Params, ds: Dataset):
+    """Scores of every item for users at a split, from their last max_len history items."""
+    @torch.no_grad()
+    def scores(users: np.ndarray, split: str) -> torch.Tensor:
+        seqs = pad_left([ds.history(int(u), split)[-model.max_len:] for u in users])
+        return model.score(params, model.last(params, seqs))                       # (B, N+1)
+    return scores
+
+
+def pop_scorer(ds: Dataset):
+    counts = torch.as_tensor(ds.item_counts(), dtype=torch.float32)   # exact below 2**24
+    return lambda users, split: counts.expand(len(users), -1)
+
+
+def training_pairs(ds: Dataset, max_len: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    users = eligible_clients(ds)
+    return users, [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
+
+
+@dataclass
+class Run:
+    """A run in progress: the global model and everything the loop logs."""
+
+    cfg: Config
+    ds: Dataset
+    model: Model
+    params: Params
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_seconds: float = 0.0
+    train_seconds: float = 0.0
+    bytes_up: list[int] = field(default_factory=list)
+    bytes_down: list[int] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def validate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "valid", self.cfg.eval_batch)
+        self.eval_seconds += time.perf_counter() - t0
+        return res
+
+
+def train_central(run: Run, bar: tqdm | None = None) -> None:
+    """Ordinary minibatch training with full-softmax cross-entropy and Adam."""
+    cfg, ds, model = run.cfg, run.ds, run.model
+    users, seqs = training_pairs(ds, cfg.max_len)
+    for p in run.params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(run.params.values(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        order = rng.permutation(len(users))
+        total, count = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            batch = pad_left([seqs[i] for i in order[start:start + cfg.batch_size]])  # (B, L + 1)
+            x, y = batch[:, :-1], batch[:, 1:]
+            h = model.encode(run.params, x, training=True)                            # (B, L, d)
+            real = y > 0
+            logits = model.score(run.params, h[real])                                 # (P, N+1)
+            loss = next_item_loss(logits, y[real])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                run.params["item_emb"][0] = 0.0
+            total, count = total + float(loss.detach()) * len(x), count + len(x)
+        seconds = time.perf_counter() - t0
+        run.train_seconds += seconds
+        entry = {"epoch": epoch + 1, "loss": total / max(1, count), "seconds": seconds}
+        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+            entry["valid"] = run.validate()
+        run.history.append(entry)
+        _progress(bar, entry)
+    for p in run.params.values():
+        p.requires_grad_(False)
+
+
+def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarray) -> dict[str, Any]:
+    """One synchronous round; randomness is drawn from (seed, round) so any round is reproducible."""
+    cfg, ds, model = run.cfg, run.ds, run.model
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([cfg.seed, r])
+    torch.manual_seed(cfg.seed * 1_000_003 + r)
+    users = rng.choice(eligible, size=min(cfg.clients_per_round, len(eligible)), replace=False)
+    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, rng)
+    updates = train_round(model, rec_loss, cfg.local_epochs, cfg.lr, cfg.client_opt, run.params,
+                          chunks, cfg.engine)
+    keys = dense_keys(run.params)
+    dense_size = sum(run.params[k].numel() for k in keys)
+    updates, rejected = check(updates, ds.n_items, dense_size, cfg.dim)
+    run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in rejected]
+    if updates.n:
+        agg = fedavg(updates)
+        gopt.apply(run.params, keys, run.params["item_emb"], agg)
+    seconds = time.perf_counter() - t0
+    run.train_seconds += seconds
+    nbytes = round_bytes(chunks, dense_size, cfg.dim, run.params["item_emb"].element_size())
+    run.bytes_down.append(nbytes)
+    run.bytes_up.append(nbytes)
+    w = updates.weight
+    loss = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")
+    return {"round": r + 1, "loss": loss, "seconds": seconds, "clients": int(updates.n),
+            "rejected": len(rejected)}
+
+
+def train_federated(run: Run, bar: tqdm | None = None) -> None:
+    cfg = run.cfg
+    eligible = eligible_clients(run.ds)
+    if len(eligible) == 0:
+        raise ValueError("no user has two train interactions; nothing to train federated on")
+    gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
+    for r in range(cfg.rounds):
+        entry = federated_round(run, r, gopt, eligible)
+        if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
+            entry["valid"] = run.validate()
+        run.history.append(entry)
+        _progress(bar, entry)
+
+
+def _progress(bar: tqdm | None, entry: dict[str, Any]) -> None:
+    if bar is None:
+        return
+    if "valid" in entry:
+        bar.hr10 = entry["valid"]["HR@10"]
+    post = {"loss": f"{entry['loss']:.4f}", "s/step": f"{entry['seconds']:.2f}"}
+    if getattr(bar, "hr10", None) is not None:
+        post["valid HR@10"] = f"{bar.hr10:.4f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
+
+
+def save_model(path: Path, run: Run | None, cfg: Config, ds: Dataset, params: Params | None) -> None:
+    """Weights + config + id maps + the users' known sequences, enough for `fortress recommend`."""
+    seqs = [ds.full_seq(u) for u in range(ds.n_users)]
+    ptr = np.zeros(ds.n_users + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in seqs], out=ptr[1:])
+    blob = {
+        "config": config_mod.to_dict(cfg),
+        "params": params,
+        "pop_counts": torch.as_tensor(ds.item_counts()),
+        "user_ids": ds.user_ids, "item_ids": ds.item_ids,
+        "user_names": ds.user_names, "item_names": ds.item_names,
+        "seq_ptr": torch.from_numpy(ptr),
+        "seq_items": torch.from_numpy(np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)),
+        "dataset": ds.name,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train (or count, for pop) per cfg.mode, evaluate valid and test, write results and model."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_torch(cfg)
+    model = from_config(cfg)
+    params = None
+    steps = {"pop": 0, "central": cfg.epochs, "fedavg": cfg.rounds}[cfg.mode]
+    bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if cfg.mode == "fedavg" else "epoch",
+               disable=not progress or steps == 0, dynamic_ncols=True)
+    if cfg.mode == "pop":
+        run_ = Run(cfg, ds, model, {})
+        scorer = pop_scorer(ds)
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        params = model.init(ds.n_items, gen, DTYPES[cfg.dtype])
+        run_ = Run(cfg, ds, model, params)
+        (train_central if cfg.mode == "central" else train_federated)(run_, bar)
+        scorer = model_scorer(model, params, ds)
+    bar.close()
+    t0 = time.perf_counter()
+    valid = evaluate(ds, scorer, "valid", cfg.eval_batch)
+    test = evaluate(ds, scorer, "test", cfg.eval_batch)
+    final_eval = time.perf_counter() - t0
+    n_steps = max(1, len(run_.history))
+    results = {
+        "config": config_mod.to_dict(cfg),
+        "dataset": ds.stats(),
+        "history": run_.history,
+        "valid": valid,
+        "test": test,
+        "timing": {
+            "seconds_per_round": run_.train_seconds / n_steps if run_.history else 0.0,
+            "train_seconds": run_.train_seconds,
+            "eval_seconds": run_.eval_seconds,
+            "final_eval_seconds": final_eval,
+            "peak_rss_mb": peak_rss_mb(),
+        },
+        "bytes": {
+            "up_per_round": float(np.mean(run_.bytes_up)) if run_.bytes_up else 0.0,
+            "down_per_round": float(np.mean(run_.bytes_down)) if run_.bytes_down else 0.0,
+            "up_total": int(sum(run_.bytes_up)),
+            "down_total": int(sum(run_.bytes_down)),
+        },
+        "rejected": run_.rejected,
+    }
+    write_json(out / "results.json", results)
+    save_model(out / "model.pt", run_, cfg, ds, params)
+    return results
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def summary(results: dict[str, Any]) -> str:
+    """A short table of the final metrics, timing and traffic."""
+    cols = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
+    lines = [f"{'split':<6} " + " ".join(f"{c:>8}" for c in cols)]
+    for split in ("valid", "test"):
+        lines.append(f"{split:<6} " + " ".join(f"{results[split][c]:>8.4f}" for c in cols))
+    t, b = results["timing"], results["bytes"]
+    lines.append(f"time: {t['seconds_per_round']:.3f} s/step, eval {t['final_eval_seconds']:.2f} s, "
+                 f"peak RSS {t['peak_rss_mb']:.0f} MB; traffic per round: "
+                 f"up {b['up_per_round'] / 1e6:.2f} MB, down {b['down_per_round'] / 1e6:.2f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""What a round's clients upload: sparse item rows plus the dense encoder, and their checks.
+
+A client's update is (new - old) of the parameters it downloaded: the rows of the item table it
+touched (its own items and its sampled negatives) and every dense encoder parameter. The in-process
+simulator keeps a whole round in one `Updates` (rows in COO form, one row per (client, item)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+def flatten(p: Params, keys: list[str], batched: bool = False) -> torch.Tensor:
+    """Concatenate p[k] for k in keys into one vector (P,), or (n, P) when batched over clients."""
+    if batched:
+        return torch.cat([p[k].reshape(p[k].shape[0], -1) for k in keys], dim=1)
+    return torch.cat([p[k].reshape(-1) for k in keys])
+
+
+def unflatten(vec: torch.Tensor, like: Params, keys: list[str]) -> Params:
+    """Inverse of flatten for a single vector (P,) shaped like `like`."""
+    out, i = {}, 0
+    for k in keys:
+        n = like[k].numel()
+        out[k] = vec[i:i + n].reshape(like[k].shape)
+        i += n
+    return out
+
+
+@dataclass
+class Updates:
+    """A round's uploads. n clients, M uploaded item rows in total."""
+
+    clients: torch.Tensor      # (n,) int64 user index (malicious clients: ids >= n_users)
+    weight: torch.Tensor       # (n,) FedAvg weight (number of local interactions)
+    dense: torch.Tensor        # (n, P) encoder deltas, flattened in models.dense_keys order
+    rows_client: torch.Tensor  # (M,) int64 position 0..n-1 of the row's client in this Updates
+    rows_item: torch.Tensor    # (M,) int64 global item id 1..n_items
+    rows_delta: torch.Tensor   # (M, d) item-row deltas
+    loss: torch.Tensor         # (n,) mean local loss over the client's last epoch
+
+    @property
+    def n(self) -> int:
+        return len(self.clients)
+
+    def select(self, keep: torch.Tensor) -> "Updates":
+        """The clients where keep (n,) bool is True, with rows re-indexed."""
+        new_pos = torch.cumsum(keep.long(), 0) - 1                               # (n,)
+        row_keep = keep[self.rows_client]
+        return Updates(self.clients[keep], self.weight[keep], self.dense[keep],
+                       new_pos[self.rows_client[row_keep]], self.rows_item[row_keep],
+                       self.rows_delta[row_keep], self.loss[keep])
+
+
+def concat(parts: list[Updates]) -> Updates:
+    offsets = torch.tensor([0] + [u.n for u in parts[:-1]]).cumsum(0)
+    return Updates(
+        torch.cat([u.clients for u in parts]), torch.cat([u.weight for u in parts]),
+        torch.cat([u.dense for u in parts]),
+        torch.cat([u.rows_client + off for u, off in zip(parts, offsets.tolist())]),
+        torch.cat([u.rows_item for u in parts]), torch.cat([u.rows_delta for u in parts]),
+        torch.cat([u.loss for u in parts]))
+
+
+def check(u: Updates, n_items: int, dense_size: int, dim: int) -> tuple[Updates, list[tuple[int, str]]]:
+    """Reject clients whose upload is malformed: wrong shapes, NaN/Inf, item ids out of range.
+
+    Returns the clean updates and a (client id, reason) list for the rejected ones. Whole-tensor
+    shape errors (which no client-level filter can repair) raise ValueError.
+    """
+    n = u.n
+    if u.dense.shape != (n, dense_size):
+        raise ValueError(f"dense updates have shape {tuple(u.dense.shape)}, expected ({n}, {dense_size})")
+    if u.rows_delta.dim() != 2 or u.rows_delta.shape[1] != dim:
+        raise ValueError(f"item-row updates have shape {tuple(u.rows_delta.shape)}, expected (M, {dim})")
+    if not (len(u.rows_client) == len(u.rows_item) == len(u.rows_delta)):
+        raise ValueError("item-row updates: rows_client, rows_item and rows_delta differ in length")
+    reasons: dict[int, str] = {}
+    bad = ~torch.isfinite(u.dense).all(1)
+    for i in bad.nonzero().flatten().tolist():
+        reasons[i] = "NaN/Inf in encoder update"
+    bad_rows = ~torch.isfinite(u.rows_delta).all(1)
+    for i in u.rows_client[bad_rows].unique().tolist():
+        reasons.setdefault(i, "NaN/Inf in item-row update")
+    out_of_range = (u.rows_item < 1) | (u.rows_item > n_items)
+    for i in u.rows_client[out_of_range].unique().tolist():
+        reasons.setdefault(i, f"item id outside 1..{n_items}")
+    bad_w = ~torch.isfinite(u.weight) | (u.weight < 0)
+    for i in bad_w.nonzero().flatten().tolist():
+        reasons.setdefault(i, "weight is negative or not finite")
+    if not reasons:
+        return u, []
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[list(reasons)] = False
+    rejected = [(int(u.clients[i]), r) for i, r in sorted(reasons.items())]
+    return u.select(keep), rejected
+
+
+__all__ = ["Updates", "concat", "check", "flatten", "unflatten", "replace"]

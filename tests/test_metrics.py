@@ -1,0 +1,82 @@
+"""Full-ranking metrics against hand-computed cases: history masking, ties, ER eligibility."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fortress.data import from_sequences
+from fortress.metrics import evaluate
+
+
+def toy():
+    # items 1..5; u0: train [1, 2], valid 3, test 4; u1: train [5, 1], valid 2, test 3; u2: train only
+    seqs = [np.array([1, 2, 3, 4]), np.array([5, 1, 2, 3]), np.array([2, 5])]
+    return from_sequences("toy", seqs, ["a", "b", "c"], ["", "i1", "i2", "i3", "i4", "i5"])
+
+
+def fixed(table):
+    """A scorer returning the row of `table` for each user, whatever the split."""
+    t = torch.tensor(table, dtype=torch.float32)
+    return lambda users, split: t[torch.as_tensor(users)]
+
+
+SCORES = [[0, .9, .8, .7, .1, .5],    # u0: history items score highest; they must be masked
+          [0, .1, .2, .3, .9, .4],    # u1: item 4 beats its held-out items
+          [0, 0, 0, 0, 0, 0]]
+
+
+def test_test_split_masks_history_and_ranks_fully():
+    res = evaluate(toy(), fixed(SCORES), "test", ks=(1, 2))
+    # u0: candidates {4: .1, 5: .5} -> target 4 at rank 1 (0-based)
+    # u1: history {5, 1, 2}; candidates {3: .3, 4: .9} -> target 3 at rank 1
+    assert res["users"] == 2
+    assert res["HR@1"] == 0.0
+    assert res["HR@2"] == 1.0
+    assert res["NDCG@2"] == pytest.approx(1 / math.log2(3))
+
+
+def test_valid_split_history_is_train_only():
+    res = evaluate(toy(), fixed(SCORES), "valid", ks=(1, 2, 3))
+    # u0: history {1, 2}; candidates 3 (.7), 4 (.1), 5 (.5) -> target 3 at rank 0
+    # u1: history {5, 1}; candidates 2 (.2), 3 (.3), 4 (.9) -> target 2 at rank 2
+    assert res["HR@1"] == 0.5
+    assert res["HR@3"] == 1.0
+    assert res["NDCG@3"] == pytest.approx((1 + 1 / math.log2(4)) / 2)
+
+
+def test_ties_count_at_their_expected_rank():
+    zeros = [[0] * 6] * 3
+    res = evaluate(toy(), fixed(zeros), "test", ks=(1, 2))
+    # u0 test: 2 candidates all tied -> P(hit@1) = 1/2, u1 test: candidates {3, 4} -> 1/2
+    assert res["HR@1"] == pytest.approx(0.5)
+    assert res["HR@2"] == pytest.approx(1.0)
+    assert res["NDCG@2"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+
+
+def test_held_out_item_is_never_masked_even_if_repeated():
+    ds = from_sequences("rep", [np.array([1, 2, 3, 1])], ["a"], ["", "i1", "i2", "i3"])
+    res = evaluate(ds, fixed([[0, .9, .1, .2]]), "test", ks=(1,))
+    assert res["HR@1"] == 1.0      # item 1 is both history and target: it stays a candidate
+
+
+def test_er_eligibility_and_hits():
+    res = evaluate(toy(), fixed(SCORES), "test", targets=[5, 4], ks=(1, 2))
+    # target 5: u1 has 5 in train -> only u0 eligible; u0 test candidates {4: .1, 5: .5} -> rank 0
+    per = res["ER_per_target"]
+    assert per["5"]["ER@1"] == 1.0
+    # target 4: u0 has it as test item -> only u1 eligible; u1 candidates {3: .3, 4: .9} -> rank 0
+    assert per["4"]["ER@1"] == 1.0
+    assert res["ER@1"] == 1.0
+    res = evaluate(toy(), fixed([[0, .9, .8, .7, .6, .1], [0, .1, .2, .3, .05, .4], [0] * 6]),
+                   "test", targets=[4], ks=(1, 2))
+    assert res["ER@1"] == 0.0 and res["ER@2"] == 1.0     # u1: 3 (.3) above 4 (.05)
+
+
+def test_batching_does_not_change_results():
+    ds = toy()
+    a = evaluate(ds, fixed(SCORES), "test", batch=1, targets=[5])
+    b = evaluate(ds, fixed(SCORES), "test", batch=100, targets=[5])
+    assert a == b
