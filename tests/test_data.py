@@ -244,7 +244,11 @@ def test_format_choice_errors(tmp_path):
     path = write(tmp_path / "s.txt", "1 2 3\n")
     assert "unknown data format 'xml'" in input_error("xml", path, fmt="xml")
     assert "needs a folder" in input_error("s.txt", path, fmt="split")
-    assert "only the 'split' format" in input_error(str(tmp_path), tmp_path, fmt="seq")
+    # a non-split folder with one data file (beside docs) loads that file
+    write(tmp_path / "README.md", "about\n")
+    assert load_dataset(tmp_path, fmt="seq").n_users == 1
+    write(tmp_path / "t.txt", "1 2 3\n")
+    assert "not one data file (data files: s.txt, t.txt)" in input_error(str(tmp_path), tmp_path, fmt="seq")
 
 
 # --- detection, paths, describe ----------------------------------------------------------------

@@ -32,13 +32,14 @@ class Config:
     rounds: int = 300
     clients_per_round: int = 256
     local_epochs: int = 1
-    lr: float = 0.001               # client lr (fedavg) / Adam lr (central)
-    client_opt: str = "adam"        # adam | sgd: the optimiser a device runs, fresh each round
-    n_neg: int = 256                # negatives a client samples into its item sub-table
+    lr: float = 1.0                 # client learning rate (fedavg)
+    central_lr: float = 0.001       # Adam learning rate (central)
+    client_opt: str = "sgd"         # sgd | adam: the optimiser a device runs, fresh each round
+    n_neg: int = 512                # negatives a client samples into its item sub-table
     global_opt: str = "sgd"         # sgd | adam: how the server applies the aggregate (FedAvg = sgd, global_lr 1)
     global_lr: float = 1.0
     engine: str = "vmap"            # vmap | loop (reference)
-    chunk_size: int = 256           # clients trained together in one vmap call
+    chunk_size: int = 64            # clients trained together in one vmap call
     # centralised training
     epochs: int = 15
     batch_size: int = 128
@@ -53,7 +54,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "backbone": ("sasrec", "gru4rec"),
     "data_format": ("auto", "seq", "table", "mind", "split"),
     "dtype": ("float32", "float64"),
-    "client_opt": ("adam", "sgd"),
+    "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
 }
@@ -63,7 +64,7 @@ MINIMUM: dict[str, float] = {
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
     "epochs": 0, "batch_size": 1, "eval_batch": 1,
 }
-POSITIVE = ("lr", "global_lr")
+POSITIVE = ("lr", "central_lr", "global_lr")
 
 
 def keys() -> list[str]:

@@ -97,7 +97,7 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
     users, seqs = training_pairs(ds, cfg.max_len)
     for p in run.params.values():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(run.params.values(), lr=cfg.lr)
+    opt = torch.optim.Adam(run.params.values(), lr=cfg.central_lr)
     rng = np.random.default_rng(cfg.seed)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()

@@ -66,6 +66,8 @@ def load_dataset(path: str | os.PathLike, fmt: str = "auto", kcore: int = 0) -> 
     if kcore < 0:
         raise InputError(f"kcore={kcore} is out of range; it must be >= 0")
     path = _existing(path)
+    if path.is_dir() and fmt != "split" and not _is_split_folder(path):
+        path = _data_file_in(path)
     full = path.resolve()
     if path.is_dir():
         if fmt not in ("auto", "split"):
@@ -393,6 +395,28 @@ def _load_split(folder: Path, name: str) -> Dataset:
         held[part] = out
     return Dataset(name, len(item_ids) - 1, user_ids, item_ids, ptr, i[order], held["valid"],
                    held["test"], True, _names(folder / "imap.json"), _names(folder / "umap.json"))
+
+
+def _is_split_folder(folder: Path) -> bool:
+    pattern = re.compile(_SPLIT_FILE.format(part="train"))
+    return any(pattern.fullmatch(p.name) for p in folder.iterdir())
+
+
+# files in a dataset folder that are documentation or side tables, not interactions
+_NOT_DATA = re.compile(r"(license|provenance|readme|news)\b.*|.*\.(json|md|pdf|pkl|npy)", re.IGNORECASE)
+
+
+def _data_file_in(folder: Path) -> Path:
+    """The one interaction file of a non-split dataset folder (MIND: behaviors.tsv)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not _NOT_DATA.fullmatch(p.name))
+    behaviors = [p for p in files if p.name.startswith("behaviors.")]
+    if behaviors:
+        return behaviors[0]
+    if len(files) != 1:
+        listed = ", ".join(p.name for p in files) or "none"
+        raise InputError(f"{folder}: not a split folder (no train file) and not one data file "
+                         f"(data files: {listed}); point --data at the file")
+    return files[0]
 
 
 def _split_file(folder: Path, part: str) -> Path:

@@ -3,8 +3,9 @@
 Design (all draws from numpy `default_rng(seed)`, so a seed gives identical arrays):
 - popularity: p_i proportional to 1 / rank^0.9 (Zipf-like) over a seeded random permutation of
   items 1..n_items, so popular items are not simply the small ids;
-- transitions: every item has 3 "successor" items drawn from the popularity distribution, fixed
-  for the dataset; this is the sequential signal a next-item model can learn;
+- transitions: every item has 3 "successor" items drawn uniformly from the catalogue, fixed for
+  the dataset; this is the sequential signal a next-item model can learn (and popularity alone
+  cannot);
 - length: 5 + Geometric(p=0.2) - 1, capped at 60 (mean about 9, minimum 5, so every user has a
   valid and a test item);
 - sequence: first item ~ popularity; each next item is, with probability 0.7, a uniformly chosen
@@ -43,7 +44,9 @@ def synthetic(n_users: int, n_items: int, seed: int = 0) -> Dataset:
         return by_rank[np.minimum(rank, n_items - 1)]                   # (k,)
 
     successors = np.zeros((n_items + 1, N_SUCCESSORS), dtype=np.int64)  # row 0 = padding, unused
-    successors[1:] = popular(n_items * N_SUCCESSORS).reshape(n_items, N_SUCCESSORS)
+    # uniform successors: the sequential signal is not just popularity again, so a model that
+    # learns transitions beats the most-popular baseline by a wide margin
+    successors[1:] = rng.integers(1, n_items + 1, (n_items, N_SUCCESSORS))
     lengths = np.minimum(MIN_LEN - 1 + rng.geometric(P_STOP, n_users), MAX_LEN)    # (n_users,)
     ptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(lengths, out=ptr[1:])

@@ -1,0 +1,136 @@
+"""Engine benchmark: vectorised vs loop rounds, evaluation time, memory, and a scale sweep.
+
+    python bench/engine.py [--data amazon-cell-phones] [--rounds 5] [--out docs/bench/engine.json]
+
+Each measurement runs in its own subprocess so that its peak RSS is its own. Rows:
+- `vmap` / `loop`: seconds per 256-client FedAvg round on the real dataset (same clients, same
+  sub-tables), the speed-up is their ratio measured in this one run;
+- `eval`: full-ranking validation of every user;
+- `scale`: a synthetic federation of 1,000,000 users x 100,000 items, rounds of 256 / 1,024 /
+  4,096 clients (chunks of `chunk_size` clients bound the training memory).
+Targets (issue 3): vmap >= 10x loop; a 256-client round <= 1 s and full evaluation <= 3 s on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fortress.client import build_chunks, eligible_clients, rec_loss, train_round
+from fortress.config import Config, override
+from fortress.data import load_dataset, resolve, synthetic
+from fortress.metrics import evaluate
+from fortress.models import dense_keys, from_config
+from fortress.server.aggregate import GlobalOptimizer, fedavg
+from fortress.simulate import model_scorer, peak_rss_mb
+
+
+def time_rounds(ds, cfg: Config, clients: int, rounds: int, warmup: int = 1) -> dict:
+    """Mean seconds of a full round (sample, build sub-tables, local training, aggregate, apply)."""
+    model = from_config(cfg)
+    params = model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
+    eligible = eligible_clients(ds)
+    gopt, keys = GlobalOptimizer(cfg.global_opt, cfg.global_lr), dense_keys(params)
+    times = []
+    for r in range(warmup + rounds):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, r])
+        users = rng.choice(eligible, size=clients, replace=False)
+        chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, rng)
+        updates = train_round(model, rec_loss, cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks,
+                              cfg.engine)
+        gopt.apply(params, keys, params["item_emb"], fedavg(updates))
+        if r >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"seconds_per_round": float(np.mean(times)), "std": float(np.std(times)), "rounds": rounds}
+
+
+def measure(spec: dict) -> dict:
+    """One row, run inside a fresh subprocess."""
+    torch.set_num_threads(spec.get("threads") or os.cpu_count() or 1)
+    cfg = override(Config(), spec["config"])
+    t0 = time.perf_counter()
+    if spec["data"] == "synthetic":
+        ds = synthetic(spec["users"], spec["items"], seed=0)
+    else:
+        ds = load_dataset(resolve(spec["data"]))
+    load_s = time.perf_counter() - t0
+    row = {"kind": spec["kind"], "data": ds.name, "users": ds.n_users, "items": ds.n_items,
+           "clients": spec.get("clients"), "engine": cfg.engine, "chunk_size": cfg.chunk_size,
+           "load_seconds": load_s}
+    if spec["kind"] == "eval":
+        model = from_config(cfg)
+        params = model.init(ds.n_items, torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        res = evaluate(ds, model_scorer(model, params, ds), "valid", cfg.eval_batch)
+        row.update(seconds=time.perf_counter() - t0, users_evaluated=res["users"])
+    else:
+        row.update(time_rounds(ds, cfg, spec["clients"], spec["rounds"]))
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row
+
+
+def run_row(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"row {spec} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="amazon-cell-phones")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per vmap row (after 1 warm-up)")
+    ap.add_argument("--loop-rounds", type=int, default=2, help="timed rounds for the (slow) loop engine")
+    ap.add_argument("--scale", default="256,1024,4096", help="clients per round for the scale rows ('' = skip)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--out", default="docs/bench/engine.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one))))
+        return
+    base = dict(s.split("=", 1) for s in args.set)
+    rows = []
+    for engine, rounds in (("vmap", args.rounds), ("loop", args.loop_rounds)):
+        rows.append(run_row({"kind": "round", "data": args.data, "clients": 256, "rounds": rounds,
+                             "config": {**base, "engine": engine}}))
+        print(f"  {rows[-1]['kind']} {engine}: {rows[-1]['seconds_per_round']:.3f} s", file=sys.stderr)
+    rows.append(run_row({"kind": "eval", "data": args.data, "config": base}))
+    for clients in [int(c) for c in args.scale.split(",") if c]:
+        rows.append(run_row({"kind": "scale", "data": "synthetic", "users": 1_000_000, "items": 100_000,
+                             "clients": clients, "rounds": args.rounds, "config": base}))
+        print(f"  scale {clients}: {rows[-1]['seconds_per_round']:.3f} s", file=sys.stderr)
+
+    vmap, loop = rows[0]["seconds_per_round"], rows[1]["seconds_per_round"]
+    print(f"\n{'row':<28} {'s/round or s':>12} {'peak RSS MB':>12}")
+    for r in rows:
+        label = {"round": f"{r['engine']} 256 clients", "eval": f"eval {r['users_evaluated']} users",
+                 "scale": f"scale 1M users {r['clients']} clients"}[r["kind"]]
+        sec = r.get("seconds_per_round", r.get("seconds"))
+        print(f"{label:<28} {sec:>12.3f} {r['peak_rss_mb']:>12.0f}")
+    print(f"vmap speed-up over loop: {loop / vmap:.1f}x (target >= 10x); "
+          f"256-client round {vmap:.3f} s (target <= 1 s); "
+          f"evaluation {rows[2]['seconds']:.2f} s (target <= 3 s)")
+    scale = [r for r in rows if r["kind"] == "scale"]
+    if len(scale) > 1:
+        per_client = [r["seconds_per_round"] / r["clients"] * 1000 for r in scale]
+        print("scale, ms per client: " + ", ".join(f"{r['clients']}: {m:.2f}" for r, m in zip(scale, per_client)))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "command": " ".join(sys.argv)}
+    Path(args.out).write_text(json.dumps({"meta": meta, "speedup_vmap_over_loop": loop / vmap, "rows": rows},
+                                         indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

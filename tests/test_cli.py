@@ -1,0 +1,97 @@
+"""The CLI contract: run (all modes), results.json keys, one-line errors, data stats, recommend."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fortress.cli import main
+
+METRICS = {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
+SMALL = ["--set", "synthetic_users=400", "--set", "synthetic_items=60", "--set", "dim=16",
+         "--set", "max_len=20", "--quiet"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(capsys, *argv) -> str:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and len(err.strip().splitlines()) == 1, err
+    return lines[0]
+
+
+def test_run_writes_results_and_model(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "run", "--data", "synthetic", "--out", str(tmp_path), *SMALL,
+                           "--set", "mode=fedavg", "--set", "rounds=4", "--set", "clients_per_round=32",
+                           "--set", "eval_every=2")
+    assert code == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert {"config", "history", "valid", "test", "timing", "bytes"} <= set(res)
+    assert METRICS <= set(res["valid"]) and METRICS <= set(res["test"])
+    assert len(res["history"]) == 4 and "valid" in res["history"][1]
+    assert {"seconds_per_round", "eval_seconds", "peak_rss_mb"} <= set(res["timing"])
+    assert res["bytes"]["up_per_round"] > 0 and res["bytes"]["down_per_round"] > 0
+    assert res["config"]["rounds"] == 4
+    assert (tmp_path / "model.pt").is_file()
+    assert "HR@10" in out
+
+
+def test_config_file_and_set_precedence(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('mode = "pop"\nseed = 3\n')
+    code, _, _ = run_cli(capsys, "run", "--data", "synthetic", "--out", str(tmp_path / "o"), "--config", str(cfg),
+                         "--set", "seed=4", *SMALL)
+    assert code == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["config"]["mode"] == "pop" and res["config"]["seed"] == 4
+
+
+@pytest.mark.parametrize("setting,expect", [
+    ("colour=red", "unknown key 'colour'; known keys: mode, backbone"),
+    ("mode=magic", "mode='magic' is not allowed; choose one of: pop, central, fedavg"),
+    ("rounds=ten", "rounds='ten': expected an integer"),
+    ("lr=-1", "lr=-1.0 is out of range"),
+    ("novalue", "expected key=value"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, capsys, setting, expect):
+    msg = one_line_error(capsys, "run", "--data", "synthetic", "--out", str(tmp_path), "--set", setting)
+    assert expect in msg
+
+
+def test_bad_data_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "seqs.txt"
+    bad.write_text("1 2 3\n2 4 x 5\n")
+    msg = one_line_error(capsys, "run", "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert "seqs.txt:2" in msg and "'x'" in msg
+    msg = one_line_error(capsys, "data", "stats", str(tmp_path / "missing.csv"))
+    assert "missing.csv" in msg
+
+
+def test_data_stats_real_dataset(capsys, shared_data):
+    code, out, _ = run_cli(capsys, "data", "stats", "amazon-cell-phones")
+    assert code == 0
+    assert "27,879" in out or "27879" in out
+    assert "10,429" in out or "10429" in out
+
+
+def test_recommend_top_k_unseen(tmp_path, capsys):
+    assert run_cli(capsys, "run", "--data", "synthetic", "--out", str(tmp_path), *SMALL,
+                   "--set", "mode=fedavg", "--set", "rounds=2", "--set", "clients_per_round=16")[0] == 0
+    import torch
+    blob = torch.load(tmp_path / "model.pt", weights_only=False)
+    u = 7
+    seen = {blob["item_ids"][i] for i in blob["seq_items"][blob["seq_ptr"][u]:blob["seq_ptr"][u + 1]].tolist()}
+    code, out, _ = run_cli(capsys, "recommend", str(tmp_path), "--user", blob["user_ids"][u], "-k", "5")
+    assert code == 0
+    rows = out.strip().splitlines()[1:]
+    assert len(rows) == 5
+    items = [r.split()[1] for r in rows]
+    assert not set(items) & seen and len(set(items)) == 5
+    assert "not a user" in one_line_error(capsys, "recommend", str(tmp_path), "--user", "nobody")
+    assert "no saved model" in one_line_error(capsys, "recommend", str(tmp_path / "nope"), "--user", "u1")
