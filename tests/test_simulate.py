@@ -45,3 +45,15 @@ def test_short_run_on_real_data(shared_data, tmp_path):
     assert all(0 <= res["test"][k] <= 1 for k in ("HR@10", "NDCG@10"))
     assert np.isfinite([h["loss"] for h in res["history"]]).all()
     assert res["bytes"]["up_per_round"] > 128 * 512 * 64 * 4      # each client sends >= its negatives' rows
+
+
+def test_init_from_continues_a_saved_run(small, tmp_path):
+    cfg = Config(mode="fedavg", rounds=2, clients_per_round=32, dim=16, max_len=20, n_neg=32, eval_every=0)
+    first = run(cfg, small, tmp_path / "a", progress=False)
+    zero = run(Config(**{**cfg.__dict__, "rounds": 0, "init_from": str(tmp_path / "a")}), small,
+               tmp_path / "b", progress=False)
+    assert zero["test"] == first["test"]            # 0 further rounds: the same model
+    from fortress.errors import InputError
+    with pytest.raises(InputError, match="does not fit"):
+        run(Config(**{**cfg.__dict__, "dim": 8, "init_from": str(tmp_path / "a")}), small, tmp_path / "c",
+            progress=False)

@@ -16,6 +16,7 @@ class Config:
     mode: str = "fedavg"            # pop | central | fedavg
     backbone: str = "sasrec"        # sasrec | gru4rec
     seed: int = 0
+    init_from: str = ""             # start from the model of a saved run (its folder or model.pt)
     # data
     data_format: str = "auto"       # auto | seq | table | mind | split
     kcore: int = 0                  # k-core filter on users and items (0 = off)

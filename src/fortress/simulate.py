@@ -22,6 +22,7 @@ from fortress import config as config_mod
 from fortress.client import build_chunks, eligible_clients, rec_loss, round_bytes, train_round
 from fortress.config import Config
 from fortress.data.dataset import Dataset
+from fortress.errors import InputError
 from fortress.metrics import KS, evaluate
 from fortress.models import Model, Params, dense_keys, from_config
 from fortress.objectives import next_item_loss
@@ -181,6 +182,22 @@ def _progress(bar: tqdm | None, entry: dict[str, Any]) -> None:
     bar.update(1)
 
 
+def initial_params(cfg: Config, model: Model, ds: Dataset) -> Params:
+    """Fresh weights for the seed, or the weights of the run named by `init_from` (same data)."""
+    if not cfg.init_from:
+        return model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed), DTYPES[cfg.dtype])
+    from fortress.recommend import load_run
+    blob = load_run(cfg.init_from)
+    fresh = model.init(ds.n_items, None, DTYPES[cfg.dtype])
+    saved = blob["params"] or {}
+    shapes = {k: tuple(v.shape) for k, v in saved.items()}
+    if shapes != {k: tuple(v.shape) for k, v in fresh.items()} or blob["item_ids"] != ds.item_ids:
+        raise InputError(f"init_from={cfg.init_from!r}: that model does not fit this data and backbone "
+                         f"(backbone {blob['config']['backbone']}, dim {blob['config']['dim']}, "
+                         f"{len(blob['item_ids']) - 1} items; here {cfg.backbone}, dim {cfg.dim}, {ds.n_items} items)")
+    return {k: v.to(DTYPES[cfg.dtype]).clone() for k, v in saved.items()}
+
+
 def save_model(path: Path, run: Run | None, cfg: Config, ds: Dataset, params: Params | None) -> None:
     """Weights + config + id maps + the users' known sequences, enough for `fortress recommend`."""
     seqs = [ds.full_seq(u) for u in range(ds.n_users)]
@@ -215,8 +232,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True) -> dic
         run_ = Run(cfg, ds, model, {})
         scorer = pop_scorer(ds)
     else:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        params = model.init(ds.n_items, gen, DTYPES[cfg.dtype])
+        params = initial_params(cfg, model, ds)
         run_ = Run(cfg, ds, model, params)
         (train_central if cfg.mode == "central" else train_federated)(run_, bar)
         scorer = model_scorer(model, params, ds)
