@@ -1,7 +1,8 @@
 """In-process runs: pop baseline, centralised training, and federated rounds.
 
-A federated round: sample clients -> build their sub-tables -> local training (vmap or loop)
--> check uploads -> aggregate (FedAvg) -> apply -> every `eval_every` rounds, validate.
+A federated round: sample clients (benign and, under attack, malicious) -> build their sub-tables
+-> local training (vmap or loop) -> malicious uploads (fortress.attacks) -> check uploads ->
+aggregate (FedAvg) -> apply -> every `eval_every` rounds, validate (and measure the targets' ER@K).
 Every run writes `results.json` and `model.pt` into its output folder.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fortress import attacks
 from fortress import config as config_mod
 from fortress.client import build_chunks, eligible_clients, rec_loss, round_bytes, train_round
 from fortress.config import Config
@@ -27,7 +29,7 @@ from fortress.metrics import KS, evaluate
 from fortress.models import Model, Params, dense_keys, from_config
 from fortress.objectives import next_item_loss
 from fortress.server.aggregate import GlobalOptimizer, fedavg
-from fortress.updates import check
+from fortress.updates import check, concat
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -84,12 +86,21 @@ class Run:
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    campaign: attacks.Campaign | None = None      # targets and malicious clients (fedavg)
 
     def validate(self) -> dict[str, float]:
         t0 = time.perf_counter()
         res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "valid", self.cfg.eval_batch)
         self.eval_seconds += time.perf_counter() - t0
         return res
+
+    def exposure(self, round_: int) -> dict[str, float]:
+        """ER@K of the targets over eligible test users now, recorded in the campaign's history."""
+        t0 = time.perf_counter()
+        res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "test", self.cfg.eval_batch,
+                       targets=self.campaign.targets)
+        self.eval_seconds += time.perf_counter() - t0
+        return self.campaign.record(round_, res)
 
 
 def train_central(run: Run, bar: tqdm | None = None) -> None:
@@ -134,10 +145,19 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     t0 = time.perf_counter()
     rng = np.random.default_rng([cfg.seed, r])
     torch.manual_seed(cfg.seed * 1_000_003 + r)
-    users = rng.choice(eligible, size=min(cfg.clients_per_round, len(eligible)), replace=False)
+    camp = run.campaign
+    bad = np.zeros(0, dtype=np.int64) if camp is None else camp.malicious
+    users, bad = attacks.sample_round(rng, eligible, bad, cfg.clients_per_round)
     chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, rng)
-    updates = train_round(model, rec_loss, cfg.local_epochs, cfg.lr, cfg.client_opt, run.params,
-                          chunks, cfg.engine)
+    parts = [train_round(model, rec_loss, cfg.local_epochs, cfg.lr, cfg.client_opt, run.params,
+                         chunks, cfg.engine)] if len(users) else []
+    if len(bad):     # malicious clients see only a copy of the broadcast model (same as benign ones)
+        t1 = time.perf_counter()
+        parts.append(attacks.malicious_updates(cfg.attack, cfg, model, run.params, ds.n_items, camp.targets,
+                                               bad, (cfg.seed, r, 1)))
+        camp.seconds += time.perf_counter() - t1
+        camp.uploads += len(bad)
+    updates = concat(parts)
     keys = dense_keys(run.params)
     dense_size = sum(run.params[k].numel() for k in keys)
     updates, rejected = check(updates, ds.n_items, dense_size, cfg.dim)
@@ -153,7 +173,7 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     w = updates.weight
     loss = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")
     return {"round": r + 1, "loss": loss, "seconds": seconds, "clients": int(updates.n),
-            "rejected": len(rejected)}
+            "rejected": len(rejected), "malicious": int(len(bad))}
 
 
 def train_federated(run: Run, bar: tqdm | None = None) -> None:
@@ -166,6 +186,8 @@ def train_federated(run: Run, bar: tqdm | None = None) -> None:
         entry = federated_round(run, r, gopt, eligible)
         if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
             entry["valid"] = run.validate()
+            if run.campaign is not None:
+                entry["ER"] = run.exposure(r + 1)
         run.history.append(entry)
         _progress(bar, entry)
 
@@ -178,6 +200,10 @@ def _progress(bar: tqdm | None, entry: dict[str, Any]) -> None:
     post = {"loss": f"{entry['loss']:.4f}", "s/step": f"{entry['seconds']:.2f}"}
     if getattr(bar, "hr10", None) is not None:
         post["valid HR@10"] = f"{bar.hr10:.4f}"
+    if "ER" in entry:
+        bar.er10 = entry["ER"]["ER@10"]
+    if getattr(bar, "er10", None) is not None:
+        post["ER@10"] = f"{bar.er10:.4f}"
     bar.set_postfix(post, refresh=False)
     bar.update(1)
 
@@ -233,13 +259,14 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True) -> dic
         scorer = pop_scorer(ds)
     else:
         params = initial_params(cfg, model, ds)
-        run_ = Run(cfg, ds, model, params)
+        run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, ds.item_counts(), ds.item_ids, ds.n_users))
         (train_central if cfg.mode == "central" else train_federated)(run_, bar)
         scorer = model_scorer(model, params, ds)
     bar.close()
     t0 = time.perf_counter()
+    camp = run_.campaign
     valid = evaluate(ds, scorer, "valid", cfg.eval_batch)
-    test = evaluate(ds, scorer, "test", cfg.eval_batch)
+    test, er = attacks.split_er(evaluate(ds, scorer, "test", cfg.eval_batch, targets=camp and camp.targets))
     final_eval = time.perf_counter() - t0
     n_steps = max(1, len(run_.history))
     results = {
@@ -263,6 +290,9 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True) -> dic
         },
         "rejected": run_.rejected,
     }
+    if camp is not None:
+        camp.record(cfg.rounds, {**test, **er})
+        results["attack"] = camp.report(cfg, ds.item_ids, er, cfg.rounds)
     write_json(out / "results.json", results)
     save_model(out / "model.pt", run_, cfg, ds, params)
     return results
