@@ -1,7 +1,7 @@
 """Attack grid: HR@10 and ER@K of each attack at each malicious ratio, mean +- std over seeds.
 
     python bench/attacks.py [--data amazon-cell-phones] [--seeds 0,1,2] [--ratios 0.001,0.01,0.05]
-                            [--attacks none,random,popular,boost,ahum,psmu] [--pretrain 1000] [--rounds 200]
+                            [--attacks none,random,popular,boost,ahum,psmu] [--pretrain 1000] [--rounds 100]
                             [--eval-every 20] [--runs runs/attacks] [--out docs/bench/attacks.json]
 
 Protocol (cheap and realistic: attackers join a federation that is already running):
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.001,0.01,0.05")
     ap.add_argument("--attacks", default="none,random,popular,boost,ahum,psmu")
     ap.add_argument("--pretrain", type=int, default=1000, help="clean FedAvg rounds before the attack")
-    ap.add_argument("--rounds", type=int, default=200, help="rounds with attackers, from the clean model")
+    ap.add_argument("--rounds", type=int, default=100, help="rounds with attackers, from the clean model")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config for every run")
     ap.add_argument("--runs", default="runs/attacks")
