@@ -59,6 +59,17 @@ def mean_std(xs: list[float]) -> str:
     return f"{np.mean(xs):.4f} ± {np.std(xs):.4f}"
 
 
+def markdown(rows: list[dict]) -> str:
+    """The table as README markdown (a run that diverged shows as NaN: the global model broke)."""
+    lines = ["| attack | ratio | malicious | HR@10 | ER@5 | ER@10 | ER@10, mean of last 5 evals |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "–" if r["attack"] == "none" else f"{r['attack_ratio']:g}"
+        lines.append(f"| {r['attack']} | {ratio} | {r['malicious_clients']} | {mean_std(r['HR@10'])} | "
+                     f"{mean_std(r['ER@5'])} | {mean_std(r['ER@10'])} | {mean_std(r['ER@10_last5'])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="amazon-cell-phones")
@@ -71,7 +82,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config for every run")
     ap.add_argument("--runs", default="runs/attacks")
     ap.add_argument("--out", default="docs/bench/attacks.json")
+    ap.add_argument("--report", action="store_true", help="only print the tables of an existing --out JSON")
     args = ap.parse_args()
+    if args.report:
+        print(markdown(json.loads(Path(args.out).read_text())["rows"]))
+        return
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     log = runs / "log.txt"
@@ -125,6 +140,7 @@ def main() -> None:
     print(f"  pretrain: {commands[('pretrain', 0.0)]}")
     for r in rows:
         print(f"  {r['attack']} {r['attack_ratio']:g}: {r['command']}")
+    print("\n" + markdown(rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"python": platform.python_version(), "command": " ".join(sys.argv), "data": args.data,
             "pretrain_rounds": args.pretrain, "attack_rounds": args.rounds, "eval_every": args.eval_every,

@@ -192,3 +192,13 @@ def test_attack_raises_er_far_above_no_attack(er_runs, name):
     clean = er_runs["none"]["attack"]["last5_mean"]["ER@10"]
     hit = er_runs[name]["attack"]["last5_mean"]["ER@10"]
     assert hit >= max(10 * clean, 0.3), (name, hit, clean)
+
+
+def test_cli_runs_an_attack_and_reports_it(tmp_path, capsys):
+    from fortress.cli import main
+    code = main(["run", "--data", "synthetic", "--out", str(tmp_path), "--quiet", "--set", "synthetic_users=300",
+                 "--set", "synthetic_items=50", "--set", "dim=16", "--set", "max_len=10", "--set", "rounds=3",
+                 "--set", "clients_per_round=32", "--set", "attack=boost", "--set", "attack_ratio=0.05",
+                 "--set", "target_pick=random", "--set", "threads=1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "attack boost (15 malicious clients" in out and "ER@10" in out

@@ -314,4 +314,11 @@ def summary(results: dict[str, Any]) -> str:
     lines.append(f"time: {t['seconds_per_round']:.3f} s/step, eval {t['final_eval_seconds']:.2f} s, "
                  f"peak RSS {t['peak_rss_mb']:.0f} MB; traffic per round: "
                  f"up {b['up_per_round'] / 1e6:.2f} MB, down {b['down_per_round'] / 1e6:.2f} MB")
+    if "attack" in results:
+        a = results["attack"]
+        last = next((v for k, v in a.items() if k.startswith("last") and k.endswith("_mean")), {})
+        lines.append(f"attack {a['attack']} ({a['malicious_clients']} malicious clients, "
+                     f"{a['seconds_per_round']:.3f} s/round), targets {', '.join(a['targets'])}: test "
+                     + ", ".join(f"{k} {a[k]:.4f}" for k in attacks.ER_KEYS)
+                     + (f"; ER@10 mean of the last evaluations {last['ER@10']:.4f}" if last else ""))
     return "\n".join(lines)

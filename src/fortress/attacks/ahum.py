@@ -91,7 +91,7 @@ def ahum_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor,
 
 
 def attack(view: AttackView) -> Updates:
-    """Mine hard users from noise, compute the update raising the targets for them, boost it."""
+    """Mine hard users from noise and upload the update that raises the targets for them."""
     cfg, m, T = view.cfg, view.m, len(view.targets)
     E = view.params["item_emb"]                                                     # (N+1, d)
     d = E.shape[1]
