@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ds = _load_data(args.data, cfg.data_format, cfg.kcore, cfg)
     print(f"data: {ds.name}: {ds.n_users} users, {ds.n_items} items, "
           f"{int(ds.stats()['interactions'])} interactions", file=sys.stderr)
-    results = simulate.run(cfg, ds, args.out, progress=not args.quiet)
+    results = simulate.run(cfg, ds, args.out, progress=not args.quiet, resume=args.resume)
     print(simulate.summary(results))
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'model.pt'}")
     return 0
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--format", choices=("auto", "seq", "table", "mind", "split"), help="data format")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resume", action="store_true",
+                     help="fedavg: continue from OUT/checkpoint.pt if there is one (see checkpoint_every)")
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="inspect datasets")

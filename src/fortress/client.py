@@ -61,13 +61,19 @@ def _negatives(own: np.ndarray, n_items: int, n_neg: int, rng: np.random.Generat
 
 
 def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk_size: int,
-                 rng: np.random.Generator) -> list[Chunk]:
-    """Gather each client's last max_len + 1 train items and its sub-table, grouped by length."""
+                 rng: np.random.Generator | None = None, *, key: tuple[int, ...] | None = None) -> list[Chunk]:
+    """Gather each client's last max_len + 1 train items and its sub-table, grouped by length.
+
+    Negatives come from `rng` in user order, or, given `key` (e.g. (seed, round)), from each
+    client's own stream `default_rng([*key, user])`: then a client draws the same negatives
+    wherever it is trained (in-process, or on whichever Flower SuperNode hosts it).
+    """
     seqs = [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
     subs = []
-    for s in seqs:
+    for u, s in zip(users, seqs):
         own = np.unique(s)                                                  # sorted
-        subs.append((own, _negatives(own, ds.n_items, n_neg, rng)))
+        own_rng = rng if key is None else np.random.default_rng([*key, int(u)])
+        subs.append((own, _negatives(own, ds.n_items, n_neg, own_rng)))
     order = np.argsort([len(s) for s in seqs], kind="stable")
     chunks = []
     for start in range(0, len(order), chunk_size):
