@@ -185,70 +185,106 @@ def run_config_arg(values: dict[str, object]) -> str:
     return " ".join(parts)
 
 
-def deploy_demo(folder: Path, nodes: int = 3, run_config: dict[str, object] | None = None,
-                app: Path | None = None, timeout: float = 1800.0, secure: bool = True,
-                simulation: bool = False, cpus: int = 2) -> Path:
-    """Start SuperLink + `nodes` SuperNodes on loopback (TLS + node auth), run the app, stop all.
+class Deployment:
+    """SuperLink + SuperNodes on loopback, as separate processes; a context manager that stops them.
 
-    With `simulation`, start a simulation SuperLink instead (no TLS: nothing leaves the process
-    tree) whose Ray backend runs `nodes` virtual SuperNodes on `cpus` CPUs, one CPU per ClientApp.
-    Returns the run's output folder (results.json, model.pt). Logs of every process are in folder.
+    Secure by default: TLS on the SuperLink (our own CA) and SuperNode authentication, with every
+    node's public key registered through `flwr supernode register` before the node starts. With
+    `simulation`, a simulation SuperLink (insecure, loopback only) whose Ray backend runs `nodes`
+    virtual SuperNodes on `cpus` CPUs, one CPU per ClientApp, and no SuperNode processes.
     """
-    secure = secure and not simulation
-    folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    app = Path(app).resolve() if app else app_dir()
-    env = flower_env(folder / "flwr-home")
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    certs = make_certs(folder / "certs", ["127.0.0.1", "localhost"]) if secure else None
-    keys = make_node_keys(folder / "keys", nodes) if secure else []
-    write_connection(folder / "flwr-home", "fortress", address, certs["ca"] if certs else None)
-    values = {"out": str(folder / "out"), "min-nodes": nodes, **(run_config or {})}
-    procs = Processes(folder, env)
-    try:
-        link = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
-                "--database", str(folder / "superlink.db"), "--disable-runtime-dependency-installation"]
-        if secure:
-            link += ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
-                     "--ssl-keyfile", str(certs["key"]), "--enable-supernode-auth"]
+
+    def __init__(self, folder: Path, nodes: int = 3, secure: bool = True, simulation: bool = False,
+                 cpus: int = 2, app: Path | None = None):
+        self.folder = Path(folder).resolve()
+        self.nodes, self.simulation, self.cpus = nodes, simulation, cpus
+        self.secure = secure and not simulation
+        self.app = Path(app).resolve() if app else app_dir()
+        self.env = flower_env(self.folder / "flwr-home")
+        self.procs = Processes(self.folder, self.env)
+        self.port = 0
+        self.certs: dict[str, Path] = {}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Deployment":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        if self.secure:
+            self.certs = make_certs(self.folder / "certs", ["127.0.0.1", "localhost"])
+        write_connection(self.folder / "flwr-home", "fortress", self.address, self.certs.get("ca"))
+        link = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--database", str(self.folder / "superlink.db"), "--disable-runtime-dependency-installation"]
+        if self.secure:
+            link += ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
+                     "--ssl-keyfile", str(self.certs["key"]), "--enable-supernode-auth"]
         else:
             link += ["--insecure"]
-        if simulation:
+        if self.simulation:
             link += ["--simulation"]
-            nodes_to_start = 0
+        self.procs.start("superlink", link)
+        wait_port(self.port, self.procs)
+        if self.simulation:
+            return
+        keys = make_node_keys(self.folder / "keys", self.nodes) if self.secure else [(None, None)] * self.nodes
+        for i, (priv, pub) in enumerate(keys):
+            if pub is not None:
+                _flwr(["supernode", "register", str(pub), "fortress"], self.env, self.folder, f"register node{i}")
+            self.start_supernode(f"supernode{i}", i, priv)
+
+    def start_supernode(self, name: str, partition: int, private_key: Path | None) -> subprocess.Popen:
+        """A SuperNode hosting partition `partition` of `nodes`, signing with `private_key`."""
+        node = [flower_bin("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
+                "--node-config", f"partition-id={partition} num-partitions={self.nodes}"]
+        if self.secure:
+            node += ["--root-certificates", str(self.certs["ca"]), "--auth-supernode-private-key", str(private_key)]
         else:
-            nodes_to_start = nodes
-        procs.start("superlink", link)
-        wait_port(port, procs)
-        for i, (_, pub) in enumerate(keys):
-            _flwr(["supernode", "register", str(pub), "fortress"], env, folder, f"register node{i}")
-        for i in range(nodes_to_start):
-            node = [flower_bin("flower-supernode"), "--superlink", address, "--port", str(free_port()),
-                    "--node-config", f"partition-id={i} num-partitions={nodes}"]
-            if secure:
-                node += ["--root-certificates", str(certs["ca"]), "--auth-supernode-private-key", str(keys[i][0])]
-            else:
-                node += ["--insecure"]
-            procs.start(f"supernode{i}", node)
-        time.sleep(1.0)
-        procs.check_alive()
-        argv = [flower_bin("flwr"), "run", str(app), "fortress", "--stream", "--run-config", run_config_arg(values)]
-        if simulation:
-            argv += ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1 "
-                                            f"init-args-num-cpus={cpus} init-args-logging-level=\"ERROR\""]
+            node += ["--insecure"]
+        return self.procs.start(name, node)
+
+    def run(self, run_config: dict[str, object] | None = None, timeout: float = 1800.0) -> Path:
+        """`flwr run` the app on this federation, streaming its log to flwr-run.log; returns its output folder."""
+        values = {"out": str(self.folder / "out"), "min-nodes": self.nodes, **(run_config or {})}
+        argv = [flower_bin("flwr"), "run", str(self.app), "fortress", "--stream", "--run-config", run_config_arg(values)]
+        if self.simulation:
+            argv += ["--federation-config", f"num-supernodes={self.nodes} client-resources-num-cpus=1 "
+                                            f"init-args-num-cpus={self.cpus} init-args-logging-level=\"ERROR\""]
         print("$ " + shlex.join(argv), file=sys.stderr)
-        log = folder / "flwr-run.log"
+        self.procs.check_alive()
+        log = self.folder / "flwr-run.log"
         t0 = time.time()
         with open(log, "wb") as f:
-            done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=folder, timeout=timeout)
-        text = log.read_text(errors="replace")
+            done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
+                                  timeout=timeout)
         results = Path(values["out"]) / "results.json"
         if done.returncode != 0 or not results.exists() or results.stat().st_mtime < t0:
+            text = log.read_text(errors="replace")
             raise RuntimeError(f"flwr run failed (exit {done.returncode}); last lines of {log}:\n{text[-3000:]}")
         return Path(values["out"])
-    finally:
-        procs.stop()
+
+    def stop(self) -> None:
+        self.procs.stop()
+
+
+def deploy_demo(folder: Path, nodes: int = 3, run_config: dict[str, object] | None = None,
+                simulation: bool = False, secure: bool = True, cpus: int = 2, app: Path | None = None,
+                timeout: float = 1800.0) -> Path:
+    """Start the federation, run the app once, stop everything; returns the run's output folder."""
+    with Deployment(folder, nodes, secure, simulation, cpus, app) as d:
+        return d.run(run_config, timeout)
 
 
 def _flwr(args: list[str], env: dict[str, str], cwd: Path, what: str) -> str:
