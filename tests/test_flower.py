@@ -74,7 +74,8 @@ def test_pyproject_run_config_lists_every_key_and_converts_once():
 
 class LocalGrid:
     """Delivers each message to `client_app.app` with that node's Context; `faults` maps
-    node index -> 'error' | 'silent' | 'float16' | 'stray' to misbehave in train rounds."""
+    node index -> 'error' | 'silent' | 'float16' | 'stray' | 'offline' (gone after the query)
+    to misbehave in train rounds."""
 
     def __init__(self, run_config: dict, n_nodes: int, faults: dict[int, str] | None = None,
                  crash_after: int | None = None):
@@ -87,7 +88,7 @@ class LocalGrid:
         self.crash_after, self.trains = crash_after, 0
 
     def get_node_ids(self):
-        return list(self.ids)
+        return [n for n in self.ids if self.faults.get(n) != "offline" or self.trains == 0]
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -140,19 +141,20 @@ def test_three_nodes_match_the_simulator(ds, tmp_path):
 
 
 def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path, caplog):
-    cfg = Config(rounds=2, min_answered=0.1, **SMALL)
-    grid = LocalGrid(kebab(SMALL), 5, faults={0: "error", 1: "silent", 2: "float16", 3: "stray"})
+    cfg = Config(rounds=2, min_answered=0.01, **SMALL)
+    grid = LocalGrid(kebab(SMALL), 6, faults={0: "error", 1: "silent", 2: "float16", 3: "stray", 5: "offline"})
     res = flower_run(cfg, ds, tmp_path, grid)
     bad_nodes = {grid.ids[2]: "dense has dtype float16", grid.ids[3]: "not sent"}
     assert res["rejected"]
     for r in res["rejected"]:
         node = next(n for n in bad_nodes if f"node {n}:" in r["reason"])
-        assert bad_nodes[node] in r["reason"] and r["client"] % 5 in (2, 3)
+        assert bad_nodes[node] in r["reason"] and r["client"] % 6 in (2, 3)
     for h in res["history"]:
         assert h["clients"] > 0 and h["dropped"] > 0 and "skipped" not in h
         assert h["clients"] + h["rejected"] + h["dropped"] == h["sampled"]
     text = caplog.text
     assert f"node {grid.ids[0]} failed" in text and f"node {grid.ids[1]} sent no reply" in text
+    assert f"node {grid.ids[5]} is offline" in text
     assert f"rejected client {res['rejected'][0]['client']}" in text
 
 

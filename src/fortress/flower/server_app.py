@@ -66,6 +66,9 @@ class FlowerClients:
         groups: dict[int, list[int]] = defaultdict(list)
         for u in users.tolist():
             groups[self.owner[u]].append(u)
+        alive = set(self.grid.get_node_ids())              # nodes the SuperLink has seen go away are not waited for
+        for node in [n for n in groups if n not in alive]:
+            log.warning("round %d: node %d is offline; its %d clients dropped", r + 1, node, len(groups.pop(node)))
         model = ArrayRecord({k: Array(v.numpy()) for k, v in params.items()})
         msgs = [Message(RecordDict({"params": model, "task": ConfigRecord({"round": r}),
                                     "users": ArrayRecord({"users": Array(np.asarray(g, dtype=np.int64))})}),
