@@ -74,7 +74,7 @@ class FlowerClients:
                                     "users": ArrayRecord({"users": Array(np.asarray(g, dtype=np.int64))})}),
                         dst_node_id=node, message_type=MessageType.TRAIN) for node, g in groups.items()]
         replies = {rep.metadata.src_node_id: rep for rep in self.grid.send_and_receive(msgs, timeout=self.timeout)}
-        parts, rejected, nbytes = [], [], 0
+        parts, rejected, nbytes, node_seconds = [], [], 0, [0.0, 0.0]
         for node in sorted(groups):                        # fixed order: aggregation does not depend on timing
             sent = groups[node]
             if node not in replies:
@@ -96,10 +96,14 @@ class FlowerClients:
                 rejected += [(u, f"node {node}: unreadable reply: {err}") for u in sent]
                 continue
             parts.append(got)
-            nbytes += int(rep.content["metrics"]["bytes"])
+            metrics = rep.content["metrics"]
+            nbytes += int(metrics["bytes"])
+            node_seconds = [max(node_seconds[0], float(metrics.get("train-seconds", 0.0))),
+                            max(node_seconds[1], float(metrics.get("load-seconds", 0.0)))]
         updates = concat(parts) if parts else empty(dense_size(params), cfg.dim, params["item_emb"].dtype)
         print(f"round {r + 1}: {len(users)} clients sampled on {len(groups)} nodes, "
-              f"{updates.n} uploads, {len(rejected)} rejected on arrival", flush=True)
+              f"{updates.n} uploads, {len(rejected)} rejected on arrival; slowest node: "
+              f"{node_seconds[0]:.2f} s training, {node_seconds[1]:.2f} s loading data", flush=True)
         return Collected(updates, rejected, nbytes)
 
 
