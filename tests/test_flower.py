@@ -2,7 +2,6 @@
 `flwr run` simulation, and a secure 3-node deployment as separate processes."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tomllib
@@ -205,3 +204,5 @@ def test_secure_deployment_with_three_supernodes(ds, tmp_path):
     intruder = (tmp_path / "dep" / "intruder.log").read_text()
     assert "Failed to activate SuperNode" in intruder and "SuperNode ID" not in intruder
     assert max_diff(params(tmp_path / "sim"), params(out)) < 1e-9
+    got = json.loads((out / "results.json").read_text())
+    assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ref["test"] if k != "users")

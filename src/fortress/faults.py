@@ -8,7 +8,6 @@ users exercise that.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from fortress.config import Config
 from fortress.updates import Updates
