@@ -6,7 +6,7 @@ simulator keeps a whole round in one `Updates` (rows in COO form, one row per (c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -98,5 +98,3 @@ def check(u: Updates, n_items: int, dense_size: int, dim: int) -> tuple[Updates,
     rejected = [(int(u.clients[i]), r) for i, r in sorted(reasons.items())]
     return u.select(keep), rejected
 
-
-__all__ = ["Updates", "concat", "check", "flatten", "unflatten", "replace"]
