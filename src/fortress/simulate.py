@@ -228,7 +228,7 @@ def initial_params(cfg: Config, model: Model, ds: Dataset) -> Params:
     return {k: v.to(DTYPES[cfg.dtype]).clone() for k, v in saved.items()}
 
 
-def save_model(path: Path, run: Run | None, cfg: Config, ds: Dataset, params: Params | None) -> None:
+def save_model(path: Path, cfg: Config, ds: Dataset, params: Params | None) -> None:
     """Weights + config + id maps + the users' known sequences, enough for `fortress recommend`."""
     seqs = [ds.full_seq(u) for u in range(ds.n_users)]
     ptr = np.zeros(ds.n_users + 1, dtype=np.int64)
@@ -304,7 +304,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         "rejected": run_.rejected,
     }
     write_json(out / "results.json", results)
-    save_model(out / "model.pt", run_, cfg, ds, params)
+    save_model(out / "model.pt", cfg, ds, params)
     return results
 
 

@@ -6,7 +6,7 @@ simulator keeps a whole round in one `Updates` (rows in COO form, one row per (c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -130,5 +130,3 @@ def check(u: Updates, n_items: int, dense_size: int, dim: int,
     rejected = [(int(u.clients[i]), r) for i, r in sorted(reasons.items())]
     return u.select(keep), rejected
 
-
-__all__ = ["Updates", "concat", "check", "empty", "flatten", "norms", "unflatten", "replace"]
