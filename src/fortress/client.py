@@ -21,7 +21,7 @@ from torch.func import grad_and_value, vmap
 
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
-from fortress.objectives import next_item_loss
+from fortress.objectives import next_item_loss, sampled_softmax_bias
 from fortress.updates import Updates, concat, flatten
 
 
@@ -97,10 +97,22 @@ def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk
 
 
 def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-             col_mask: torch.Tensor) -> torch.Tensor:
-    """Next-item loss of one client: x, y (L,) sub-table slots, table (S, d)."""
+             col_mask: torch.Tensor, n_items: int = 0) -> torch.Tensor:
+    """Next-item loss of one client: x, y (L,) sub-table slots, table (S, d).
+
+    With n_items (the catalogue size) the sampled negatives get the logQ correction of
+    `sampled_softmax_bias`; with 0 the loss is a plain softmax over the sub-table.
+    """
     h = model.encode({**dense, "item_emb": table}, x[None], training=True)[0]   # (L, d)
-    return next_item_loss(h @ table.T, y, col_mask)                             # (L, S) -> ()
+    logits = h @ table.T                                                        # (L, S)
+    if n_items:
+        logits = logits + sampled_softmax_bias(x, y, col_mask, n_items).to(logits.dtype)
+    return next_item_loss(logits, y, col_mask)
+
+
+def objective(cfg, n_items: int) -> Callable:
+    """The loss an honest client minimises under `cfg` (a Config), for a catalogue of n_items."""
+    return partial(rec_loss, n_items=n_items if cfg.neg_correction else 0)
 
 
 def local_train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,

@@ -37,6 +37,7 @@ class Config:
     central_lr: float = 0.001       # Adam learning rate (central)
     client_opt: str = "sgd"         # sgd | adam: the optimiser a device runs, fresh each round
     n_neg: int = 512                # negatives a client samples into its item sub-table
+    neg_correction: bool = True     # logQ-correct the sampled negatives (objectives.sampled_softmax_bias)
     global_opt: str = "sgd"         # sgd | adam: how the server applies the aggregate (FedAvg = sgd, global_lr 1)
     global_lr: float = 1.0
     engine: str = "vmap"            # vmap | loop (reference)

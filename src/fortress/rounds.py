@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fortress import faults
-from fortress.client import build_chunks, rec_loss, round_bytes, train_round
+from fortress.client import build_chunks, objective, round_bytes, train_round
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
@@ -53,7 +53,7 @@ def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: n
         return Collected(empty(dense_size(params), cfg.dim, params["item_emb"].dtype))
     torch.manual_seed(cfg.seed * 1_000_003 + r)                # dropout masks of this round
     chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r))
-    updates = train_round(model, rec_loss, cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, cfg.engine)
+    updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, cfg.engine)
     updates = faults.corrupt(updates, cfg, r, ds.n_items)
     nbytes = round_bytes(chunks, dense_size(params), cfg.dim, params["item_emb"].element_size())
     return Collected(updates, [], nbytes)
