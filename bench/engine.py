@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fortress.client import build_chunks, eligible_clients, rec_loss, train_round
+from fortress.client import build_chunks, eligible_clients, objective, train_round
 from fortress.config import Config, override
 from fortress.data import load_dataset, resolve, synthetic
 from fortress.metrics import evaluate
@@ -45,7 +45,7 @@ def time_rounds(ds, cfg: Config, clients: int, rounds: int, warmup: int = 1) -> 
         rng = np.random.default_rng([cfg.seed, r])
         users = rng.choice(eligible, size=clients, replace=False)
         chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, rng)
-        updates = train_round(model, rec_loss, cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks,
+        updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks,
                               cfg.engine)
         gopt.apply(params, keys, params["item_emb"], fedavg(updates))
         if r >= warmup:

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import fortress.attacks as attacks
-from fortress.attacks import AttackView, malicious_ids, malicious_updates, pick_targets, sample_round
+from fortress.attacks import AttackView, malicious_ids, malicious_updates, pick_targets
 from fortress.client import eligible_clients
 from fortress.config import Config, override
 from fortress.data import from_sequences, synthetic
 from fortress.errors import InputError
 from fortress.models import Model, dense_keys, from_config
 from fortress.server.aggregate import GlobalOptimizer
+from fortress.rounds import sample_clients, split_sampled
 from fortress.simulate import Run, federated_round, initial_params, run
 from fortress.updates import check
 
@@ -134,13 +135,14 @@ def test_malicious_clients_are_sampled_like_benign_ones():
     bad = malicious_ids(1000, 0.05)
     assert len(bad) == 50 and bad.min() == 1000
     assert len(malicious_ids(1000, 0.0001)) == 1 and len(malicious_ids(1000, 0.0)) == 0
-    got = [sample_round(np.random.default_rng([0, r]), eligible, bad, 100) for r in range(300)]
+    cfg = Config(clients_per_round=100)
+    got = [split_sampled(sample_clients(cfg, eligible, r, bad), bad) for r in range(300)]
     share = np.mean([len(m) for _, m in got]) / 100
     assert abs(share - 50 / 1050) < 0.01
     assert all(len(u) + len(m) == 100 and len(np.intersect1d(u, m)) == 0 for u, m in got)
     # without an attack the draw is exactly the attack-free one
-    u, m = sample_round(np.random.default_rng(3), eligible, np.zeros(0, dtype=np.int64), 100)
-    assert np.array_equal(u, np.random.default_rng(3).choice(eligible, 100, replace=False)) and len(m) == 0
+    u, m = split_sampled(sample_clients(cfg, eligible, 3, np.zeros(0, dtype=np.int64)), None)
+    assert np.array_equal(u, np.random.default_rng([0, 3]).choice(eligible, 100, replace=False)) and len(m) == 0
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
@@ -202,3 +204,28 @@ def test_cli_runs_an_attack_and_reports_it(tmp_path, capsys):
                  "--set", "target_pick=random", "--set", "threads=1"])
     out = capsys.readouterr().out
     assert code == 0 and "attack boost (15 malicious clients" in out and "ER@10" in out
+
+
+def test_resume_under_attack_continues_exactly(tmp_path, monkeypatch):
+    from fortress import checkpoint, simulate
+    data = synthetic(300, 60, seed=0)
+    cfg = Config(mode="fedavg", rounds=6, checkpoint_every=2, eval_every=2, attack="psmu", attack_ratio=0.05,
+                 threads=1, **{k: v for k, v in TINY.items() if k != "eval_every"})
+    full = run(cfg, data, tmp_path / "full", progress=False)
+
+    def crash(bar, entry):                      # dies after round 4 (and its checkpoint), like a kill
+        if entry["round"] == 4:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(simulate, "_progress", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, data, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["attack"]
+    assert state["targets"] == full["attack"]["target_index"] and len(state["malicious"]) == 15
+    resumed = run(cfg, data, tmp_path / "cut", progress=False, resume=True)
+    a, b = (torch.load(p / "model.pt", weights_only=False)["params"] for p in (tmp_path / "full", tmp_path / "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("seconds", "seconds_per_round")
+    assert {k: v for k, v in resumed["attack"].items() if k not in drop} == \
+        {k: v for k, v in full["attack"].items() if k not in drop}
+    assert resumed["attack"]["malicious_uploads"] > 0

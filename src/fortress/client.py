@@ -21,7 +21,7 @@ from torch.func import grad_and_value, vmap
 
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
-from fortress.objectives import next_item_loss
+from fortress.objectives import next_item_loss, sampled_softmax_bias
 from fortress.updates import Updates, concat, flatten
 
 
@@ -61,29 +61,36 @@ def _negatives(own: np.ndarray, n_items: int, n_neg: int, rng: np.random.Generat
 
 
 def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk_size: int,
-                 rng: np.random.Generator) -> list[Chunk]:
-    """Gather each client's last max_len + 1 train items and its sub-table, grouped by length."""
+                 rng: np.random.Generator | None = None, *, key: tuple[int, ...] | None = None) -> list[Chunk]:
+    """Gather each client's last max_len + 1 train items and its sub-table, grouped by length.
+
+    Negatives come from `rng` in user order, or, given `key` (e.g. (seed, round)), from each
+    client's own stream `default_rng([*key, user])`: then a client draws the same negatives
+    wherever it is trained (in-process, or on whichever Flower SuperNode hosts it).
+    """
     seqs = [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
     weights = [len(ds.train_seq(int(u))) for u in users]
-    return chunks_from_sequences(users, seqs, weights, ds.n_items, n_neg, chunk_size, rng)
+    return chunks_from_sequences(users, seqs, weights, ds.n_items, n_neg, chunk_size, rng, key=key)
 
 
 def chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: list[float], n_items: int,
-                          n_neg: int, chunk_size: int, rng: np.random.Generator,
-                          prefix: np.ndarray | None = None) -> list[Chunk]:
+                          n_neg: int, chunk_size: int, rng: np.random.Generator | None = None,
+                          prefix: np.ndarray | None = None, *, key: tuple[int, ...] | None = None) -> list[Chunk]:
     """Chunks of clients from their sequences; a sub-table holds own items and n_neg negatives.
 
-    Used for benign clients (train sequences) and malicious ones (fake sequences). `prefix`
+    Used for benign clients (train sequences) and malicious ones (fake sequences). Negatives
+    come from `rng` or from each client's stream (see `build_chunks`). `prefix`
     (n, P) puts the same number of chosen items first, at slots 1..P of every client's sub-table
     (an attack's targets and the items it pushes down), so a loss can address them by slot; the
     client's other items follow in sorted order, then the negatives. Chunks are grouped by length.
     """
     subs = []
-    for i, s in enumerate(seqs):
+    for i, (u, s) in enumerate(zip(users, seqs)):
         own = np.unique(s)                                                  # sorted
         if prefix is not None:
             own = np.concatenate([prefix[i], np.setdiff1d(own, prefix[i])])
-        subs.append((own, _negatives(own, n_items, n_neg, rng)))
+        own_rng = rng if key is None else np.random.default_rng([*key, int(u)])
+        subs.append((own, _negatives(own, n_items, n_neg, own_rng)))
     order = np.argsort([len(s) for s in seqs], kind="stable")
     chunks = []
     for start in range(0, len(order), chunk_size):
@@ -107,10 +114,22 @@ def chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: li
 
 
 def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-             col_mask: torch.Tensor) -> torch.Tensor:
-    """Next-item loss of one client: x, y (L,) sub-table slots, table (S, d)."""
+             col_mask: torch.Tensor, n_items: int = 0) -> torch.Tensor:
+    """Next-item loss of one client: x, y (L,) sub-table slots, table (S, d).
+
+    With n_items (the catalogue size) the sampled negatives get the logQ correction of
+    `sampled_softmax_bias`; with 0 the loss is a plain softmax over the sub-table.
+    """
     h = model.encode({**dense, "item_emb": table}, x[None], training=True)[0]   # (L, d)
-    return next_item_loss(h @ table.T, y, col_mask)                             # (L, S) -> ()
+    logits = h @ table.T                                                        # (L, S)
+    if n_items:
+        logits = logits + sampled_softmax_bias(x, y, col_mask, n_items).to(logits.dtype)
+    return next_item_loss(logits, y, col_mask)
+
+
+def objective(cfg, n_items: int) -> Callable:
+    """The loss an honest client minimises under `cfg` (a Config), for a catalogue of n_items."""
+    return partial(rec_loss, n_items=n_items if cfg.neg_correction else 0)
 
 
 def local_train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,
@@ -175,13 +194,11 @@ def train_chunk(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
         S = int(col_mask[i].sum()) + 1
         L = int((chunk.x[i] > 0).sum())
         outs.append(fn(dense, table[i, :S], chunk.x[i, -L:], chunk.y[i, -L:], col_mask[i, :S]))
-    S_max = chunk.items.shape[1]
     d_table = torch.zeros_like(table)
     for i, (_, dt, _) in enumerate(outs):
         d_table[i, :dt.shape[0]] = dt
     d_dense = {k: torch.stack([o[0][k] for o in outs]) for k in keys}
     loss = torch.stack([o[2] for o in outs])
-    assert d_table.shape[1] == S_max
     return _to_updates(chunk, keys, d_dense, d_table, loss)
 
 

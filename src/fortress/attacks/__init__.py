@@ -5,11 +5,15 @@ How a run uses them (`fortress.simulate`):
   experimenter's choice, not the attacker's knowledge): the same seed gives the same targets for
   every attack, so tables compare methods on the same items;
 - `malicious_ids` gives `attack_ratio` x n_users malicious clients ids n_users, n_users + 1, ...;
-- every round `sample_round` draws `clients_per_round` clients uniformly from the benign eligible
-  users *and* the malicious ids together, so malicious clients come as often as anyone;
+- every round `rounds.sample_clients` draws `clients_per_round` clients uniformly from the benign
+  eligible users *and* the malicious ids together, so malicious clients come as often as anyone;
 - `malicious_updates` runs the attack for the malicious clients drawn this round, vectorised
   (each attack trains its clients with the benign engine's vmap), and returns their uploads in
-  the benign format; the server concatenates them with the benign uploads and aggregates all.
+  the benign format; `rounds.malicious_step` puts them on the wire like a node's reply, and the
+  server's `rounds.server_step` checks (`max_update_norm` included) and aggregates them with the
+  benign uploads. A rejected malicious upload is counted in the report (`malicious_rejected`).
+- `Campaign.state` / `restore` carry the attack's bookkeeping through checkpoints; everything
+  else an attack uses is drawn from (seed, round), so a resumed run replays it exactly.
 The threat model (what an attack can see) is in `fortress.attacks.base`.
 """
 from __future__ import annotations
@@ -76,17 +80,6 @@ def malicious_ids(n_users: int, ratio: float) -> np.ndarray:
     return np.arange(n_users, n_users + m, dtype=np.int64)
 
 
-def sample_round(rng: np.random.Generator, eligible: np.ndarray, malicious: np.ndarray,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """This round's benign users and malicious ids, drawn uniformly from both without replacement."""
-    if not len(malicious):      # the very draw of an attack-free run, so its results do not change
-        return rng.choice(eligible, size=min(k, len(eligible)), replace=False), malicious
-    pool = np.concatenate([eligible, malicious])
-    chosen = rng.choice(pool, size=min(k, len(pool)), replace=False)
-    bad = np.isin(chosen, malicious)
-    return chosen[~bad], chosen[bad]
-
-
 def malicious_updates(name: str, cfg, model: Model, params: Params, n_items: int, targets: list[int],
                       clients: np.ndarray, seed: tuple[int, ...]) -> Updates:
     """Run attack `name` for this round's malicious clients on a copy of the broadcast model."""
@@ -115,7 +108,24 @@ class Campaign:
     malicious: np.ndarray
     seconds: float = 0.0                 # time spent computing malicious uploads
     uploads: int = 0                     # malicious client-rounds so far
+    rejected: int = 0                    # malicious uploads the server's checks rejected
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (targets and ids too, to check that a resumed run agrees)."""
+        return {"attack": self.attack, "targets": list(self.targets), "malicious": self.malicious.tolist(),
+                "seconds": self.seconds, "uploads": self.uploads, "rejected": self.rejected,
+                "history": [dict(h) for h in self.history]}
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Continue from a checkpoint's `state()`; the targets and malicious ids must be the same."""
+        if state is None:
+            raise InputError("cannot resume: the checkpoint has no attack state (made by an older fortress)")
+        if (state["attack"], state["targets"], state["malicious"]) != (self.attack, list(self.targets),
+                                                                          self.malicious.tolist()):
+            raise InputError("cannot resume: the checkpoint's attack, targets or malicious clients differ from this run's")
+        self.seconds, self.uploads, self.rejected = state["seconds"], state["uploads"], state["rejected"]
+        self.history = [dict(h) for h in state["history"]]
 
     def record(self, round_: int, test: dict[str, Any]) -> dict[str, float]:
         """Keep the ER@K (and test HR@10) of an evaluation of the test split with the targets."""
@@ -135,6 +145,7 @@ class Campaign:
             "per_target": {item_ids[int(t)]: v for t, v in test.get("ER_per_target", {}).items()},
             "history": self.history,
             "malicious_uploads": self.uploads,
+            "malicious_rejected": self.rejected,
             "seconds": self.seconds,
             "seconds_per_round": self.seconds / max(1, rounds),
         }
@@ -156,4 +167,4 @@ def split_er(res: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 __all__ = ["ATTACKS", "AttackView", "AttackConfig", "Campaign", "campaign", "pick_targets", "malicious_ids",
-           "sample_round", "malicious_updates", "split_er"]
+           "malicious_updates", "split_er"]

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fortress.client import Chunk, chunks_from_sequences, train_round
+from fortress.client import Chunk, chunks_from_sequences, objective, train_round
 from fortress.models import Model, Params
 from fortress.updates import Updates
 
@@ -46,12 +46,14 @@ class AttackConfig:
     clients_per_round: int
     chunk_size: int
     engine: str
+    neg_correction: bool  # whether honest clients logQ-correct their sampled negatives
+
 
     @classmethod
     def from_config(cls, cfg) -> "AttackConfig":
         return cls(cfg.attack_scale, cfg.attack_len, cfg.attack_users, cfg.attack_steps,
                    cfg.attack_alternatives, cfg.lr, cfg.local_epochs, cfg.client_opt, cfg.n_neg,
-                   cfg.clients_per_round, cfg.chunk_size, cfg.engine)
+                   cfg.clients_per_round, cfg.chunk_size, cfg.engine, cfg.neg_correction)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ def train_fake(view: AttackView, chunks: list[Chunk], loss_fn: Callable) -> Upda
     """Local training of the malicious clients with the benign engine (vmap over clients), any loss."""
     c = view.cfg
     return train_round(view.model, loss_fn, c.local_epochs, c.lr, c.client_opt, view.params, chunks, c.engine)
+
+
+def honest_loss(view: AttackView) -> Callable:
+    """The local loss an honest client minimises under the protocol (logQ-corrected or not)."""
+    return objective(view.cfg, view.n_items)
 
 
 def keep_rows(u: Updates, items: torch.Tensor) -> Updates:

@@ -29,9 +29,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from fortress.attacks.base import (AttackConfig, AttackView, append_targets, fake_chunks, keep_rows, next_item_logits,
-                                   random_items, train_fake)
-from fortress.client import rec_loss
+from fortress.attacks.base import (AttackConfig, AttackView, append_targets, fake_chunks, honest_loss, keep_rows,
+                                   next_item_logits, random_items, train_fake)
 from fortress.models import Model, Params
 from fortress.updates import Updates
 
@@ -44,7 +43,7 @@ def random_attack(view: AttackView) -> Updates:
     rng = view.rng()
     seqs = append_targets(random_items(rng, view.m, view.cfg.fake_len - 1, view.n_items, view.targets),
                           view.targets)
-    return train_fake(view, fake_chunks(view, seqs, rng), rec_loss)
+    return train_fake(view, fake_chunks(view, seqs, rng), honest_loss(view))
 
 
 def popular_items(view: AttackView, rng: np.random.Generator) -> np.ndarray:
@@ -63,7 +62,7 @@ def popular_attack(view: AttackView) -> Updates:
     pool = popular_items(view, rng)
     seqs = append_targets(random_items(rng, view.m, view.cfg.fake_len - 1, view.n_items, view.targets, pool),
                           view.targets)
-    return train_fake(view, fake_chunks(view, seqs, rng), rec_loss)
+    return train_fake(view, fake_chunks(view, seqs, rng), honest_loss(view))
 
 
 def boost_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
