@@ -1,12 +1,15 @@
 """Attack grid: HR@10 and ER@K of each attack at each malicious ratio, mean +- std over seeds.
 
     python bench/attacks.py [--data amazon-cell-phones] [--seeds 0,1,2] [--ratios 0.001,0.01,0.05]
-                            [--attacks none,random,popular,boost,ahum,psmu] [--pretrain 1000] [--rounds 100]
-                            [--eval-every 20] [--runs runs/attacks] [--out docs/bench/attacks.json]
+                            [--attacks none,random,popular,boost,ahum,psmu] [--pretrain 1500 | --pretrained RUN]
+                            [--rounds 100] [--eval-every 20] [--runs runs/attacks] [--out docs/bench/attacks.json]
 
 Protocol (cheap and realistic: attackers join a federation that is already running):
 1. per seed, one clean FedAvg model is trained for `--pretrain` rounds:
    `fortress run --data D --out RUNS/pretrain-s{seed} --set rounds=P --set seed={seed} ...`;
+   or `--pretrained RUN` (a `fortress run` output folder with model.pt on the same data) is the
+   clean model of every seed, and nothing is pretrained (the seed then varies the targets, the
+   malicious ids and the sampling, not the clean model);
 2. every cell continues from that model for `--rounds` rounds, with the attack (or none):
    `fortress run --data D --out RUNS/{attack}-r{ratio}-s{seed} --set init_from=RUNS/pretrain-s{seed}
     --set rounds=R --set attack={attack} --set attack_ratio={ratio} --set seed={seed} ...`.
@@ -61,12 +64,13 @@ def mean_std(xs: list[float]) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """The table as README markdown (a run that diverged shows as NaN: the global model broke)."""
-    lines = ["| attack | ratio | malicious | HR@10 | ER@5 | ER@10 | ER@10, mean of last 5 evals |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| attack | ratio | malicious | HR@10 | ER@5 | ER@10 | ER@10, mean of last 5 evals | uploads rejected |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if r["attack"] == "none" else f"{r['attack_ratio']:g}"
         lines.append(f"| {r['attack']} | {ratio} | {r['malicious_clients']} | {mean_std(r['HR@10'])} | "
-                     f"{mean_std(r['ER@5'])} | {mean_std(r['ER@10'])} | {mean_std(r['ER@10_last5'])} |")
+                     f"{mean_std(r['ER@5'])} | {mean_std(r['ER@10'])} | {mean_std(r['ER@10_last5'])} | "
+                     f"{sum(r['malicious_rejected'])} of {sum(r['malicious_uploads'])} |")
     return "\n".join(lines)
 
 
@@ -76,7 +80,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ratios", default="0.001,0.01,0.05")
     ap.add_argument("--attacks", default="none,random,popular,boost,ahum,psmu")
-    ap.add_argument("--pretrain", type=int, default=1000, help="clean FedAvg rounds before the attack")
+    ap.add_argument("--pretrain", type=int, default=1500, help="clean FedAvg rounds before the attack")
+    ap.add_argument("--pretrained", help="a clean `fortress run` folder (model.pt) to attack instead of pretraining")
     ap.add_argument("--rounds", type=int, default=100, help="rounds with attackers, from the clean model")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config for every run")
@@ -99,11 +104,17 @@ def main() -> None:
     cells: dict[tuple[str, float], list[dict]] = {}
     commands: dict[tuple[str, float], str] = {}
     for seed in seeds:
-        pre = runs / f"pretrain-s{seed}"
-        cmd = fortress(args.data, pre, {"mode": "fedavg", "rounds": args.pretrain, "eval_every": 0, "seed": seed,
-                                        **common})
-        run_once(cmd, pre, log)
-        commands[("pretrain", 0.0)] = shown(cmd).replace(f"seed={seed}", "seed=SEED").replace(f"-s{seed}", "-sSEED")
+        if args.pretrained:
+            pre = Path(args.pretrained).resolve()
+            if not (pre / "model.pt").exists():
+                raise SystemExit(f"--pretrained {args.pretrained}: no model.pt there")
+            commands[("pretrain", 0.0)] = f"(none: --pretrained {pre})"
+        else:
+            pre = runs / f"pretrain-s{seed}"
+            cmd = fortress(args.data, pre, {"mode": "fedavg", "rounds": args.pretrain, "eval_every": 0, "seed": seed,
+                                            **common})
+            run_once(cmd, pre, log)
+            commands[("pretrain", 0.0)] = shown(cmd).replace(f"seed={seed}", "seed=SEED").replace(f"-s{seed}", "-sSEED")
         for name in names:
             for ratio in ([0.0] if name == "none" else ratios):
                 out = runs / f"{name}-r{ratio:g}-s{seed}"
@@ -127,6 +138,8 @@ def main() -> None:
             "ER@5_last5": [a["last5_mean"]["ER@5"] for a in att],
             "targets": [a["targets"] for a in att],
             "attack_seconds_per_round": [a["seconds_per_round"] for a in att],
+            "malicious_uploads": [a["malicious_uploads"] for a in att],
+            "malicious_rejected": [a.get("malicious_rejected", 0) for a in att],
             "seconds_per_round": [r["timing"]["seconds_per_round"] for r in results],
             "command": commands[(name, ratio)],
         })
@@ -143,7 +156,7 @@ def main() -> None:
     print("\n" + markdown(rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"python": platform.python_version(), "command": " ".join(sys.argv), "data": args.data,
-            "pretrain_rounds": args.pretrain, "attack_rounds": args.rounds, "eval_every": args.eval_every,
+            "pretrain_rounds": None if args.pretrained else args.pretrain, "pretrained": args.pretrained, "attack_rounds": args.rounds, "eval_every": args.eval_every,
             "pretrain_command": commands[("pretrain", 0.0)]}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -65,6 +65,7 @@ class Config:
     attack_users: int = 10          # ahum: hard users each malicious client mines
     attack_steps: int = 30          # ahum: gradient steps of hard-user mining
     attack_alternatives: int = 20   # psmu: competing items (the fake user's top-K) pushed below the target
+    attack_pool: int = 32           # psmu: histories sampled from the model per fake user; the hardest is kept
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -81,7 +82,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 MINIMUM: dict[str, float] = {
     "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "dim": 2, "blocks": 1, "heads": 1,
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
-    "epochs": 0, "batch_size": 1, "eval_batch": 1, "attack_len": 2, "attack_users": 1,
+    "epochs": 0, "batch_size": 1, "eval_batch": 1, "attack_len": 2, "attack_users": 1, "attack_pool": 1,
 }
 POSITIVE = ("lr", "central_lr", "global_lr", "attack_scale")
 

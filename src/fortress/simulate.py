@@ -365,4 +365,7 @@ def summary(results: dict[str, Any]) -> str:
                      f"{a['seconds_per_round']:.3f} s/round), targets {', '.join(a['targets'])}: test "
                      + ", ".join(f"{k} {a[k]:.4f}" for k in attacks.ER_KEYS)
                      + (f"; ER@10 mean of the last evaluations {last['ER@10']:.4f}" if last else ""))
+        if a.get("malicious_rejected"):
+            lines.append(f"attack: the server's checks rejected {a['malicious_rejected']} of {a['malicious_uploads']} "
+                         f"malicious uploads (see `rejected` in results.json; max_update_norm={results['config']['max_update_norm']:g})")
     return "\n".join(lines)

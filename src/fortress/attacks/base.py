@@ -39,6 +39,7 @@ class AttackConfig:
     users: int            # A-hum: hard users per malicious client
     steps: int            # A-hum: mining steps
     alternatives: int     # PSMU: competing items per fake user
+    pool: int             # PSMU: candidate histories sampled per fake user (the hardest is kept)
     lr: float             # the client learning rate of the protocol
     local_epochs: int
     client_opt: str
@@ -52,7 +53,7 @@ class AttackConfig:
     @classmethod
     def from_config(cls, cfg) -> "AttackConfig":
         return cls(cfg.attack_scale, cfg.attack_len, cfg.attack_users, cfg.attack_steps,
-                   cfg.attack_alternatives, cfg.lr, cfg.local_epochs, cfg.client_opt, cfg.n_neg,
+                   cfg.attack_alternatives, cfg.attack_pool, cfg.lr, cfg.local_epochs, cfg.client_opt, cfg.n_neg,
                    cfg.clients_per_round, cfg.chunk_size, cfg.engine, cfg.neg_correction)
 
 
