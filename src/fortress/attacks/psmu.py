@@ -40,8 +40,8 @@ to the next, so differences below ~0.1 are noise):
   synthetic users but of only 27-40% of real users (BPR stops pushing once the target beats the
   few alternatives); a top-10 hinge instead of full-softmax promotion gave 0.32;
 - no boosting by default (`attack_scale` 1). The unscaled upload is already about twice a
-  benign one (norm ~22 against a benign median of 10 and maximum of 21; the target row moves
-  by ~10 where the largest row of the table has norm 3.3). Boosting did not help: the whole
+  benign one (norm ~22 against a benign median of 10-11 and maximum of 21-24 in a round; the
+  target row moves by ~10 where the largest row of the table has norm 3.3-4.3). Boosting did not help: the whole
   upload x2 gave 0.50 (unscaled 0.56 in that run), the target rows x (1 + clients x n_neg /
   n_items / m) capped at the table's largest row norm 0.18, uncapped x13.6 and 3 local steps
   instead of 1 made the global model diverge (benign updates then exceed `max_update_norm`).
