@@ -55,6 +55,22 @@ class Config:
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once
     threads: int = 0                # torch threads (0 = all cores)
+    # server defence (fedavg; fortress/server/defences.py explains each one)
+    defence: str = "none"           # none | fortress | median | trimmed_mean | krum | multi_krum | norm_bound
+    trim_frac: float = 0.1          # trimmed_mean: share of each coordinate's values cut at each end
+    byz_frac: float = 0.1           # krum, multi_krum: assumed share of Byzantine contributors (f = floor(byz_frac n))
+    norm_bound: float = 0.0         # norm_bound: clip each client's update to this L2 norm; 0 = the round's median norm
+    # the FORTRESS server (server/fortress.py): detection thresholds, reliability, L_sep + L_var
+    popular_frac: float = 0.02      # popular set P: this share of the catalogue with the largest estimated popularity
+    surge: float = 3.0              # flag an unpopular item whose row mass exceeds surge x max(P's median mass, its own history)
+    norm_z: float = 4.0             # down-weight clients whose update norm exceeds median + norm_z robust SDs of the round
+    focus_slack: float = 2.0        # a client may put up to focus_slack / weight of its row mass on flagged items unpunished
+    alpha: float = 1.0              # weight of L_sep (keep suspicious items at least `margin` from popular ones)
+    beta: float = 0.1               # weight of L_var (keep each popular item near its knn popular neighbours)
+    margin: float = 1.0             # L_sep margin, in units of the popular items' median embedding norm
+    knn: int = 5                    # popular neighbours in L_var
+    server_steps: int = 5           # server gradient steps on alpha L_sep + beta L_var per round (when something is flagged)
+    server_lr: float = 0.5          # their step size (in the same normalised units)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -65,14 +81,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
+    "defence": ("none", "fortress", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"),
 }
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
     "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "dim": 2, "blocks": 1, "heads": 1,
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
-    "epochs": 0, "batch_size": 1, "eval_batch": 1,
+    "epochs": 0, "batch_size": 1, "eval_batch": 1, "knn": 1,
 }
-POSITIVE = ("lr", "central_lr", "global_lr")
+POSITIVE = ("lr", "central_lr", "global_lr", "surge", "norm_z", "focus_slack")
 
 
 def keys() -> list[str]:
@@ -126,9 +143,13 @@ def validate(cfg: Config) -> Config:
                 raise InputError(f"{key}={value!r} is out of range; it must be {bound}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)")
-    for key in ("drop_rate", "corrupt_rate", "min_answered"):
+    for key in ("drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
+    if cfg.trim_frac >= 0.5:
+        raise InputError(f"trim_frac={cfg.trim_frac!r} is out of range; it must be in [0, 0.5)")
+    if cfg.defence != "none" and cfg.mode != "fedavg":
+        raise InputError(f"defence={cfg.defence!r} needs mode=fedavg (got mode={cfg.mode!r})")
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}")
     return cfg

@@ -4,8 +4,9 @@
 SuperNode's cohort under Flower): drop-outs, sub-tables, vectorised local training, uploads.
 `server_step` is what the server does with whatever came back: reject malformed or absurd
 uploads (logged with the client id), require `min_answered` of the sampled clients, aggregate
-and apply. All randomness is keyed by (seed, round[, user]), so a round does not depend on
-where its clients ran or on the rounds before it, and a resumed run replays it exactly.
+with the run's defence (`fortress.server.defences`) and apply. All randomness is keyed by
+(seed, round[, user]), so a round does not depend on where its clients ran or on the rounds
+before it, and a resumed run replays it exactly.
 """
 from __future__ import annotations
 
@@ -60,8 +61,12 @@ def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: n
 
 
 def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collected, n_sampled: int,
-                n_items: int, r: int) -> dict:
-    """Check, aggregate and apply a round's uploads; returns what the round log records."""
+                n_items: int, r: int, defence=None) -> dict:
+    """Check, aggregate (with `defence`; FedAvg if None) and apply a round's uploads; returns the round log.
+
+    Besides the log entries, "rejected_clients" and "client_weights" ((client ids, weights in
+    [0, 1]) of the aggregated clients) are returned for the caller to pop.
+    """
     updates, rejected = check(got.updates, n_items, dense_size(params), cfg.dim, cfg.max_update_norm)
     rejected = got.rejected + rejected
     for client, why in rejected:
@@ -72,8 +77,15 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
     if updates.n == 0 or updates.n < need:
         info["skipped"] = f"{updates.n} of {n_sampled} clients answered with a valid update, need {need:g}"
         log.warning("round %d: skipped, %s", r + 1, info["skipped"])
-    else:
+        info["client_weights"] = (updates.clients, torch.zeros(updates.n))
+    elif defence is None:
         gopt.apply(params, dense_keys(params), params["item_emb"], fedavg(updates))
+        info["client_weights"] = (updates.clients, torch.ones(updates.n))
+    else:
+        agg, weights, info["defence"] = defence.aggregate(updates, params)
+        gopt.apply(params, dense_keys(params), params["item_emb"], agg)
+        info["defence"].update(defence.after_apply(params))
+        info["client_weights"] = (updates.clients, weights)
     w = updates.weight
     info["loss"] = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")
     info["rejected_clients"] = rejected

@@ -1,7 +1,8 @@
 """In-process runs: pop baseline, centralised training, and federated rounds.
 
 A federated round: sample clients -> build their sub-tables -> local training (vmap or loop)
--> check uploads -> aggregate (FedAvg) -> apply -> every `eval_every` rounds, validate.
+-> check uploads -> aggregate (FedAvg or the `defence`) -> apply -> every `eval_every` rounds,
+validate.
 Every run writes `results.json` and `model.pt` into its output folder.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fortress.metrics import KS, evaluate
 from fortress.models import Model, Params, from_config
 from fortress.objectives import next_item_loss
 from fortress.rounds import Collected, client_step, sample_clients, server_step
+from fortress.server import defences
 from fortress.server.aggregate import GlobalOptimizer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -135,8 +137,22 @@ def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
     return client_step(run.cfg, run.model, run.ds, run.params, users, r)
 
 
+def defence_log(cfg: Config, info: dict[str, Any], n_users: int) -> dict[str, Any]:
+    """The round's `defence` entry: the defence's own log plus mean client weight, benign vs malicious.
+
+    Malicious clients are the ids >= n_users (`fortress.updates.Updates`); only the log knows it.
+    """
+    ids, weights = info.pop("client_weights")
+    entry = {"name": cfg.defence, **info.pop("defence", {})}
+    bad = ids >= n_users
+    entry["weight_benign"] = float(weights[~bad].mean()) if (~bad).any() else None
+    entry["weight_malicious"] = float(weights[bad].mean()) if bad.any() else None
+    return entry
+
+
 def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarray,
-                    clients: Callable[[Run, int, np.ndarray], Collected] = local_clients) -> dict[str, Any]:
+                    clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
+                    defence=None) -> dict[str, Any]:
     """One synchronous round; randomness is drawn from (seed, round) so any round is reproducible.
 
     `clients` carries the broadcast to the sampled clients and their uploads back: in-process
@@ -146,8 +162,13 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     t0 = time.perf_counter()
     users = sample_clients(cfg, eligible, r)
     got = clients(run, r, users)
-    info = server_step(cfg, run.params, gopt, got, len(users), run.ds.n_items, r)
+    info = server_step(cfg, run.params, gopt, got, len(users), run.ds.n_items, r, defence)
     run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in info.pop("rejected_clients")]
+    if cfg.defence == "none":
+        info.pop("client_weights")
+        info.pop("defence", None)
+    else:
+        info["defence"] = defence_log(cfg, info, run.ds.n_users)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
     run.bytes_down.append(got.bytes)
@@ -155,19 +176,22 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     return {"round": r + 1, "loss": info.pop("loss"), "seconds": seconds, **info}
 
 
-def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int) -> dict[str, Any]:
+def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly (see `fortress.checkpoint`)."""
+    server = {"global_opt": gopt.state, "defence": defence.state_dict() if defence is not None else {}}
     return {"round": rounds_done, "config": config_mod.to_dict(run.cfg), "data": checkpoint.fingerprint(run.ds),
-            "params": run.params, "server": {"global_opt": gopt.state}, "history": run.history,
+            "params": run.params, "server": server, "history": run.history,
             "rejected": run.rejected, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
             "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds}
 
 
-def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any]) -> int:
+def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None) -> int:
     """Load a checkpoint into the run; returns the number of rounds already done."""
     for k, v in blob["params"].items():
         run.params[k] = v
     gopt.state = blob["server"]["global_opt"]
+    if defence is not None:
+        defence.load_state_dict(blob["server"].get("defence", {}))
     run.history, run.rejected = blob["history"], blob["rejected"]
     run.bytes_up, run.bytes_down = blob["bytes_up"], blob["bytes_down"]
     run.train_seconds, run.eval_seconds = blob["train_seconds"], blob["eval_seconds"]
@@ -182,21 +206,22 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     if len(eligible) == 0:
         raise ValueError("no user has two train interactions; nothing to train federated on")
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
+    defence = defences.make(cfg, run.ds.n_items)
     start = 0
     if resume and out is not None:
         blob = checkpoint.load(out, cfg, run.ds)
         if blob is not None:
-            start = restore(run, gopt, blob)
+            start = restore(run, gopt, blob, defence)
             print(f"resuming from {out / checkpoint.NAME} after round {start}", file=sys.stderr)
             if bar is not None:
                 bar.update(min(start, cfg.rounds))
     for r in range(start, cfg.rounds):
-        entry = federated_round(run, r, gopt, eligible, clients)
+        entry = federated_round(run, r, gopt, eligible, clients, defence)
         if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
             entry["valid"] = run.validate()
         run.history.append(entry)
         if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
-            checkpoint.save(out, server_state(run, gopt, r + 1))
+            checkpoint.save(out, server_state(run, gopt, r + 1, defence))
         _progress(bar, entry)
 
 

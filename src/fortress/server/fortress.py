@@ -1,0 +1,235 @@
+"""The FORTRESS server: popularity monitor, suspicious items, reliability weights, L_sep + L_var.
+
+Everything here uses only what a server legitimately sees: which item rows each client uploaded
+and how large each row delta is, the clients' reported FedAvg weights and update norms, and its
+own global model. Every threshold is relative to the round's own statistics or to the item's own
+history, so the defaults carry over between datasets, models and stages of training.
+
+Each round (`FortressServer.aggregate`, then `regularise` after the update is applied):
+1. Monitor. o_i = sum over uploaders c of ||delta_ci||, the row mass of item i this round (a
+   client's own items get large deltas, its sampled negatives tiny ones, so o_i follows how many
+   clients really hold item i). The history h_i is a running mean of the *trusted* row mass (from
+   clients whose reliability below is 1), an exponential one with horizon HORIZON rounds once that
+   many rounds have passed. An attacker whose clients get down-weighted therefore cannot raise its
+   target's history, while a popular item, whose uploaders are ordinary clients, builds one.
+2. Popular set P: the ceil(popular_frac N) (at least knn + 1) items with the largest history (none before the first
+   round). Reference mass ref = median of o over P this round (in the first round, over the
+   items with the largest o). Suspicious set S: items outside P with o_i > surge x max(ref, h_i):
+   this round an item nobody treats as popular takes more push than `surge` times a typical
+   popular item gets, and more than `surge` times its own past.
+3. Reliability rho_c = rho_norm x rho_focus, in [0, 1]:
+   - rho_norm = min(1, tau / ||u_c||)^2 with tau = median + norm_z x 1.4826 MAD of the round's
+     update norms: only unusually *large* updates lose weight;
+   - rho_focus: a_c = share of the client's row mass that lands on S, allowance
+     min(1, focus_slack / w_c) with w_c its FedAvg weight (number of interactions); rho_focus = 1
+     while a_c <= allowance, then falls linearly to 0 at a_c = 1.
+   Why this spares sparse benign clients: nothing here punishes a small norm, few rows, a low
+   weight or disagreement with the round's consensus, which is what a short, sparse sequence
+   looks like. A client with w interactions spreads its push over its own items (on
+   amazon-cell-phones the largest share one item takes is about 1/w: 99% of benign clients stay
+   below 1.4 / w), so a benign client keeps full weight even if one of its few items is flagged,
+   and a client that reports a large weight but pushes one item (A-hum: all of its row mass on
+   the target) loses it. Claiming a small weight to earn a large allowance costs the attacker
+   its FedAvg influence.
+4. Aggregate: FedAvg with the weights w_c rho_c; rows in S are not updated this round.
+5. Embedding regularisation (after the update, only in rounds with S non-empty): `server_steps`
+   gradient steps of size `server_lr` on alpha L_sep + beta L_var over the rows of P and S, with
+   embeddings divided by the popular items' median norm (so margin and step sizes mean the same
+   on every dataset and model):
+   L_sep = mean over p in P, s in S of max(0, margin - ||e_p - e_s||) keeps suspicious items out
+   of the popular region; L_var = mean over p in P of ||e_p - mean of e over N(p)||^2, N(p) the
+   knn nearest popular items (fixed at the first step), keeps popular clusters tight. The mean
+   over |P| |S| pairs moves each popular row by at most alpha / |P| per step and each suspicious
+   row by up to alpha / |S|. Rounds where nothing is flagged are plain FedAvg.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fortress.server.aggregate import Aggregate, fedavg
+from fortress.updates import Updates, norms
+
+HORIZON = 50          # rounds the popularity history averages over once it is that old
+MAX_LISTED = 20       # flagged item ids written to the round log
+
+
+@dataclass(frozen=True)
+class FortressConfig:
+    popular_frac: float
+    surge: float
+    norm_z: float
+    focus_slack: float
+    alpha: float
+    beta: float
+    margin: float
+    knn: int
+    server_steps: int
+    server_lr: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "FortressConfig":
+        return cls(cfg.popular_frac, cfg.surge, cfg.norm_z, cfg.focus_slack, cfg.alpha, cfg.beta, cfg.margin,
+                   cfg.knn, cfg.server_steps, cfg.server_lr)
+
+
+def row_mass(u: Updates, n_items: int, client_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(n_items + 1,) float64: sum of ||delta|| of each item's uploaded rows (only clients in mask)."""
+    size = u.rows_delta.double().norm(dim=1)                                            # (M,)
+    if client_mask is not None:
+        size = size * client_mask[u.rows_client].double()
+    return torch.zeros(n_items + 1, dtype=torch.float64).index_add_(0, u.rows_item, size)
+
+
+def top_items(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k items (ids >= 1) with the largest score, ties to the smaller id; sorted ids."""
+    k = min(k, len(score) - 1)
+    order = torch.argsort(-score[1:], stable=True)[:k] + 1
+    return order.sort().values
+
+
+def detect(mass: torch.Tensor, history: torch.Tensor, popular: torch.Tensor, reference: torch.Tensor,
+           surge: float) -> tuple[torch.Tensor, float]:
+    """Suspicious items: outside `popular`, mass > surge x max(ref, own history); ref = median mass of `reference`.
+
+    mass, history (N+1,); popular, reference: item ids. Returns (sorted ids, ref).
+    """
+    ref = float(mass[reference].quantile(0.5)) if len(reference) else 0.0
+    bar = surge * torch.clamp(history, min=ref)                                         # (N+1,)
+    hit = mass > bar
+    hit[0] = False
+    hit[popular] = False
+    return hit.nonzero().flatten(), ref
+
+
+def reliability(u: Updates, suspicious_rows: torch.Tensor, norm_z: float,
+                focus_slack: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """(n,) client weights in [0, 1] (rule in the module docstring); suspicious_rows (M,) bool."""
+    size = norms(u)                                                                     # (n,) float64
+    med = size.quantile(0.5)
+    tau = med + norm_z * 1.4826 * (size - med).abs().quantile(0.5)
+    rho_norm = (tau / size.clamp(min=1e-12)).clamp(max=1.0) ** 2
+    rn = u.rows_delta.double().norm(dim=1)                                              # (M,)
+    total = torch.zeros(u.n, dtype=torch.float64).index_add_(0, u.rows_client, rn)
+    on_s = torch.zeros(u.n, dtype=torch.float64).index_add_(0, u.rows_client, rn * suspicious_rows.double())
+    share = on_s / total.clamp(min=1e-30)                                               # (n,)
+    allow = (focus_slack / u.weight.double().clamp(min=1e-12)).clamp(max=1.0)           # (n,)
+    over = share > allow
+    falloff = ((1 - share) / (1 - allow).clamp(min=1e-12)).clamp(0.0, 1.0)
+    rho_focus = torch.where(over, falloff, torch.ones_like(share))
+    rho = (rho_norm * rho_focus).to(u.weight.dtype)
+    return rho, {"norm_tau": float(tau), "norm_down": int((rho_norm < 1).sum()),
+                 "focus_down": int(over.sum())}
+
+
+def l_sep(pop: torch.Tensor, sus: torch.Tensor, margin: float) -> torch.Tensor:
+    """mean over p, s of max(0, margin - ||e_p - e_s||): pop (P, d), sus (S, d) -> scalar."""
+    if not len(pop) or not len(sus):
+        return pop.sum() * 0.0
+    dist = (pop[:, None, :] - sus[None, :, :]).pow(2).sum(2).clamp(min=1e-12).sqrt()   # (P, S)
+    return torch.relu(margin - dist).mean()
+
+
+def neighbours(pop: torch.Tensor, k: int) -> torch.Tensor:
+    """(P, k) indices of each popular item's k nearest other popular items."""
+    d = torch.cdist(pop, pop)                                                           # (P, P)
+    d.fill_diagonal_(float("inf"))
+    return d.topk(k, dim=1, largest=False).indices
+
+
+def l_var(pop: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+    """mean over p of ||e_p - mean of e over its neighbours nbr (P, k)||^2 -> scalar."""
+    if not len(pop) or nbr.shape[1] == 0:
+        return pop.sum() * 0.0
+    centre = pop[nbr].mean(1)                                                           # (P, d)
+    return (pop - centre).pow(2).sum(1).mean()
+
+
+def regularise(table: torch.Tensor, popular: torch.Tensor, suspicious: torch.Tensor,
+               fc: FortressConfig) -> dict[str, float]:
+    """In place: `server_steps` gradient steps on alpha L_sep + beta L_var over the rows of P and S."""
+    rows = torch.cat([popular, suspicious])
+    n_pop = len(popular)
+    scale = table[popular].norm(dim=1).median().clamp(min=1e-12)
+    z = (table[rows] / scale).detach()                                                  # (P + S, d)
+    k = min(fc.knn, n_pop - 1)
+    nbr = neighbours(z[:n_pop], k) if k > 0 else torch.zeros(n_pop, 0, dtype=torch.int64)
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        return fc.alpha * l_sep(z[:n_pop], z[n_pop:], fc.margin) + fc.beta * l_var(z[:n_pop], nbr)
+
+    first = float(loss(z))
+    for _ in range(fc.server_steps):
+        z = z.requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(loss(z), z)
+        z = (z - fc.server_lr * g).detach()
+    table[rows] = (z * scale).to(table.dtype)
+    return {"reg_loss_before": first, "reg_loss_after": float(loss(z))}
+
+
+class FortressServer:
+    """The FORTRESS defence for one run: monitor state across rounds plus the per-round rule."""
+
+    name = "fortress"
+
+    def __init__(self, fc: FortressConfig, n_items: int, dtype: torch.dtype = torch.float64):
+        self.fc, self.n_items = fc, n_items
+        self.history = torch.zeros(n_items + 1, dtype=torch.float64)
+        self.rounds = 0
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None       # (P, S) of the round in progress
+
+    def n_popular(self) -> int:
+        """|P|: popular_frac of the catalogue, at least knn + 1 so that L_var has neighbours."""
+        return min(self.n_items, max(self.fc.knn + 1, math.ceil(self.fc.popular_frac * self.n_items)))
+
+    def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> tuple[Aggregate, torch.Tensor, dict[str, Any]]:
+        fc = self.fc
+        mass = row_mass(u, self.n_items)                                                # (N+1,)
+        k = self.n_popular()
+        if self.rounds:
+            popular = top_items(self.history, k)
+            reference = popular
+        else:                                  # no history yet: the round's own heaviest items set the scale
+            popular = torch.zeros(0, dtype=torch.int64)
+            reference = top_items(mass, k)
+        suspicious, ref = detect(mass, self.history, popular, reference, fc.surge)
+        flagged = torch.zeros(self.n_items + 1, dtype=torch.bool)
+        flagged[suspicious] = True
+        rho, why = reliability(u, flagged[u.rows_item], fc.norm_z, fc.focus_slack)
+        agg = fedavg(u, rho)
+        keep = ~flagged[agg.rows_item]
+        agg = Aggregate(agg.dense, agg.rows_item[keep], agg.rows_delta[keep])
+        # history learns from fully trusted clients only
+        trusted = row_mass(u, self.n_items, rho >= 1)
+        rate = max(1.0 / (self.rounds + 1), 1.0 / HORIZON)
+        self.history.mul_(1 - rate).add_(rate * trusted)
+        self.rounds += 1
+        self._last = (top_items(self.history, k), suspicious)
+        listed = suspicious[torch.argsort(-mass[suspicious], stable=True)[:MAX_LISTED]]
+        info = {"popular": int(len(popular)), "suspicious": int(len(suspicious)), "flagged": listed.tolist(),
+                "ref_mass": ref, "down_weighted": int((rho < 1).sum()), "weight_mean": float(rho.mean()) if u.n else 1.0,
+                **why}
+        return agg, rho, info
+
+    def after_apply(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Regularise the item table after the round's update (only when something was flagged)."""
+        if self._last is None:
+            return {}
+        popular, suspicious = self._last
+        self._last = None
+        popular = popular[~torch.isin(popular, suspicious)]
+        if not len(suspicious) or not self.fc.server_steps or not len(popular):
+            return {}
+        with torch.no_grad():
+            return regularise(params["item_emb"], popular, suspicious, self.fc)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history.clone(), "rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = state["history"].clone()
+        self.rounds = int(state["rounds"])
