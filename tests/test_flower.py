@@ -131,6 +131,17 @@ def test_one_node_is_bit_identical_to_the_simulator(ds, tmp_path):
     assert got["test"] == ref["test"]
 
 
+def test_an_attack_runs_under_flower_like_in_the_simulator(ds, tmp_path):
+    """Malicious clients are simulated in the ServerApp; the nodes host the benign users only."""
+    sets = dict(EXACT, attack="psmu", attack_ratio=0.05, attack_len=6, eval_every=1)
+    cfg = Config(rounds=2, **sets)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(sets), 3))
+    assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
+    assert got["attack"]["malicious_uploads"] == ref["attack"]["malicious_uploads"] > 0
+    assert abs(got["attack"]["ER@10"] - ref["attack"]["ER@10"]) < 1e-9
+
+
 def test_three_nodes_match_the_simulator(ds, tmp_path):
     cfg = Config(rounds=3, **EXACT)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)

@@ -55,6 +55,16 @@ class Config:
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once
     threads: int = 0                # torch threads (0 = all cores)
+    # poisoning attacks (fedavg; fortress/attacks explains each one and its choices)
+    attack: str = "none"            # none | ahum | psmu | random | popular | boost
+    attack_ratio: float = 0.01      # malicious clients as a fraction of benign users (>= 1 client when > 0)
+    targets: int = 1                # target items whose ER@K is tracked (fedavg; 0 = no tracking)
+    target_pick: str = "unpopular"  # unpopular | random | comma-separated item ids as in the data
+    attack_scale: float = 1.0       # factor on the uploads of ahum and psmu (1 = as computed; see attacks/base.py)
+    attack_len: int = 10            # length of a fake sequence; also the weight a malicious client reports
+    attack_users: int = 10          # ahum: hard users each malicious client mines
+    attack_steps: int = 30          # ahum: gradient steps of hard-user mining
+    attack_alternatives: int = 20   # psmu: competing items (the fake user's top-K) pushed below the target
     # server defence (fedavg; fortress/server/defences.py explains each one)
     defence: str = "none"           # none | fortress | median | trimmed_mean | krum | multi_krum | norm_bound
     trim_frac: float = 0.1          # trimmed_mean: share of each coordinate's values cut at each end
@@ -81,15 +91,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
+    "attack": ("none", "ahum", "psmu", "random", "popular", "boost"),
     "defence": ("none", "fortress", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"),
 }
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
     "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "dim": 2, "blocks": 1, "heads": 1,
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
-    "epochs": 0, "batch_size": 1, "eval_batch": 1, "knn": 1,
+    "epochs": 0, "batch_size": 1, "eval_batch": 1, "attack_len": 2, "attack_users": 1, "knn": 1,
 }
-POSITIVE = ("lr", "central_lr", "global_lr", "surge", "norm_z", "focus_slack")
+POSITIVE = ("lr", "central_lr", "global_lr", "attack_scale", "surge", "norm_z", "focus_slack")
 
 
 def keys() -> list[str]:
@@ -152,7 +163,30 @@ def validate(cfg: Config) -> Config:
         raise InputError(f"defence={cfg.defence!r} needs mode=fedavg (got mode={cfg.mode!r})")
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}")
+    _validate_attack(cfg)
     return cfg
+
+
+def _validate_attack(cfg: Config) -> None:
+    if cfg.attack_ratio > 1:
+        raise InputError(f"attack_ratio={cfg.attack_ratio!r} is out of range; it must be in [0, 1]")
+    if cfg.target_pick not in ("unpopular", "random"):
+        ids = target_list(cfg.target_pick)
+        if not ids:
+            raise InputError(f"target_pick={cfg.target_pick!r}: choose unpopular, random, or a "
+                             "comma-separated list of item ids")
+        if len(ids) != cfg.targets:
+            raise InputError(f"target_pick lists {len(ids)} item(s) but targets={cfg.targets}; "
+                             f"set targets={len(ids)}")
+    if cfg.attack != "none" and cfg.mode != "fedavg":
+        raise InputError(f"attack={cfg.attack!r} needs mode=fedavg (got mode={cfg.mode!r})")
+    if cfg.attack != "none" and cfg.targets < 1:
+        raise InputError(f"attack={cfg.attack!r} needs targets >= 1")
+
+
+def target_list(spec: str) -> list[str]:
+    """Item ids of an explicit `target_pick` ("12,40" or a TOML list "[12, 40]"), as strings."""
+    return [t.strip().strip("'\"") for t in spec.strip("[] ").replace(" ", ",").split(",") if t.strip()]
 
 
 def override(cfg: Config, values: dict[str, Any], source: str = "--set") -> Config:

@@ -54,7 +54,7 @@ from fortress.server.aggregate import Aggregate, fedavg
 from fortress.updates import Updates, norms
 
 HORIZON = 50          # rounds the popularity history averages over once it is that old
-MAX_LISTED = 20       # flagged item ids written to the round log
+MAX_LISTED = 20       # flagged item ids (heaviest first) written to the round log
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ class FortressServer:
         self._last = (top_items(self.history, k), suspicious)
         listed = suspicious[torch.argsort(-mass[suspicious], stable=True)[:MAX_LISTED]]
         info = {"popular": int(len(popular)), "suspicious": int(len(suspicious)), "flagged": listed.tolist(),
-                "ref_mass": ref, "down_weighted": int((rho < 1).sum()), "weight_mean": float(rho.mean()) if u.n else 1.0,
+                "suspicious_items": set(suspicious.tolist()), "ref_mass": ref, "down_weighted": int((rho < 1).sum()),
                 **why}
         return agg, rho, info
 
