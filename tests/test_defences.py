@@ -14,7 +14,7 @@ from fortress.data import synthetic
 from fortress.errors import InputError
 from fortress.models import from_config
 from fortress.server import defences, robust
-from fortress.server.fortress import (FortressConfig, FortressServer, detect, l_sep, l_var, neighbours,
+from fortress.server.fortress import (FortressConfig, FortressServer, allowance, detect, l_sep, l_var, neighbours,
                                       regularise, reliability, row_mass)
 from fortress.updates import Updates, concat
 
@@ -134,7 +134,7 @@ def test_l_var_value_and_gradient():
 def test_regularise_pushes_suspicious_items_out_of_the_margin():
     table = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [0.9, 0.6], [-5, -5]], dtype=D)
     fc = FortressConfig(popular_frac=0.5, surge=3, norm_z=4, focus_slack=2, alpha=1, beta=0.0, margin=1.0, knn=1,
-                        server_steps=20, server_lr=0.5)
+                        server_steps=20, server_lr=0.5, max_len=50)
     before = table.clone()
     popular, suspicious = torch.tensor([1, 2, 3]), torch.tensor([4])
     scale = float(table[popular].norm(dim=1).median())
@@ -161,7 +161,7 @@ def test_reliability_spares_sparse_benign_clients_and_drops_focused_ones():
     rows += [(c, 1 + c % 3, [1.0]) for c in range(2, 7)] + [(7, 4, [1.0]), (8, 2, [0.01])]
     dense = [[1.0], [1.0], [0.5], [1.5], [2.0], [1.0], [2.5], [50.0], [0.01]]
     u = updates(dense, rows, weight=[3, 10, 5, 5, 5, 5, 5, 8, 2])
-    rho, info = reliability(u, u.rows_item == 9, norm_z=4.0, focus_slack=2.0)
+    rho, info = reliability(u, u.rows_item == 9, allowance(u, 2.0, max_len=50), norm_z=4.0)
     assert rho[0] == 1.0 and rho[8] == 1.0 and (rho[2:7] == 1.0).all()
     assert rho[1] == 0.0
     assert 0 < rho[7] < 0.01 and info["norm_down"] == 1 and info["focus_down"] == 1

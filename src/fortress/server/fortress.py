@@ -55,6 +55,7 @@ from fortress.updates import Updates, norms
 
 HORIZON = 50          # rounds the popularity history averages over once it is that old
 MAX_LISTED = 20       # flagged item ids (heaviest first) written to the round log
+MIN_FOCUSED = 2       # clients pushing one item beyond their allowance that make it suspicious
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,12 @@ class FortressConfig:
     knn: int
     server_steps: int
     server_lr: float
+    max_len: int          # the protocol's max_len: a client trains on at most max_len + 1 items
 
     @classmethod
     def from_config(cls, cfg) -> "FortressConfig":
         return cls(cfg.popular_frac, cfg.surge, cfg.norm_z, cfg.focus_slack, cfg.alpha, cfg.beta, cfg.margin,
-                   cfg.knn, cfg.server_steps, cfg.server_lr)
+                   cfg.knn, cfg.server_steps, cfg.server_lr, cfg.max_len)
 
 
 def row_mass(u: Updates, n_items: int, client_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,32 +93,47 @@ def top_items(score: torch.Tensor, k: int) -> torch.Tensor:
     return order.sort().values
 
 
+def allowance(u: Updates, focus_slack: float, max_len: int) -> torch.Tensor:
+    """(n,) share of its row mass a client may put on one item: min(1, focus_slack / min(w_c, max_len + 1)).
+
+    A client trains on its last max_len + 1 items, so a longer history does not spread its push further.
+    """
+    spread = u.weight.double().clamp(min=1e-12, max=max_len + 1)
+    return (focus_slack / spread).clamp(max=1.0)
+
+
+def row_shares(u: Updates) -> torch.Tensor:
+    """(M,) each row's share of its client's total row mass (sum of ||delta|| over its rows)."""
+    rn = u.rows_delta.double().norm(dim=1)                                              # (M,)
+    total = torch.zeros(u.n, dtype=torch.float64).index_add_(0, u.rows_client, rn)
+    return rn / total[u.rows_client].clamp(min=1e-30)
+
+
 def detect(mass: torch.Tensor, history: torch.Tensor, popular: torch.Tensor, reference: torch.Tensor,
-           surge: float) -> tuple[torch.Tensor, float]:
-    """Suspicious items: outside `popular`, mass > surge x max(ref, own history); ref = median mass of `reference`.
+           surge: float, focused: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Suspicious items outside `popular`: mass > surge x max(ref, own history), ref = the median mass
+    of `reference`; or focused pushes (count of focused rows (N+1,)) from MIN_FOCUSED clients or more.
 
     mass, history (N+1,); popular, reference: item ids. Returns (sorted ids, ref).
     """
     ref = float(mass[reference].quantile(0.5)) if len(reference) else 0.0
     bar = surge * torch.clamp(history, min=ref)                                         # (N+1,)
     hit = mass > bar
+    if focused is not None:
+        hit |= focused >= MIN_FOCUSED
     hit[0] = False
     hit[popular] = False
     return hit.nonzero().flatten(), ref
 
 
-def reliability(u: Updates, suspicious_rows: torch.Tensor, norm_z: float,
-                focus_slack: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """(n,) client weights in [0, 1] (rule in the module docstring); suspicious_rows (M,) bool."""
+def reliability(u: Updates, suspicious_rows: torch.Tensor, allow: torch.Tensor,
+                norm_z: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """(n,) client weights in [0, 1] (rule in the module docstring); suspicious_rows (M,) bool, allow (n,)."""
     size = norms(u)                                                                     # (n,) float64
     med = size.quantile(0.5)
     tau = med + norm_z * 1.4826 * (size - med).abs().quantile(0.5)
     rho_norm = (tau / size.clamp(min=1e-12)).clamp(max=1.0) ** 2
-    rn = u.rows_delta.double().norm(dim=1)                                              # (M,)
-    total = torch.zeros(u.n, dtype=torch.float64).index_add_(0, u.rows_client, rn)
-    on_s = torch.zeros(u.n, dtype=torch.float64).index_add_(0, u.rows_client, rn * suspicious_rows.double())
-    share = on_s / total.clamp(min=1e-30)                                               # (n,)
-    allow = (focus_slack / u.weight.double().clamp(min=1e-12)).clamp(max=1.0)           # (n,)
+    share = torch.zeros(u.n, dtype=torch.float64).index_add_(0, u.rows_client, row_shares(u) * suspicious_rows)
     over = share > allow
     falloff = ((1 - share) / (1 - allow).clamp(min=1e-12)).clamp(0.0, 1.0)
     rho_focus = torch.where(over, falloff, torch.ones_like(share))
@@ -196,11 +213,14 @@ class FortressServer:
         else:                                  # no history yet: the round's own heaviest items set the scale
             popular = torch.zeros(0, dtype=torch.int64)
             reference = top_items(mass, k)
-        suspicious, ref = detect(mass, self.history, popular, reference, fc.surge)
+        allow = allowance(u, fc.focus_slack, fc.max_len)                                # (n,)
+        focused = row_shares(u) > allow[u.rows_client]                                  # (M,)
+        n_focused = torch.zeros(self.n_items + 1, dtype=torch.int64).index_add_(0, u.rows_item, focused.long())
+        suspicious, ref = detect(mass, self.history, popular, reference, fc.surge, n_focused)
         flagged = torch.zeros(self.n_items + 1, dtype=torch.bool)
         flagged[suspicious] = True
-        rho, why = reliability(u, flagged[u.rows_item], fc.norm_z, fc.focus_slack)
-        agg = fedavg(u, rho)
+        rho, why = reliability(u, flagged[u.rows_item], allow, fc.norm_z)
+        agg = fedavg(u.drop_rows(focused), rho)
         keep = ~flagged[agg.rows_item]
         agg = Aggregate(agg.dense, agg.rows_item[keep], agg.rows_delta[keep])
         # history learns from fully trusted clients only
@@ -212,7 +232,7 @@ class FortressServer:
         listed = suspicious[torch.argsort(-mass[suspicious], stable=True)[:MAX_LISTED]]
         info = {"popular": int(len(popular)), "suspicious": int(len(suspicious)), "flagged": listed.tolist(),
                 "suspicious_items": set(suspicious.tolist()), "ref_mass": ref, "down_weighted": int((rho < 1).sum()),
-                **why}
+                "focused_rows": int(focused.sum()), **why}
         return agg, rho, info
 
     def after_apply(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
