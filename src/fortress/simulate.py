@@ -6,26 +6,28 @@ Every run writes `results.json` and `model.pt` into its output folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from fortress import config as config_mod
-from fortress.client import build_chunks, eligible_clients, rec_loss, round_bytes, train_round
+from fortress.client import Chunk, build_chunks, eligible_clients, rec_loss, round_bytes, train_round
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.errors import InputError
 from fortress.metrics import KS, evaluate
 from fortress.models import Model, Params, dense_keys, from_config
-from fortress.objectives import next_item_loss
+from fortress.objectives import fortress_draws, fortress_loss, next_item_loss
 from fortress.server.aggregate import GlobalOptimizer, fedavg
 from fortress.updates import check
 
@@ -128,6 +130,22 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
         p.requires_grad_(False)
 
 
+def client_objective(cfg: Config) -> Callable:
+    """The loss an honest client minimises: next-item (fedavg) or the FORTRESS objective."""
+    return partial(fortress_loss, cfg=cfg) if cfg.mode == "fortress" else rec_loss
+
+
+def client_chunks(ds: Dataset, cfg: Config, users: np.ndarray, rng: np.random.Generator) -> list[Chunk]:
+    """The round's chunks of clients, with the per-client random draws their objective needs."""
+    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, rng)
+    if cfg.mode == "fortress":      # drawn for the whole round at once, so chunking changes nothing
+        draws = fortress_draws(rng, len(users), cfg)
+        starts = np.cumsum([0] + [c.n for c in chunks])
+        chunks = [dataclasses.replace(c, draws={k: d[a:b] for k, d in draws.items()})
+                  for c, a, b in zip(chunks, starts[:-1], starts[1:])]
+    return chunks
+
+
 def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarray) -> dict[str, Any]:
     """One synchronous round; randomness is drawn from (seed, round) so any round is reproducible."""
     cfg, ds, model = run.cfg, run.ds, run.model
@@ -135,9 +153,9 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     rng = np.random.default_rng([cfg.seed, r])
     torch.manual_seed(cfg.seed * 1_000_003 + r)
     users = rng.choice(eligible, size=min(cfg.clients_per_round, len(eligible)), replace=False)
-    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, rng)
-    updates = train_round(model, rec_loss, cfg.local_epochs, cfg.lr, cfg.client_opt, run.params,
-                          chunks, cfg.engine)
+    chunks = client_chunks(ds, cfg, users, rng)
+    updates = train_round(model, client_objective(cfg), cfg.local_epochs, cfg.lr, cfg.client_opt,
+                          run.params, chunks, cfg.engine)
     keys = dense_keys(run.params)
     dense_size = sum(run.params[k].numel() for k in keys)
     updates, rejected = check(updates, ds.n_items, dense_size, cfg.dim)
@@ -152,8 +170,14 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     run.bytes_up.append(nbytes)
     w = updates.weight
     loss = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")
-    return {"round": r + 1, "loss": loss, "seconds": seconds, "clients": int(updates.n),
-            "rejected": len(rejected)}
+    entry = {"round": r + 1, "loss": loss, "seconds": seconds, "clients": int(updates.n),
+             "rejected": len(rejected)}
+    if updates.terms:           # each logged loss term, weighted like `loss`, over clients that log it
+        entry["terms"] = {}
+        for k, t in updates.terms.items():
+            ok = torch.isfinite(t)
+            entry["terms"][k] = float((w[ok] * t[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
+    return entry
 
 
 def train_federated(run: Run, bar: tqdm | None = None) -> None:
@@ -225,8 +249,9 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True) -> dic
     setup_torch(cfg)
     model = from_config(cfg)
     params = None
-    steps = {"pop": 0, "central": cfg.epochs, "fedavg": cfg.rounds}[cfg.mode]
-    bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if cfg.mode == "fedavg" else "epoch",
+    federated = cfg.mode in ("fedavg", "fortress")
+    steps = 0 if cfg.mode == "pop" else cfg.epochs if cfg.mode == "central" else cfg.rounds
+    bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if federated else "epoch",
                disable=not progress or steps == 0, dynamic_ncols=True)
     if cfg.mode == "pop":
         run_ = Run(cfg, ds, model, {})
