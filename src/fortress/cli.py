@@ -1,4 +1,4 @@
-"""`fortress` command line: run, data stats, recommend."""
+"""`fortress` command line: run, data stats, recommend, plot."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot_trajectories(args: argparse.Namespace) -> int:
+    from fortress.plots import trajectories
+    out = args.out or str(Path(args.run_dirs[0]) / "trajectories.png")
+    print(f"wrote {trajectories(args.run_dirs, out, args.users, args.min_len, args.seed)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fortress", description="Robust federated sequential recommendation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--user", required=True, help="user id as in the data (or its readable name)")
     rec.add_argument("-k", type=int, default=10)
     rec.set_defaults(func=cmd_recommend)
+
+    plot = sub.add_parser("plot", help="figures from saved runs")
+    psub = plot.add_subparsers(dest="plot_command", required=True)
+    traj = psub.add_parser("trajectories", help="user representations of growing prefixes, 2-D, one panel per run")
+    traj.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `fortress run` on the same data")
+    traj.add_argument("--out", help="PNG path (default RUN_DIR/trajectories.png of the first run)")
+    traj.add_argument("--users", type=int, default=6, help="users to draw")
+    traj.add_argument("--min-len", type=int, default=8, help="only users with at least this many items")
+    traj.add_argument("--seed", type=int, default=0, help="which users are sampled")
+    traj.set_defaults(func=cmd_plot_trajectories)
     return p
 
 
