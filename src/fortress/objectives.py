@@ -30,7 +30,10 @@ on synthetic data (test HR@10 after 60 rounds 0.22 with gradient, 0.35 without, 
   encoder, treated as a constant); InfoNCE between e_i' and e_i against the other rows of the
   client's sub-table (its own items and its sampled negatives).
 - Temporal regulariser: sliding windows of width temp_window and stride temp_stride, aligned to
-  the end of x; L_temp = mean over adjacent pairs of ||f(S_t) - f(S_{t-1})||^2, f = last state.
+  the end of x; L_temp = mean over adjacent pairs of ||f(S_t) - f(S_{t-1})||^2, f = the window's
+  last state, L2-normalised and without dropout. Normalised, because on raw states the term is
+  lowered by shrinking every representation (the final layer-norm gain), which stalled learning
+  on synthetic data; without dropout, because the trajectory it smooths is the one served.
 
 Augmentations keep the padding invariant the vectorised engine relies on: outputs have the input's
 length, padding stays on the left, real positions never hold the padding id, and every random draw
@@ -202,7 +205,7 @@ def fortress_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch
         terms["item"] = next_item_loss(sim, seq, col_mask)
     if cfg.temporal:
         win, real = windows(x, cfg.temp_window, cfg.temp_stride)                  # (K, w), (K,)
-        f = model.encode({**dense, "item_emb": table}, win, training=True)[:, -1]  # (K, d)
+        f = model.encode({**dense, "item_emb": table}, win, training=False)[:, -1]  # (K, d), no dropout
         terms["temp"] = temporal_loss(F.normalize(f, dim=-1, eps=1e-12), real)
     cl = sum(terms[k] for k in ("seq", "user", "item") if k in terms)
     loss = l_rec + cfg.lambda_cl * cl + cfg.lambda_temp * terms.get("temp", 0.0)
