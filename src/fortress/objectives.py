@@ -21,8 +21,8 @@ on synthetic data (test HR@10 after 60 rounds 0.22 with gradient, 0.35 without, 
 - Sequence view (CL4SRec, Xie et al., "Contrastive Learning for Sequential Recommendation",
   ICDE 2022): two augmentations of x, each drawn uniformly from crop (keep a contiguous fraction),
   mask (replace a fraction with a mask token) and reorder (shuffle a contiguous span); last states.
-  The mask token is an extra all-zero row appended to the client's sub-table: nothing is learned
-  for it, so nothing extra is uploaded.
+  The mask token reads an all-zero embedding row: nothing is learned for it, so nothing extra
+  is uploaded.
 - User view (noise views as in SimGCL, Yu et al., SIGIR 2022): h_u = h_{L-1} (the encoder state
   after the whole local sequence), views h_u + eps, eps ~ N(0, sigma^2 I).
 - Item view (adversarial embedding perturbation as in APR, He et al., SIGIR 2018): for the items
@@ -187,12 +187,16 @@ def fortress_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch
     terms = {"rec": l_rec}
     # negatives are constants: their gradient would push apart the very prefix states L_rec trains
     prefixes, prefix_real = h[:-1].detach(), x[:-1] > 0                           # (L - 1, d), (L - 1,)
+    # views and windows are built from x's positions and read a small table of x's rows (+ a zero
+    # mask row): the same embeddings as the sub-table, at a fraction of its gather/scatter cost
+    L, d = x.shape[0], table.shape[1]
+    pos = torch.where(x > 0, torch.arange(1, L + 1, device=x.device), 0)            # (L,) rows of `local`
+    zero = table.new_zeros(1, d)
+    local = {**dense, "item_emb": torch.cat([zero, table[x], zero])}             # (L + 2, d)
     if cfg.seq_view:
-        S, d = table.shape
-        table_m = torch.cat([table, table.new_zeros(1, d)])                       # (S + 1, d): mask row
-        views = torch.stack([augment(x, u, cfg.crop_ratio, cfg.mask_ratio, cfg.reorder_ratio, S)
+        views = torch.stack([augment(pos, u, cfg.crop_ratio, cfg.mask_ratio, cfg.reorder_ratio, L + 1)
                              for u in draws["aug"]])                              # (2, L)
-        z = model.encode({**dense, "item_emb": table_m}, views, training=True)[:, -1]  # (2, d)
+        z = model.encode(local, views, training=True)[:, -1]                      # (2, d)
         terms["seq"] = info_nce(z, z.flip(0), prefixes, prefix_real, cfg.tau)
     if cfg.user_view:
         hu = h[-1] + cfg.user_noise_std * draws["noise"]                          # (2, d)
@@ -204,8 +208,8 @@ def fortress_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch
         sim = F.normalize(e_adv, dim=-1) @ F.normalize(table, dim=-1, eps=1e-12).T / cfg.tau  # (L + 1, S)
         terms["item"] = next_item_loss(sim, seq, col_mask)
     if cfg.temporal:
-        win, real = windows(x, cfg.temp_window, cfg.temp_stride)                  # (K, w), (K,)
-        f = model.encode({**dense, "item_emb": table}, win, training=False)[:, -1]  # (K, d), no dropout
+        win, real = windows(pos, cfg.temp_window, cfg.temp_stride)                # (K, w), (K,)
+        f = model.encode(local, win, training=False)[:, -1]                       # (K, d), no dropout
         terms["temp"] = temporal_loss(F.normalize(f, dim=-1, eps=1e-12), real)
     cl = sum(terms[k] for k in ("seq", "user", "item") if k in terms)
     loss = l_rec + cfg.lambda_cl * cl + cfg.lambda_temp * terms.get("temp", 0.0)
