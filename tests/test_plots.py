@@ -56,5 +56,6 @@ def test_plot_and_key_errors_are_one_line(runs, capsys, tmp_path):
                             ("tau=0", "tau=0.0 is out of range"),
                             ("temporal=maybe", "temporal='maybe': expected true or false"),
                             ("temp_window=99", "temp_window=99 must be <= max_len=50")]:
-        assert main(["run", "--data", "synthetic", "--out", str(tmp_path / "o"), "--set", setting]) == 2
+        assert main(["run", "--data", "synthetic", "--out", str(tmp_path / "o"), "--set", "mode=fortress",
+                     "--set", setting]) == 2
         assert expect in capsys.readouterr().err

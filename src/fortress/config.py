@@ -137,7 +137,7 @@ def validate(cfg: Config) -> Config:
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):
         if getattr(cfg, key) > 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
-    if cfg.temp_window > cfg.max_len:
+    if cfg.mode == "fortress" and cfg.temporal and cfg.temp_window > cfg.max_len:
         raise InputError(f"temp_window={cfg.temp_window} must be <= max_len={cfg.max_len}")
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}")
