@@ -105,6 +105,7 @@ def measure(spec: dict) -> dict:
     else:
         row.update(time_rounds(ds, cfg, spec["clients"], spec["rounds"]))
     row["peak_rss_mb"] = peak_rss_mb()
+    row["threads"] = torch.get_num_threads()
     return row
 
 
