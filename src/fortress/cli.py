@@ -48,7 +48,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_plot_trajectories(args: argparse.Namespace) -> int:
     from fortress.plots import trajectories
     out = args.out or str(Path(args.run_dirs[0]) / "trajectories.png")
-    print(f"wrote {trajectories(args.run_dirs, out, args.users, args.min_len, args.seed)}")
+    path, steps = trajectories(args.run_dirs, out, args.users, args.min_len, args.seed)
+    for run_dir, step in steps.items():
+        print(f"{run_dir}: mean step between consecutive prefixes {step:.4f} ({args.users} users)")
+    print(f"wrote {path}")
     return 0
 
 

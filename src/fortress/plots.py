@@ -42,9 +42,21 @@ def label(blob: dict, run_dir: Path) -> str:
     return f"{run_dir.name}: {cfg['mode']}/{cfg['backbone']}, {temp}"
 
 
+def sample_users(blob: dict, n_users: int, min_len: int, seed: int) -> list[int]:
+    """n_users users (sorted ids) with at least min_len known items, drawn with `seed`."""
+    lengths = np.diff(blob["seq_ptr"].numpy())
+    pool = np.flatnonzero(lengths >= min_len)
+    if len(pool) == 0:
+        raise InputError(f"no user has a sequence of at least {min_len} items")
+    return sorted(np.random.default_rng(seed).choice(pool, min(n_users, len(pool)), replace=False).tolist())
+
+
 def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, min_len: int = 8,
-                 seed: int = 0) -> Path:
-    """One panel per run: prefix trajectories of the same sampled users, PCA to 2-D, as a PNG."""
+                 seed: int = 0) -> tuple[Path, dict[str, float]]:
+    """One panel per run: prefix trajectories of the same sampled users, PCA to 2-D, as a PNG.
+
+    Returns the PNG path and each run's mean step between consecutive prefixes of those users.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -58,11 +70,8 @@ def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, 
             raise InputError(f"{r}: a {b['config']['mode']} run has no user representations to plot")
         if b["item_ids"] != blobs[0]["item_ids"] or b["user_ids"] != blobs[0]["user_ids"]:
             raise InputError(f"{r}: trained on other data than {run_dirs[0]}; trajectories need the same users")
-    lengths = np.diff(blobs[0]["seq_ptr"].numpy())
-    pool = np.flatnonzero(lengths >= min_len)
-    if len(pool) == 0:
-        raise InputError(f"no user has a sequence of at least {min_len} items")
-    users = sorted(np.random.default_rng(seed).choice(pool, min(n_users, len(pool)), replace=False).tolist())
+    users = sample_users(blobs[0], n_users, min_len, seed)
+    steps = {}
     fig, axes = plt.subplots(1, len(blobs), figsize=(5.5 * len(blobs), 5), squeeze=False)
     colours = plt.get_cmap("tab10")
     for ax, r, blob in zip(axes[0], run_dirs, blobs):
@@ -76,7 +85,8 @@ def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, 
             ax.plot(xy[:, 0], xy[:, 1], "-", color=c, alpha=0.8, lw=1.2)
             ax.scatter(xy[:, 0], xy[:, 1], s=np.linspace(6, 30, len(xy)), color=c, zorder=3)
             ax.annotate("", xy[-1], xy[-2], arrowprops=dict(arrowstyle="->", color=c))
-        ax.set_title(f"{label(blob, r)}\nmean step between prefixes {step_length(states):.3f}", fontsize=9)
+        steps[str(r)] = step_length(states)
+        ax.set_title(f"{label(blob, r)}\nmean step between prefixes {steps[str(r)]:.3f}", fontsize=9)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     fig.suptitle(f"User representations of growing prefixes ({len(users)} users with >= {min_len} items, "
@@ -86,4 +96,4 @@ def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    return out
+    return out, steps
