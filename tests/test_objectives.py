@@ -168,6 +168,22 @@ def test_each_term_moves_the_right_gradients_and_vanishes_when_off(client, backb
                                       "temporal": "temp"}[term]}
 
 
+def test_switching_one_term_off_removes_exactly_its_share(client):
+    cfg, x, y, col_mask, draws = client
+    cfg = dataclasses.replace(cfg, lambda_cl=0.3, lambda_temp=0.7)
+    model = from_config(cfg)
+    full, terms = fortress_loss(model, *_params(cfg), x, y, col_mask, draws, cfg)
+    assert set(terms) == {"rec", "seq", "user", "item", "temp"}
+    assert all(terms[k].item() > 0 for k in terms)
+    for switch, name, weight in (("seq_view", "seq", 0.3), ("user_view", "user", 0.3),
+                                 ("item_view", "item", 0.3), ("temporal", "temp", 0.7)):
+        off = dataclasses.replace(cfg, **{switch: False})
+        loss, t = fortress_loss(model, *_params(off), x, y, col_mask, draws, off)
+        assert name not in t and set(t) == set(terms) - {name}
+        assert (full - loss).item() == pytest.approx(weight * terms[name].item(), rel=1e-9, abs=1e-12), switch
+        assert all(t[k].item() == pytest.approx(terms[k].item(), rel=1e-12) for k in t)
+
+
 def _params(cfg):
     p = from_config(cfg).init(11, torch.Generator().manual_seed(0), torch.float64)
     return {k: p[k] for k in dense_keys(p)}, p["item_emb"]
