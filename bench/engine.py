@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fortress.client import eligible_clients, train_round
+from fortress.client import eligible_clients, objective, round_chunks, train_round
 from fortress.config import Config, override
 from fortress.data import load_dataset, resolve, synthetic
 from fortress.metrics import evaluate
 from fortress.models import dense_keys, from_config
 from fortress.server.aggregate import GlobalOptimizer, fedavg
-from fortress.simulate import client_chunks, client_objective, model_scorer, peak_rss_mb
+from fortress.simulate import model_scorer, peak_rss_mb
 
 
 def time_rounds(ds, cfg: Config, clients: int, rounds: int, warmup: int = 1) -> dict:
@@ -48,8 +48,8 @@ def time_rounds(ds, cfg: Config, clients: int, rounds: int, warmup: int = 1) -> 
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, r])
         users = rng.choice(eligible, size=clients, replace=False)
-        chunks = client_chunks(ds, cfg, users, rng)
-        updates = train_round(model, client_objective(cfg), cfg.local_epochs, cfg.lr, cfg.client_opt, params,
+        chunks = round_chunks(ds, cfg, users, r)
+        updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params,
                               chunks, cfg.engine)
         gopt.apply(params, keys, params["item_emb"], fedavg(updates))
         if r >= warmup:
@@ -71,8 +71,8 @@ def time_pair(ds, cfgs: list[Config], clients: int, rounds: int, warmup: int = 1
             t0, c0 = time.perf_counter(), time.process_time()
             rng = np.random.default_rng([cfg.seed, r])
             users = rng.choice(eligible, size=clients, replace=False)
-            updates = train_round(model, client_objective(cfg), cfg.local_epochs, cfg.lr, cfg.client_opt,
-                                  params, client_chunks(ds, cfg, users, rng), cfg.engine)
+            updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt,
+                                  params, round_chunks(ds, cfg, users, r), cfg.engine)
             gopt.apply(params, keys, params["item_emb"], fedavg(updates))
             if r >= warmup:
                 wall[r - warmup, j], cpu[r - warmup, j] = time.perf_counter() - t0, time.process_time() - c0

@@ -18,8 +18,8 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.root)
     names = ROWS + sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in ROWS)
-    print(f"| run | seeds | rounds | {args.split} HR@10 | {args.split} NDCG@10 | s/round |")
-    print("|---|---|---|---|---|---|")
+    print(f"| run | seeds | start | rounds | {args.split} HR@10 | {args.split} NDCG@10 | s/round |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         res = [json.loads(p.read_text()) for p in sorted((root / name).glob("s*/results.json"))]
         if not res:
@@ -28,7 +28,8 @@ def main() -> None:
         nd = np.array([r[args.split]["NDCG@10"] for r in res])
         sec = np.mean([r["timing"]["seconds_per_round"] for r in res])
         std = (lambda a: a.std(ddof=1) if len(a) > 1 else float("nan"))
-        print(f"| {name} | {len(res)} | {res[0]['config']['rounds']} | {hr.mean():.4f} ± {std(hr):.4f} | "
+        start = res[0]["config"].get("init_from") or "scratch"
+        print(f"| {name} | {len(res)} | {start} | {res[0]['config']['rounds']} | {hr.mean():.4f} ± {std(hr):.4f} | "
               f"{nd.mean():.4f} ± {std(nd):.4f} | {sec:.2f} |")
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fortress.client import build_chunks, eligible_clients, rec_loss, train_round
+from fortress.client import build_chunks, eligible_clients, objective, train_round
 from fortress.config import Config
 from fortress.data import synthetic
 from fortress.models import dense_keys, from_config
@@ -26,7 +26,7 @@ def one_round(ds, cfg, engine, chunk_size):
     rng = np.random.default_rng(1)
     users = rng.choice(eligible_clients(ds), 40, replace=False)
     chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, chunk_size, rng)
-    updates = train_round(model, rec_loss, cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, engine)
+    updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, engine)
     keys = dense_keys(params)
     GlobalOptimizer(cfg.global_opt, cfg.global_lr).apply(params, keys, params["item_emb"], fedavg(updates))
     return params, updates
@@ -93,3 +93,13 @@ def test_check_rejects_nan_and_out_of_range_items(ds):
     assert clean.rows_client.max() < clean.n
     with pytest.raises(ValueError):
         check(u, ds.n_items, dense_size + 1, 16)
+
+
+def test_logq_bias_hand_case():
+    from fortress.objectives import sampled_softmax_bias
+    # slots: 0 pad, 1-2 own (in x/y), 3-5 negatives, 6 empty; catalogue of 20 items
+    x, y = torch.tensor([0, 1, 2]), torch.tensor([0, 2, 1])
+    col = torch.tensor([False, True, True, True, True, True, False])
+    bias = sampled_softmax_bias(x, y, col, n_items=20)
+    expect = torch.log(torch.tensor((20 - 2) / 3, dtype=torch.float64))
+    assert torch.allclose(bias, torch.tensor([0, 0, 0, 1, 1, 1, 0], dtype=torch.float64) * expect)

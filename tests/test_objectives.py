@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from fortress.client import eligible_clients, rec_loss, train_round
+from fortress.client import eligible_clients, objective, rec_loss, round_chunks, train_round
 from fortress.config import Config
 from fortress.data import synthetic
 from fortress.models import dense_keys, from_config
-from fortress.objectives import augment, crop, fortress_loss, info_nce, mask, reorder, temporal_loss, windows
+from fortress import checkpoint
+from fortress.objectives import (augment, crop, fortress_draws, fortress_loss, info_nce, mask, reorder,
+                                 temporal_loss, windows)
 from fortress.server.aggregate import GlobalOptimizer, fedavg
-from fortress.simulate import client_chunks, client_objective, run
+from fortress.simulate import run
 
 OFF = dict(seq_view=False, user_view=False, item_view=False, temporal=False)
 
@@ -200,10 +202,9 @@ def test_short_client_has_no_contrastive_negatives(client):
 def one_round(ds, cfg, engine, chunk_size):
     model = from_config(cfg)
     params = model.init(ds.n_items, torch.Generator().manual_seed(0), torch.float64)
-    rng = np.random.default_rng(1)
-    users = rng.choice(eligible_clients(ds), 12, replace=False)
-    chunks = client_chunks(ds, dataclasses.replace(cfg, chunk_size=chunk_size), users, rng)
-    updates = train_round(model, client_objective(cfg), cfg.local_epochs, cfg.lr, cfg.client_opt, params,
+    users = np.random.default_rng(1).choice(eligible_clients(ds), 12, replace=False)
+    chunks = round_chunks(ds, dataclasses.replace(cfg, chunk_size=chunk_size), users, r=0)
+    updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params,
                           chunks, engine)
     GlobalOptimizer(cfg.global_opt, cfg.global_lr).apply(params, dense_keys(params), params["item_emb"],
                                                          fedavg(updates))
@@ -232,6 +233,58 @@ def test_fortress_vmap_matches_loop_and_chunking(backbone):
     _, u_fed = one_round(ds, fed, "vmap", 8)
     _, u_one = one_round(ds, dataclasses.replace(cfg, local_epochs=1), "vmap", 8)
     assert torch.allclose(u_one.terms["rec"], u_fed.loss, atol=1e-9)
+
+
+def test_rec_term_is_fedavgs_logq_corrected_loss(client):
+    cfg, x, y, col_mask, draws = client
+    model = from_config(cfg)
+    dense, table = _params(cfg)
+    for n_items in (0, 50):
+        _, terms = fortress_loss(model, dense, table, x, y, col_mask, draws, cfg, n_items=n_items)
+        assert terms["rec"].item() == pytest.approx(rec_loss(model, dense, table, x, y, col_mask, n_items).item(),
+                                                    rel=1e-12)
+    plain = fortress_loss(model, dense, table, x, y, col_mask, draws, cfg)[1]["rec"]
+    assert abs(plain.item() - terms["rec"].item()) > 1e-3                    # the correction does act
+    assert objective(cfg, 50).keywords == {"cfg": cfg, "n_items": 50}
+    assert objective(dataclasses.replace(cfg, neg_correction=False), 50).keywords["n_items"] == 0
+
+
+def test_draws_are_per_user_streams():
+    cfg = Config(mode="fortress", dim=8, max_len=6, local_epochs=2)
+    a = fortress_draws(cfg, 3, np.array([5, 9, 2]))
+    b = fortress_draws(cfg, 3, np.array([2, 5]))
+    assert a["aug"].shape == (3, 2, 2, 8) and a["noise"].shape == (3, 2, 2, 8)
+    for k in a:                                       # a client's draws do not depend on who else is there
+        assert torch.equal(a[k][0], b[k][1]) and torch.equal(a[k][2], b[k][0])
+    assert not torch.equal(a["aug"], fortress_draws(cfg, 4, np.array([5, 9, 2]))["aug"])   # nor repeat by round
+    assert not torch.equal(a["aug"][:, 0], a["aug"][:, 1])                                 # nor by epoch
+
+
+def test_fortress_resume_continues_exactly(tmp_path):
+    ds = synthetic(300, 60, seed=0)
+    cfg = Config(mode="fortress", rounds=4, checkpoint_every=2, dim=16, max_len=20, n_neg=16, clients_per_round=24,
+                 eval_every=0, threads=1)                                  # dropout 0.2: torch's RNG matters too
+    full = run(cfg, ds, tmp_path / "full", progress=False)
+    run(dataclasses.replace(cfg, rounds=2), ds, tmp_path / "cut", progress=False)
+    assert torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["round"] == 2
+    resumed = run(cfg, ds, tmp_path / "cut", progress=False, resume=True)
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=False)["params"] for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["terms"] for h in resumed["history"]] == [h["terms"] for h in full["history"]]
+
+
+def test_init_from_a_fedavg_run(tmp_path):
+    ds = synthetic(300, 60, seed=0)
+    base = dict(dim=16, max_len=20, n_neg=16, clients_per_round=24, eval_every=0, threads=1)
+    run(Config(mode="fedavg", rounds=2, **base), ds, tmp_path / "fed", progress=False)
+    start = torch.load(tmp_path / "fed" / "model.pt", weights_only=False)["params"]
+    res = run(Config(mode="fortress", rounds=0, init_from=str(tmp_path / "fed"), **base), ds, tmp_path / "f0",
+              progress=False)
+    same = torch.load(tmp_path / "f0" / "model.pt", weights_only=False)["params"]
+    assert all(torch.equal(start[k], same[k]) for k in start) and res["history"] == []
+    res = run(Config(mode="fortress", rounds=1, init_from=str(tmp_path / "fed"), **base), ds, tmp_path / "f1",
+              progress=False)
+    assert set(res["history"][0]["terms"]) == {"rec", "seq", "user", "item", "temp"}
 
 
 def test_short_fortress_run_learns_and_logs_terms(tmp_path):

@@ -17,7 +17,7 @@ def small():
 def test_fedavg_learns_far_above_pop(small, tmp_path):
     base = dict(dim=32, max_len=20, eval_every=0)
     pop = run(Config(mode="pop", **base), small, tmp_path / "pop", progress=False)
-    fed = run(Config(mode="fedavg", rounds=60, clients_per_round=64, n_neg=64, **base), small,
+    fed = run(Config(mode="fedavg", rounds=100, clients_per_round=64, n_neg=64, **base), small,
               tmp_path / "fed", progress=False)
     assert fed["test"]["HR@10"] > 2 * pop["test"]["HR@10"], (fed["test"], pop["test"])
     assert fed["test"]["NDCG@10"] > 2 * pop["test"]["NDCG@10"]

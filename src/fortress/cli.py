@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ds = _load_data(args.data, cfg.data_format, cfg.kcore, cfg)
     print(f"data: {ds.name}: {ds.n_users} users, {ds.n_items} items, "
           f"{int(ds.stats()['interactions'])} interactions", file=sys.stderr)
-    results = simulate.run(cfg, ds, args.out, progress=not args.quiet)
+    results = simulate.run(cfg, ds, args.out, progress=not args.quiet, resume=args.resume)
     print(simulate.summary(results))
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'model.pt'}")
     return 0
@@ -55,6 +55,36 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_demo(args: argparse.Namespace) -> int:
+    from fortress import config
+    from fortress.flower import deploy
+    sets = list(args.set or [])
+    cfg = config.load(args.config, sets)              # one-line errors here, before any process starts
+    given = dict(config.parse_sets(sets))
+    if args.config:
+        import tomllib
+        given = {**tomllib.loads(Path(args.config).read_text()), **given}
+    values: dict[str, object] = {k.replace("_", "-"): getattr(cfg, k) for k in given}
+    values.update({"data": args.data, "resume": args.resume})
+    folder = Path(args.dir)
+    if args.certs_only:
+        certs = deploy.make_certs(folder / "certs", args.server_host)
+        keys = deploy.make_node_keys(folder / "keys", args.nodes)
+        print(f"wrote {certs['ca']}, {certs['cert']}, {certs['key']} (for {', '.join(args.server_host)}) "
+              f"and {len(keys)} SuperNode key pairs in {folder / 'keys'}")
+        return 0
+    kind = "simulation" if args.simulation else ("TLS + SuperNode authentication" if not args.insecure else "insecure")
+    print(f"starting a SuperLink and {args.nodes} {'virtual ' if args.simulation else ''}SuperNodes on 127.0.0.1 "
+          f"({kind}); logs in {folder.resolve()}", file=sys.stderr)
+    out = deploy.deploy_demo(folder, args.nodes, values, simulation=args.simulation, secure=not args.insecure,
+                             cpus=args.cpus)
+    import json
+    from fortress.simulate import summary
+    print(summary(json.loads((out / "results.json").read_text())))
+    print(f"stopped all processes; wrote {out / 'results.json'} and {out / 'model.pt'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fortress", description="Robust federated sequential recommendation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,7 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--format", choices=("auto", "seq", "table", "mind", "split"), help="data format")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resume", action="store_true",
+                     help="fedavg, fortress: continue from OUT/checkpoint.pt if there is one (see checkpoint_every)")
     run.set_defaults(func=cmd_run)
+
+    dep = sub.add_parser("deploy-demo", help="run the Flower app on a local SuperLink + SuperNodes (TLS, node auth)")
+    dep.add_argument("--nodes", type=int, default=3, help="SuperNodes (each hosts users u with u %% nodes == its id)")
+    dep.add_argument("--dir", default="runs/deploy", help="certificates, keys, logs, and out/ with the results")
+    dep.add_argument("--data", default="synthetic", help="data for the server and every node (as in `run`)")
+    dep.add_argument("--config", help="TOML file of config keys")
+    dep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    dep.add_argument("--resume", action="store_true", help="continue from DIR/out/checkpoint.pt")
+    dep.add_argument("--simulation", action="store_true", help="Flower simulation (Ray) instead of processes")
+    dep.add_argument("--cpus", type=int, default=2, help="--simulation: CPUs for Ray (one per ClientApp)")
+    dep.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
+    dep.add_argument("--certs-only", action="store_true", help="only write certificates and node keys, for several machines")
+    dep.add_argument("--server-host", nargs="+", default=["127.0.0.1", "localhost"],
+                     help="--certs-only: the SuperLink's IPs/names the certificate must cover")
+    dep.set_defaults(func=cmd_deploy_demo)
 
     data = sub.add_parser("data", help="inspect datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)

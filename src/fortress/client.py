@@ -16,7 +16,7 @@ engines see the same ones; dropout alone draws from torch's RNG inside vmap.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -26,7 +26,7 @@ from torch.func import grad_and_value, vmap
 
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
-from fortress.objectives import next_item_loss
+from fortress.objectives import fortress_draws, fortress_loss, next_item_loss, sampled_softmax_bias
 from fortress.updates import Updates, concat, flatten
 
 
@@ -67,13 +67,19 @@ def _negatives(own: np.ndarray, n_items: int, n_neg: int, rng: np.random.Generat
 
 
 def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk_size: int,
-                 rng: np.random.Generator) -> list[Chunk]:
-    """Gather each client's last max_len + 1 train items and its sub-table, grouped by length."""
+                 rng: np.random.Generator | None = None, *, key: tuple[int, ...] | None = None) -> list[Chunk]:
+    """Gather each client's last max_len + 1 train items and its sub-table, grouped by length.
+
+    Negatives come from `rng` in user order, or, given `key` (e.g. (seed, round)), from each
+    client's own stream `default_rng([*key, user])`: then a client draws the same negatives
+    wherever it is trained (in-process, or on whichever Flower SuperNode hosts it).
+    """
     seqs = [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
     subs = []
-    for s in seqs:
+    for u, s in zip(users, seqs):
         own = np.unique(s)                                                  # sorted
-        subs.append((own, _negatives(own, ds.n_items, n_neg, rng)))
+        own_rng = rng if key is None else np.random.default_rng([*key, int(u)])
+        subs.append((own, _negatives(own, ds.n_items, n_neg, own_rng)))
     order = np.argsort([len(s) for s in seqs], kind="stable")
     chunks = []
     for start in range(0, len(order), chunk_size):
@@ -97,10 +103,41 @@ def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk
 
 
 def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-             col_mask: torch.Tensor) -> torch.Tensor:
-    """Next-item loss of one client: x, y (L,) sub-table slots, table (S, d)."""
+             col_mask: torch.Tensor, n_items: int = 0) -> torch.Tensor:
+    """Next-item loss of one client: x, y (L,) sub-table slots, table (S, d).
+
+    With n_items (the catalogue size) the sampled negatives get the logQ correction of
+    `sampled_softmax_bias`; with 0 the loss is a plain softmax over the sub-table.
+    """
     h = model.encode({**dense, "item_emb": table}, x[None], training=True)[0]   # (L, d)
-    return next_item_loss(h @ table.T, y, col_mask)                             # (L, S) -> ()
+    logits = h @ table.T                                                        # (L, S)
+    if n_items:
+        logits = logits + sampled_softmax_bias(x, y, col_mask, n_items).to(logits.dtype)
+    return next_item_loss(logits, y, col_mask)
+
+
+def objective(cfg, n_items: int) -> Callable:
+    """The loss an honest client minimises under `cfg` (a Config), for a catalogue of n_items.
+
+    fedavg: the next-item loss; fortress: the FORTRESS objective, whose next-item term is the
+    same (logQ-corrected when `neg_correction`) sampled softmax.
+    """
+    n = n_items if cfg.neg_correction else 0
+    if cfg.mode == "fortress":
+        return partial(fortress_loss, cfg=cfg, n_items=n)
+    return partial(rec_loss, n_items=n)
+
+
+def round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> list[Chunk]:
+    """Round r's chunks of `users`, with the per-client draws the objective needs (fortress).
+
+    Negatives and draws come from each client's own (seed, round, user) streams, so a client sees
+    the same sub-table and the same views wherever it is trained and however it is chunked.
+    """
+    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r))
+    if cfg.mode == "fortress":
+        chunks = [replace(c, draws=fortress_draws(cfg, r, c.users.numpy())) for c in chunks]
+    return chunks
 
 
 def _with_terms(loss_fn: Callable, model: Model, *args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -174,14 +211,12 @@ def train_chunk(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
         L = int((chunk.x[i] > 0).sum())
         draws = None if chunk.draws is None else {k: d[i] for k, d in chunk.draws.items()}
         outs.append(fn(dense, table[i, :S], chunk.x[i, -L:], chunk.y[i, -L:], col_mask[i, :S], draws))
-    S_max = chunk.items.shape[1]
     d_table = torch.zeros_like(table)
     for i, (_, dt, _, _) in enumerate(outs):
         d_table[i, :dt.shape[0]] = dt
     d_dense = {k: torch.stack([o[0][k] for o in outs]) for k in keys}
     loss = torch.stack([o[2] for o in outs])
     terms = {k: torch.stack([o[3][k] for o in outs]) for k in outs[0][3]}
-    assert d_table.shape[1] == S_max
     return _to_updates(chunk, keys, d_dense, d_table, loss, terms)
 
 

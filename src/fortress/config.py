@@ -37,10 +37,17 @@ class Config:
     central_lr: float = 0.001       # Adam learning rate (central)
     client_opt: str = "sgd"         # sgd | adam: the optimiser a device runs, fresh each round
     n_neg: int = 512                # negatives a client samples into its item sub-table
+    neg_correction: bool = True     # logQ-correct the sampled negatives (objectives.sampled_softmax_bias)
     global_opt: str = "sgd"         # sgd | adam: how the server applies the aggregate (FedAvg = sgd, global_lr 1)
     global_lr: float = 1.0
     engine: str = "vmap"            # vmap | loop (reference)
     chunk_size: int = 64            # clients trained together in one vmap call
+    # faults: bad uploads, drop-outs, checkpoints (the *_rate keys inject faults, for testing)
+    max_update_norm: float = 1e4    # reject a client whose update (encoder + its rows) has a larger L2 norm; 0 = off
+    min_answered: float = 0.5       # a round applies only if this fraction of sampled clients sent a valid update
+    drop_rate: float = 0.0          # chance that a sampled client never answers (fault injection)
+    corrupt_rate: float = 0.0       # chance that an answering client uploads garbage (fault injection)
+    checkpoint_every: int = 0       # rounds between atomic checkpoints in the output folder; 0 = off
     # FORTRESS client objective (mode=fortress): L_rec + lambda_cl (L_seq + L_user + L_item) + lambda_temp L_temp
     lambda_cl: float = 0.02         # weight of the three contrastive views
     lambda_temp: float = 0.01       # weight of the temporal regulariser
@@ -134,6 +141,9 @@ def validate(cfg: Config) -> Config:
                 raise InputError(f"{key}={value!r} is out of range; it must be {bound}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)")
+    for key in ("drop_rate", "corrupt_rate", "min_answered"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):
         if getattr(cfg, key) > 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")

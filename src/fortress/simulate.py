@@ -6,13 +6,12 @@ Every run writes `results.json` and `model.pt` into its output folder.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,16 +19,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fortress import checkpoint
 from fortress import config as config_mod
-from fortress.client import Chunk, build_chunks, eligible_clients, rec_loss, round_bytes, train_round
+from fortress.client import eligible_clients
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.errors import InputError
 from fortress.metrics import KS, evaluate
-from fortress.models import Model, Params, dense_keys, from_config
-from fortress.objectives import fortress_draws, fortress_loss, next_item_loss
-from fortress.server.aggregate import GlobalOptimizer, fedavg
-from fortress.updates import check
+from fortress.models import Model, Params, from_config
+from fortress.objectives import next_item_loss
+from fortress.rounds import Collected, client_step, sample_clients, server_step
+from fortress.server.aggregate import GlobalOptimizer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -130,67 +130,73 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
         p.requires_grad_(False)
 
 
-def client_objective(cfg: Config) -> Callable:
-    """The loss an honest client minimises: next-item (fedavg) or the FORTRESS objective."""
-    return partial(fortress_loss, cfg=cfg) if cfg.mode == "fortress" else rec_loss
+def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
+    """In-process transport: every sampled client trains here, vectorised."""
+    return client_step(run.cfg, run.model, run.ds, run.params, users, r)
 
 
-def client_chunks(ds: Dataset, cfg: Config, users: np.ndarray, rng: np.random.Generator) -> list[Chunk]:
-    """The round's chunks of clients, with the per-client random draws their objective needs."""
-    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, rng)
-    if cfg.mode == "fortress":      # drawn for the whole round at once, so chunking changes nothing
-        draws = fortress_draws(rng, len(users), cfg)
-        starts = np.cumsum([0] + [c.n for c in chunks])
-        chunks = [dataclasses.replace(c, draws={k: d[a:b] for k, d in draws.items()})
-                  for c, a, b in zip(chunks, starts[:-1], starts[1:])]
-    return chunks
+def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarray,
+                    clients: Callable[[Run, int, np.ndarray], Collected] = local_clients) -> dict[str, Any]:
+    """One synchronous round; randomness is drawn from (seed, round) so any round is reproducible.
 
-
-def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarray) -> dict[str, Any]:
-    """One synchronous round; randomness is drawn from (seed, round) so any round is reproducible."""
-    cfg, ds, model = run.cfg, run.ds, run.model
+    `clients` carries the broadcast to the sampled clients and their uploads back: in-process
+    here, Flower messages in `fortress.flower.server_app`. Both then meet the same server step.
+    """
+    cfg = run.cfg
     t0 = time.perf_counter()
-    rng = np.random.default_rng([cfg.seed, r])
-    torch.manual_seed(cfg.seed * 1_000_003 + r)
-    users = rng.choice(eligible, size=min(cfg.clients_per_round, len(eligible)), replace=False)
-    chunks = client_chunks(ds, cfg, users, rng)
-    updates = train_round(model, client_objective(cfg), cfg.local_epochs, cfg.lr, cfg.client_opt,
-                          run.params, chunks, cfg.engine)
-    keys = dense_keys(run.params)
-    dense_size = sum(run.params[k].numel() for k in keys)
-    updates, rejected = check(updates, ds.n_items, dense_size, cfg.dim)
-    run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in rejected]
-    if updates.n:
-        agg = fedavg(updates)
-        gopt.apply(run.params, keys, run.params["item_emb"], agg)
+    users = sample_clients(cfg, eligible, r)
+    got = clients(run, r, users)
+    info = server_step(cfg, run.params, gopt, got, len(users), run.ds.n_items, r)
+    run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in info.pop("rejected_clients")]
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
-    nbytes = round_bytes(chunks, dense_size, cfg.dim, run.params["item_emb"].element_size())
-    run.bytes_down.append(nbytes)
-    run.bytes_up.append(nbytes)
-    w = updates.weight
-    loss = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")
-    entry = {"round": r + 1, "loss": loss, "seconds": seconds, "clients": int(updates.n),
-             "rejected": len(rejected)}
-    if updates.terms:           # each logged loss term, weighted like `loss`, over clients that log it
-        entry["terms"] = {}
-        for k, t in updates.terms.items():
-            ok = torch.isfinite(t)
-            entry["terms"][k] = float((w[ok] * t[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
-    return entry
+    run.bytes_down.append(got.bytes)
+    run.bytes_up.append(got.bytes)
+    return {"round": r + 1, "loss": info.pop("loss"), "seconds": seconds, **info}
 
 
-def train_federated(run: Run, bar: tqdm | None = None) -> None:
+def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly (see `fortress.checkpoint`)."""
+    return {"round": rounds_done, "config": config_mod.to_dict(run.cfg), "data": checkpoint.fingerprint(run.ds),
+            "params": run.params, "server": {"global_opt": gopt.state}, "history": run.history,
+            "rejected": run.rejected, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
+            "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds}
+
+
+def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any]) -> int:
+    """Load a checkpoint into the run; returns the number of rounds already done."""
+    for k, v in blob["params"].items():
+        run.params[k] = v
+    gopt.state = blob["server"]["global_opt"]
+    run.history, run.rejected = blob["history"], blob["rejected"]
+    run.bytes_up, run.bytes_down = blob["bytes_up"], blob["bytes_down"]
+    run.train_seconds, run.eval_seconds = blob["train_seconds"], blob["eval_seconds"]
+    return int(blob["round"])
+
+
+def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, resume: bool = False,
+                    clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
+                    eligible: np.ndarray | None = None) -> None:
     cfg = run.cfg
-    eligible = eligible_clients(run.ds)
+    eligible = eligible_clients(run.ds) if eligible is None else eligible
     if len(eligible) == 0:
         raise ValueError("no user has two train interactions; nothing to train federated on")
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
-    for r in range(cfg.rounds):
-        entry = federated_round(run, r, gopt, eligible)
+    start = 0
+    if resume and out is not None:
+        blob = checkpoint.load(out, cfg, run.ds)
+        if blob is not None:
+            start = restore(run, gopt, blob)
+            print(f"resuming from {out / checkpoint.NAME} after round {start}", file=sys.stderr)
+            if bar is not None:
+                bar.update(min(start, cfg.rounds))
+    for r in range(start, cfg.rounds):
+        entry = federated_round(run, r, gopt, eligible, clients)
         if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
             entry["valid"] = run.validate()
         run.history.append(entry)
+        if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
+            checkpoint.save(out, server_state(run, gopt, r + 1))
         _progress(bar, entry)
 
 
@@ -222,7 +228,7 @@ def initial_params(cfg: Config, model: Model, ds: Dataset) -> Params:
     return {k: v.to(DTYPES[cfg.dtype]).clone() for k, v in saved.items()}
 
 
-def save_model(path: Path, run: Run | None, cfg: Config, ds: Dataset, params: Params | None) -> None:
+def save_model(path: Path, cfg: Config, ds: Dataset, params: Params | None) -> None:
     """Weights + config + id maps + the users' known sequences, enough for `fortress recommend`."""
     seqs = [ds.full_seq(u) for u in range(ds.n_users)]
     ptr = np.zeros(ds.n_users + 1, dtype=np.int64)
@@ -242,8 +248,15 @@ def save_model(path: Path, run: Run | None, cfg: Config, ds: Dataset, params: Pa
     os.replace(tmp, path)
 
 
-def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Train (or count, for pop) per cfg.mode, evaluate valid and test, write results and model."""
+def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume: bool = False,
+        clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
+        eligible: np.ndarray | None = None) -> dict[str, Any]:
+    """Train (or count, for pop) per cfg.mode, evaluate valid and test, write results and model.
+
+    fedavg and fortress: `resume` continues from out/checkpoint.pt (written every `checkpoint_every`
+    rounds) when there is one; `clients` and `eligible` let the Flower ServerApp put its own
+    transport and its SuperNodes' users in place of the in-process ones.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     setup_torch(cfg)
@@ -259,7 +272,10 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True) -> dic
     else:
         params = initial_params(cfg, model, ds)
         run_ = Run(cfg, ds, model, params)
-        (train_central if cfg.mode == "central" else train_federated)(run_, bar)
+        if cfg.mode == "central":
+            train_central(run_, bar)
+        else:
+            train_federated(run_, bar, out, resume, clients, eligible)
         scorer = model_scorer(model, params, ds)
     bar.close()
     t0 = time.perf_counter()
@@ -289,7 +305,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True) -> dic
         "rejected": run_.rejected,
     }
     write_json(out / "results.json", results)
-    save_model(out / "model.pt", run_, cfg, ds, params)
+    save_model(out / "model.pt", cfg, ds, params)
     return results
 
 

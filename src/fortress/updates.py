@@ -6,7 +6,7 @@ simulator keeps a whole round in one `Updates` (rows in COO form, one row per (c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,6 +57,20 @@ class Updates:
                        {k: t[keep] for k, t in self.terms.items()})
 
 
+def empty(dense_size: int, dim: int, dtype: torch.dtype) -> Updates:
+    """A round's uploads when nobody answered."""
+    i64 = torch.zeros(0, dtype=torch.int64)
+    return Updates(i64, torch.zeros(0, dtype=dtype), torch.zeros(0, dense_size, dtype=dtype), i64, i64,
+                   torch.zeros(0, dim, dtype=dtype), torch.zeros(0, dtype=dtype))
+
+
+def norms(u: Updates) -> torch.Tensor:
+    """(n,) L2 norm of each client's whole update: its encoder delta and all its item rows."""
+    sq = (u.dense.double() ** 2).sum(1)                                         # (n,)
+    sq.index_add_(0, u.rows_client, (u.rows_delta.double() ** 2).sum(1))
+    return sq.sqrt()
+
+
 def concat(parts: list[Updates]) -> Updates:
     """One Updates of all parts; a loss term some parts do not log is NaN for their clients."""
     offsets = torch.tensor([0] + [u.n for u in parts[:-1]]).cumsum(0)
@@ -71,13 +85,21 @@ def concat(parts: list[Updates]) -> Updates:
         torch.cat([u.loss for u in parts]), terms)
 
 
-def check(u: Updates, n_items: int, dense_size: int, dim: int) -> tuple[Updates, list[tuple[int, str]]]:
-    """Reject clients whose upload is malformed: wrong shapes, NaN/Inf, item ids out of range.
+def check(u: Updates, n_items: int, dense_size: int, dim: int,
+          max_norm: float = 0.0) -> tuple[Updates, list[tuple[int, str]]]:
+    """Reject clients whose upload is malformed or absurd; the round goes on without them.
 
-    Returns the clean updates and a (client id, reason) list for the rejected ones. Whole-tensor
-    shape errors (which no client-level filter can repair) raise ValueError.
+    Per client: NaN/Inf, item ids out of range, an item uploaded twice, a negative or non-finite
+    weight, an L2 norm above `max_norm` (0 = no limit). Returns the clean updates and a
+    (client id, reason) list for the rejected ones. Whole-tensor shape or dtype errors (which no
+    client-level filter can repair; `wire.from_arrays` turns them into a rejected reply) raise
+    ValueError.
     """
     n = u.n
+    if not (u.dense.is_floating_point() and u.rows_delta.dtype == u.dense.dtype):
+        raise ValueError(f"updates must be floating point of one dtype, got {u.dense.dtype} and {u.rows_delta.dtype}")
+    if len(u.rows_client) and (int(u.rows_client.min()) < 0 or int(u.rows_client.max()) >= n):
+        raise ValueError(f"item-row updates name clients outside 0..{n - 1}")
     if u.dense.shape != (n, dense_size):
         raise ValueError(f"dense updates have shape {tuple(u.dense.shape)}, expected ({n}, {dense_size})")
     if u.rows_delta.dim() != 2 or u.rows_delta.shape[1] != dim:
@@ -94,9 +116,19 @@ def check(u: Updates, n_items: int, dense_size: int, dim: int) -> tuple[Updates,
     out_of_range = (u.rows_item < 1) | (u.rows_item > n_items)
     for i in u.rows_client[out_of_range].unique().tolist():
         reasons.setdefault(i, f"item id outside 1..{n_items}")
+    pair = u.rows_client * (n_items + 2) + u.rows_item.clamp(0, n_items + 1)    # (M,) one id per (client, item)
+    uniq, counts = torch.unique(pair, return_counts=True)
+    if len(counts) and int(counts.max()) > 1:
+        dup = uniq[counts > 1] // (n_items + 2)
+        for i in dup.unique().tolist():
+            reasons.setdefault(int(i), "the same item row uploaded twice")
     bad_w = ~torch.isfinite(u.weight) | (u.weight < 0)
     for i in bad_w.nonzero().flatten().tolist():
         reasons.setdefault(i, "weight is negative or not finite")
+    if max_norm > 0:
+        size = norms(u)
+        for i in (size > max_norm).nonzero().flatten().tolist():
+            reasons.setdefault(i, f"update norm {float(size[i]):.3g} exceeds max_update_norm={max_norm:g}")
     if not reasons:
         return u, []
     keep = torch.ones(n, dtype=torch.bool)
@@ -104,5 +136,3 @@ def check(u: Updates, n_items: int, dense_size: int, dim: int) -> tuple[Updates,
     rejected = [(int(u.clients[i]), r) for i, r in sorted(reasons.items())]
     return u.select(keep), rejected
 
-
-__all__ = ["Updates", "concat", "check", "flatten", "unflatten", "replace"]

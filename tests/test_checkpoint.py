@@ -1,0 +1,105 @@
+"""Atomic checkpoints; `--resume` after kill -9 ends with exactly the uninterrupted model."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fortress import checkpoint
+from fortress.config import Config
+from fortress.data import synthetic
+from fortress.errors import InputError
+from fortress.simulate import run
+
+SMALL = dict(dim=16, max_len=20, n_neg=16, clients_per_round=24, eval_every=0, threads=1,
+             synthetic_users=300, synthetic_items=60)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return synthetic(300, 60, seed=0)
+
+
+def params(folder):
+    return torch.load(folder / "model.pt", weights_only=False)["params"]
+
+
+def same_model(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("global_opt", ["sgd", "adam"])
+def test_resume_continues_exactly(ds, tmp_path, global_opt):
+    cfg = Config(rounds=6, checkpoint_every=2, global_opt=global_opt, global_lr=0.05 if global_opt == "adam" else 1.0,
+                 drop_rate=0.2, **SMALL)
+    full = run(cfg, ds, tmp_path / "full", progress=False)
+    # an interrupted run: the same settings, stopped after round 4 (its last checkpoint)
+    run(dataclasses.replace(cfg, rounds=4), ds, tmp_path / "cut", progress=False)
+    assert torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["round"] == 4
+    resumed = run(cfg, ds, tmp_path / "cut", progress=False, resume=True)
+    assert same_model(params(tmp_path / "full"), params(tmp_path / "cut"))
+    assert resumed["test"] == full["test"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+
+
+def test_resume_refuses_other_settings_or_data(ds, tmp_path):
+    cfg = Config(rounds=2, checkpoint_every=1, **SMALL)
+    run(cfg, ds, tmp_path, progress=False)
+    with pytest.raises(InputError, match="cannot resume, lr=1.0 there but lr=0.5 now"):
+        run(dataclasses.replace(cfg, lr=0.5), ds, tmp_path, progress=False, resume=True)
+    with pytest.raises(InputError, match="other data"):
+        run(cfg, synthetic(300, 60, seed=1), tmp_path, progress=False, resume=True)
+
+
+def test_a_write_that_dies_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch, ds):
+    cfg = Config(rounds=1, checkpoint_every=1, **SMALL)
+    run(cfg, ds, tmp_path, progress=False)
+    before = (tmp_path / checkpoint.NAME).read_bytes()
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk died")
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path, {"round": 99})
+    monkeypatch.undo()
+    assert (tmp_path / checkpoint.NAME).read_bytes() == before
+    assert list(tmp_path.glob(".checkpoint.pt.*.tmp"))            # the torn temporary file
+    assert checkpoint.load(tmp_path, cfg, ds)["round"] == 1
+    assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))        # cleaned up on load
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_model(ds, tmp_path):
+    rounds = 120
+    sets = [f"{k}={v}" for k, v in {**SMALL, "rounds": rounds, "checkpoint_every": 3}.items()]
+    argv = [sys.executable, "-m", "fortress.cli", "run", "--data", "synthetic", "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(argv + ["--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt, deadline, done = cut / checkpoint.NAME, time.monotonic() + 120, 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            done = torch.load(ckpt, weights_only=False)["round"]
+            if done >= 6:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (cut / "model.pt").exists()
+    again = subprocess.run(argv + ["--out", str(cut), "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-1000:]
+    assert "resuming from" in again.stderr
+    assert torch.load(ckpt, weights_only=False)["round"] == rounds
+    full = run(Config(rounds=rounds, **SMALL), ds, tmp_path / "full", progress=False)
+    assert same_model(params(cut), params(tmp_path / "full"))
+    import json
+    resumed = json.loads((cut / "results.json").read_text())
+    assert resumed["test"] == full["test"] and len(resumed["history"]) == rounds

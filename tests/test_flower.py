@@ -1,0 +1,222 @@
+"""Flower apps: config boundary, same results as the simulator, faults on the Flower server,
+`flwr run` simulation, and a secure 3-node deployment as separate processes."""
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr", reason="Flower apps need: pip install -e '.[flower]'")  # noqa: F841
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fortress import checkpoint  # noqa: E402
+from fortress.config import Config, keys  # noqa: E402
+from fortress.data import synthetic  # noqa: E402
+from fortress.errors import InputError  # noqa: E402
+from fortress.flower import client_app  # noqa: E402
+from fortress.flower.common import FLOWER_KEYS, FlowerOptions, from_run_config  # noqa: E402
+from fortress.flower.server_app import FlowerClients, discover  # noqa: E402
+from fortress.simulate import run  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
+
+for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+             "FLWR_DISABLE_UPDATE_CHECK": "1"}.items():
+    os.environ[k] = v
+
+SMALL = dict(dim=16, max_len=20, n_neg=16, clients_per_round=24, eval_every=0, threads=1,
+             synthetic_users=300, synthetic_items=60)
+EXACT = dict(SMALL, dropout=0.0, dtype="float64")       # clients train identically in any grouping
+
+
+def kebab(values: dict) -> dict:
+    return {k.replace("_", "-"): v for k, v in values.items()}
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return synthetic(300, 60, seed=0)
+
+
+def params(folder):
+    return torch.load(folder / "model.pt", weights_only=False)["params"]
+
+
+def max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ---- the config boundary -------------------------------------------------------------------------
+
+def test_pyproject_run_config_lists_every_key_and_converts_once():
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(table) == {k.replace("_", "-") for k in keys()} | set(FLOWER_KEYS), \
+        "every Config key must be in [tool.flwr.app.config] (kebab-case), or Flower cannot override it"
+    cfg, opts = from_run_config(table)
+    assert cfg.clients_per_round == table["clients-per-round"] and cfg.n_neg == table["n-neg"]
+    assert opts == FlowerOptions()
+    with pytest.raises(InputError, match="unknown key 'colour'"):
+        from_run_config({**table, "colour": "red"})
+    with pytest.raises(InputError, match="dim=0 is out of range"):
+        from_run_config({**table, "dim": 0})
+    with pytest.raises(InputError, match="fedavg"):
+        from_run_config({**table, "mode": "central"})
+
+
+# ---- the apps in this process: a Grid that hands messages to the real ClientApp ---------------------
+
+class LocalGrid:
+    """Delivers each message to `client_app.app` with that node's Context; `faults` maps
+    node index -> 'error' | 'silent' | 'float16' | 'stray' | 'offline' (gone after the query)
+    to misbehave in train rounds."""
+
+    def __init__(self, run_config: dict, n_nodes: int, faults: dict[int, str] | None = None,
+                 crash_after: int | None = None):
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self.ids = [1000 + 7 * i for i in range(n_nodes)]
+        self.contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=run_config,
+                                      node_config={"partition-id": i, "num-partitions": n_nodes})
+                         for i, nid in enumerate(self.ids)}
+        self.faults = {self.ids[i]: f for i, f in (faults or {}).items()}
+        self.crash_after, self.trains = crash_after, 0
+
+    def get_node_ids(self):
+        return [n for n in self.ids if self.faults.get(n) != "offline" or self.trains == 0]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            nid = m.metadata.dst_node_id
+            fault = self.faults.get(nid) if m.metadata.message_type == "train" else None
+            if m.metadata.message_type == "train":
+                self.trains += 1
+                if self.crash_after is not None and self.trains > self.crash_after:
+                    raise KeyboardInterrupt("the server dies")
+            if fault == "silent":
+                continue
+            if fault == "error":
+                replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=m))
+                continue
+            rep = client_app.app(m, self.contexts[nid])
+            if fault in ("float16", "stray"):
+                arrays = {k: a.numpy() for k, a in rep.content["updates"].items()}
+                if fault == "float16":
+                    arrays["dense"] = arrays["dense"].astype(np.float16)
+                else:
+                    arrays["clients"] = arrays["clients"] + 1
+                rep = Message(RecordDict({"updates": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                          "metrics": rep.content["metrics"]}), reply_to=m)
+            replies.append(rep)
+        return replies
+
+
+def flower_run(cfg: Config, ds, out, grid: LocalGrid, resume: bool = False):
+    hosted = discover(grid, FlowerOptions())
+    eligible = np.sort(np.concatenate(list(hosted.values())))
+    return run(cfg, ds, out, progress=False, resume=resume, clients=FlowerClients(grid, hosted, 5.0),
+               eligible=eligible)
+
+
+def test_one_node_is_bit_identical_to_the_simulator(ds, tmp_path):
+    cfg = Config(rounds=3, **SMALL)                       # float32, dropout 0.2: the same masks too
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(SMALL), 1))
+    assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) == 0.0
+    assert got["test"] == ref["test"]
+
+
+def test_three_nodes_match_the_simulator(ds, tmp_path):
+    cfg = Config(rounds=3, **EXACT)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(EXACT), 3))
+    assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
+    assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ("HR@10", "NDCG@10"))
+
+
+def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
+    """Nothing in the Flower glue is mode-specific: the ClientApp's client_step builds the FORTRESS
+    objective and its per-user draws, and the loss terms travel back in the reply."""
+    exact = dict(EXACT, mode="fortress")
+    assert from_run_config(kebab(exact))[0].mode == "fortress"
+    cfg = Config(rounds=2, **exact)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(exact), 3))
+    assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
+    for a, b in zip(ref["history"], got["history"]):
+        assert set(a["terms"]) == set(b["terms"]) == {"rec", "seq", "user", "item", "temp"}
+        assert all(abs(a["terms"][k] - b["terms"][k]) < 1e-9 for k in a["terms"])
+
+
+def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path, caplog):
+    cfg = Config(rounds=2, min_answered=0.01, **SMALL)
+    grid = LocalGrid(kebab(SMALL), 6, faults={0: "error", 1: "silent", 2: "float16", 3: "stray", 5: "offline"})
+    res = flower_run(cfg, ds, tmp_path, grid)
+    bad_nodes = {grid.ids[2]: "dense has dtype float16", grid.ids[3]: "not sent"}
+    assert res["rejected"]
+    for r in res["rejected"]:
+        node = next(n for n in bad_nodes if f"node {n}:" in r["reason"])
+        assert bad_nodes[node] in r["reason"] and r["client"] % 6 in (2, 3)
+    for h in res["history"]:
+        assert h["clients"] > 0 and h["dropped"] > 0 and "skipped" not in h
+        assert h["clients"] + h["rejected"] + h["dropped"] == h["sampled"]
+    text = caplog.text
+    assert f"node {grid.ids[0]} failed" in text and f"node {grid.ids[1]} sent no reply" in text
+    assert f"node {grid.ids[5]} is offline" in text
+    assert f"rejected client {res['rejected'][0]['client']}" in text
+
+
+def test_flower_server_resumes_exactly_after_dying(ds, tmp_path):
+    cfg = Config(rounds=5, checkpoint_every=1, **SMALL)
+    flower_run(cfg, ds, tmp_path / "full", LocalGrid(kebab(SMALL), 2))
+    with pytest.raises(KeyboardInterrupt):                # dies in round 4 (2 nodes, 2 messages a round)
+        flower_run(cfg, ds, tmp_path / "cut", LocalGrid(kebab(SMALL), 2, crash_after=7))
+    assert torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["round"] == 3
+    flower_run(cfg, ds, tmp_path / "cut", LocalGrid(kebab(SMALL), 2), resume=True)
+    assert max_diff(params(tmp_path / "full"), params(tmp_path / "cut")) == 0.0
+
+
+# ---- real Flower processes --------------------------------------------------------------------------
+
+def test_flwr_run_simulation_matches_fortress_run(ds, tmp_path):
+    from fortress.flower.deploy import deploy_demo
+    cfg = Config(rounds=2, **EXACT)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    out = deploy_demo(tmp_path / "flwr", nodes=3, simulation=True, cpus=2, timeout=300,
+                      run_config=kebab({**EXACT, "rounds": 2}))
+    got = json.loads((out / "results.json").read_text())
+    assert max_diff(params(tmp_path / "sim"), params(out)) < 1e-9
+    assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ref["test"] if k != "users")
+    assert "3 SuperNodes hosting 300 users" in (tmp_path / "flwr" / "flwr-run.log").read_text()
+
+
+def test_secure_deployment_with_three_supernodes(ds, tmp_path):
+    import ssl
+    import socket
+    from fortress.flower.deploy import Deployment, make_node_keys
+    cfg = Config(rounds=2, **EXACT)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    with Deployment(tmp_path / "dep", nodes=3) as dep:
+        # TLS: the SuperLink presents a certificate signed by our CA for 127.0.0.1
+        ctx = ssl.create_default_context(cafile=str(dep.certs["ca"]))
+        with socket.create_connection(("127.0.0.1", dep.port)) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        # authentication: a node whose key was never registered is refused
+        (priv, _), = make_node_keys(tmp_path / "intruder", 1)
+        dep.start_supernode("intruder", 0, priv)
+        out = dep.run(kebab({**EXACT, "rounds": 2}), timeout=400)
+        procs = [p for _, p in dep.procs.procs]
+    assert all(p.poll() is not None for p in procs)               # everything stopped
+    log = (tmp_path / "dep" / "flwr-run.log").read_text()
+    assert "3 SuperNodes hosting 300 users" in log and "round 2: 24 clients sampled on 3 nodes" in log
+    intruder = (tmp_path / "dep" / "intruder.log").read_text()
+    assert "Failed to activate SuperNode" in intruder and "SuperNode ID" not in intruder
+    assert max_diff(params(tmp_path / "sim"), params(out)) < 1e-9
+    got = json.loads((out / "results.json").read_text())
+    assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ref["test"] if k != "users")
