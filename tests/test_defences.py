@@ -104,7 +104,7 @@ def test_rules_match_fedavg_when_every_client_agrees():
 def test_unknown_defence_is_a_one_line_error():
     with pytest.raises(InputError, match="defence='krumm' is not allowed; choose one of: none, fortress"):
         config.override(Config(), {"defence": "krumm"})
-    with pytest.raises(InputError, match="needs mode=fedavg"):
+    with pytest.raises(InputError, match="needs a federated mode"):
         config.override(Config(), {"defence": "median", "mode": "central"})
 
 
