@@ -245,3 +245,59 @@ def test_fortress_resume_is_exact(tmp_path):
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)["params"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["defence"] for h in resumed["history"]] == [h["defence"] for h in full["history"]]
+
+
+# --- end to end: the defence against real attacks ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def defended(tmp_path_factory):
+    """A clean FedAvg model, then 20 rounds of A-hum and PSMU (3% malicious clients) with no defence
+    and with FORTRESS, and 20 clean rounds with FORTRESS; ER@10 every 2 rounds."""
+    from fortress.simulate import run
+    data = synthetic(3000, 600, seed=0)
+    base = dict(mode="fedavg", dim=16, max_len=10, clients_per_round=64, n_neg=32, threads=1)
+    out = tmp_path_factory.mktemp("defended")
+    run(Config(rounds=40, eval_every=0, **base), data, out / "clean", progress=False)
+    res = {}
+    for attack, defence in [("none", "none"), ("none", "fortress"), ("ahum", "none"), ("ahum", "fortress"),
+                            ("psmu", "none"), ("psmu", "fortress")]:
+        cfg = Config(attack=attack, defence=defence, init_from=str(out / "clean"), rounds=20, eval_every=2,
+                     attack_ratio=0.03, **base)
+        res[attack, defence] = run(cfg, data, out / f"{attack}-{defence}", progress=False)
+    return out, res
+
+
+@pytest.mark.parametrize("attack", ["ahum", "psmu"])
+def test_fortress_cuts_the_attacks_exposure(defended, attack):
+    _, res = defended
+    er = lambda a, d: res[a, d]["attack"]["last5_mean"]["ER@10"]          # noqa: E731
+    assert er(attack, "none") >= 0.3 and er(attack, "fortress") <= 0.2 * er(attack, "none"), \
+        (er(attack, "none"), er(attack, "fortress"))
+    log = [h["defence"] for h in res[attack, "fortress"]["history"]]
+    with_bad = [d for d in log if d["weight_malicious"] is not None]
+    mal, benign = np.mean([d["weight_malicious"] for d in with_bad]), np.mean([d["weight_benign"] for d in log])
+    # A-hum puts all its row mass on the target: weight 0 whenever it is flagged; PSMU loses weight
+    # for its norm (and its target rows are not aggregated)
+    assert mal < benign - 0.25 and benign > 0.98, (mal, benign)
+    assert any(d["targets_flagged"][0] for d in log)
+
+
+def test_fortress_keeps_clean_accuracy(defended):
+    _, res = defended
+    hr = lambda d: res["none", d]["test"]["HR@10"]                         # noqa: E731
+    assert hr("fortress") >= 0.95 * hr("none"), (hr("fortress"), hr("none"))
+    log = [h["defence"] for h in res["none", "fortress"]["history"]]
+    assert np.mean([d["weight_benign"] for d in log]) > 0.98 and all(d["weight_malicious"] is None for d in log)
+
+
+def test_embeddings_figure_shows_where_the_target_went(defended, capsys):
+    from fortress.cli import main
+    out, _ = defended
+    png = out / "emb.png"
+    assert main(["plot", "embeddings", str(out / "ahum-none"), str(out / "ahum-fortress"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = capsys.readouterr().out.splitlines()
+    closer = [float(line.split("; ")[1].split("%")[0]) for line in lines[:2]]
+    assert closer[0] < closer[1]                 # undefended, the target sits nearer the popular items
+    assert main(["plot", "embeddings", str(out / "clean"), "--targets", "nosuch"]) == 2    # one-line error
+    assert "--targets: item id(s) nosuch are not in the data" in capsys.readouterr().err

@@ -1,6 +1,8 @@
-"""Figures from saved runs: user-representation trajectories over growing prefixes."""
+"""Figures from saved runs: user-representation trajectories over growing prefixes; item
+embeddings of popular and target items (where a poisoning attack moves its targets)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,16 @@ from fortress.errors import InputError
 from fortress.models import from_config
 from fortress.recommend import load_run
 from fortress.simulate import pad_left
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plotting needs matplotlib: pip install 'fortress[plot]'") from None
+    return plt
 
 
 def prefix_states(blob: dict, users: list[int]) -> list[torch.Tensor]:
@@ -57,12 +69,7 @@ def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, 
 
     Returns the PNG path and each run's mean step between consecutive prefixes of those users.
     """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("plotting needs matplotlib: pip install 'fortress[plot]'") from None
+    plt = _pyplot()
     run_dirs = [Path(r) for r in run_dirs]
     blobs = [load_run(r) for r in run_dirs]
     for r, b in zip(run_dirs, blobs):
@@ -97,3 +104,88 @@ def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out, steps
+
+
+def run_targets(run_dir: Path, blob: dict, explicit: list[str] | None) -> list[int]:
+    """Target item indices: `explicit` original ids, else the attack section of RUN_DIR/results.json."""
+    if explicit:
+        index = {name: i for i, name in enumerate(blob["item_ids"]) if i > 0}
+        unknown = [t for t in explicit if t not in index]
+        if unknown:
+            raise InputError(f"--targets: item id(s) {', '.join(unknown)} are not in the data of {run_dir}")
+        return [index[t] for t in explicit]
+    res = Path(run_dir) / "results.json"
+    attack = json.loads(res.read_text()).get("attack") if res.is_file() else None
+    if not attack or not attack.get("target_index"):
+        raise InputError(f"{run_dir}: no targets in results.json (a run with targets >= 1); pass --targets ID,...")
+    return [int(t) for t in attack["target_index"]]
+
+
+def popular_distances(table: torch.Tensor, popular: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """(len(items), |P|) distances from items to the popular items, in popular median norms."""
+    scale = table[popular].norm(dim=1).median().clamp(min=1e-12)
+    return torch.cdist(table[items].double(), table[popular].double()) / float(scale)
+
+
+def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float = 0.02,
+               targets: list[str] | None = None, sample: int = 3000, seed: int = 0) -> tuple[Path, dict[str, dict]]:
+    """Per run: item embeddings in 2-D (PCA) with popular / target / other items marked, and a
+    histogram of target-to-popular distances against other unpopular items' (the reference).
+
+    Popular = the popular_frac items with the most training interactions (the experimenter's view).
+    Returns the PNG path and per run the targets' median distance to the popular items and the
+    share of other items that lie closer to the popular items than the targets do.
+    """
+    plt = _pyplot()
+    run_dirs = [Path(r) for r in run_dirs]
+    blobs = [load_run(r) for r in run_dirs]
+    for r, b in zip(run_dirs, blobs):
+        if b["params"] is None:
+            raise InputError(f"{r}: a {b['config']['mode']} run has no item embeddings to plot")
+        if b["item_ids"] != blobs[0]["item_ids"]:
+            raise InputError(f"{r}: trained on other data than {run_dirs[0]}; the figure compares the same items")
+    counts = blobs[0]["pop_counts"].double()                                     # (N+1,)
+    n_items = len(counts) - 1
+    k = max(1, int(np.ceil(popular_frac * n_items)))
+    popular = torch.argsort(-counts[1:], stable=True)[:k] + 1                    # (k,)
+    rng = np.random.default_rng(seed)
+    stats: dict[str, dict] = {}
+    fig, axes = plt.subplots(2, len(blobs), figsize=(5.5 * len(blobs), 9), squeeze=False)
+    for col, (r, blob) in enumerate(zip(run_dirs, blobs)):
+        tgt = torch.as_tensor(run_targets(r, blob, targets))
+        table = blob["params"]["item_emb"].double()                              # (N+1, d)
+        rest = np.setdiff1d(np.arange(1, n_items + 1), np.concatenate([popular.numpy(), tgt.numpy()]))
+        rest = torch.as_tensor(np.sort(rng.choice(rest, min(sample, len(rest)), replace=False)))
+        mean = table[1:].mean(0)
+        _, _, v = torch.linalg.svd(table[1:] - mean, full_matrices=False)        # principal axes of all items
+        xy = lambda ids: ((table[ids] - mean) @ v[:2].T).numpy()                 # noqa: E731 (n, 2)
+        ax = axes[0, col]
+        ax.scatter(*xy(rest).T, s=3, color="0.75", label=f"other items ({len(rest)} sampled)")
+        ax.scatter(*xy(popular).T, s=10, color="tab:blue", label=f"popular (top {k} by train count)")
+        ax.scatter(*xy(tgt).T, s=160, marker="*", color="tab:red", edgecolor="k", label="target")
+        ax.set_title(f"{r.name}: {blob['config']['mode']}, defence {blob['config'].get('defence', 'none')}, "
+                     f"attack {blob['config'].get('attack', 'none')}", fontsize=9)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.legend(fontsize=7, loc="best")
+        d_t = popular_distances(table, popular, tgt)                             # (T, k)
+        d_r = popular_distances(table, popular, rest)                            # (R, k)
+        ax = axes[1, col]
+        bins = np.linspace(0, float(max(d_t.max(), d_r.quantile(0.99))), 40)
+        ax.hist(d_r.flatten().numpy(), bins=bins, density=True, color="0.7", label="other items to popular")
+        ax.hist(d_t.flatten().numpy(), bins=bins, density=True, color="tab:red", alpha=0.6, label="targets to popular")
+        med_t = float(d_t.median())
+        closer = float((d_r.median(1).values < med_t).double().mean())
+        ax.axvline(med_t, color="tab:red", ls="--")
+        ax.set_xlabel("distance to popular items (popular median norms)")
+        ax.set_ylabel("density")
+        ax.set_title(f"targets' median distance {med_t:.2f}; {closer:.0%} of other items are closer", fontsize=9)
+        ax.legend(fontsize=7)
+        stats[str(r)] = {"target_median_distance": med_t, "other_items_closer": closer}
+    fig.suptitle("Item embeddings (PCA of all items per run) and target-to-popular distances", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out, stats
