@@ -12,11 +12,12 @@ Each round (`FortressServer.aggregate`, then `regularise` after the update is ap
    clients whose reliability below is 1), an exponential one with horizon HORIZON rounds once that
    many rounds have passed. An attacker whose clients get down-weighted therefore cannot raise its
    target's history, while a popular item, whose uploaders are ordinary clients, builds one.
-2. Popular set P: the ceil(popular_frac N) (at least knn + 1) items with the largest history (none before the first
-   round). Reference mass ref = median of o over P this round (in the first round, over the
-   items with the largest o). Suspicious set S: items outside P with o_i > surge x max(ref, h_i):
-   this round an item nobody treats as popular takes more push than `surge` times a typical
-   popular item gets, and more than `surge` times its own past.
+2. Popular set P: the k = ceil(popular_frac N) (at least knn + 1) items with the largest history
+   (none before the first round). Reference mass ref = the median of o over the k heaviest items
+   of this round (the scale of a popular item's push this round, whatever the history says).
+   Suspicious set S: items outside P with o_i > surge x max(ref, h_i) (more push than `surge`
+   times a typical popular item gets this round, and than `surge` times its own past), or that
+   at least MIN_FOCUSED clients push beyond their allowance (3. below) in this round.
 3. Reliability rho_c = rho_norm x rho_focus, in [0, 1]:
    - rho_norm = min(1, tau / ||u_c||)^2 with tau = median + norm_z x 1.4826 MAD of the round's
      update norms: only unusually *large* updates lose weight;
@@ -207,12 +208,8 @@ class FortressServer:
         fc = self.fc
         mass = row_mass(u, self.n_items)                                                # (N+1,)
         k = self.n_popular()
-        if self.rounds:
-            popular = top_items(self.history, k)
-            reference = popular
-        else:                                  # no history yet: the round's own heaviest items set the scale
-            popular = torch.zeros(0, dtype=torch.int64)
-            reference = top_items(mass, k)
+        popular = top_items(self.history, k) if self.rounds else torch.zeros(0, dtype=torch.int64)
+        reference = top_items(mass, k)         # the round's own heaviest items set the scale
         allow = allowance(u, fc.focus_slack, fc.max_len)                                # (n,)
         focused = row_shares(u) > allow[u.rows_client]                                  # (M,)
         n_focused = torch.zeros(self.n_items + 1, dtype=torch.int64).index_add_(0, u.rows_item, focused.long())
