@@ -226,7 +226,7 @@ def test_benign_rounds_are_nearly_plain_fedavg(benign_rounds):
 def test_row_mass_sums_row_norms_per_item():
     u = updates([[0.0]] * 2, [(0, 1, [3.0, 4.0]), (1, 1, [0.0, 1.0]), (1, 2, [0.0, 2.0])])
     assert row_mass(u, 3).tolist() == [0.0, 6.0, 2.0, 0.0]
-    assert row_mass(u, 3, torch.tensor([True, False])).tolist() == [0.0, 5.0, 0.0, 0.0]
+    assert row_mass(u, 3, torch.tensor([True, False, False])).tolist() == [0.0, 5.0, 0.0, 0.0]
 
 
 def test_fortress_resume_is_exact(tmp_path):

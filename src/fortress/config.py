@@ -89,7 +89,7 @@ class Config:
     popular_frac: float = 0.02      # popular set P: this share of the catalogue with the largest estimated popularity
     surge: float = 3.0              # flag an unpopular item whose row mass exceeds surge x max(P's median mass, its own history)
     norm_z: float = 4.0             # down-weight clients whose update norm exceeds median + norm_z robust SDs of the round
-    focus_slack: float = 2.0        # a client may put up to focus_slack / weight of its row mass on flagged items unpunished
+    focus_slack: float = 2.0        # a client may put up to focus_slack / min(weight, max_len + 1) of its row mass on one item
     alpha: float = 1.0              # weight of L_sep (keep suspicious items at least `margin` from popular ones)
     beta: float = 0.1               # weight of L_var (keep each popular item near its knn popular neighbours)
     margin: float = 1.0             # L_sep margin, in units of the popular items' median embedding norm
