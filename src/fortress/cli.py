@@ -61,8 +61,9 @@ def cmd_plot_embeddings(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     path, stats = embeddings(args.run_dirs, out, args.popular_frac, targets, args.sample, args.seed)
     for run_dir, st in stats.items():
-        print(f"{run_dir}: targets' median distance to popular items {st['target_median_distance']:.3f} "
-              f"(popular median norms); {st['other_items_closer']:.1%} of other items are closer")
+        print(f"{run_dir}: targets' median chord distance to popular items {st['target_median_distance']:.3f}; "
+              f"{st['other_items_closer']:.1%} of other items are closer; target length "
+              f"{st['target_length']:.2f} popular median norms")
     print(f"wrote {path}")
     return 0
 

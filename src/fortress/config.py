@@ -92,10 +92,10 @@ class Config:
     focus_slack: float = 2.0        # a client may put up to focus_slack / min(weight, max_len + 1) of its row mass on one item
     alpha: float = 1.0              # weight of L_sep (keep suspicious items at least `margin` from popular ones)
     beta: float = 0.1               # weight of L_var (keep each popular item near its knn popular neighbours)
-    margin: float = 1.0             # L_sep margin, in units of the popular items' median embedding norm
+    margin: float = 1.4             # L_sep margin: chord distance between unit embeddings (sqrt(2) = orthogonal)
     knn: int = 5                    # popular neighbours in L_var
     server_steps: int = 5           # server gradient steps on alpha L_sep + beta L_var per round (when something is flagged)
-    server_lr: float = 0.5          # their step size (in the same normalised units)
+    server_lr: float = 0.5          # their step size (on unit vectors; each row keeps its length)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

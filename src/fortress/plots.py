@@ -122,9 +122,11 @@ def run_targets(run_dir: Path, blob: dict, explicit: list[str] | None) -> list[i
 
 
 def popular_distances(table: torch.Tensor, popular: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """(len(items), |P|) distances from items to the popular items, in popular median norms."""
-    scale = table[popular].norm(dim=1).median().clamp(min=1e-12)
-    return torch.cdist(table[items].double(), table[popular].double()) / float(scale)
+    """(len(items), |P|) chord distances between the directions (unit vectors) of items and popular
+    items: sqrt(2) = orthogonal. Our models score by dot product, so direction is what an attack
+    turns toward the popular items (its length it inflates; the scatter shows that)."""
+    unit = F.normalize(table.double(), dim=1)
+    return torch.cdist(unit[items], unit[popular])
 
 
 def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float = 0.02,
@@ -133,8 +135,9 @@ def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float 
     histogram of target-to-popular distances against other unpopular items' (the reference).
 
     Popular = the popular_frac items with the most training interactions (the experimenter's view).
-    Returns the PNG path and per run the targets' median distance to the popular items and the
-    share of other items that lie closer to the popular items than the targets do.
+    Returns the PNG path and per run the targets' median chord distance to the popular items, the
+    share of other items whose direction is closer to the popular items than the targets', and
+    the targets' length in popular median norms.
     """
     plt = _pyplot()
     run_dirs = [Path(r) for r in run_dirs]
@@ -171,18 +174,21 @@ def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float 
         d_t = popular_distances(table, popular, tgt)                             # (T, k)
         d_r = popular_distances(table, popular, rest)                            # (R, k)
         ax = axes[1, col]
-        bins = np.linspace(0, float(max(d_t.max(), d_r.quantile(0.99))), 40)
+        bins = np.linspace(0, 2, 41)
         ax.hist(d_r.flatten().numpy(), bins=bins, density=True, color="0.7", label="other items to popular")
         ax.hist(d_t.flatten().numpy(), bins=bins, density=True, color="tab:red", alpha=0.6, label="targets to popular")
         med_t = float(d_t.median())
         closer = float((d_r.median(1).values < med_t).double().mean())
+        length = float(table[tgt].norm(dim=1).mean() / table[popular].norm(dim=1).median())
         ax.axvline(med_t, color="tab:red", ls="--")
-        ax.set_xlabel("distance to popular items (popular median norms)")
+        ax.set_xlabel("chord distance of directions to popular items (sqrt 2 = orthogonal)")
         ax.set_ylabel("density")
-        ax.set_title(f"targets' median distance {med_t:.2f}; {closer:.0%} of other items are closer", fontsize=9)
+        ax.set_title(f"targets' median distance {med_t:.2f}; {closer:.0%} of other items are closer;\n"
+                     f"target length {length:.2f} popular norms", fontsize=9)
         ax.legend(fontsize=7)
-        stats[str(r)] = {"target_median_distance": med_t, "other_items_closer": closer}
-    fig.suptitle("Item embeddings (PCA of all items per run) and target-to-popular distances", fontsize=10)
+        stats[str(r)] = {"target_median_distance": med_t, "other_items_closer": closer, "target_length": length}
+    fig.suptitle("Item embeddings (PCA of all items per run) and the directions' target-to-popular distances",
+                 fontsize=10)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
