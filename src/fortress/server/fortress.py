@@ -8,38 +8,38 @@ history, so the defaults carry over between datasets, models and stages of train
 Each round (`FortressServer.aggregate`, then `regularise` after the update is applied):
 1. Monitor. o_i = sum over uploaders c of ||delta_ci||, the row mass of item i this round (a
    client's own items get large deltas, its sampled negatives tiny ones, so o_i follows how many
-   clients really hold item i). The history h_i is a running mean of the *trusted* row mass (from
-   clients whose reliability below is 1, without focused rows (2.), and for a flagged item only
-   rows no larger than an even split of their client's push), an exponential one with horizon
-   HORIZON rounds once that many rounds have passed. An attacker whose clients get down-weighted
-   or push its target hard therefore cannot raise the target's history, while a popular item,
-   whose uploaders are ordinary clients each holding it among several items, builds one (also
-   when it was flagged in a round where the history was still young).
+   clients really hold item i). The history h_i is a running mean of the *trusted* row mass (rows
+   of clients whose reliability (4.) is 1 that are not focused (2.)), an exponential one with
+   horizon HORIZON rounds once that many rounds have passed. The history of an item flagged in
+   the last HORIZON rounds is frozen (a lull in an attack teaches the monitor nothing), so an
+   attacker cannot give its target a history, while a popular item, whose uploaders are ordinary
+   clients each holding it among several items, builds one.
 2. Focus. A client with w interactions trains on min(w, max_len + 1) of them and spreads its push
    over its own items: the largest share of a benign client's row mass that one item takes is
    about 0.8 / min(w, max_len + 1) (median), 99% of clients stay below 1.6 / that and 0.2-0.6%
-   exceed 2 / that (measured over 512 clients on amazon-cell-phones, amazon-baby, mind-small).
-   Its allowance is
+   exceed 2 / that (512 clients each of amazon-cell-phones with a 300-round FedAvg model,
+   amazon-baby and mind-small with fresh models). The allowance is
    min(1, focus_slack / min(w, max_len + 1)); a row holding more than that share of its client's
    row mass is *focused*. A-hum uploads nothing but its target rows (share 1 at weight
    attack_len); PSMU's target row holds 20-35% of its row mass at weight 10.
-3. Popular set P: the k = ceil(popular_frac N) (at least knn + 1) items with the largest history
-   (none before the first round). Reference mass ref = the median of o over the k heaviest items
-   of this round (the scale of a popular item's push this round, whatever the history says).
-   Suspicious set S: items outside P with o_i > surge x max(ref, h_i) (more push than `surge`
-   times a typical popular item gets this round, and than `surge` times its own past), or that
-   at least MIN_FOCUSED clients push with focused rows in this round.
+3. Popular set P: the k = ceil(popular_frac N) (at least knn + 1) items with the largest history,
+   leaving out items flagged in the last HORIZON rounds (before any history: the k items with
+   the most push from rows no larger than an even split 1 / min(w, max_len + 1) of their
+   client's). Reference mass ref = the median of o over the k heaviest items of this round (the
+   scale of a popular item's push this round, whatever the history says). Suspicious set S:
+   items outside P with o_i > surge x max(ref, h_i) (more push than `surge` times a typical
+   popular item gets this round, and than `surge` times its own past), or that at least
+   MIN_FOCUSED clients push with focused rows in this round.
 4. Reliability rho_c = rho_norm x rho_focus, in [0, 1]:
    - rho_norm = min(1, tau / ||u_c||)^2 with tau = median + norm_z x 1.4826 MAD of the round's
      update norms: only unusually *large* updates lose weight;
-   - rho_focus: a_c = share of the client's row mass that lands on S; rho_focus = 1 while a_c is
-     within the allowance, then falls linearly to 0 at a_c = 1.
+   - rho_focus = 0 if the client's share of row mass on S exceeds its allowance, else 1.
    Why this spares sparse benign clients: nothing here punishes a small norm, few rows, a low
    weight or disagreement with the round's consensus, which is what a short, sparse sequence
    looks like; and a benign client's push on one of its own items stays within the allowance
-   (step 2), so it keeps full weight even when one of its few items is flagged. A client that
-   reports a large weight but pushes one item loses its weight. Claiming a small weight to earn
-   a large allowance costs the attacker its FedAvg influence.
+   (step 2), so it keeps full weight even when one of its few items is flagged (tested). A
+   client that reports a large weight but pushes one item hard loses its weight. Claiming a
+   small weight to earn a large allowance costs the attacker its FedAvg influence.
 5. Aggregate: FedAvg with the weights w_c rho_c, without the focused rows, and without any
    update of the rows in S this round. (Down-weighting alone cannot protect a cold item: FedAvg
    averages a row over its uploaders only, so a few attackers among a cold item's uploaders,
