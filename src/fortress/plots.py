@@ -26,6 +26,28 @@ def _pyplot():
     return plt
 
 
+def save(plt, fig, out: str | Path, dpi: int) -> Path:
+    """Lay out, write and close a figure; returns its path."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def load_runs(run_dirs: list[str | Path], what: str, why_same: str) -> tuple[list[Path], list[dict]]:
+    """The saved models of runs with parameters, all on the same users and items (one-line errors)."""
+    run_dirs = [Path(r) for r in run_dirs]
+    blobs = [load_run(r) for r in run_dirs]
+    for r, b in zip(run_dirs, blobs):
+        if b["params"] is None:
+            raise InputError(f"{r}: a {b['config']['mode']} run has no {what} to plot")
+        if b["item_ids"] != blobs[0]["item_ids"] or b["user_ids"] != blobs[0]["user_ids"]:
+            raise InputError(f"{r}: trained on other data than {run_dirs[0]}; {why_same}")
+    return run_dirs, blobs
+
+
 def prefix_states(blob: dict, users: list[int]) -> list[torch.Tensor]:
     """Per user, the L2-normalised representation after each prefix of its known sequence: (n_u, d)."""
     cfg = config_mod.from_dict(blob["config"])
@@ -70,13 +92,7 @@ def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, 
     Returns the PNG path and each run's mean step between consecutive prefixes of those users.
     """
     plt = _pyplot()
-    run_dirs = [Path(r) for r in run_dirs]
-    blobs = [load_run(r) for r in run_dirs]
-    for r, b in zip(run_dirs, blobs):
-        if b["params"] is None:
-            raise InputError(f"{r}: a {b['config']['mode']} run has no user representations to plot")
-        if b["item_ids"] != blobs[0]["item_ids"] or b["user_ids"] != blobs[0]["user_ids"]:
-            raise InputError(f"{r}: trained on other data than {run_dirs[0]}; trajectories need the same users")
+    run_dirs, blobs = load_runs(run_dirs, "user representations", "trajectories need the same users")
     users = sample_users(blobs[0], n_users, min_len, seed)
     steps = {}
     fig, axes = plt.subplots(1, len(blobs), figsize=(5.5 * len(blobs), 5), squeeze=False)
@@ -98,12 +114,7 @@ def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, 
         ax.set_ylabel("PC 2")
     fig.suptitle(f"User representations of growing prefixes ({len(users)} users with >= {min_len} items, "
                  "unit-normalised, PCA per run)", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out, steps
+    return save(plt, fig, out, 120), steps
 
 
 def run_targets(run_dir: Path, blob: dict, explicit: list[str] | None) -> list[int]:
@@ -140,13 +151,7 @@ def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float 
     the targets' length in popular median norms.
     """
     plt = _pyplot()
-    run_dirs = [Path(r) for r in run_dirs]
-    blobs = [load_run(r) for r in run_dirs]
-    for r, b in zip(run_dirs, blobs):
-        if b["params"] is None:
-            raise InputError(f"{r}: a {b['config']['mode']} run has no item embeddings to plot")
-        if b["item_ids"] != blobs[0]["item_ids"]:
-            raise InputError(f"{r}: trained on other data than {run_dirs[0]}; the figure compares the same items")
+    run_dirs, blobs = load_runs(run_dirs, "item embeddings", "the figure compares the same items")
     counts = blobs[0]["pop_counts"].double()                                     # (N+1,)
     n_items = len(counts) - 1
     k = max(1, int(np.ceil(popular_frac * n_items)))
@@ -189,9 +194,4 @@ def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float 
         stats[str(r)] = {"target_median_distance": med_t, "other_items_closer": closer, "target_length": length}
     fig.suptitle("Item embeddings (PCA of all items per run) and the directions' target-to-popular distances",
                  fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out, stats
+    return save(plt, fig, out, 110), stats
