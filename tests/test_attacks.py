@@ -61,7 +61,7 @@ def test_explicit_targets_use_the_data_ids(ds):
         pick_targets(ds.item_counts(), ds.item_ids, "i7,i999", 2, 0)
     with pytest.raises(InputError, match="set targets=2"):
         override(Config(), {"target_pick": "i7,i12"})
-    with pytest.raises(InputError, match="mode=fedavg"):
+    with pytest.raises(InputError, match="needs a federated mode"):
         override(Config(), {"mode": "central", "attack": "psmu"})
     with pytest.raises(InputError, match="choose one of"):
         override(Config(), {"attack": "sybil"})

@@ -142,12 +142,38 @@ def test_an_attack_runs_under_flower_like_in_the_simulator(ds, tmp_path):
     assert abs(got["attack"]["ER@10"] - ref["attack"]["ER@10"]) < 1e-9
 
 
+def test_the_server_defence_runs_in_the_flower_server_like_in_the_simulator(ds, tmp_path):
+    """The defence is part of server_step: under Flower it sees the same uploads, flags the same items."""
+    sets = dict(EXACT, attack="ahum", attack_ratio=0.05, defence="fortress", popular_frac=0.1)
+    cfg = Config(rounds=3, **sets)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(sets), 3))
+    assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
+    keys = ("suspicious", "flagged", "down_weighted", "focused_rows", "targets_flagged", "weight_malicious")
+    assert [{k: h["defence"][k] for k in keys} for h in got["history"]] == \
+        [{k: h["defence"][k] for k in keys} for h in ref["history"]]
+
+
 def test_three_nodes_match_the_simulator(ds, tmp_path):
     cfg = Config(rounds=3, **EXACT)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
     got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(EXACT), 3))
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
     assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ("HR@10", "NDCG@10"))
+
+
+def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
+    """Nothing in the Flower glue is mode-specific: the ClientApp's client_step builds the FORTRESS
+    objective and its per-user draws, and the loss terms travel back in the reply."""
+    exact = dict(EXACT, mode="fortress")
+    assert from_run_config(kebab(exact))[0].mode == "fortress"
+    cfg = Config(rounds=2, **exact)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(exact), 3))
+    assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
+    for a, b in zip(ref["history"], got["history"]):
+        assert set(a["terms"]) == set(b["terms"]) == {"rec", "seq", "user", "item", "temp"}
+        assert all(abs(a["terms"][k] - b["terms"][k]) < 1e-9 for k in a["terms"])
 
 
 def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path, caplog):

@@ -13,7 +13,7 @@ from fortress.errors import InputError
 @dataclass(frozen=True)
 class Config:
     # what to run
-    mode: str = "fedavg"            # pop | central | fedavg
+    mode: str = "fedavg"            # pop | central | fedavg | fortress
     backbone: str = "sasrec"        # sasrec | gru4rec
     seed: int = 0
     init_from: str = ""             # start from the model of a saved run (its folder or model.pt)
@@ -48,6 +48,21 @@ class Config:
     drop_rate: float = 0.0          # chance that a sampled client never answers (fault injection)
     corrupt_rate: float = 0.0       # chance that an answering client uploads garbage (fault injection)
     checkpoint_every: int = 0       # rounds between atomic checkpoints in the output folder; 0 = off
+    # FORTRESS client objective (mode=fortress): L_rec + lambda_cl (L_seq + L_user + L_item) + lambda_temp L_temp
+    lambda_cl: float = 0.02         # weight of the three contrastive views
+    lambda_temp: float = 0.01       # weight of the temporal regulariser
+    tau: float = 0.5                # InfoNCE temperature (cosine similarity)
+    user_noise_std: float = 0.5     # sigma of the user view's Gaussian noise
+    item_eps: float = 0.1           # norm of the item view's gradient-direction perturbation
+    crop_ratio: float = 0.6         # sequence view: fraction of the sequence a crop keeps
+    mask_ratio: float = 0.3         # sequence view: fraction of items replaced by the mask token
+    reorder_ratio: float = 0.6      # sequence view: fraction of the sequence a reorder shuffles
+    temp_window: int = 3            # temporal regulariser: sliding-window width (items)
+    temp_stride: int = 1            # temporal regulariser: step between adjacent windows
+    seq_view: bool = True           # ablation switches: each term on/off
+    user_view: bool = True
+    item_view: bool = True
+    temporal: bool = True
     # centralised training
     epochs: int = 15
     batch_size: int = 128
@@ -66,10 +81,26 @@ class Config:
     attack_steps: int = 30          # ahum: gradient steps of hard-user mining
     attack_alternatives: int = 20   # psmu: competing items (the fake user's top-K) pushed below the target
     attack_pool: int = 32           # psmu: histories sampled from the model per fake user; the hardest is kept
+    # server defence (fedavg; fortress/server/defences.py explains each one)
+    defence: str = "none"           # none | fortress | median | trimmed_mean | krum | multi_krum | norm_bound
+    trim_frac: float = 0.1          # trimmed_mean: share of each coordinate's values cut at each end
+    byz_frac: float = 0.1           # krum, multi_krum: assumed share of Byzantine contributors (f = floor(byz_frac n))
+    norm_bound: float = 0.0         # norm_bound: clip each client's update to this L2 norm; 0 = the round's median norm
+    # the FORTRESS server (server/fortress.py): detection thresholds, reliability, L_sep + L_var
+    popular_frac: float = 0.02      # popular set P: this share of the catalogue with the largest estimated popularity
+    surge: float = 3.0              # flag an unpopular item whose row mass exceeds surge x max(P's median mass, its own history)
+    norm_z: float = 4.0             # down-weight clients whose update norm exceeds median + norm_z robust SDs of the round
+    focus_slack: float = 2.0        # a client may put up to focus_slack / min(weight, max_len + 1) of its row mass on one item
+    alpha: float = 1.0              # weight of L_sep (keep suspicious items at least `margin` from popular ones)
+    beta: float = 0.1               # weight of L_var (keep each popular item near its knn popular neighbours)
+    margin: float = 1.4             # L_sep margin: chord distance between unit embeddings (sqrt(2) = orthogonal)
+    knn: int = 5                    # popular neighbours in L_var
+    server_steps: int = 5           # server gradient steps on alpha L_sep + beta L_var per round (when something is flagged)
+    server_lr: float = 0.5          # their step size (on unit vectors; each row keeps its length)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": ("pop", "central", "fedavg"),
+    "mode": ("pop", "central", "fedavg", "fortress"),
     "backbone": ("sasrec", "gru4rec"),
     "data_format": ("auto", "seq", "table", "mind", "split"),
     "dtype": ("float32", "float64"),
@@ -77,14 +108,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
     "attack": ("none", "ahum", "psmu", "random", "popular", "boost"),
+    "defence": ("none", "fortress", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"),
 }
+FEDERATED = ("fedavg", "fortress")      # modes that train in federated rounds
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
     "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "dim": 2, "blocks": 1, "heads": 1,
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
-    "epochs": 0, "batch_size": 1, "eval_batch": 1, "attack_len": 2, "attack_users": 1, "attack_pool": 1,
+    "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1, "attack_len": 2,
+    "attack_users": 1, "attack_pool": 1, "knn": 1,
 }
-POSITIVE = ("lr", "central_lr", "global_lr", "attack_scale")
+POSITIVE = ("lr", "central_lr", "global_lr", "tau", "attack_scale", "surge", "norm_z", "focus_slack")
 
 
 def keys() -> list[str]:
@@ -138,9 +172,18 @@ def validate(cfg: Config) -> Config:
                 raise InputError(f"{key}={value!r} is out of range; it must be {bound}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)")
-    for key in ("drop_rate", "corrupt_rate", "min_answered"):
+    for key in ("drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
+    for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):
+        if getattr(cfg, key) > 1.0:
+            raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
+    if cfg.mode == "fortress" and cfg.temporal and cfg.temp_window > cfg.max_len:
+        raise InputError(f"temp_window={cfg.temp_window} must be <= max_len={cfg.max_len}")
+    if cfg.trim_frac >= 0.5:
+        raise InputError(f"trim_frac={cfg.trim_frac!r} is out of range; it must be in [0, 0.5)")
+    if cfg.defence != "none" and cfg.mode not in FEDERATED:
+        raise InputError(f"defence={cfg.defence!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})")
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}")
     _validate_attack(cfg)
@@ -158,8 +201,8 @@ def _validate_attack(cfg: Config) -> None:
         if len(ids) != cfg.targets:
             raise InputError(f"target_pick lists {len(ids)} item(s) but targets={cfg.targets}; "
                              f"set targets={len(ids)}")
-    if cfg.attack != "none" and cfg.mode != "fedavg":
-        raise InputError(f"attack={cfg.attack!r} needs mode=fedavg (got mode={cfg.mode!r})")
+    if cfg.attack != "none" and cfg.mode not in FEDERATED:
+        raise InputError(f"attack={cfg.attack!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})")
     if cfg.attack != "none" and cfg.targets < 1:
         raise InputError(f"attack={cfg.attack!r} needs targets >= 1")
 

@@ -4,8 +4,9 @@
 SuperNode's cohort under Flower): drop-outs, sub-tables, vectorised local training, uploads.
 `server_step` is what the server does with whatever came back: reject malformed or absurd
 uploads (logged with the client id), require `min_answered` of the sampled clients, aggregate
-and apply. All randomness is keyed by (seed, round[, user]), so a round does not depend on
-where its clients ran or on the rounds before it, and a resumed run replays it exactly.
+with the run's defence (`fortress.server.defences`) and apply. All randomness is keyed by
+(seed, round[, user]), so a round does not depend on where its clients ran or on the rounds
+before it, and a resumed run replays it exactly.
 
 Under attack (`fortress.attacks`), malicious clients (ids n_users, n_users + 1, ...) are sampled
 with the benign users; `malicious_step` makes their uploads from a copy of the broadcast model
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from fortress import attacks, faults
-from fortress.client import build_chunks, objective, round_bytes, train_round
+from fortress.client import objective, round_bytes, round_chunks, train_round
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
@@ -72,7 +73,7 @@ def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: n
     if not len(users):
         return Collected(empty(dense_size(params), cfg.dim, params["item_emb"].dtype))
     torch.manual_seed(cfg.seed * 1_000_003 + r)                # dropout masks of this round
-    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r))
+    chunks = round_chunks(ds, cfg, users, r)                   # sub-tables (+ fortress draws) per user
     updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, cfg.engine)
     updates = faults.corrupt(updates, cfg, r, ds.n_items)
     nbytes = round_bytes(chunks, dense_size(params), cfg.dim, params["item_emb"].element_size())
@@ -103,8 +104,12 @@ def merge(a: Collected, b: Collected) -> Collected:
 
 
 def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collected, n_sampled: int,
-                n_items: int, r: int) -> dict:
-    """Check, aggregate and apply a round's uploads; returns what the round log records."""
+                n_items: int, r: int, defence=None) -> dict:
+    """Check, aggregate (with `defence`; FedAvg if None) and apply a round's uploads; returns the round log.
+
+    Besides the log entries, "rejected_clients" and "client_weights" ((client ids, weights in
+    [0, 1]) of the aggregated clients) are returned for the caller to pop.
+    """
     updates, rejected = check(got.updates, n_items, dense_size(params), cfg.dim, cfg.max_update_norm)
     rejected = got.rejected + rejected
     for client, why in rejected:
@@ -115,9 +120,21 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
     if updates.n == 0 or updates.n < need:
         info["skipped"] = f"{updates.n} of {n_sampled} clients answered with a valid update, need {need:g}"
         log.warning("round %d: skipped, %s", r + 1, info["skipped"])
-    else:
+        info["client_weights"] = (updates.clients, torch.zeros(updates.n))
+    elif defence is None:
         gopt.apply(params, dense_keys(params), params["item_emb"], fedavg(updates))
+        info["client_weights"] = (updates.clients, torch.ones(updates.n))
+    else:
+        agg, weights, info["defence"] = defence.aggregate(updates, params)
+        gopt.apply(params, dense_keys(params), params["item_emb"], agg)
+        info["defence"].update(defence.after_apply(params))
+        info["client_weights"] = (updates.clients, weights)
     w = updates.weight
     info["loss"] = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")
+    if updates.terms:           # each logged loss term (fortress), weighted like `loss`, over clients that log it
+        info["terms"] = {}
+        for k, t in updates.terms.items():
+            ok = torch.isfinite(t)
+            info["terms"][k] = float((w[ok] * t[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
     info["rejected_clients"] = rejected
     return info

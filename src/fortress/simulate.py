@@ -2,7 +2,8 @@
 
 A federated round: sample clients (benign and, under attack, malicious) -> build their sub-tables
 -> local training (vmap or loop) -> malicious uploads (fortress.attacks) -> check uploads ->
-aggregate (FedAvg) -> apply -> every `eval_every` rounds, validate (and measure the targets' ER@K).
+aggregate (FedAvg or the `defence`) -> apply -> every `eval_every` rounds, validate (and measure
+the targets' ER@K).
 Every run writes `results.json` and `model.pt` into its output folder.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fortress.metrics import KS, evaluate
 from fortress.models import Model, Params, from_config
 from fortress.objectives import next_item_loss
 from fortress.rounds import Collected, client_step, malicious_step, merge, sample_clients, server_step, split_sampled
+from fortress.server import defences
 from fortress.server.aggregate import GlobalOptimizer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -145,8 +147,27 @@ def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
     return client_step(run.cfg, run.model, run.ds, run.params, users, r)
 
 
+def defence_log(cfg: Config, info: dict[str, Any], n_users: int,
+                camp: attacks.Campaign | None) -> dict[str, Any]:
+    """The round's `defence` entry: the defence's own log, mean client weight of benign vs malicious
+    clients, and (FORTRESS, with tracked targets) whether each target item was flagged.
+
+    Malicious clients are the ids >= n_users (`fortress.updates.Updates`); only the log knows it.
+    """
+    ids, weights = info.pop("client_weights")
+    entry = {"name": cfg.defence, **info.pop("defence", {})}
+    bad = ids >= n_users
+    entry["weight_benign"] = float(weights[~bad].mean()) if (~bad).any() else None
+    entry["weight_malicious"] = float(weights[bad].mean()) if bad.any() else None
+    if camp is not None and "suspicious_items" in entry:
+        entry["targets_flagged"] = [t in entry["suspicious_items"] for t in camp.targets]
+    entry.pop("suspicious_items", None)
+    return entry
+
+
 def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarray,
-                    clients: Callable[[Run, int, np.ndarray], Collected] = local_clients) -> dict[str, Any]:
+                    clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
+                    defence=None) -> dict[str, Any]:
     """One synchronous round; randomness is drawn from (seed, round) so any round is reproducible.
 
     `clients` carries the broadcast to the sampled clients and their uploads back: in-process
@@ -164,11 +185,16 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
         got = merge(got, malicious_step(cfg, run.model, run.params, run.ds.n_items, camp.targets, bad, r))
         camp.seconds += time.perf_counter() - t1
         camp.uploads += len(bad)
-    info = server_step(cfg, run.params, gopt, got, len(chosen), run.ds.n_items, r)
+    info = server_step(cfg, run.params, gopt, got, len(chosen), run.ds.n_items, r, defence)
     rejected = info.pop("rejected_clients")
     run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in rejected]
     if len(bad):
         camp.rejected += sum(1 for c, _ in rejected if c in set(bad.tolist()))
+    if cfg.defence == "none":
+        info.pop("client_weights")
+        info.pop("defence", None)
+    else:
+        info["defence"] = defence_log(cfg, info, run.ds.n_users, camp)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
     run.bytes_down.append(got.bytes)
@@ -176,20 +202,23 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     return {"round": r + 1, "loss": info.pop("loss"), "seconds": seconds, **info, "malicious": int(len(bad))}
 
 
-def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int) -> dict[str, Any]:
+def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly (see `fortress.checkpoint`)."""
+    server = {"global_opt": gopt.state, "defence": defence.state_dict() if defence is not None else {}}
     return {"round": rounds_done, "config": config_mod.to_dict(run.cfg), "data": checkpoint.fingerprint(run.ds),
-            "params": run.params, "server": {"global_opt": gopt.state}, "history": run.history,
+            "params": run.params, "server": server, "history": run.history,
             "rejected": run.rejected, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
             "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds,
             "attack": run.campaign.state() if run.campaign is not None else None}
 
 
-def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any]) -> int:
+def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None) -> int:
     """Load a checkpoint into the run; returns the number of rounds already done."""
     for k, v in blob["params"].items():
         run.params[k] = v
     gopt.state = blob["server"]["global_opt"]
+    if defence is not None:
+        defence.load_state_dict(blob["server"].get("defence", {}))
     run.history, run.rejected = blob["history"], blob["rejected"]
     run.bytes_up, run.bytes_down = blob["bytes_up"], blob["bytes_down"]
     run.train_seconds, run.eval_seconds = blob["train_seconds"], blob["eval_seconds"]
@@ -206,23 +235,24 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     if len(eligible) == 0:
         raise ValueError("no user has two train interactions; nothing to train federated on")
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
+    defence = defences.make(cfg, run.ds.n_items)
     start = 0
     if resume and out is not None:
         blob = checkpoint.load(out, cfg, run.ds)
         if blob is not None:
-            start = restore(run, gopt, blob)
+            start = restore(run, gopt, blob, defence)
             print(f"resuming from {out / checkpoint.NAME} after round {start}", file=sys.stderr)
             if bar is not None:
                 bar.update(min(start, cfg.rounds))
     for r in range(start, cfg.rounds):
-        entry = federated_round(run, r, gopt, eligible, clients)
+        entry = federated_round(run, r, gopt, eligible, clients, defence)
         if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
             entry["valid"] = run.validate()
             if run.campaign is not None:
                 entry["ER"] = run.exposure(r + 1)
         run.history.append(entry)
         if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
-            checkpoint.save(out, server_state(run, gopt, r + 1))
+            checkpoint.save(out, server_state(run, gopt, r + 1, defence))
         _progress(bar, entry)
 
 
@@ -283,7 +313,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         eligible: np.ndarray | None = None) -> dict[str, Any]:
     """Train (or count, for pop) per cfg.mode, evaluate valid and test, write results and model.
 
-    fedavg only: `resume` continues from out/checkpoint.pt (written every `checkpoint_every`
+    fedavg and fortress: `resume` continues from out/checkpoint.pt (written every `checkpoint_every`
     rounds) when there is one; `clients` and `eligible` let the Flower ServerApp put its own
     transport and its SuperNodes' users in place of the in-process ones.
     """
@@ -292,8 +322,9 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
     setup_torch(cfg)
     model = from_config(cfg)
     params = None
-    steps = {"pop": 0, "central": cfg.epochs, "fedavg": cfg.rounds}[cfg.mode]
-    bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if cfg.mode == "fedavg" else "epoch",
+    federated = cfg.mode in config_mod.FEDERATED
+    steps = 0 if cfg.mode == "pop" else cfg.epochs if cfg.mode == "central" else cfg.rounds
+    bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if federated else "epoch",
                disable=not progress or steps == 0, dynamic_ncols=True)
     if cfg.mode == "pop":
         run_ = Run(cfg, ds, model, {})

@@ -106,7 +106,7 @@ def attack(view: AttackView) -> Updates:
     rows = E[view.targets].expand(m, T, d)                                          # (m, T, d)
     dummy = torch.zeros(m, 1, dtype=torch.int64)
     with torch.enable_grad():
-        d_dense, d_rows, loss = vmap(fn, in_dims=(None, 0, 0, 0, 0))(dense, rows, x, dummy, dummy)
+        d_dense, d_rows, loss, _ = vmap(fn, in_dims=(None, 0, 0, 0, 0))(dense, rows, x, dummy, dummy)
     return Updates(view.clients, torch.full((m,), float(cfg.fake_len), dtype=E.dtype),
                    cfg.scale * flatten(d_dense, keys, batched=True),
                    torch.arange(m).repeat_interleave(T), view.targets.repeat(m),

@@ -20,12 +20,13 @@ broadcast table at once, which is the strongest version of what it could collect
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
 
-from fortress.client import Chunk, chunks_from_sequences, objective, train_round
+from fortress.client import Chunk, chunks_from_sequences, rec_loss, train_round
 from fortress.models import Model, Params
 from fortress.updates import Updates
 
@@ -109,8 +110,12 @@ def train_fake(view: AttackView, chunks: list[Chunk], loss_fn: Callable) -> Upda
 
 
 def honest_loss(view: AttackView) -> Callable:
-    """The local loss an honest client minimises under the protocol (logQ-corrected or not)."""
-    return objective(view.cfg, view.n_items)
+    """The next-item loss an honest FedAvg client minimises (logQ-corrected or not).
+
+    Under mode=fortress the fake users still train on this loss alone: an attacker chooses its
+    own local computation, and the upload format is the same.
+    """
+    return partial(rec_loss, n_items=view.n_items if view.cfg.neg_correction else 0)
 
 
 def keep_rows(u: Updates, items: torch.Tensor) -> Updates:
