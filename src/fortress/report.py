@@ -217,7 +217,7 @@ def write(p: Plan) -> Path:
                 lines += [f"### {name}", "", f"not made: {rec.get('error') or rec.get('status', 'not run yet')}", ""]
     failed = [(cid, recs[cid]) for cid in p.cells if (recs[cid] or {}).get("status") == "failed"]
     if failed:
-        lines += ["## Failed cells", ""] + [f"- `{cid}` ({'; '.join(r['labels'][:2])}): {_esc(r['error'] or '')}"
+        lines += ["## Failed cells", ""] + [f"- `{cid}` ({'; '.join(p.cells[cid].labels[:2])}): {_esc(r.get('error') or '')}"
                                             for cid, r in failed] + [""]
     lines += ["## Cells", "",
               "Each cell is one command, run from the folder where `fortress experiment` ran; a cell that starts "
