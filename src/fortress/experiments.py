@@ -108,6 +108,15 @@ def render(value: Any) -> str:
     return str(value)
 
 
+def _resolve(sets: dict[str, str], where: str) -> Config:
+    """The config these overrides give, or a one-line error that starts with `where`."""
+    try:
+        return config.override(Config(), sets, source=where)
+    except InputError as err:
+        msg = str(err)
+        raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
 def _sets(table: Any, where: str, reserved: tuple[str, ...] = ()) -> dict[str, str]:
     """A table of config overrides (minus `reserved` fields), checked alone so errors name their place."""
     if not isinstance(table, dict):
@@ -121,14 +130,6 @@ def _sets(table: Any, where: str, reserved: tuple[str, ...] = ()) -> dict[str, s
         values[key] = render(value)
     _resolve(values, where)
     return values
-
-
-def _resolve(sets: dict[str, str], where: str) -> Config:
-    try:
-        return config.override(Config(), sets, source=where)
-    except InputError as err:
-        msg = str(err)
-        raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 def _fields(table: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
@@ -153,29 +154,101 @@ def _attack_sets(attack: str, ratio: float | None) -> dict[str, str]:
     return {} if attack == "none" else {"attack": attack, "attack_ratio": render(ratio)}
 
 
-def _check_attacks(attacks: list[str], ratios: list[float], where: str) -> None:
-    for a in attacks:
-        for r in ratios:
-            _resolve({**_attack_sets(a, r), "mode": "fedavg"}, where)
+def _suffix(attack: str, ratio: float | None) -> str:
+    return attack if attack == "none" else f"{attack} {ratio:g}"
 
 
-class _Builder:
-    """Turns the checked spec into cells, sharing identical ones."""
+def _dataset_exists(data: str, where: str) -> None:
+    if data == "synthetic":
+        return
+    from fortress.data import resolve
+    try:
+        resolve(data)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
 
-    def __init__(self, root: Path, base: dict[str, str], pretrain: dict[str, str] | None,
-                 inherit: list[str] | None):
-        self.root, self.base, self.pretrain, self.inherit = root, base, pretrain, inherit
+
+class _Spec:
+    """A spec being checked and expanded into cells; identical cells are made once."""
+
+    def __init__(self, table: dict[str, Any], spec: Path, root: Path):
+        self.s, self.root = str(spec), root
         self.cells: dict[str, Cell] = {}
+        self.entries: list[Entry] = []
+        self.figures: dict[str, str] = {}
+        s = self.s
+        for key in table:
+            if key not in SECTIONS:
+                raise InputError(f"{s}: unknown section [{key}]; known: {', '.join(SECTIONS)}")
+        grid = _fields(table.get("grid", {}), GRID_FIELDS, f"{s} [grid]")
+        if "seeds" not in grid:
+            raise InputError(f"{s} [grid]: seeds is missing (e.g. seeds = [0, 1, 2])")
+        self.seeds = _list(grid["seeds"], int, f"{s} [grid] seeds")
+        self.attacks = _list(grid.get("attacks", ["none"]), str, f"{s} [grid] attacks")
+        self.ratios = _list(grid.get("attack_ratios", [0.01]), float, f"{s} [grid] attack_ratios")
+        self.er_last = grid.get("er_last", 5)
+        if not isinstance(self.er_last, int) or isinstance(self.er_last, bool) or self.er_last < 1:
+            raise InputError(f"{s} [grid] er_last = {self.er_last!r}: expected an integer >= 1")
+        self.check_attacks(self.attacks, self.ratios, f"{s} [grid] attacks")
+        self.base = _sets(table.get("set", {}), f"{s} [set]")
 
-    def _id(self, kind: str, payload: dict[str, Any]) -> str:
-        blob = json.dumps({"kind": kind, **payload}, sort_keys=True)
-        return f"{kind[:3]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+        raw = table.get("datasets")
+        if not isinstance(raw, dict) or not raw:
+            raise InputError(f"{s}: no datasets; add a table such as [datasets.synthetic] or [datasets.amazon-cell-phones]")
+        self.datasets: dict[str, tuple[str, dict[str, str]]] = {}
+        for name, t in raw.items():
+            where = f"{s} [datasets.{name}]"
+            sets = _sets(t, where, reserved=("data",))
+            data = t.get("data", name)
+            if not isinstance(data, str) or not data:
+                raise InputError(f"{where} data = {data!r}: expected a path, a name in $FORTRESS_DATA, or 'synthetic'")
+            _dataset_exists(data, where)
+            self.datasets[name] = (data, sets)
 
+        raw = table.get("methods")
+        if not isinstance(raw, dict) or not raw:
+            raise InputError(f"{s}: no methods; add a table such as [methods.FedAvg-SASRec] with mode = \"fedavg\"")
+        self.methods = {name: _sets(t, f"{s} [methods.{name}]") for name, t in raw.items()}
+
+        self.pretrain, self.inherit = None, None
+        if "pretrain" in table:
+            t = table["pretrain"]
+            self.pretrain = _sets(t, f"{s} [pretrain]", reserved=("inherit",))
+            if "inherit" in t:
+                self.inherit = _list(t["inherit"], str, f"{s} [pretrain] inherit", empty=True)
+                for k in self.inherit:
+                    if k not in config.keys():
+                        raise InputError(f"{s} [pretrain] inherit: unknown key {k!r}; known keys: {', '.join(config.keys())}")
+
+    # -- checks shared by the sections
+    def check_attacks(self, attacks: list[Any], ratios: list[float], where: str) -> None:
+        for a in attacks:
+            if not isinstance(a, str):
+                raise InputError(f"{where} = {a!r}: expected an attack name")
+            for r in ratios:
+                _resolve({**_attack_sets(a, r), "mode": "fedavg"}, where)
+
+    def method(self, name: Any, where: str) -> dict[str, str]:
+        if name not in self.methods:
+            raise InputError(f"{where} = {name!r}: not a method of this spec; known: {', '.join(self.methods)}")
+        return self.methods[name]
+
+    def dataset_names(self, value: Any, where: str) -> list[str]:
+        chosen = _list(value, str, where)
+        for d in chosen:
+            if d not in self.datasets:
+                raise InputError(f"{where}: {d!r} is not a dataset of this spec; known: {', '.join(self.datasets)}")
+        return chosen
+
+    def ratio(self, value: Any, where: str) -> float:
+        return _list([value], float, where)[0]
+
+    # -- cells
     def _add(self, kind: str, data: str, sets: dict[str, str], after: str | None, label: str) -> str:
-        cfg = _resolve(sets, f"{label}")
+        cfg = _resolve(sets, f"{self.s}: cell '{label}'")
         default = config.to_dict(Config())
         changed = {k: v for k, v in config.to_dict(cfg).items() if v != default[k]}
-        cid = self._id(kind, {"data": data, "config": changed, "after": after})
+        cid = _cell_id(kind, {"data": data, "config": changed, "after": after})
         if cid not in self.cells:
             out = self.root / "cells" / cid
             argv = ["run", "--data", data, "--out", str(out)]
@@ -188,9 +261,9 @@ class _Builder:
             self.cells[cid].labels.append(label)
         return cid
 
-    def run(self, data: str, ds_sets: dict[str, str], method: dict[str, str], attack: str, ratio: float | None,
-            seed: int, label: str) -> str:
+    def run(self, ds: str, method: dict[str, str], attack: str, ratio: float | None, seed: int, label: str) -> str:
         """A run cell (and, with [pretrain], the clean model it starts from)."""
+        data, ds_sets = self.datasets[ds]
         after = None
         if self.pretrain is not None:
             inherited = {k: v for k, v in method.items() if self.inherit is None or k in self.inherit}
@@ -199,23 +272,103 @@ class _Builder:
         sets = {**self.base, **ds_sets, **method, **_attack_sets(attack, ratio), "seed": str(seed)}
         return self._add("run", data, sets, after, label)
 
-    def figure(self, name: str, command: list[str], runs: list[str], args: list[str]) -> str:
+    def entry(self, section: str, ds: str, row: str, method: dict[str, str], attack: str, ratio: float, seed: int,
+              label: str, value: str | None = None) -> None:
+        r = None if attack == "none" else ratio
+        cid = self.run(ds, method, attack, r, seed, f"{label} {_suffix(attack, r)} seed {seed}")
+        self.entries.append(Entry(section, ds, row, attack, r, seed, cid, value))
+
+    # -- sections
+    def main_grid(self) -> None:
+        for ds in self.datasets:
+            for m, msets in self.methods.items():
+                for attack in self.attacks:
+                    for ratio in self.ratios if attack != "none" else [0.0]:
+                        for seed in self.seeds:
+                            self.entry("main", ds, m, msets, attack, ratio, seed, f"{ds} {m}")
+
+    def ablation(self, table: Any) -> None:
+        where = f"{self.s} [ablation]"
+        t = _fields(table, ABLATION_FIELDS, where)
+        msets = self.method(t.get("method"), f"{where} method")
+        variants = t.get("variants")
+        if not isinstance(variants, dict) or not variants:
+            raise InputError(f"{where} variants: expected a table of named overrides, "
+                             f"e.g. \"w/o temporal\" = {{ temporal = false }}")
+        rows = {t["method"]: {}} | {v: _sets(x, f"{where} variants.{v!r}") for v, x in variants.items()}
+        attacks = _list(t.get("attacks", self.attacks), str, f"{where} attacks")
+        ratio = self.ratio(t.get("attack_ratio", self.ratios[0]), f"{where} attack_ratio")
+        self.check_attacks(attacks, [ratio], f"{where} attacks")
+        seeds = _list(t.get("seeds", self.seeds), int, f"{where} seeds")
+        for ds in self.dataset_names(t.get("datasets", list(self.datasets)), f"{where} datasets"):
+            for row, extra in rows.items():
+                for attack in attacks:
+                    for seed in seeds:
+                        self.entry("ablation", ds, row, {**msets, **extra}, attack, ratio, seed, f"ablation {ds} {row}")
+
+    def sensitivity(self, table: Any) -> None:
+        where = f"{self.s} [sensitivity]"
+        t = _fields(table, SENSITIVITY_FIELDS, where)
+        msets = self.method(t.get("method"), f"{where} method")
+        sweeps = t.get("sweeps")
+        if not isinstance(sweeps, dict) or not sweeps:
+            raise InputError(f"{where} sweeps: expected a table of key = [values], e.g. lambda_cl = [0.0, 0.01, 0.1]")
+        attack = t.get("attack", "none")
+        ratio = self.ratio(t.get("attack_ratio", self.ratios[0]), f"{where} attack_ratio")
+        self.check_attacks([attack], [ratio], f"{where} attack")
+        seeds = _list(t.get("seeds", self.seeds), int, f"{where} seeds")
+        for key, values in sweeps.items():
+            if not isinstance(values, list) or not values:
+                raise InputError(f"{where} sweeps.{key} = {values!r}: expected a non-empty list of values")
+            for v in values:
+                _sets({key: v}, f"{where} sweeps.{key}")
+        for ds in self.dataset_names(t.get("datasets", list(self.datasets)), f"{where} datasets"):
+            for key, values in sweeps.items():
+                for v in map(render, values):
+                    for att in dict.fromkeys(["none", attack]):
+                        for seed in seeds:
+                            self.entry("sensitivity", ds, key, {**msets, key: v}, att, ratio, seed,
+                                       f"sensitivity {ds} {key}={v}", v)
+
+    def figure(self, i: int, table: Any) -> None:
+        where = f"{self.s} [[figures]] #{i + 1}"
+        t = _fields(table, FIGURE_FIELDS, where)
+        name = t.get("name")
+        if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise InputError(f"{where} name = {name!r}: expected a file-name-like string, e.g. \"trajectories\"")
+        if name in self.figures:
+            raise InputError(f"{where} name = {name!r}: two figures have this name")
+        command = _list(t.get("command"), str, f"{where} command")
+        args = _list(t.get("args", []), str, f"{where} args", empty=True)
+        refs = t.get("runs")
+        if not isinstance(refs, list) or not refs:
+            raise InputError(f"{where} runs: expected a list of runs, e.g. [{{ method = \"FedAvg-SASRec\" }}]")
+        runs = []
+        for j, ref in enumerate(refs):
+            rw = f"{where} runs[{j}]"
+            ref = _fields(ref, REF_FIELDS, rw)
+            msets = self.method(ref.get("method"), f"{rw} method")
+            extra = _sets(ref.get("set", {}), f"{rw} set")
+            attack = ref.get("attack", "none")
+            ratio = self.ratio(ref.get("attack_ratio", self.ratios[0]), f"{rw} attack_ratio")
+            self.check_attacks([attack], [ratio], f"{rw} attack")
+            ds = self.dataset_names([ref.get("dataset", next(iter(self.datasets)))], f"{rw} dataset")[0]
+            seed = _list([ref.get("seed", self.seeds[0])], int, f"{rw} seed")[0]
+            r = None if attack == "none" else ratio
+            what = "".join(f" {k}={v}" for k, v in extra.items())
+            runs.append(self.run(ds, {**msets, **extra}, attack, r, seed,
+                                 f"figure {name}: {ds} {ref['method']}{what} {_suffix(attack, r)} seed {seed}"))
         png = self.root / "figures" / f"{name}.png"
-        cid = self._id("figure", {"name": name, "command": command, "runs": runs, "args": args})
+        cid = _cell_id("figure", {"name": name, "command": command, "runs": runs, "args": args})
         argv = [*command, *(str(self.cells[r].out) for r in runs), *args, "--out", str(png)]
         self.cells[cid] = Cell(cid, "figure", argv, png, self.root / "cells" / cid, list(dict.fromkeys(runs)),
                                [f"figure {name}"], tuple(command))
-        return cid
+        self.figures[name] = cid
 
 
-def _dataset_exists(data: str, where: str) -> None:
-    if data == "synthetic":
-        return
-    from fortress.data import resolve
-    try:
-        resolve(data)
-    except InputError as err:
-        raise InputError(f"{where}: {err}") from None
+def _cell_id(kind: str, payload: dict[str, Any]) -> str:
+    blob = json.dumps({"kind": kind, **payload}, sort_keys=True)
+    return f"{kind[:3]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 def load(spec: str | Path, root: str | Path) -> Plan:
@@ -231,164 +384,21 @@ def load(spec: str | Path, root: str | Path) -> Plan:
 
 
 def plan(table: dict[str, Any], spec: Path, root: Path) -> Plan:
-    """Expand a parsed spec into cells and report entries (checking everything first)."""
-    s = str(spec)
-    for key in table:
-        if key not in SECTIONS:
-            raise InputError(f"{s}: unknown section [{key}]; known: {', '.join(SECTIONS)}")
-    grid = _fields(table.get("grid", {}), GRID_FIELDS, f"{s} [grid]")
-    if "seeds" not in grid:
-        raise InputError(f"{s} [grid]: seeds is missing (e.g. seeds = [0, 1, 2])")
-    seeds = _list(grid["seeds"], int, f"{s} [grid] seeds")
-    attacks = _list(grid.get("attacks", ["none"]), str, f"{s} [grid] attacks")
-    ratios = _list(grid.get("attack_ratios", [0.01]), float, f"{s} [grid] attack_ratios")
-    er_last = grid.get("er_last", 5)
-    if not isinstance(er_last, int) or isinstance(er_last, bool) or er_last < 1:
-        raise InputError(f"{s} [grid] er_last = {er_last!r}: expected an integer >= 1")
-    _check_attacks(attacks, ratios, f"{s} [grid] attacks")
-    base = _sets(table.get("set", {}), f"{s} [set]")
-
-    datasets: dict[str, tuple[str, dict[str, str]]] = {}
-    raw_ds = table.get("datasets")
-    if not isinstance(raw_ds, dict) or not raw_ds:
-        raise InputError(f"{s}: no datasets; add a table such as [datasets.synthetic] or [datasets.amazon-cell-phones]")
-    for name, t in raw_ds.items():
-        where = f"{s} [datasets.{name}]"
-        sets = _sets(t, where, reserved=("data",))
-        data = t.get("data", name)
-        if not isinstance(data, str) or not data:
-            raise InputError(f"{where} data = {data!r}: expected a path, a name in $FORTRESS_DATA, or 'synthetic'")
-        _dataset_exists(data, where)
-        datasets[name] = (data, sets)
-
-    raw_methods = table.get("methods")
-    if not isinstance(raw_methods, dict) or not raw_methods:
-        raise InputError(f"{s}: no methods; add a table such as [methods.FedAvg-SASRec] with mode = \"fedavg\"")
-    methods = {name: _sets(t, f"{s} [methods.{name}]") for name, t in raw_methods.items()}
-
-    pretrain, inherit = None, None
-    if "pretrain" in table:
-        t = table["pretrain"]
-        pretrain = _sets(t, f"{s} [pretrain]", reserved=("inherit",))
-        if "inherit" in t:
-            inherit = _list(t["inherit"], str, f"{s} [pretrain] inherit", empty=True)
-            for k in inherit:
-                if k not in config.keys():
-                    raise InputError(f"{s} [pretrain] inherit: unknown key {k!r}; known keys: {', '.join(config.keys())}")
-
-    def method_named(name: Any, where: str) -> dict[str, str]:
-        if name not in methods:
-            raise InputError(f"{where} = {name!r}: not a method of this spec; known: {', '.join(methods)}")
-        return methods[name]
-
-    def names(value: Any, where: str) -> list[str]:
-        chosen = _list(value, str, where)
-        for d in chosen:
-            if d not in datasets:
-                raise InputError(f"{where}: {d!r} is not a dataset of this spec; known: {', '.join(datasets)}")
-        return chosen
-
-    b = _Builder(root, base, pretrain, inherit)
-    entries: list[Entry] = []
-
-    def add(section: str, ds: str, row: str, extra: dict[str, str], method: dict[str, str], attack: str,
-            ratio: float | None, seed: int, label: str, value: str | None = None) -> None:
-        data, ds_sets = datasets[ds]
-        cid = b.run(data, ds_sets, {**method, **extra}, attack, None if attack == "none" else ratio, seed, label)
-        entries.append(Entry(section, ds, row, attack, None if attack == "none" else ratio, seed, cid, value))
-
-    def pct(r: float | None) -> str:
-        return "" if r is None else f" {r:g}"
-
-    for ds in datasets:
-        for m, msets in methods.items():
-            for attack in attacks:
-                for ratio in ratios if attack != "none" else [None]:
-                    for seed in seeds:
-                        add("main", ds, m, {}, msets, attack, ratio, seed,
-                            f"{ds} {m} {attack}{pct(ratio)} seed {seed}")
-
+    """Expand a parsed spec into cells and report entries, checking all of it before anything runs."""
+    x = _Spec(table, spec, root)
+    x.main_grid()
     if "ablation" in table:
-        where = f"{s} [ablation]"
-        a = _fields(table["ablation"], ABLATION_FIELDS, where)
-        msets = method_named(a.get("method"), f"{where} method")
-        variants = a.get("variants")
-        if not isinstance(variants, dict) or not variants:
-            raise InputError(f"{where} variants: expected a table of named overrides, e.g. \"w/o temporal\" = {{ temporal = false }}")
-        rows = {a["method"]: {}} | {v: _sets(t, f"{where} variants.{v!r}") for v, t in variants.items()}
-        ab_attacks = _list(a.get("attacks", attacks), str, f"{where} attacks")
-        ratio = float(a.get("attack_ratio", ratios[0]))
-        _check_attacks(ab_attacks, [ratio], f"{where} attacks")
-        for ds in names(a.get("datasets", list(datasets)), f"{where} datasets"):
-            for row, extra in rows.items():
-                for attack in ab_attacks:
-                    for seed in _list(a.get("seeds", seeds), int, f"{where} seeds"):
-                        r = None if attack == "none" else ratio
-                        add("ablation", ds, row, extra, msets, attack, ratio, seed,
-                            f"ablation {ds} {row} {attack}{pct(r)} seed {seed}")
-
+        x.ablation(table["ablation"])
     if "sensitivity" in table:
-        where = f"{s} [sensitivity]"
-        t = _fields(table["sensitivity"], SENSITIVITY_FIELDS, where)
-        msets = method_named(t.get("method"), f"{where} method")
-        sweeps = t.get("sweeps")
-        if not isinstance(sweeps, dict) or not sweeps:
-            raise InputError(f"{where} sweeps: expected a table of key = [values], e.g. lambda_cl = [0.0, 0.01, 0.1]")
-        attack = t.get("attack", "none")
-        ratio = float(t.get("attack_ratio", ratios[0]))
-        _check_attacks([attack], [ratio], f"{where} attack")
-        for key, values in sweeps.items():
-            if not isinstance(values, list) or not values:
-                raise InputError(f"{where} sweeps.{key} = {values!r}: expected a non-empty list of values")
-            for v in values:
-                _sets({key: v}, f"{where} sweeps.{key}")
-        for ds in names(t.get("datasets", list(datasets)), f"{where} datasets"):
-            for key, values in sweeps.items():
-                for v in values:
-                    for att in dict.fromkeys(["none", attack]):
-                        for seed in _list(t.get("seeds", seeds), int, f"{where} seeds"):
-                            r = None if att == "none" else ratio
-                            add("sensitivity", ds, key, {key: render(v)}, msets, att, ratio, seed,
-                                f"sensitivity {ds} {key}={render(v)} {att}{pct(r)} seed {seed}", render(v))
-
-    figures: dict[str, str] = {}
-    raw_figs = table.get("figures", [])
-    if not isinstance(raw_figs, list):
-        raise InputError(f"{s} figures: write each figure as a [[figures]] table")
-    for i, f in enumerate(raw_figs):
-        where = f"{s} [[figures]] #{i + 1}"
-        f = _fields(f, FIGURE_FIELDS, where)
-        name = f.get("name")
-        if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
-            raise InputError(f"{where} name = {name!r}: expected a file-name-like string, e.g. \"trajectories\"")
-        if name in figures:
-            raise InputError(f"{where} name = {name!r}: two figures have this name")
-        command = _list(f.get("command"), str, f"{where} command")
-        args = _list(f.get("args", []), str, f"{where} args", empty=True)
-        refs = f.get("runs")
-        if not isinstance(refs, list) or not refs:
-            raise InputError(f"{where} runs: expected a list of runs, e.g. [{{ method = \"FedAvg-SASRec\" }}]")
-        runs = []
-        for j, ref in enumerate(refs):
-            rw = f"{where} runs[{j}]"
-            ref = _fields(ref, REF_FIELDS, rw)
-            msets = method_named(ref.get("method"), f"{rw} method")
-            extra = _sets(ref.get("set", {}), f"{rw} set")
-            attack = ref.get("attack", "none")
-            ratio = float(ref.get("attack_ratio", ratios[0]))
-            _check_attacks([attack], [ratio], f"{rw} attack")
-            ds = names([ref.get("dataset", next(iter(datasets)))], f"{rw} dataset")[0]
-            seed = _list([ref.get("seed", seeds[0])], int, f"{rw} seed")[0]
-            data, ds_sets = datasets[ds]
-            r = None if attack == "none" else ratio
-            runs.append(b.run(data, ds_sets, {**msets, **extra}, attack, r, seed,
-                              f"figure {name}: {ds} {ref['method']}{''.join(f' {k}={v}' for k, v in extra.items())} "
-                              f"{attack}{pct(r)} seed {seed}"))
-        figures[name] = b.figure(name, command, runs, args)
-
+        x.sensitivity(table["sensitivity"])
+    figures = table.get("figures", [])
+    if not isinstance(figures, list):
+        raise InputError(f"{spec} figures: write each figure as a [[figures]] table")
+    for i, f in enumerate(figures):
+        x.figure(i, f)
     order = {"pretrain": 0, "run": 1, "figure": 2}
-    cells = dict(sorted(b.cells.items(), key=lambda kv: order[kv[1].kind]))
-    return Plan(spec, root, cells, entries, figures, er_last)
+    cells = dict(sorted(x.cells.items(), key=lambda kv: order[kv[1].kind]))
+    return Plan(spec, root, cells, x.entries, x.figures, x.er_last)
 
 
 # ---------------------------------------------------------------- running cells
