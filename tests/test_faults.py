@@ -70,11 +70,19 @@ def test_wire_rejects_wrong_dtype_shape_and_names():
         "extra": {**good, "surprise": np.zeros(1)},
         "rows_client": {**good, "rows_client": good["rows_client"] + 5},
         "duplicate client": {**good, "clients": np.array([10, 10, 11])},
+        "unknown term": {**good, "term-colour": np.zeros(3, dtype=np.float32)},
+        "term dtype": {**good, "term-rec": np.zeros(3, dtype=np.float64)},
+        "term shape": {**good, "term-rec": np.zeros(2, dtype=np.float32)},
     }
     for name, arrays in cases.items():
         with pytest.raises(BadUpload):
             from_arrays(arrays, 3, 2, torch.float32)
         assert name
+    # the logged loss terms (mode=fortress) travel too
+    u = toy(3)
+    u.terms = {"rec": torch.tensor([1.0, 2.0, 3.0]), "temp": torch.tensor([0.1, 0.2, 0.3])}
+    back = from_arrays(to_arrays(u), 3, 2, torch.float32)
+    assert back.terms.keys() == u.terms.keys() and all(torch.equal(back.terms[k], u.terms[k]) for k in u.terms)
 
 
 def test_fault_draws_do_not_depend_on_who_else_is_in_the_batch():

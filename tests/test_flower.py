@@ -139,6 +139,20 @@ def test_three_nodes_match_the_simulator(ds, tmp_path):
     assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ("HR@10", "NDCG@10"))
 
 
+def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
+    """Nothing in the Flower glue is mode-specific: the ClientApp's client_step builds the FORTRESS
+    objective and its per-user draws, and the loss terms travel back in the reply."""
+    exact = dict(EXACT, mode="fortress")
+    assert from_run_config(kebab(exact))[0].mode == "fortress"
+    cfg = Config(rounds=2, **exact)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(exact), 3))
+    assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
+    for a, b in zip(ref["history"], got["history"]):
+        assert set(a["terms"]) == set(b["terms"]) == {"rec", "seq", "user", "item", "temp"}
+        assert all(abs(a["terms"][k] - b["terms"][k]) < 1e-9 for k in a["terms"])
+
+
 def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path, caplog):
     cfg = Config(rounds=2, min_answered=0.01, **SMALL)
     grid = LocalGrid(kebab(SMALL), 6, faults={0: "error", 1: "silent", 2: "float16", 3: "stray", 5: "offline"})

@@ -1,4 +1,4 @@
-"""`fortress` command line: run, experiment, data stats, recommend."""
+"""`fortress` command line: run, experiment, data stats, recommend, plot."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,16 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot_trajectories(args: argparse.Namespace) -> int:
+    from fortress.plots import trajectories
+    out = args.out or str(Path(args.run_dirs[0]) / "trajectories.png")
+    path, steps = trajectories(args.run_dirs, out, args.users, args.min_len, args.seed)
+    for run_dir, step in steps.items():
+        print(f"{run_dir}: mean step between consecutive prefixes {step:.4f} ({args.users} users)")
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_deploy_demo(args: argparse.Namespace) -> int:
     from fortress import config
     from fortress.flower import deploy
@@ -107,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=("auto", "seq", "table", "mind", "split"), help="data format")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--resume", action="store_true",
-                     help="fedavg: continue from OUT/checkpoint.pt if there is one (see checkpoint_every)")
+                     help="fedavg, fortress: continue from OUT/checkpoint.pt if there is one (see checkpoint_every)")
     run.set_defaults(func=cmd_run)
 
     exp = sub.add_parser("experiment", help="run a grid of runs from a spec file (resumable) and write DIR/report.md")
@@ -147,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--user", required=True, help="user id as in the data (or its readable name)")
     rec.add_argument("-k", type=int, default=10)
     rec.set_defaults(func=cmd_recommend)
+
+    plot = sub.add_parser("plot", help="figures from saved runs")
+    psub = plot.add_subparsers(dest="plot_command", required=True)
+    traj = psub.add_parser("trajectories", help="user representations of growing prefixes, 2-D, one panel per run")
+    traj.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `fortress run` on the same data")
+    traj.add_argument("--out", help="PNG path (default RUN_DIR/trajectories.png of the first run)")
+    traj.add_argument("--users", type=int, default=6, help="users to draw")
+    traj.add_argument("--min-len", type=int, default=8, help="only users with at least this many items")
+    traj.add_argument("--seed", type=int, default=0, help="which users are sampled")
+    traj.set_defaults(func=cmd_plot_trajectories)
     return p
 
 

@@ -8,10 +8,15 @@ change of exactly those parameters. The next-item loss is a softmax over that su
 The vectorised engine stacks clients into chunks (sorted by length so each chunk is padded only
 to its own longest sequence) and runs `torch.func.vmap` over `local_train`; the loop engine calls
 the very same `local_train` on each client's unpadded tensors and is the reference it must match.
+
+A loss function has the signature `loss_fn(model, dense, table, x, y, col_mask[, draws])` and
+returns the loss or `(loss, terms)`, terms a dict of scalar parts to log. `draws` are per-client
+random numbers precomputed outside the vmapped step (one slice per local epoch), so that both
+engines see the same ones; dropout alone draws from torch's RNG inside vmap.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -21,7 +26,7 @@ from torch.func import grad_and_value, vmap
 
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
-from fortress.objectives import next_item_loss, sampled_softmax_bias
+from fortress.objectives import fortress_draws, fortress_loss, next_item_loss, sampled_softmax_bias
 from fortress.updates import Updates, concat, flatten
 
 
@@ -34,6 +39,7 @@ class Chunk:
     items: torch.Tensor    # (n, S) global item id of each sub-table slot
     x: torch.Tensor        # (n, L) inputs as sub-table slots, left-padded with 0
     y: torch.Tensor        # (n, L) next-item targets as sub-table slots, 0 = none
+    draws: dict[str, torch.Tensor] | None = None   # per-client (n, epochs, ...) draws for the loss
 
     @property
     def n(self) -> int:
@@ -111,23 +117,49 @@ def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, 
 
 
 def objective(cfg, n_items: int) -> Callable:
-    """The loss an honest client minimises under `cfg` (a Config), for a catalogue of n_items."""
-    return partial(rec_loss, n_items=n_items if cfg.neg_correction else 0)
+    """The loss an honest client minimises under `cfg` (a Config), for a catalogue of n_items.
+
+    fedavg: the next-item loss; fortress: the FORTRESS objective, whose next-item term is the
+    same (logQ-corrected when `neg_correction`) sampled softmax.
+    """
+    n = n_items if cfg.neg_correction else 0
+    if cfg.mode == "fortress":
+        return partial(fortress_loss, cfg=cfg, n_items=n)
+    return partial(rec_loss, n_items=n)
+
+
+def round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> list[Chunk]:
+    """Round r's chunks of `users`, with the per-client draws the objective needs (fortress).
+
+    Negatives and draws come from each client's own (seed, round, user) streams, so a client sees
+    the same sub-table and the same views wherever it is trained and however it is chunked.
+    """
+    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r))
+    if cfg.mode == "fortress":
+        chunks = [replace(c, draws=fortress_draws(cfg, r, c.users.numpy())) for c in chunks]
+    return chunks
+
+
+def _with_terms(loss_fn: Callable, model: Model, *args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = loss_fn(model, *args)
+    return out if isinstance(out, tuple) else (out, {})
 
 
 def local_train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,
                 dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                col_mask: torch.Tensor) -> tuple[Params, torch.Tensor, torch.Tensor]:
+                col_mask: torch.Tensor, draws: dict[str, torch.Tensor] | None = None
+                ) -> tuple[Params, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """`epochs` full-sequence steps of SGD or Adam (fresh state) on one client's data.
 
-    Returns the change of the dense parameters, the change of the sub-table (S, d) and the loss
-    of the last step. Pure: the broadcast tensors are never modified.
+    Returns the change of the dense parameters, the change of the sub-table (S, d), the loss of
+    the last step and its logged terms. Pure: the broadcast tensors are never modified.
     """
-    step = grad_and_value(partial(loss_fn, model), argnums=(0, 1))
+    step = grad_and_value(partial(_with_terms, loss_fn, model), argnums=(0, 1), has_aux=True)
     params = (dict(dense), table)
     m = v = None
     for t in range(1, epochs + 1):
-        (g_dense, g_table), loss = step(params[0], params[1], x, y, col_mask)
+        extra = () if draws is None else ({k: d[t - 1] for k, d in draws.items()},)
+        (g_dense, g_table), (loss, terms) = step(params[0], params[1], x, y, col_mask, *extra)
         grads = (g_dense, g_table)
         if opt == "sgd":
             params = ({k: params[0][k] - lr * g_dense[k] for k in dense}, params[1] - lr * g_table)
@@ -148,15 +180,15 @@ def local_train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
             new_dense[k], m_d[k], v_d[k] = adam(params[0][k], grads[0][k], m[0][k], v[0][k])
         new_table, m_t, v_t = adam(params[1], grads[1], m[1], v[1])
         params, m, v = (new_dense, new_table), (m_d, m_t), (v_d, v_t)
-    return {k: params[0][k] - dense[k] for k in dense}, params[1] - table, loss
+    return {k: params[0][k] - dense[k] for k in dense}, params[1] - table, loss, terms
 
 
 def _to_updates(chunk: Chunk, keys: list[str], d_dense: Params, d_table: torch.Tensor,
-                loss: torch.Tensor) -> Updates:
+                loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> Updates:
     real = chunk.items > 0                                                      # (n, S)
     rows_client = real.nonzero()[:, 0]
     return Updates(chunk.users, chunk.weight.to(d_table.dtype), flatten(d_dense, keys, batched=True),
-                   rows_client, chunk.items[real], d_table[real], loss)
+                   rows_client, chunk.items[real], d_table[real], loss, terms)
 
 
 def train_chunk(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,
@@ -168,21 +200,24 @@ def train_chunk(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
     col_mask = chunk.items > 0                                                  # (n, S)
     fn = partial(local_train, model, loss_fn, epochs, lr, opt)
     if engine == "vmap":
-        d_dense, d_table, loss = vmap(fn, in_dims=(None, 0, 0, 0, 0), randomness="different")(
-            dense, table, chunk.x, chunk.y, col_mask)
-        return _to_updates(chunk, keys, d_dense, d_table, loss)
+        d_dense, d_table, loss, terms = vmap(fn, in_dims=(None, 0, 0, 0, 0, None if chunk.draws is None else 0),
+                                             randomness="different")(
+            dense, table, chunk.x, chunk.y, col_mask, chunk.draws)
+        return _to_updates(chunk, keys, d_dense, d_table, loss, terms)
     # reference: one client at a time on its own unpadded tensors
     outs = []
     for i in range(chunk.n):
         S = int(col_mask[i].sum()) + 1
         L = int((chunk.x[i] > 0).sum())
-        outs.append(fn(dense, table[i, :S], chunk.x[i, -L:], chunk.y[i, -L:], col_mask[i, :S]))
+        draws = None if chunk.draws is None else {k: d[i] for k, d in chunk.draws.items()}
+        outs.append(fn(dense, table[i, :S], chunk.x[i, -L:], chunk.y[i, -L:], col_mask[i, :S], draws))
     d_table = torch.zeros_like(table)
-    for i, (_, dt, _) in enumerate(outs):
+    for i, (_, dt, _, _) in enumerate(outs):
         d_table[i, :dt.shape[0]] = dt
     d_dense = {k: torch.stack([o[0][k] for o in outs]) for k in keys}
     loss = torch.stack([o[2] for o in outs])
-    return _to_updates(chunk, keys, d_dense, d_table, loss)
+    terms = {k: torch.stack([o[3][k] for o in outs]) for k in outs[0][3]}
+    return _to_updates(chunk, keys, d_dense, d_table, loss, terms)
 
 
 def train_round(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,

@@ -13,7 +13,7 @@ from fortress.errors import InputError
 @dataclass(frozen=True)
 class Config:
     # what to run
-    mode: str = "fedavg"            # pop | central | fedavg
+    mode: str = "fedavg"            # pop | central | fedavg | fortress
     backbone: str = "sasrec"        # sasrec | gru4rec
     seed: int = 0
     init_from: str = ""             # start from the model of a saved run (its folder or model.pt)
@@ -48,6 +48,21 @@ class Config:
     drop_rate: float = 0.0          # chance that a sampled client never answers (fault injection)
     corrupt_rate: float = 0.0       # chance that an answering client uploads garbage (fault injection)
     checkpoint_every: int = 0       # rounds between atomic checkpoints in the output folder; 0 = off
+    # FORTRESS client objective (mode=fortress): L_rec + lambda_cl (L_seq + L_user + L_item) + lambda_temp L_temp
+    lambda_cl: float = 0.02         # weight of the three contrastive views
+    lambda_temp: float = 0.01       # weight of the temporal regulariser
+    tau: float = 0.5                # InfoNCE temperature (cosine similarity)
+    user_noise_std: float = 0.5     # sigma of the user view's Gaussian noise
+    item_eps: float = 0.1           # norm of the item view's gradient-direction perturbation
+    crop_ratio: float = 0.6         # sequence view: fraction of the sequence a crop keeps
+    mask_ratio: float = 0.3         # sequence view: fraction of items replaced by the mask token
+    reorder_ratio: float = 0.6      # sequence view: fraction of the sequence a reorder shuffles
+    temp_window: int = 3            # temporal regulariser: sliding-window width (items)
+    temp_stride: int = 1            # temporal regulariser: step between adjacent windows
+    seq_view: bool = True           # ablation switches: each term on/off
+    user_view: bool = True
+    item_view: bool = True
+    temporal: bool = True
     # centralised training
     epochs: int = 15
     batch_size: int = 128
@@ -58,7 +73,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": ("pop", "central", "fedavg"),
+    "mode": ("pop", "central", "fedavg", "fortress"),
     "backbone": ("sasrec", "gru4rec"),
     "data_format": ("auto", "seq", "table", "mind", "split"),
     "dtype": ("float32", "float64"),
@@ -70,9 +85,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 MINIMUM: dict[str, float] = {
     "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "dim": 2, "blocks": 1, "heads": 1,
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
-    "epochs": 0, "batch_size": 1, "eval_batch": 1,
+    "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1,
 }
-POSITIVE = ("lr", "central_lr", "global_lr")
+POSITIVE = ("lr", "central_lr", "global_lr", "tau")
 
 
 def keys() -> list[str]:
@@ -129,6 +144,11 @@ def validate(cfg: Config) -> Config:
     for key in ("drop_rate", "corrupt_rate", "min_answered"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
+    for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):
+        if getattr(cfg, key) > 1.0:
+            raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
+    if cfg.mode == "fortress" and cfg.temporal and cfg.temp_window > cfg.max_len:
+        raise InputError(f"temp_window={cfg.temp_window} must be <= max_len={cfg.max_len}")
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}")
     return cfg

@@ -55,4 +55,4 @@ def corrupt(u: Updates, cfg: Config, r: int, n_items: int) -> Updates:
             rows_item[mine[1]] = rows_item[mine[0]]
         else:                                                                         # no rows: fall back
             dense[i, 0] = float("nan")
-    return Updates(u.clients, u.weight, dense, rows_client, rows_item, rows_delta, u.loss)
+    return Updates(u.clients, u.weight, dense, rows_client, rows_item, rows_delta, u.loss, u.terms)

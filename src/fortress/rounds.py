@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fortress import faults
-from fortress.client import build_chunks, objective, round_bytes, train_round
+from fortress.client import objective, round_bytes, round_chunks, train_round
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
@@ -52,7 +52,7 @@ def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: n
     if not len(users):
         return Collected(empty(dense_size(params), cfg.dim, params["item_emb"].dtype))
     torch.manual_seed(cfg.seed * 1_000_003 + r)                # dropout masks of this round
-    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r))
+    chunks = round_chunks(ds, cfg, users, r)                   # sub-tables (+ fortress draws) per user
     updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, cfg.engine)
     updates = faults.corrupt(updates, cfg, r, ds.n_items)
     nbytes = round_bytes(chunks, dense_size(params), cfg.dim, params["item_emb"].element_size())
@@ -76,5 +76,10 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
         gopt.apply(params, dense_keys(params), params["item_emb"], fedavg(updates))
     w = updates.weight
     info["loss"] = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")
+    if updates.terms:           # each logged loss term (fortress), weighted like `loss`, over clients that log it
+        info["terms"] = {}
+        for k, t in updates.terms.items():
+            ok = torch.isfinite(t)
+            info["terms"][k] = float((w[ok] * t[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
     info["rejected_clients"] = rejected
     return info

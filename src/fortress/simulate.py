@@ -253,7 +253,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         eligible: np.ndarray | None = None) -> dict[str, Any]:
     """Train (or count, for pop) per cfg.mode, evaluate valid and test, write results and model.
 
-    fedavg only: `resume` continues from out/checkpoint.pt (written every `checkpoint_every`
+    fedavg and fortress: `resume` continues from out/checkpoint.pt (written every `checkpoint_every`
     rounds) when there is one; `clients` and `eligible` let the Flower ServerApp put its own
     transport and its SuperNodes' users in place of the in-process ones.
     """
@@ -262,8 +262,9 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
     setup_torch(cfg)
     model = from_config(cfg)
     params = None
-    steps = {"pop": 0, "central": cfg.epochs, "fedavg": cfg.rounds}[cfg.mode]
-    bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if cfg.mode == "fedavg" else "epoch",
+    federated = cfg.mode in ("fedavg", "fortress")
+    steps = 0 if cfg.mode == "pop" else cfg.epochs if cfg.mode == "central" else cfg.rounds
+    bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if federated else "epoch",
                disable=not progress or steps == 0, dynamic_ncols=True)
     if cfg.mode == "pop":
         run_ = Run(cfg, ds, model, {})

@@ -6,7 +6,7 @@ simulator keeps a whole round in one `Updates` (rows in COO form, one row per (c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,7 @@ class Updates:
     rows_item: torch.Tensor    # (M,) int64 global item id 1..n_items
     rows_delta: torch.Tensor   # (M, d) item-row deltas
     loss: torch.Tensor         # (n,) mean local loss over the client's last epoch
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)   # (n,) each: logged parts of the loss
 
     @property
     def n(self) -> int:
@@ -52,7 +53,8 @@ class Updates:
         row_keep = keep[self.rows_client]
         return Updates(self.clients[keep], self.weight[keep], self.dense[keep],
                        new_pos[self.rows_client[row_keep]], self.rows_item[row_keep],
-                       self.rows_delta[row_keep], self.loss[keep])
+                       self.rows_delta[row_keep], self.loss[keep],
+                       {k: t[keep] for k, t in self.terms.items()})
 
 
 def empty(dense_size: int, dim: int, dtype: torch.dtype) -> Updates:
@@ -70,13 +72,17 @@ def norms(u: Updates) -> torch.Tensor:
 
 
 def concat(parts: list[Updates]) -> Updates:
+    """One Updates of all parts; a loss term some parts do not log is NaN for their clients."""
     offsets = torch.tensor([0] + [u.n for u in parts[:-1]]).cumsum(0)
+    names = sorted({k for u in parts for k in u.terms})
+    terms = {k: torch.cat([u.terms[k] if k in u.terms else torch.full_like(u.loss, float("nan"))
+                           for u in parts]) for k in names}
     return Updates(
         torch.cat([u.clients for u in parts]), torch.cat([u.weight for u in parts]),
         torch.cat([u.dense for u in parts]),
         torch.cat([u.rows_client + off for u, off in zip(parts, offsets.tolist())]),
         torch.cat([u.rows_item for u in parts]), torch.cat([u.rows_delta for u in parts]),
-        torch.cat([u.loss for u in parts]))
+        torch.cat([u.loss for u in parts]), terms)
 
 
 def check(u: Updates, n_items: int, dense_size: int, dim: int,

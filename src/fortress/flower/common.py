@@ -42,8 +42,8 @@ def from_run_config(run_config: dict[str, Any]) -> tuple[Config, FlowerOptions]:
         else:
             ours[key.replace("-", "_")] = value
     cfg = config_mod.override(Config(), ours, source="[tool.flwr.app.config]")
-    if cfg.mode != "fedavg":
-        raise InputError(f"mode={cfg.mode!r}: the Flower apps run federated training only (mode=fedavg)")
+    if cfg.mode not in ("fedavg", "fortress"):
+        raise InputError(f"mode={cfg.mode!r}: the Flower apps run federated training only (mode=fedavg or fortress)")
     return cfg, FlowerOptions(**flower)
 
 

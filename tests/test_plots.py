@@ -1,0 +1,61 @@
+"""`fortress plot trajectories` and the FORTRESS keys on the command line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fortress.cli import main
+from fortress.plots import prefix_states, step_length
+from fortress.recommend import load_run
+
+SMALL = ["--data", "synthetic", "--set", "synthetic_users=300", "--set", "synthetic_items=50", "--set", "dim=16",
+         "--set", "max_len=12", "--set", "rounds=2", "--set", "clients_per_round=16", "--set", "n_neg=16",
+         "--set", "threads=1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["run", "--out", str(root / "temporal"), *SMALL, "--set", "mode=fortress"]) == 0
+    assert main(["run", "--out", str(root / "no_temporal"), *SMALL, "--set", "mode=fortress",
+                 "--set", "temporal=false", "--set", "item_view=false"]) == 0
+    assert main(["run", "--out", str(root / "pop"), *SMALL, "--set", "mode=pop"]) == 0
+    return root
+
+
+def test_fortress_run_logs_only_the_terms_switched_on(runs):
+    on = json.loads((runs / "temporal" / "results.json").read_text())
+    off = json.loads((runs / "no_temporal" / "results.json").read_text())
+    assert set(on["history"][-1]["terms"]) == {"rec", "seq", "user", "item", "temp"}
+    assert set(off["history"][-1]["terms"]) == {"rec", "seq", "user"}
+    assert off["config"]["temporal"] is False and on["config"]["lambda_temp"] == 0.01
+
+
+def test_trajectories_png(runs, capsys):
+    out = runs / "traj.png"
+    code = main(["plot", "trajectories", str(runs / "temporal"), str(runs / "no_temporal"), "--out", str(out),
+                 "--users", "4"])
+    assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(out) in capsys.readouterr().out
+    blob = load_run(runs / "temporal")
+    states = prefix_states(blob, [0, 1])
+    for u, s in zip([0, 1], states):
+        n = int(blob["seq_ptr"][u + 1] - blob["seq_ptr"][u])
+        assert s.shape == (n, 16) and torch.allclose(s.norm(dim=-1), torch.ones(n, dtype=s.dtype))
+    assert 0 < step_length(states) <= 2
+
+
+def test_plot_and_key_errors_are_one_line(runs, capsys, tmp_path):
+    assert main(["plot", "trajectories", str(runs / "pop")]) == 2
+    assert "no user representations" in capsys.readouterr().err
+    assert main(["plot", "trajectories", str(tmp_path / "nothing")]) == 2
+    assert "no saved model" in capsys.readouterr().err
+    for setting, expect in [("mask_ratio=1.5", "mask_ratio=1.5 is out of range"),
+                            ("tau=0", "tau=0.0 is out of range"),
+                            ("temporal=maybe", "temporal='maybe': expected true or false"),
+                            ("temp_window=99", "temp_window=99 must be <= max_len=50")]:
+        assert main(["run", "--data", "synthetic", "--out", str(tmp_path / "o"), "--set", "mode=fortress",
+                     "--set", setting]) == 2
+        assert expect in capsys.readouterr().err
