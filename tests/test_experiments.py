@@ -291,16 +291,23 @@ def test_paper_spec_is_valid(shared_data, tmp_path):
 
 
 def test_smoke_spec_reduced_runs_end_to_end(tmp_path):
-    """experiments/smoke.toml (all of it checked), run cut to one seed, two methods, two attacks."""
+    """experiments/smoke.toml (all of it checked), run cut to one seed, the methods the sections need, two
+    attacks, one ablation variant, one sensitivity key with two values, and the figures."""
     table = tomllib.loads((ROOT / "experiments" / "smoke.toml").read_text())
     experiments.plan(table, Path("smoke.toml"), tmp_path)             # the whole spec is valid
     table["grid"]["seeds"] = [0]
     table["grid"]["attacks"] = table["grid"]["attacks"][:2]
-    table["methods"] = dict(list(table["methods"].items())[:2])
-    for key, values in table.get("sensitivity", {}).get("sweeps", {}).items():
-        table["sensitivity"]["sweeps"][key] = values[:2]
-    table.get("sensitivity", {})["seeds"] = [0]
-    table.get("ablation", {})["seeds"] = [0]
+    needed = {table[s]["method"] for s in ("ablation", "sensitivity") if s in table}
+    needed |= {r["method"] for f in table.get("figures", []) for r in f["runs"]}
+    first = next(iter(table["methods"]))
+    table["methods"] = {k: v for k, v in table["methods"].items() if k == first or k in needed}
+    if "ablation" in table:
+        table["ablation"]["variants"] = dict(list(table["ablation"]["variants"].items())[:1])
+        table["ablation"]["seeds"] = [0]
+    if "sensitivity" in table:
+        key, values = next(iter(table["sensitivity"]["sweeps"].items()))
+        table["sensitivity"]["sweeps"] = {key: values[:2]}
+        table["sensitivity"]["seeds"] = [0]
     script = ("import json, sys; from pathlib import Path; from fortress import experiments, report; "
               "p = experiments.plan(json.load(sys.stdin), Path('smoke.toml'), Path(sys.argv[1])); "
               "c = experiments.execute(p, jobs=2, progress=False); report.write(p); print(json.dumps(c))")
