@@ -22,10 +22,13 @@ def test_table_marks_best_per_column_and_short_seeds():
     assert lines[4] == "| c | – | – | – |"
 
 
-def test_ties_are_all_marked():
+def test_ties_are_all_marked_unless_the_whole_column_ties():
     hr = report.Column("HR@10", "none", None, "max")
-    lines = report.table(["a", "b"], [hr], {("a", hr): [0.30001], ("b", hr): [0.3]}, expected=1).splitlines()
-    assert lines[2].count("**") == 2 and lines[3].count("**") == 2
+    er = report.Column("ER@10", "ahum", 0.01, "min")
+    values = {("a", hr): [0.30001], ("b", hr): [0.3], ("c", hr): [0.2],
+              ("a", er): [0.0], ("b", er): [0.0], ("c", er): [0.0]}
+    lines = report.table(["a", "b", "c"], [hr, er], values, expected=1).splitlines()
+    assert [line.count("**") for line in lines[2:]] == [2, 2, 0]
 
 
 def test_metrics_final_and_mean_of_last_evaluations():

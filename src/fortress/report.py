@@ -68,11 +68,11 @@ def mean_std(xs: list[float], expected: int) -> str:
 
 def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], list[float]], expected: int,
           first: str = "method") -> str:
-    """A markdown table of mean ± std; in each column the best mean (rounded as shown) is bold."""
+    """A markdown table of mean ± std; in each column the best mean (rounded as shown, ties included) is bold."""
     best: dict[Column, float] = {}
     for c in cols:
         means = [round(float(np.mean(values[r, c])), 4) for r in rows if values.get((r, c))]
-        if c.better and len(means) > 1:
+        if c.better and len(set(means)) > 1:            # all equal: nothing to mark
             best[c] = max(means) if c.better == "max" else min(means)
     lines = [f"| {first} | " + " | ".join(c.header() for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
