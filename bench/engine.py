@@ -43,9 +43,9 @@ def time_rounds(ds, cfg: Config, clients: int, rounds: int, warmup: int = 1) -> 
     params = model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
     eligible = eligible_clients(ds)
     gopt, keys = GlobalOptimizer(cfg.global_opt, cfg.global_lr), dense_keys(params)
-    times = []
+    times, cpu = [], []
     for r in range(warmup + rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rng = np.random.default_rng([cfg.seed, r])
         users = rng.choice(eligible, size=clients, replace=False)
         chunks = round_chunks(ds, cfg, users, r)
@@ -54,7 +54,9 @@ def time_rounds(ds, cfg: Config, clients: int, rounds: int, warmup: int = 1) -> 
         gopt.apply(params, keys, params["item_emb"], fedavg(updates))
         if r >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"seconds_per_round": float(np.mean(times)), "std": float(np.std(times)), "rounds": rounds}
+            cpu.append(time.process_time() - c0)
+    return {"seconds_per_round": float(np.mean(times)), "std": float(np.std(times)),
+            "cpu_seconds_per_round": float(np.mean(cpu)), "rounds": rounds}
 
 
 def time_pair(ds, cfgs: list[Config], clients: int, rounds: int, warmup: int = 1) -> dict:
@@ -157,8 +159,9 @@ def main() -> None:
             for mode, sec, cpu in zip(r["modes"], r["seconds_per_round"], r["cpu_seconds_per_round"]):
                 print(f"{mode + ' (paired) 256 clients':<28} {sec:>12.3f} {r['peak_rss_mb']:>12.0f}  cpu {cpu:.3f} s")
             continue
-        label = {"round": f"{r['engine']} 256 clients", "eval": f"eval {r['users_evaluated']} users",
-                 "scale": f"scale 1M users {r['clients']} clients"}[r["kind"]]
+        label = (f"{r['engine']} 256 clients" if r["kind"] == "round" else
+                 f"eval {r['users_evaluated']} users" if r["kind"] == "eval" else
+                 f"scale 1M users {r['clients']} clients")
         sec = r.get("seconds_per_round", r.get("seconds"))
         print(f"{label:<28} {sec:>12.3f} {r['peak_rss_mb']:>12.0f}")
     by_kind = {}
@@ -183,7 +186,8 @@ def main() -> None:
         print("scale, ms per client: " + ", ".join(f"{r['clients']}: {m:.2f}" for r, m in zip(scale, per_client)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "command": " ".join(sys.argv)}
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "command": " ".join(sys.argv),
+            "load_average_at_end": os.getloadavg()}
     Path(args.out).write_text(json.dumps({"meta": meta, **summary, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
