@@ -37,10 +37,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise InputError(f"--jobs {args.jobs}: must be >= 1")
     plan = experiments.load(args.spec, args.out)          # the whole spec is checked before anything runs
     if args.dry_run:
+        done = 0
         for cell in plan.cells.values():
-            done = "finished" if experiments.finished(cell) else "to run"
-            print(f"{cell.id}  {done:<8}  {cell.labels[0]}\n    {cell.command()}")
-        print(f"{len(plan.cells)} cells")
+            done += experiments.finished(cell)
+            print(f"{cell.id}  {'finished' if experiments.finished(cell) else 'to run':<8}  {cell.labels[0]}\n"
+                  f"    {cell.command()}")
+        kinds = [c.kind for c in plan.cells.values()]
+        print(f"{len(kinds)} cells ({kinds.count('pretrain')} pretrain, {kinds.count('run')} runs, "
+              f"{kinds.count('figure')} figures): {done} finished, {len(kinds) - done} to run")
         return 0
     counts = {}
     if not args.report_only:
