@@ -532,7 +532,12 @@ def lock(root: Path) -> int:
 
 
 def execute(p: Plan, jobs: int = 1, progress: bool = True, log=None) -> dict[str, int]:
-    """Run every unfinished cell, up to `jobs` at once; returns counts of ok / failed / skipped cells."""
+    """Run every unfinished cell, up to `jobs` at once; returns counts of ok / failed / skipped cells.
+
+    On Linux cells are forks of this process: call it from a process that has not run torch
+    operations yet (like the `fortress experiment` command), since torch's thread pools do not
+    survive a fork.
+    """
     from tqdm import tqdm
     if FORK:       # import torch and the CLI once here; forked cells inherit them (no torch op has run)
         import fortress.cli  # noqa: F401
