@@ -131,6 +131,29 @@ def test_one_node_is_bit_identical_to_the_simulator(ds, tmp_path):
     assert got["test"] == ref["test"]
 
 
+def test_an_attack_runs_under_flower_like_in_the_simulator(ds, tmp_path):
+    """Malicious clients are simulated in the ServerApp; the nodes host the benign users only."""
+    sets = dict(EXACT, attack="psmu", attack_ratio=0.05, attack_len=6, eval_every=1)
+    cfg = Config(rounds=2, **sets)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(sets), 3))
+    assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
+    assert got["attack"]["malicious_uploads"] == ref["attack"]["malicious_uploads"] > 0
+    assert abs(got["attack"]["ER@10"] - ref["attack"]["ER@10"]) < 1e-9
+
+
+def test_the_server_defence_runs_in_the_flower_server_like_in_the_simulator(ds, tmp_path):
+    """The defence is part of server_step: under Flower it sees the same uploads, flags the same items."""
+    sets = dict(EXACT, attack="ahum", attack_ratio=0.05, defence="fortress", popular_frac=0.1)
+    cfg = Config(rounds=3, **sets)
+    ref = run(cfg, ds, tmp_path / "sim", progress=False)
+    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(sets), 3))
+    assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
+    keys = ("suspicious", "flagged", "down_weighted", "focused_rows", "targets_flagged", "weight_malicious")
+    assert [{k: h["defence"][k] for k in keys} for h in got["history"]] == \
+        [{k: h["defence"][k] for k in keys} for h in ref["history"]]
+
+
 def test_three_nodes_match_the_simulator(ds, tmp_path):
     cfg = Config(rounds=3, **EXACT)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)

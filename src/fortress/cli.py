@@ -79,6 +79,19 @@ def cmd_plot_trajectories(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot_embeddings(args: argparse.Namespace) -> int:
+    from fortress.plots import embeddings
+    out = args.out or str(Path(args.run_dirs[0]) / "embeddings.png")
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    path, stats = embeddings(args.run_dirs, out, args.popular_frac, targets, args.sample, args.seed)
+    for run_dir, st in stats.items():
+        print(f"{run_dir}: targets' median chord distance to popular items {st['target_median_distance']:.3f}; "
+              f"{st['other_items_closer']:.1%} of other items are closer; target length "
+              f"{st['target_length']:.2f} popular median norms")
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_deploy_demo(args: argparse.Namespace) -> int:
     from fortress import config
     from fortress.flower import deploy
@@ -171,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     traj.add_argument("--min-len", type=int, default=8, help="only users with at least this many items")
     traj.add_argument("--seed", type=int, default=0, help="which users are sampled")
     traj.set_defaults(func=cmd_plot_trajectories)
+    emb = psub.add_parser("embeddings", help="item embeddings (popular, targets, rest) and target-to-popular distances")
+    emb.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `fortress run` on the same data")
+    emb.add_argument("--out", help="PNG path (default RUN_DIR/embeddings.png of the first run)")
+    emb.add_argument("--popular-frac", type=float, default=0.02, help="share of items, by train count, drawn as popular")
+    emb.add_argument("--targets", help="comma-separated item ids (default: each run's attack targets)")
+    emb.add_argument("--sample", type=int, default=3000, help="other items drawn")
+    emb.add_argument("--seed", type=int, default=0, help="which other items are sampled")
+    emb.set_defaults(func=cmd_plot_embeddings)
     return p
 
 

@@ -75,11 +75,28 @@ def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk
     wherever it is trained (in-process, or on whichever Flower SuperNode hosts it).
     """
     seqs = [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
+    weights = [len(ds.train_seq(int(u))) for u in users]
+    return chunks_from_sequences(users, seqs, weights, ds.n_items, n_neg, chunk_size, rng, key=key)
+
+
+def chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: list[float], n_items: int,
+                          n_neg: int, chunk_size: int, rng: np.random.Generator | None = None,
+                          prefix: np.ndarray | None = None, *, key: tuple[int, ...] | None = None) -> list[Chunk]:
+    """Chunks of clients from their sequences; a sub-table holds own items and n_neg negatives.
+
+    Used for benign clients (train sequences) and malicious ones (fake sequences). Negatives
+    come from `rng` or from each client's stream (see `build_chunks`). `prefix`
+    (n, P) puts the same number of chosen items first, at slots 1..P of every client's sub-table
+    (an attack's targets and the items it pushes down), so a loss can address them by slot; the
+    client's other items follow in sorted order, then the negatives. Chunks are grouped by length.
+    """
     subs = []
-    for u, s in zip(users, seqs):
+    for i, (u, s) in enumerate(zip(users, seqs)):
         own = np.unique(s)                                                  # sorted
+        if prefix is not None:
+            own = np.concatenate([prefix[i], np.setdiff1d(own, prefix[i])])
         own_rng = rng if key is None else np.random.default_rng([*key, int(u)])
-        subs.append((own, _negatives(own, ds.n_items, n_neg, own_rng)))
+        subs.append((own, _negatives(own, n_items, n_neg, own_rng)))
     order = np.argsort([len(s) for s in seqs], kind="stable")
     chunks = []
     for start in range(0, len(order), chunk_size):
@@ -92,12 +109,12 @@ def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk
         for row, i in enumerate(idx):
             own, neg = subs[i]
             items[row, 1:1 + len(own) + len(neg)] = np.concatenate([own, neg])
-            local = 1 + np.searchsorted(own, seqs[i])                       # slot of each item
+            sort = np.argsort(own, kind="stable")
+            local = 1 + sort[np.searchsorted(own, seqs[i], sorter=sort)]     # slot of each item
             n = len(local) - 1
             x[row, L - n:], y[row, L - n:] = local[:-1], local[1:]
         chunks.append(Chunk(torch.as_tensor(users[idx], dtype=torch.int64),
-                            torch.as_tensor([len(ds.train_seq(int(users[i]))) for i in idx],
-                                            dtype=torch.float64),
+                            torch.as_tensor([weights[i] for i in idx], dtype=torch.float64),
                             torch.from_numpy(items), torch.from_numpy(x), torch.from_numpy(y)))
     return chunks
 

@@ -70,6 +70,32 @@ class Config:
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once
     threads: int = 0                # torch threads (0 = all cores)
+    # poisoning attacks (fedavg; fortress/attacks explains each one and its choices)
+    attack: str = "none"            # none | ahum | psmu | random | popular | boost
+    attack_ratio: float = 0.01      # malicious clients as a fraction of benign users (>= 1 client when > 0)
+    targets: int = 1                # target items whose ER@K is tracked (fedavg; 0 = no tracking)
+    target_pick: str = "unpopular"  # unpopular | random | comma-separated item ids as in the data
+    attack_scale: float = 1.0       # factor on the uploads of ahum and psmu (1 = as computed; see attacks/base.py)
+    attack_len: int = 10            # length of a fake sequence; also the weight a malicious client reports
+    attack_users: int = 10          # ahum: hard users each malicious client mines
+    attack_steps: int = 30          # ahum: gradient steps of hard-user mining
+    attack_alternatives: int = 20   # psmu: competing items (the fake user's top-K) pushed below the target
+    # server defence (fedavg; fortress/server/defences.py explains each one)
+    defence: str = "none"           # none | fortress | median | trimmed_mean | krum | multi_krum | norm_bound
+    trim_frac: float = 0.1          # trimmed_mean: share of each coordinate's values cut at each end
+    byz_frac: float = 0.1           # krum, multi_krum: assumed share of Byzantine contributors (f = floor(byz_frac n))
+    norm_bound: float = 0.0         # norm_bound: clip each client's update to this L2 norm; 0 = the round's median norm
+    # the FORTRESS server (server/fortress.py): detection thresholds, reliability, L_sep + L_var
+    popular_frac: float = 0.02      # popular set P: this share of the catalogue with the largest estimated popularity
+    surge: float = 3.0              # flag an unpopular item whose row mass exceeds surge x max(P's median mass, its own history)
+    norm_z: float = 4.0             # down-weight clients whose update norm exceeds median + norm_z robust SDs of the round
+    focus_slack: float = 2.0        # a client may put up to focus_slack / min(weight, max_len + 1) of its row mass on one item
+    alpha: float = 1.0              # weight of L_sep (keep suspicious items at least `margin` from popular ones)
+    beta: float = 0.1               # weight of L_var (keep each popular item near its knn popular neighbours)
+    margin: float = 1.4             # L_sep margin: chord distance between unit embeddings (sqrt(2) = orthogonal)
+    knn: int = 5                    # popular neighbours in L_var
+    server_steps: int = 5           # server gradient steps on alpha L_sep + beta L_var per round (when something is flagged)
+    server_lr: float = 0.5          # their step size (on unit vectors; each row keeps its length)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -80,14 +106,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
+    "attack": ("none", "ahum", "psmu", "random", "popular", "boost"),
+    "defence": ("none", "fortress", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"),
 }
+FEDERATED = ("fedavg", "fortress")      # modes that train in federated rounds
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
     "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "dim": 2, "blocks": 1, "heads": 1,
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
-    "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1,
+    "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1, "attack_len": 2,
+    "attack_users": 1, "knn": 1,
 }
-POSITIVE = ("lr", "central_lr", "global_lr", "tau")
+POSITIVE = ("lr", "central_lr", "global_lr", "tau", "attack_scale", "surge", "norm_z", "focus_slack")
 
 
 def keys() -> list[str]:
@@ -141,7 +171,7 @@ def validate(cfg: Config) -> Config:
                 raise InputError(f"{key}={value!r} is out of range; it must be {bound}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)")
-    for key in ("drop_rate", "corrupt_rate", "min_answered"):
+    for key in ("drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):
@@ -149,9 +179,36 @@ def validate(cfg: Config) -> Config:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
     if cfg.mode == "fortress" and cfg.temporal and cfg.temp_window > cfg.max_len:
         raise InputError(f"temp_window={cfg.temp_window} must be <= max_len={cfg.max_len}")
+    if cfg.trim_frac >= 0.5:
+        raise InputError(f"trim_frac={cfg.trim_frac!r} is out of range; it must be in [0, 0.5)")
+    if cfg.defence != "none" and cfg.mode not in FEDERATED:
+        raise InputError(f"defence={cfg.defence!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})")
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}")
+    _validate_attack(cfg)
     return cfg
+
+
+def _validate_attack(cfg: Config) -> None:
+    if cfg.attack_ratio > 1:
+        raise InputError(f"attack_ratio={cfg.attack_ratio!r} is out of range; it must be in [0, 1]")
+    if cfg.target_pick not in ("unpopular", "random"):
+        ids = target_list(cfg.target_pick)
+        if not ids:
+            raise InputError(f"target_pick={cfg.target_pick!r}: choose unpopular, random, or a "
+                             "comma-separated list of item ids")
+        if len(ids) != cfg.targets:
+            raise InputError(f"target_pick lists {len(ids)} item(s) but targets={cfg.targets}; "
+                             f"set targets={len(ids)}")
+    if cfg.attack != "none" and cfg.mode not in FEDERATED:
+        raise InputError(f"attack={cfg.attack!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})")
+    if cfg.attack != "none" and cfg.targets < 1:
+        raise InputError(f"attack={cfg.attack!r} needs targets >= 1")
+
+
+def target_list(spec: str) -> list[str]:
+    """Item ids of an explicit `target_pick` ("12,40" or a TOML list "[12, 40]"), as strings."""
+    return [t.strip().strip("'\"") for t in spec.strip("[] ").replace(" ", ",").split(",") if t.strip()]
 
 
 def override(cfg: Config, values: dict[str, Any], source: str = "--set") -> Config:

@@ -1,6 +1,8 @@
-"""Figures from saved runs: user-representation trajectories over growing prefixes."""
+"""Figures from saved runs: user-representation trajectories over growing prefixes; item
+embeddings of popular and target items (where a poisoning attack moves its targets)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,38 @@ from fortress.errors import InputError
 from fortress.models import from_config
 from fortress.recommend import load_run
 from fortress.simulate import pad_left
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plotting needs matplotlib: pip install 'fortress[plot]'") from None
+    return plt
+
+
+def save(plt, fig, out: str | Path, dpi: int) -> Path:
+    """Lay out, write and close a figure; returns its path."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def load_runs(run_dirs: list[str | Path], what: str, why_same: str) -> tuple[list[Path], list[dict]]:
+    """The saved models of runs with parameters, all on the same users and items (one-line errors)."""
+    run_dirs = [Path(r) for r in run_dirs]
+    blobs = [load_run(r) for r in run_dirs]
+    for r, b in zip(run_dirs, blobs):
+        if b["params"] is None:
+            raise InputError(f"{r}: a {b['config']['mode']} run has no {what} to plot")
+        if b["item_ids"] != blobs[0]["item_ids"] or b["user_ids"] != blobs[0]["user_ids"]:
+            raise InputError(f"{r}: trained on other data than {run_dirs[0]}; {why_same}")
+    return run_dirs, blobs
 
 
 def prefix_states(blob: dict, users: list[int]) -> list[torch.Tensor]:
@@ -57,19 +91,8 @@ def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, 
 
     Returns the PNG path and each run's mean step between consecutive prefixes of those users.
     """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("plotting needs matplotlib: pip install 'fortress[plot]'") from None
-    run_dirs = [Path(r) for r in run_dirs]
-    blobs = [load_run(r) for r in run_dirs]
-    for r, b in zip(run_dirs, blobs):
-        if b["params"] is None:
-            raise InputError(f"{r}: a {b['config']['mode']} run has no user representations to plot")
-        if b["item_ids"] != blobs[0]["item_ids"] or b["user_ids"] != blobs[0]["user_ids"]:
-            raise InputError(f"{r}: trained on other data than {run_dirs[0]}; trajectories need the same users")
+    plt = _pyplot()
+    run_dirs, blobs = load_runs(run_dirs, "user representations", "trajectories need the same users")
     users = sample_users(blobs[0], n_users, min_len, seed)
     steps = {}
     fig, axes = plt.subplots(1, len(blobs), figsize=(5.5 * len(blobs), 5), squeeze=False)
@@ -91,9 +114,84 @@ def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, 
         ax.set_ylabel("PC 2")
     fig.suptitle(f"User representations of growing prefixes ({len(users)} users with >= {min_len} items, "
                  "unit-normalised, PCA per run)", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out, steps
+    return save(plt, fig, out, 120), steps
+
+
+def run_targets(run_dir: Path, blob: dict, explicit: list[str] | None) -> list[int]:
+    """Target item indices: `explicit` original ids, else the attack section of RUN_DIR/results.json."""
+    if explicit:
+        index = {name: i for i, name in enumerate(blob["item_ids"]) if i > 0}
+        unknown = [t for t in explicit if t not in index]
+        if unknown:
+            raise InputError(f"--targets: item id(s) {', '.join(unknown)} are not in the data of {run_dir}")
+        return [index[t] for t in explicit]
+    res = Path(run_dir) / "results.json"
+    attack = json.loads(res.read_text()).get("attack") if res.is_file() else None
+    if not attack or not attack.get("target_index"):
+        raise InputError(f"{run_dir}: no targets in results.json (a run with targets >= 1); pass --targets ID,...")
+    return [int(t) for t in attack["target_index"]]
+
+
+def popular_distances(table: torch.Tensor, popular: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """(len(items), |P|) chord distances between the directions (unit vectors) of items and popular
+    items: sqrt(2) = orthogonal. Our models score by dot product, so direction is what an attack
+    turns toward the popular items (its length it inflates; the scatter shows that)."""
+    unit = F.normalize(table.double(), dim=1)
+    return torch.cdist(unit[items], unit[popular])
+
+
+def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float = 0.02,
+               targets: list[str] | None = None, sample: int = 3000, seed: int = 0) -> tuple[Path, dict[str, dict]]:
+    """Per run: item embeddings in 2-D (PCA) with popular / target / other items marked, and a
+    histogram of target-to-popular distances against other unpopular items' (the reference).
+
+    Popular = the popular_frac items with the most training interactions (the experimenter's view).
+    Returns the PNG path and per run the targets' median chord distance to the popular items, the
+    share of other items whose direction is closer to the popular items than the targets', and
+    the targets' length in popular median norms.
+    """
+    plt = _pyplot()
+    run_dirs, blobs = load_runs(run_dirs, "item embeddings", "the figure compares the same items")
+    counts = blobs[0]["pop_counts"].double()                                     # (N+1,)
+    n_items = len(counts) - 1
+    k = max(1, int(np.ceil(popular_frac * n_items)))
+    popular = torch.argsort(-counts[1:], stable=True)[:k] + 1                    # (k,)
+    rng = np.random.default_rng(seed)
+    stats: dict[str, dict] = {}
+    fig, axes = plt.subplots(2, len(blobs), figsize=(5.5 * len(blobs), 9), squeeze=False)
+    for col, (r, blob) in enumerate(zip(run_dirs, blobs)):
+        tgt = torch.as_tensor(run_targets(r, blob, targets))
+        table = blob["params"]["item_emb"].double()                              # (N+1, d)
+        rest = np.setdiff1d(np.arange(1, n_items + 1), np.concatenate([popular.numpy(), tgt.numpy()]))
+        rest = torch.as_tensor(np.sort(rng.choice(rest, min(sample, len(rest)), replace=False)))
+        mean = table[1:].mean(0)
+        _, _, v = torch.linalg.svd(table[1:] - mean, full_matrices=False)        # principal axes of all items
+        xy = lambda ids: ((table[ids] - mean) @ v[:2].T).numpy()                 # noqa: E731 (n, 2)
+        ax = axes[0, col]
+        ax.scatter(*xy(rest).T, s=3, color="0.75", label=f"other items ({len(rest)} sampled)")
+        ax.scatter(*xy(popular).T, s=10, color="tab:blue", label=f"popular (top {k} by train count)")
+        ax.scatter(*xy(tgt).T, s=160, marker="*", color="tab:red", edgecolor="k", label="target")
+        ax.set_title(f"{r.name}: {blob['config']['mode']}, defence {blob['config'].get('defence', 'none')}, "
+                     f"attack {blob['config'].get('attack', 'none')}", fontsize=9)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.legend(fontsize=7, loc="best")
+        d_t = popular_distances(table, popular, tgt)                             # (T, k)
+        d_r = popular_distances(table, popular, rest)                            # (R, k)
+        ax = axes[1, col]
+        bins = np.linspace(0, 2, 41)
+        ax.hist(d_r.flatten().numpy(), bins=bins, density=True, color="0.7", label="other items to popular")
+        ax.hist(d_t.flatten().numpy(), bins=bins, density=True, color="tab:red", alpha=0.6, label="targets to popular")
+        med_t = float(d_t.median())
+        closer = float((d_r.median(1).values < med_t).double().mean())
+        length = float(table[tgt].norm(dim=1).mean() / table[popular].norm(dim=1).median())
+        ax.axvline(med_t, color="tab:red", ls="--")
+        ax.set_xlabel("chord distance of directions to popular items (sqrt 2 = orthogonal)")
+        ax.set_ylabel("density")
+        ax.set_title(f"targets' median distance {med_t:.2f}; {closer:.0%} of other items are closer;\n"
+                     f"target length {length:.2f} popular norms", fontsize=9)
+        ax.legend(fontsize=7)
+        stats[str(r)] = {"target_median_distance": med_t, "other_items_closer": closer, "target_length": length}
+    fig.suptitle("Item embeddings (PCA of all items per run) and the directions' target-to-popular distances",
+                 fontsize=10)
+    return save(plt, fig, out, 110), stats

@@ -4,8 +4,14 @@
 SuperNode's cohort under Flower): drop-outs, sub-tables, vectorised local training, uploads.
 `server_step` is what the server does with whatever came back: reject malformed or absurd
 uploads (logged with the client id), require `min_answered` of the sampled clients, aggregate
-and apply. All randomness is keyed by (seed, round[, user]), so a round does not depend on
-where its clients ran or on the rounds before it, and a resumed run replays it exactly.
+with the run's defence (`fortress.server.defences`) and apply. All randomness is keyed by
+(seed, round[, user]), so a round does not depend on where its clients ran or on the rounds
+before it, and a resumed run replays it exactly.
+
+Under attack (`fortress.attacks`), malicious clients (ids n_users, n_users + 1, ...) are sampled
+with the benign users; `malicious_step` makes their uploads from a copy of the broadcast model
+and puts them on the wire like a node's reply (`wire.to_arrays` / `from_arrays`); `merge` adds
+them to what the benign clients sent, and the same `server_step` checks and aggregates all.
 """
 from __future__ import annotations
 
@@ -15,13 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fortress import faults
+from fortress import attacks, faults
 from fortress.client import objective, round_bytes, round_chunks, train_round
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
 from fortress.server.aggregate import GlobalOptimizer, fedavg
-from fortress.updates import Updates, check, empty
+from fortress.updates import Updates, check, concat, empty
+from fortress.wire import from_arrays, to_arrays
 
 log = logging.getLogger("fortress")
 
@@ -35,10 +42,24 @@ class Collected:
     bytes: int = 0                                                   # one direction, all answering clients
 
 
-def sample_clients(cfg: Config, eligible: np.ndarray, r: int) -> np.ndarray:
-    """The clients of round r (0-based), drawn from (seed, round) alone."""
+def sample_clients(cfg: Config, eligible: np.ndarray, r: int, malicious: np.ndarray | None = None) -> np.ndarray:
+    """The clients of round r (0-based), drawn from (seed, round) alone.
+
+    Under attack they are drawn uniformly from the eligible users and the `malicious` ids
+    together, so a malicious client is sampled as often as anyone; with no malicious ids the
+    draw is exactly the attack-free one.
+    """
     rng = np.random.default_rng([cfg.seed, r])
-    return rng.choice(eligible, size=min(cfg.clients_per_round, len(eligible)), replace=False)
+    pool = eligible if malicious is None or not len(malicious) else np.concatenate([eligible, malicious])
+    return rng.choice(pool, size=min(cfg.clients_per_round, len(pool)), replace=False)
+
+
+def split_sampled(chosen: np.ndarray, malicious: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(benign users, malicious ids) of a round's draw."""
+    if malicious is None or not len(malicious):
+        return chosen, np.zeros(0, dtype=np.int64)
+    bad = np.isin(chosen, malicious)
+    return chosen[~bad], chosen[bad]
 
 
 def dense_size(params: Params) -> int:
@@ -59,9 +80,36 @@ def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: n
     return Collected(updates, [], nbytes)
 
 
+def upload_bytes(u: Updates) -> int:
+    """Bytes of a set of uploads: item rows (+ their int32 ids) and encoder deltas."""
+    size = u.rows_delta.element_size()
+    return int(u.rows_delta.numel() * size + 4 * len(u.rows_item) + u.dense.numel() * size)
+
+
+def malicious_step(cfg: Config, model: Model, params: Params, n_items: int, targets: list[int],
+                   clients: np.ndarray, r: int) -> Collected:
+    """The uploads of round r's malicious `clients`, made by `cfg.attack` from a copy of the broadcast model.
+
+    They cross the same wire format as a SuperNode's reply, so an attack can send nothing a
+    benign node could not; `server_step` then treats them like any other upload.
+    """
+    u = attacks.malicious_updates(cfg.attack, cfg, model, params, n_items, targets, clients, (cfg.seed, r, 1))
+    u = from_arrays(to_arrays(u), dense_size(params), cfg.dim, params["item_emb"].dtype)
+    return Collected(u, [], upload_bytes(u))
+
+
+def merge(a: Collected, b: Collected) -> Collected:
+    """Two sets of arrivals of one round as one."""
+    return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes)
+
+
 def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collected, n_sampled: int,
-                n_items: int, r: int) -> dict:
-    """Check, aggregate and apply a round's uploads; returns what the round log records."""
+                n_items: int, r: int, defence=None) -> dict:
+    """Check, aggregate (with `defence`; FedAvg if None) and apply a round's uploads; returns the round log.
+
+    Besides the log entries, "rejected_clients" and "client_weights" ((client ids, weights in
+    [0, 1]) of the aggregated clients) are returned for the caller to pop.
+    """
     updates, rejected = check(got.updates, n_items, dense_size(params), cfg.dim, cfg.max_update_norm)
     rejected = got.rejected + rejected
     for client, why in rejected:
@@ -72,8 +120,15 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
     if updates.n == 0 or updates.n < need:
         info["skipped"] = f"{updates.n} of {n_sampled} clients answered with a valid update, need {need:g}"
         log.warning("round %d: skipped, %s", r + 1, info["skipped"])
-    else:
+        info["client_weights"] = (updates.clients, torch.zeros(updates.n))
+    elif defence is None:
         gopt.apply(params, dense_keys(params), params["item_emb"], fedavg(updates))
+        info["client_weights"] = (updates.clients, torch.ones(updates.n))
+    else:
+        agg, weights, info["defence"] = defence.aggregate(updates, params)
+        gopt.apply(params, dense_keys(params), params["item_emb"], agg)
+        info["defence"].update(defence.after_apply(params))
+        info["client_weights"] = (updates.clients, weights)
     w = updates.weight
     info["loss"] = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")
     if updates.terms:           # each logged loss term (fortress), weighted like `loss`, over clients that log it

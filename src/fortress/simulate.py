@@ -1,7 +1,9 @@
 """In-process runs: pop baseline, centralised training, and federated rounds.
 
-A federated round: sample clients -> build their sub-tables -> local training (vmap or loop)
--> check uploads -> aggregate (FedAvg) -> apply -> every `eval_every` rounds, validate.
+A federated round: sample clients (benign and, under attack, malicious) -> build their sub-tables
+-> local training (vmap or loop) -> malicious uploads (fortress.attacks) -> check uploads ->
+aggregate (FedAvg or the `defence`) -> apply -> every `eval_every` rounds, validate (and measure
+the targets' ER@K).
 Every run writes `results.json` and `model.pt` into its output folder.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fortress import checkpoint
+from fortress import attacks, checkpoint
 from fortress import config as config_mod
 from fortress.client import eligible_clients
 from fortress.config import Config
@@ -28,7 +30,8 @@ from fortress.errors import InputError
 from fortress.metrics import KS, evaluate
 from fortress.models import Model, Params, from_config
 from fortress.objectives import next_item_loss
-from fortress.rounds import Collected, client_step, sample_clients, server_step
+from fortress.rounds import Collected, client_step, malicious_step, merge, sample_clients, server_step, split_sampled
+from fortress.server import defences
 from fortress.server.aggregate import GlobalOptimizer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -86,12 +89,21 @@ class Run:
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    campaign: attacks.Campaign | None = None      # targets and malicious clients (fedavg)
 
     def validate(self) -> dict[str, float]:
         t0 = time.perf_counter()
         res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "valid", self.cfg.eval_batch)
         self.eval_seconds += time.perf_counter() - t0
         return res
+
+    def exposure(self, round_: int) -> dict[str, float]:
+        """ER@K of the targets over eligible test users now, recorded in the campaign's history."""
+        t0 = time.perf_counter()
+        res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "test", self.cfg.eval_batch,
+                       targets=self.campaign.targets)
+        self.eval_seconds += time.perf_counter() - t0
+        return self.campaign.record(round_, res)
 
 
 def train_central(run: Run, bar: tqdm | None = None) -> None:
@@ -135,8 +147,27 @@ def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
     return client_step(run.cfg, run.model, run.ds, run.params, users, r)
 
 
+def defence_log(cfg: Config, info: dict[str, Any], n_users: int,
+                camp: attacks.Campaign | None) -> dict[str, Any]:
+    """The round's `defence` entry: the defence's own log, mean client weight of benign vs malicious
+    clients, and (FORTRESS, with tracked targets) whether each target item was flagged.
+
+    Malicious clients are the ids >= n_users (`fortress.updates.Updates`); only the log knows it.
+    """
+    ids, weights = info.pop("client_weights")
+    entry = {"name": cfg.defence, **info.pop("defence", {})}
+    bad = ids >= n_users
+    entry["weight_benign"] = float(weights[~bad].mean()) if (~bad).any() else None
+    entry["weight_malicious"] = float(weights[bad].mean()) if bad.any() else None
+    if camp is not None and "suspicious_items" in entry:
+        entry["targets_flagged"] = [t in entry["suspicious_items"] for t in camp.targets]
+    entry.pop("suspicious_items", None)
+    return entry
+
+
 def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarray,
-                    clients: Callable[[Run, int, np.ndarray], Collected] = local_clients) -> dict[str, Any]:
+                    clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
+                    defence=None) -> dict[str, Any]:
     """One synchronous round; randomness is drawn from (seed, round) so any round is reproducible.
 
     `clients` carries the broadcast to the sampled clients and their uploads back: in-process
@@ -144,33 +175,55 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     """
     cfg = run.cfg
     t0 = time.perf_counter()
-    users = sample_clients(cfg, eligible, r)
+    camp = run.campaign
+    bad_ids = camp.malicious if camp is not None else None
+    chosen = sample_clients(cfg, eligible, r, bad_ids)
+    users, bad = split_sampled(chosen, bad_ids)
     got = clients(run, r, users)
-    info = server_step(cfg, run.params, gopt, got, len(users), run.ds.n_items, r)
-    run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in info.pop("rejected_clients")]
+    if len(bad):     # malicious clients see only a copy of the broadcast model, like benign ones
+        t1 = time.perf_counter()
+        got = merge(got, malicious_step(cfg, run.model, run.params, run.ds.n_items, camp.targets, bad, r))
+        camp.seconds += time.perf_counter() - t1
+        camp.uploads += len(bad)
+    info = server_step(cfg, run.params, gopt, got, len(chosen), run.ds.n_items, r, defence)
+    rejected = info.pop("rejected_clients")
+    run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in rejected]
+    if len(bad):
+        camp.rejected += sum(1 for c, _ in rejected if c in set(bad.tolist()))
+    if cfg.defence == "none":
+        info.pop("client_weights")
+        info.pop("defence", None)
+    else:
+        info["defence"] = defence_log(cfg, info, run.ds.n_users, camp)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
     run.bytes_down.append(got.bytes)
     run.bytes_up.append(got.bytes)
-    return {"round": r + 1, "loss": info.pop("loss"), "seconds": seconds, **info}
+    return {"round": r + 1, "loss": info.pop("loss"), "seconds": seconds, **info, "malicious": int(len(bad))}
 
 
-def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int) -> dict[str, Any]:
+def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly (see `fortress.checkpoint`)."""
+    server = {"global_opt": gopt.state, "defence": defence.state_dict() if defence is not None else {}}
     return {"round": rounds_done, "config": config_mod.to_dict(run.cfg), "data": checkpoint.fingerprint(run.ds),
-            "params": run.params, "server": {"global_opt": gopt.state}, "history": run.history,
+            "params": run.params, "server": server, "history": run.history,
             "rejected": run.rejected, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
-            "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds}
+            "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds,
+            "attack": run.campaign.state() if run.campaign is not None else None}
 
 
-def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any]) -> int:
+def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None) -> int:
     """Load a checkpoint into the run; returns the number of rounds already done."""
     for k, v in blob["params"].items():
         run.params[k] = v
     gopt.state = blob["server"]["global_opt"]
+    if defence is not None:
+        defence.load_state_dict(blob["server"].get("defence", {}))
     run.history, run.rejected = blob["history"], blob["rejected"]
     run.bytes_up, run.bytes_down = blob["bytes_up"], blob["bytes_down"]
     run.train_seconds, run.eval_seconds = blob["train_seconds"], blob["eval_seconds"]
+    if run.campaign is not None:
+        run.campaign.restore(blob.get("attack"))
     return int(blob["round"])
 
 
@@ -182,21 +235,24 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     if len(eligible) == 0:
         raise ValueError("no user has two train interactions; nothing to train federated on")
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
+    defence = defences.make(cfg, run.ds.n_items)
     start = 0
     if resume and out is not None:
         blob = checkpoint.load(out, cfg, run.ds)
         if blob is not None:
-            start = restore(run, gopt, blob)
+            start = restore(run, gopt, blob, defence)
             print(f"resuming from {out / checkpoint.NAME} after round {start}", file=sys.stderr)
             if bar is not None:
                 bar.update(min(start, cfg.rounds))
     for r in range(start, cfg.rounds):
-        entry = federated_round(run, r, gopt, eligible, clients)
+        entry = federated_round(run, r, gopt, eligible, clients, defence)
         if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
             entry["valid"] = run.validate()
+            if run.campaign is not None:
+                entry["ER"] = run.exposure(r + 1)
         run.history.append(entry)
         if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
-            checkpoint.save(out, server_state(run, gopt, r + 1))
+            checkpoint.save(out, server_state(run, gopt, r + 1, defence))
         _progress(bar, entry)
 
 
@@ -208,6 +264,10 @@ def _progress(bar: tqdm | None, entry: dict[str, Any]) -> None:
     post = {"loss": f"{entry['loss']:.4f}", "s/step": f"{entry['seconds']:.2f}"}
     if getattr(bar, "hr10", None) is not None:
         post["valid HR@10"] = f"{bar.hr10:.4f}"
+    if "ER" in entry:
+        bar.er10 = entry["ER"]["ER@10"]
+    if getattr(bar, "er10", None) is not None:
+        post["ER@10"] = f"{bar.er10:.4f}"
     bar.set_postfix(post, refresh=False)
     bar.update(1)
 
@@ -262,7 +322,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
     setup_torch(cfg)
     model = from_config(cfg)
     params = None
-    federated = cfg.mode in ("fedavg", "fortress")
+    federated = cfg.mode in config_mod.FEDERATED
     steps = 0 if cfg.mode == "pop" else cfg.epochs if cfg.mode == "central" else cfg.rounds
     bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if federated else "epoch",
                disable=not progress or steps == 0, dynamic_ncols=True)
@@ -271,7 +331,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         scorer = pop_scorer(ds)
     else:
         params = initial_params(cfg, model, ds)
-        run_ = Run(cfg, ds, model, params)
+        run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, ds.item_counts(), ds.item_ids, ds.n_users))
         if cfg.mode == "central":
             train_central(run_, bar)
         else:
@@ -279,8 +339,9 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         scorer = model_scorer(model, params, ds)
     bar.close()
     t0 = time.perf_counter()
+    camp = run_.campaign
     valid = evaluate(ds, scorer, "valid", cfg.eval_batch)
-    test = evaluate(ds, scorer, "test", cfg.eval_batch)
+    test, er = attacks.split_er(evaluate(ds, scorer, "test", cfg.eval_batch, targets=camp and camp.targets))
     final_eval = time.perf_counter() - t0
     n_steps = max(1, len(run_.history))
     results = {
@@ -304,6 +365,9 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         },
         "rejected": run_.rejected,
     }
+    if camp is not None:
+        camp.record(cfg.rounds, {**test, **er})
+        results["attack"] = camp.report(cfg, ds.item_ids, er, cfg.rounds)
     write_json(out / "results.json", results)
     save_model(out / "model.pt", cfg, ds, params)
     return results
@@ -325,4 +389,11 @@ def summary(results: dict[str, Any]) -> str:
     lines.append(f"time: {t['seconds_per_round']:.3f} s/step, eval {t['final_eval_seconds']:.2f} s, "
                  f"peak RSS {t['peak_rss_mb']:.0f} MB; traffic per round: "
                  f"up {b['up_per_round'] / 1e6:.2f} MB, down {b['down_per_round'] / 1e6:.2f} MB")
+    if "attack" in results:
+        a = results["attack"]
+        last = next((v for k, v in a.items() if k.startswith("last") and k.endswith("_mean")), {})
+        lines.append(f"attack {a['attack']} ({a['malicious_clients']} malicious clients, "
+                     f"{a['seconds_per_round']:.3f} s/round), targets {', '.join(a['targets'])}: test "
+                     + ", ".join(f"{k} {a[k]:.4f}" for k in attacks.ER_KEYS)
+                     + (f"; ER@10 mean of the last evaluations {last['ER@10']:.4f}" if last else ""))
     return "\n".join(lines)

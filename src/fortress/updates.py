@@ -56,6 +56,12 @@ class Updates:
                        self.rows_delta[row_keep], self.loss[keep],
                        {k: t[keep] for k, t in self.terms.items()})
 
+    def drop_rows(self, drop: torch.Tensor) -> "Updates":
+        """The same clients without the item rows where drop (M,) bool is True."""
+        keep = ~drop
+        return Updates(self.clients, self.weight, self.dense, self.rows_client[keep], self.rows_item[keep],
+                       self.rows_delta[keep], self.loss)
+
 
 def empty(dense_size: int, dim: int, dtype: torch.dtype) -> Updates:
     """A round's uploads when nobody answered."""

@@ -63,6 +63,8 @@ class FlowerClients:
 
     def __call__(self, run: simulate.Run, r: int, users: np.ndarray) -> Collected:
         cfg, params = run.cfg, run.params
+        if not len(users):                                 # a round of malicious clients only
+            return Collected(empty(dense_size(params), cfg.dim, params["item_emb"].dtype))
         groups: dict[int, list[int]] = defaultdict(list)
         for u in users.tolist():
             groups[self.owner[u]].append(u)

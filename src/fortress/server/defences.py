@@ -1,0 +1,76 @@
+"""What the server does with a round's checked uploads: `DEFENCES` maps the `defence` key to it.
+
+A defence turns the round's `Updates` into an `Aggregate` for the global optimiser plus per-client
+weights (n,) in [0, 1] (how much of each client's update reached the model; 1 = FedAvg), and may
+keep state across rounds (saved in checkpoints) and touch the model after the update is applied.
+`none` is FedAvg; the robust baselines are in `robust.py`, the FORTRESS server in `fortress.py`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from fortress.errors import InputError
+from fortress.server import robust
+from fortress.server.aggregate import Aggregate, fedavg
+from fortress.server.fortress import FortressConfig, FortressServer
+from fortress.updates import Updates
+
+Pure = Callable[[Updates, Any], tuple[Aggregate, torch.Tensor]]
+
+
+def _fedavg(u: Updates, cfg) -> tuple[Aggregate, torch.Tensor]:
+    return fedavg(u), torch.ones(u.n, dtype=u.weight.dtype)
+
+
+PURE: dict[str, Pure] = {
+    "none": _fedavg,
+    "median": lambda u, cfg: robust.median(u),
+    "trimmed_mean": lambda u, cfg: robust.trimmed_mean(u, cfg.trim_frac),
+    "krum": lambda u, cfg: robust.krum(u, cfg.byz_frac),
+    "multi_krum": lambda u, cfg: robust.multi_krum(u, cfg.byz_frac),
+    "norm_bound": lambda u, cfg: robust.norm_bound(u, cfg.norm_bound),
+}
+
+
+class Stateless:
+    """A pure aggregation rule behind the defence interface (no state, nothing after the update)."""
+
+    def __init__(self, name: str, rule: Pure, cfg):
+        self.name, self.rule, self.cfg = name, rule, cfg
+
+    def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> tuple[Aggregate, torch.Tensor, dict[str, Any]]:
+        agg, weights = self.rule(u, self.cfg)
+        return agg, weights, {}
+
+    def after_apply(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _stateless(name: str) -> Callable[[Any, int], Stateless]:
+    return lambda cfg, n_items: Stateless(name, PURE[name], cfg)
+
+
+DEFENCES: dict[str, Callable[[Any, int], Any]] = {
+    "none": _stateless("none"),
+    "fortress": lambda cfg, n_items: FortressServer(FortressConfig.from_config(cfg), n_items),
+    "median": _stateless("median"),
+    "trimmed_mean": _stateless("trimmed_mean"),
+    "krum": _stateless("krum"),
+    "multi_krum": _stateless("multi_krum"),
+    "norm_bound": _stateless("norm_bound"),
+}
+
+
+def make(cfg, n_items: int):
+    """The defence object of a run (cfg.defence), fresh state."""
+    if cfg.defence not in DEFENCES:
+        raise InputError(f"defence={cfg.defence!r} is not known; choose one of: {', '.join(DEFENCES)}")
+    return DEFENCES[cfg.defence](cfg, n_items)

@@ -1,0 +1,153 @@
+"""Robust aggregation baselines: coordinate-wise median, trimmed mean, Krum / Multi-Krum, norm bounding.
+
+Every rule sees the round's uploads the way FedAvg does: the dense encoder over all clients, and
+each item row over only the clients that uploaded that row (a row nobody touched stays as it is).
+A rule is a pure function on one group of contributions, x (R, c, D) with FedAvg weights w (R, c)
+-> aggregate (R, D) and `used` (R, c), the share of each contribution's coordinates that the
+aggregate used; `rowwise` applies it to the encoder (one group of n clients) and to the item rows
+(rows grouped by their number of contributors c, so each group is one dense tensor). Each
+returns the Aggregate and per-client weights (n,) in [0, 1]: the share of a client's uploaded
+coordinates that reached the model (FedAvg: 1 for everyone), which the round log reports.
+
+Median and trimmed mean are unweighted, as in their papers; Multi-Krum averages the selected
+contributions with their FedAvg weights. A row with few contributors gives a robust statistic
+little to work with: with c <= 1 / trim_frac a trimmed mean trims nothing, and a cold item that
+only its sampled negatives and a few attackers touch can have attackers as its majority.
+
+- Median, trimmed mean: Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal
+  Statistical Rates", ICML 2018.
+- Krum, Multi-Krum: Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant
+  Gradient Descent", NeurIPS 2017.
+- Norm bounding: Sun et al., "Can You Really Backdoor Federated Learning?", 2019.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from fortress.server.aggregate import Aggregate, fedavg
+from fortress.updates import Updates, norms
+
+Rule = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def row_groups(rows_item: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Uploaded rows grouped by item: per contributor count c, (items (R,), indices into the rows (R, c))."""
+    if not len(rows_item):
+        return []
+    order = torch.argsort(rows_item, stable=True)                                      # (M,)
+    items, counts = torch.unique_consecutive(rows_item[order], return_counts=True)     # (U,), (U,)
+    starts = torch.cumsum(counts, 0) - counts
+    groups = []
+    for c in counts.unique().tolist():
+        sel = counts == c
+        idx = starts[sel][:, None] + torch.arange(c)                                   # (R, c)
+        groups.append((items[sel], order[idx]))
+    return groups
+
+
+def rowwise(u: Updates, rule: Rule) -> tuple[Aggregate, torch.Tensor]:
+    """Apply `rule` to the encoder over all clients and to each item row over its uploaders."""
+    P, d = u.dense.shape[1], u.rows_delta.shape[1]
+    dense, used = rule(u.dense[None], u.weight[None])                                  # (1, P), (1, n)
+    got = used[0].double() * P                                                         # (n,) coordinates used
+    total = torch.full((u.n,), float(P), dtype=torch.float64)
+    total.index_add_(0, u.rows_client, torch.full((len(u.rows_client),), float(d), dtype=torch.float64))
+    items, deltas = [], []
+    for group_items, idx in row_groups(u.rows_item):
+        owner = u.rows_client[idx]                                                     # (R, c)
+        agg, used = rule(u.rows_delta[idx], u.weight[owner])                           # (R, d), (R, c)
+        items.append(group_items)
+        deltas.append(agg)
+        got.index_add_(0, owner.flatten(), used.flatten().double() * d)
+    rows_item = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64)
+    rows_delta = torch.cat(deltas) if deltas else u.rows_delta[:0]
+    return Aggregate(dense[0], rows_item, rows_delta), (got / total).to(u.weight.dtype)
+
+
+def _used_from(idx: torch.Tensor, share: float, c: int) -> torch.Tensor:
+    """(R, k, D) contributor index of each used value -> (R, c) share of each contributor's D coordinates used."""
+    R, _, D = idx.shape
+    counts = torch.zeros(R, c, dtype=torch.float64).scatter_add_(
+        1, idx.reshape(R, -1), torch.full((R, idx[0].numel()), share, dtype=torch.float64))
+    return counts / D
+
+
+def median_rule(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinate-wise median over contributors (the mean of the two middle values when c is even)."""
+    c = x.shape[1]
+    vals, idx = x.sort(dim=1)                                                          # (R, c, D)
+    lo, hi = (c - 1) // 2, c // 2
+    agg = 0.5 * (vals[:, lo] + vals[:, hi])                                            # (R, D)
+    mid = idx[:, [lo]] if lo == hi else idx[:, [lo, hi]]                               # (R, 1 or 2, D)
+    return agg, _used_from(mid, 1.0 if lo == hi else 0.5, c).to(x.dtype)
+
+
+def trimmed_mean_rule(frac: float) -> Rule:
+    """Per coordinate, drop the floor(frac c) largest and smallest values and average the rest."""
+    def rule(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = x.shape[1]
+        k = int(math.floor(frac * c))
+        vals, idx = x.sort(dim=1)                                                      # (R, c, D)
+        agg = vals[:, k:c - k].mean(1)                                                 # (R, D)
+        return agg, _used_from(idx[:, k:c - k], 1.0, c).to(x.dtype)
+    return rule
+
+
+def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum score of each contributor: sum of squared distances to its c - f - 2 nearest others (R, c)."""
+    c = x.shape[1]
+    if c == 1:
+        return torch.zeros(x.shape[0], 1, dtype=x.dtype)
+    d2 = torch.cdist(x.double(), x.double()).pow(2)                                    # (R, c, c)
+    d2 = d2 + torch.diag(torch.full((c,), float("inf"), dtype=d2.dtype))               # not oneself
+    k = min(c - 1, max(1, c - f - 2))
+    return d2.topk(k, dim=2, largest=False).values.sum(2).to(x.dtype)
+
+
+def krum_rule(frac: float, multi: bool) -> Rule:
+    """Krum: the contribution with the lowest score; Multi-Krum: the weighted mean of the c - f lowest."""
+    def rule(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = x.shape[1]
+        f = int(math.floor(frac * c))
+        m = max(1, c - f) if multi else 1
+        chosen = krum_scores(x, f).topk(m, dim=1, largest=False).indices               # (R, m)
+        used = torch.zeros_like(w).scatter_(1, chosen, 1.0)                            # (R, c)
+        ww = w * used
+        agg = (ww[:, :, None] * x).sum(1) / ww.sum(1, keepdim=True).clamp(min=1e-12)   # (R, D)
+        if not multi:                        # Krum picks one contribution whatever its weight
+            agg = x.gather(1, chosen[:, :, None].expand(-1, 1, x.shape[2]))[:, 0]
+        return agg, used
+    return rule
+
+
+def median(u: Updates) -> tuple[Aggregate, torch.Tensor]:
+    return rowwise(u, median_rule)
+
+
+def trimmed_mean(u: Updates, frac: float) -> tuple[Aggregate, torch.Tensor]:
+    return rowwise(u, trimmed_mean_rule(frac))
+
+
+def krum(u: Updates, frac: float) -> tuple[Aggregate, torch.Tensor]:
+    return rowwise(u, krum_rule(frac, multi=False))
+
+
+def multi_krum(u: Updates, frac: float) -> tuple[Aggregate, torch.Tensor]:
+    return rowwise(u, krum_rule(frac, multi=True))
+
+
+def norm_bound(u: Updates, bound: float) -> tuple[Aggregate, torch.Tensor]:
+    """Scale each client's whole update (encoder and rows) to L2 norm <= bound, then FedAvg.
+
+    bound 0 = the round's median client norm (an adaptive bound: the scale of updates differs
+    across datasets, models and training stages, so no absolute default fits all).
+    """
+    size = norms(u)                                                                    # (n,) float64
+    tau = float(size.quantile(0.5)) if bound <= 0 else bound
+    scale = (tau / size.clamp(min=1e-12)).clamp(max=1.0).to(u.dense.dtype)             # (n,)
+    clipped = Updates(u.clients, u.weight, u.dense * scale[:, None], u.rows_client, u.rows_item,
+                      u.rows_delta * scale[u.rows_client, None], u.loss)
+    return fedavg(clipped), scale

@@ -1,0 +1,231 @@
+"""Attacks: threat model, target picking, sampling, upload format, and that A-hum / PSMU work."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fortress.attacks as attacks
+from fortress.attacks import AttackView, malicious_ids, malicious_updates, pick_targets
+from fortress.client import eligible_clients
+from fortress.config import Config, override
+from fortress.data import from_sequences, synthetic
+from fortress.errors import InputError
+from fortress.models import Model, dense_keys, from_config
+from fortress.server.aggregate import GlobalOptimizer
+from fortress.rounds import sample_clients, split_sampled
+from fortress.simulate import Run, federated_round, initial_params, run
+from fortress.updates import check
+
+TINY = dict(dim=16, max_len=10, n_neg=16, clients_per_round=32, attack_len=6, attack_users=3, attack_steps=3,
+            attack_alternatives=5, eval_every=0)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return synthetic(400, 60, seed=1)
+
+
+def tiny_run(ds, **kw) -> Run:
+    cfg = Config(mode="fedavg", **{**TINY, **kw})
+    model = from_config(cfg)
+    return Run(cfg, ds, model, initial_params(cfg, model, ds),
+               campaign=attacks.campaign(cfg, ds.item_counts(), ds.item_ids, ds.n_users))
+
+
+# --- targets --------------------------------------------------------------------------------------
+
+def test_target_picking_is_deterministic_unpopular_and_shared_by_all_attacks(ds):
+    counts = ds.item_counts()
+    a = pick_targets(counts, ds.item_ids, "unpopular", 3, seed=5)
+    assert a == pick_targets(counts, ds.item_ids, "unpopular", 3, seed=5)
+    assert len(set(a)) == 3 and all(1 <= t <= ds.n_items for t in a)
+    # from the 10% least popular items
+    assert max(counts[a]) <= np.sort(counts[1:])[int(np.ceil(0.1 * ds.n_items)) - 1]
+    others = {tuple(pick_targets(counts, ds.item_ids, "unpopular", 3, seed=s)) for s in range(6)}
+    assert len(others) > 1                                          # the seed matters
+    r = pick_targets(counts, ds.item_ids, "random", 2, seed=5)
+    assert r == pick_targets(counts, ds.item_ids, "random", 2, seed=5)
+    picked = {name: attacks.campaign(Config(attack=name, seed=5, targets=2), counts, ds.item_ids, ds.n_users).targets
+              for name in ("none", *attacks.ATTACKS)}
+    assert len({tuple(t) for t in picked.values()}) == 1            # identical across methods
+
+
+def test_explicit_targets_use_the_data_ids(ds):
+    assert pick_targets(ds.item_counts(), ds.item_ids, "i7,i12", 2, 0) == [7, 12]
+    with pytest.raises(InputError, match="i999"):
+        pick_targets(ds.item_counts(), ds.item_ids, "i7,i999", 2, 0)
+    with pytest.raises(InputError, match="set targets=2"):
+        override(Config(), {"target_pick": "i7,i12"})
+    with pytest.raises(InputError, match="needs a federated mode"):
+        override(Config(), {"mode": "central", "attack": "psmu"})
+    with pytest.raises(InputError, match="choose one of"):
+        override(Config(), {"attack": "sybil"})
+
+
+# --- threat model ---------------------------------------------------------------------------------
+
+def test_attack_modules_do_not_import_data_or_server_state():
+    root = Path(attacks.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("fortress.data", "fortress.simulate", "fortress.server",
+                                            "fortress.metrics")), (path.name, name)
+
+
+def _leaves(obj):
+    """Every value reachable from an AttackView through dataclass fields, dicts and tuples."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _leaves(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+def test_an_attack_cannot_reach_benign_data_or_change_the_global_model(ds, monkeypatch):
+    seen: list[tuple[AttackView, object]] = []
+    real = attacks.ATTACKS["psmu"]
+
+    def spy(view: AttackView):
+        out = real(view)
+        seen.append((view, out))
+        view.params["item_emb"] += 100.0           # vandalise its copy: the server must not notice
+        return out
+    monkeypatch.setitem(attacks.ATTACKS, "psmu", spy)
+
+    # a second federation: same users, items and model, different benign sequences
+    rng = np.random.default_rng(9)
+    other = from_sequences("other", [rng.integers(1, ds.n_items + 1, len(ds.train_seq(u)) + 2)
+                                     for u in range(ds.n_users)], ds.user_ids, ds.item_ids)
+    for data in (ds, other):
+        r = tiny_run(data, attack="psmu", attack_ratio=0.2, target_pick="i5")
+        start = r.params["item_emb"].clone()
+        entry = federated_round(r, 0, GlobalOptimizer("sgd", 1.0), eligible_clients(data))
+        assert entry["malicious"] > 0
+        assert (r.params["item_emb"] - start).abs().max() < 50, "the attack's edit of its copy reached the server"
+    view = seen[0][0]
+    assert {f.name for f in dataclasses.fields(view)} == {"model", "params", "n_items", "targets", "clients",
+                                                         "cfg", "seed"}
+    allowed = (torch.Tensor, Model, int, float, str, bool)
+    assert all(isinstance(x, allowed) for x in _leaves(view)), {type(x) for x in _leaves(view)}
+    assert all(int(c) >= ds.n_users for c in view.clients)          # only its own (malicious) ids
+    # with different benign data the malicious uploads are identical: they depend on the model only
+    a, b = seen[0][1], seen[1][1]
+    assert torch.equal(a.clients, b.clients) and torch.equal(a.dense, b.dense)
+    assert torch.equal(a.rows_item, b.rows_item) and torch.equal(a.rows_delta, b.rows_delta)
+
+
+# --- sampling and uploads -------------------------------------------------------------------------
+
+def test_malicious_clients_are_sampled_like_benign_ones():
+    eligible = np.arange(1000)
+    bad = malicious_ids(1000, 0.05)
+    assert len(bad) == 50 and bad.min() == 1000
+    assert len(malicious_ids(1000, 0.0001)) == 1 and len(malicious_ids(1000, 0.0)) == 0
+    cfg = Config(clients_per_round=100)
+    got = [split_sampled(sample_clients(cfg, eligible, r, bad), bad) for r in range(300)]
+    share = np.mean([len(m) for _, m in got]) / 100
+    assert abs(share - 50 / 1050) < 0.01
+    assert all(len(u) + len(m) == 100 and len(np.intersect1d(u, m)) == 0 for u, m in got)
+    # without an attack the draw is exactly the attack-free one
+    u, m = split_sampled(sample_clients(cfg, eligible, 3, np.zeros(0, dtype=np.int64)), None)
+    assert np.array_equal(u, np.random.default_rng([0, 3]).choice(eligible, 100, replace=False)) and len(m) == 0
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+@pytest.mark.parametrize("name", sorted(attacks.ATTACKS))
+def test_uploads_have_the_benign_format(ds, name, backbone):
+    r = tiny_run(ds, attack=name, backbone=backbone, targets=2, blocks=1)
+    clients = np.array([ds.n_users + 2, ds.n_users, ds.n_users + 5])
+    u = malicious_updates(name, r.cfg, r.model, r.params, ds.n_items, r.campaign.targets, clients, (0, 0, 1))
+    dense_size = sum(r.params[k].numel() for k in dense_keys(r.params))
+    clean, rejected = check(u, ds.n_items, dense_size, r.cfg.dim)
+    assert not rejected and clean.n == 3 and sorted(u.clients.tolist()) == sorted(clients.tolist())
+    assert torch.all(u.weight == r.cfg.attack_len)                  # reports its fake length, no inflation
+    assert set(r.campaign.targets) <= set(u.rows_item.tolist())
+    if name in ("ahum", "boost"):                                   # target rows and the encoder only
+        assert set(u.rows_item.tolist()) == set(r.campaign.targets)
+    assert u.dense.abs().sum() > 0 and torch.isfinite(u.rows_delta).all()
+    again = malicious_updates(name, r.cfg, r.model, r.params, ds.n_items, r.campaign.targets, clients, (0, 0, 1))
+    assert torch.equal(u.rows_delta, again.rows_delta)               # deterministic for a seed
+
+
+# --- strength -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def er_runs(tmp_path_factory):
+    """The README protocol in small: a clean FedAvg model, then 20 more rounds with no attack,
+    A-hum or PSMU (2% malicious clients; same targets, same seed), ER@10 every 2 rounds."""
+    data = synthetic(800, 80, seed=0)
+    base = dict(mode="fedavg", dim=16, max_len=10, clients_per_round=48, n_neg=24, threads=1)
+    out = tmp_path_factory.mktemp("er")
+    run(Config(rounds=40, eval_every=0, **base), data, out / "clean", progress=False)
+    return {a: run(Config(attack=a, init_from=str(out / "clean"), rounds=20, eval_every=2, attack_ratio=0.02, **base),
+                   data, out / a, progress=False) for a in ("none", "ahum", "psmu")}
+
+
+def test_results_report_er_history_and_attack_cost(er_runs):
+    res = er_runs["psmu"]
+    att = res["attack"]
+    assert {"targets", "ER@5", "ER@10", "ER@20", "history", "last5_mean", "seconds", "malicious_uploads"} <= set(att)
+    assert len(att["history"]) == 10 and att["history"][-1]["round"] == 20
+    assert {"ER@5", "ER@10", "ER@20", "HR@10"} <= set(att["history"][0])
+    assert att["malicious_clients"] == 16 and att["malicious_uploads"] > 0 and att["seconds"] > 0
+    assert "ER@10" not in res["test"] and "HR@10" in res["test"]
+    assert er_runs["none"]["attack"]["targets"] == att["targets"]
+    assert er_runs["none"]["attack"]["malicious_uploads"] == 0
+
+
+@pytest.mark.parametrize("name", ["ahum", "psmu"])
+def test_attack_raises_er_far_above_no_attack(er_runs, name):
+    clean = er_runs["none"]["attack"]["last5_mean"]["ER@10"]
+    hit = er_runs[name]["attack"]["last5_mean"]["ER@10"]
+    assert hit >= max(10 * clean, 0.3), (name, hit, clean)
+
+
+def test_cli_runs_an_attack_and_reports_it(tmp_path, capsys):
+    from fortress.cli import main
+    code = main(["run", "--data", "synthetic", "--out", str(tmp_path), "--quiet", "--set", "synthetic_users=300",
+                 "--set", "synthetic_items=50", "--set", "dim=16", "--set", "max_len=10", "--set", "rounds=3",
+                 "--set", "clients_per_round=32", "--set", "attack=boost", "--set", "attack_ratio=0.05",
+                 "--set", "target_pick=random", "--set", "threads=1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "attack boost (15 malicious clients" in out and "ER@10" in out
+
+
+def test_resume_under_attack_continues_exactly(tmp_path, monkeypatch):
+    from fortress import checkpoint, simulate
+    data = synthetic(300, 60, seed=0)
+    cfg = Config(mode="fedavg", rounds=6, checkpoint_every=2, eval_every=2, attack="psmu", attack_ratio=0.05,
+                 threads=1, **{k: v for k, v in TINY.items() if k != "eval_every"})
+    full = run(cfg, data, tmp_path / "full", progress=False)
+
+    def crash(bar, entry):                      # dies after round 4 (and its checkpoint), like a kill
+        if entry["round"] == 4:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(simulate, "_progress", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, data, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["attack"]
+    assert state["targets"] == full["attack"]["target_index"] and len(state["malicious"]) == 15
+    resumed = run(cfg, data, tmp_path / "cut", progress=False, resume=True)
+    a, b = (torch.load(p / "model.pt", weights_only=False)["params"] for p in (tmp_path / "full", tmp_path / "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("seconds", "seconds_per_round")
+    assert {k: v for k, v in resumed["attack"].items() if k not in drop} == \
+        {k: v for k, v in full["attack"].items() if k not in drop}
+    assert resumed["attack"]["malicious_uploads"] > 0

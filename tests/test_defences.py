@@ -1,0 +1,304 @@
+"""Robust aggregators on hand-computed cases; the FORTRESS monitor, reliability weights and regulariser."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fortress.client import build_chunks, objective, train_round
+from fortress import config
+from fortress.config import Config
+from fortress.data import synthetic
+from fortress.errors import InputError
+from fortress.models import from_config
+from fortress.server import defences, robust
+from fortress.server.fortress import (FortressConfig, FortressServer, allowance, detect, l_sep, l_var, neighbours,
+                                      regularise, reliability, row_mass)
+from fortress.updates import Updates, concat
+
+D = torch.float64
+
+
+def updates(dense, rows, weight=None) -> Updates:
+    """Updates from dense (n, P) and rows [(client, item, delta list)]."""
+    dense = torch.tensor(dense, dtype=D)
+    n = len(dense)
+    rc = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+    ri = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+    rd = torch.tensor([r[2] for r in rows], dtype=D).reshape(len(rows), len(rows[0][2]) if rows else 1)
+    w = torch.ones(n, dtype=D) if weight is None else torch.tensor(weight, dtype=D)
+    return Updates(torch.arange(n), w, dense, rc, ri, rd, torch.zeros(n, dtype=D))
+
+
+def rows_of(agg) -> dict[int, list[float]]:
+    return {int(i): [round(float(v), 6) for v in d] for i, d in zip(agg.rows_item, agg.rows_delta)}
+
+
+# three clients; item 1 from clients 0 and 2, item 2 from client 1 only
+TOY = dict(dense=[[1, 10], [2, -5], [100, 0]],
+           rows=[(0, 1, [1, 1]), (1, 2, [7, 7]), (2, 1, [3, 5])])
+
+
+def test_row_groups_group_rows_by_item_and_count():
+    groups = robust.row_groups(torch.tensor([3, 1, 3, 2, 3]))
+    got = {len(idx[0]): (items.tolist(), idx.tolist()) for items, idx in groups}
+    assert got == {1: ([1, 2], [[1], [3]]), 3: ([3], [[0, 2, 4]])}
+
+
+def test_median_dense_over_all_rows_over_their_uploaders():
+    agg, weight = robust.median(updates(**TOY))
+    assert agg.dense.tolist() == [2.0, 0.0]
+    assert rows_of(agg) == {1: [2.0, 3.0], 2: [7.0, 7.0]}     # two uploaders: mean of the two middle values
+    # share of each client's coordinates used: client 0 = 0 dense + 2 x 0.5 row coords of 4;
+    # client 1 = dense[0] + its whole row = 3 of 4; client 2 = dense[1] + 2 x 0.5 = 2 of 4
+    assert weight.tolist() == [0.25, 0.75, 0.5]
+
+
+def test_trimmed_mean_cuts_each_end_per_coordinate():
+    u = updates([[1, 0.1], [2, 0.2], [3, 0.3], [100, -100]], [(0, 5, [1]), (1, 5, [2]), (2, 5, [3]), (3, 5, [-50])])
+    # 4 values and frac 0.25: one value is cut at each end of every coordinate
+    agg, weight = robust.trimmed_mean(u, 0.25)
+    assert agg.dense.tolist() == pytest.approx([2.5, 0.15])
+    assert rows_of(agg) == {5: [1.5]}
+    # kept: dense[0] of clients 1, 2; dense[1] of clients 0, 1; the row of clients 0, 1
+    assert weight.tolist() == pytest.approx([2 / 3, 1.0, 1 / 3, 0.0])
+    assert robust.trimmed_mean(u, 0.1)[0].dense.tolist() == pytest.approx([26.5, -24.85])   # floor(0.4) = 0: the mean
+
+
+def test_krum_and_multi_krum():
+    u = updates([[0.0], [0.1], [0.3], [10.0]], [], weight=[1, 1, 2, 1])
+    # byz_frac 0.1: f = 0, each client's score sums its 2 nearest squared distances:
+    # 0 -> .01 + .09, 0.1 -> .01 + .04 (lowest), 0.3 -> .04 + .09, 10 -> far
+    agg, weight = robust.krum(u, 0.1)
+    assert agg.dense.tolist() == [0.1] and weight.tolist() == [0, 1, 0, 0]
+    # byz_frac 0.25: f = 1, score = the nearest squared distance, keep c - f = 3 lowest, FedAvg-weighted
+    agg, weight = robust.multi_krum(u, 0.25)
+    assert agg.dense.tolist() == pytest.approx([(0 + 0.1 + 2 * 0.3) / 4])
+    assert weight.tolist() == [1, 1, 1, 0]
+
+
+def test_krum_per_row_picks_among_the_rows_uploaders():
+    u = updates([[0.0]] * 5, [(0, 1, [0.0]), (1, 1, [0.1]), (2, 1, [0.3]), (3, 1, [9.0]), (4, 2, [4.0])])
+    agg, _ = robust.krum(u, 0.1)
+    assert rows_of(agg) == {1: [0.1], 2: [4.0]}          # the same scores as above; a lone uploader is kept
+
+
+def test_norm_bound_clips_whole_client_updates():
+    u = updates([[3, 4], [0, 1]], [(0, 1, [0, 0])])
+    agg, weight = robust.norm_bound(u, 2.0)
+    assert agg.dense.tolist() == pytest.approx([0.6, 1.3])       # (0.4 * [3, 4] + [0, 1]) / 2
+    assert weight.tolist() == pytest.approx([0.4, 1.0])
+    agg, weight = robust.norm_bound(u, 0.0)                     # bound = median norm = 3
+    assert weight.tolist() == pytest.approx([0.6, 1.0])
+
+
+def test_rules_match_fedavg_when_every_client_agrees():
+    u = updates([[1.0, 2.0]] * 5, [(i, 3, [0.5, -0.5]) for i in range(5)])
+    for name in ("median", "trimmed_mean", "krum", "multi_krum", "norm_bound", "none"):
+        agg, weight, _ = defences.make(Config(defence=name), 4).aggregate(u, {})
+        assert agg.dense.tolist() == pytest.approx([1.0, 2.0]) and rows_of(agg) == {3: [0.5, -0.5]}, name
+
+
+def test_unknown_defence_is_a_one_line_error():
+    with pytest.raises(InputError, match="defence='krumm' is not allowed; choose one of: none, fortress"):
+        config.override(Config(), {"defence": "krumm"})
+    with pytest.raises(InputError, match="needs a federated mode"):
+        config.override(Config(), {"defence": "median", "mode": "central"})
+
+
+# --- FORTRESS ----------------------------------------------------------------------------------------
+
+def test_l_sep_value_and_gradient():
+    p = torch.tensor([[0.0, 0.0]])
+    s = torch.tensor([[0.5, 0.0], [3.0, 0.0]], requires_grad=True)
+    loss = l_sep(p, s, margin=1.0)                  # pairs: max(0, 1 - 0.5) = 0.5 and 0; mean 0.25
+    assert float(loss.detach()) == pytest.approx(0.25)
+    (g,) = torch.autograd.grad(loss, s)
+    # d/ds0 of 0.5 * (1 - |s0 - p|) = -0.5 * unit(s0 - p) = [-0.5, 0]: descent moves s0 away from p
+    assert g.flatten().tolist() == pytest.approx([-0.5, 0.0, 0.0, 0.0])
+
+
+def test_l_var_value_and_gradient():
+    e = torch.tensor([[0.0], [1.0], [5.0]], requires_grad=True)
+    nbr = neighbours(e.detach(), 1)
+    assert nbr.flatten().tolist() == [1, 0, 1]
+    loss = l_var(e, nbr)                            # ((0-1)^2 + (1-0)^2 + (5-1)^2) / 3 = 6
+    assert float(loss.detach()) == pytest.approx(6.0)
+    (g,) = torch.autograd.grad(loss, e)
+    # L = [(e0-e1)^2 + (e1-e0)^2 + (e2-e1)^2] / 3
+    assert g.flatten().tolist() == pytest.approx([-4 / 3, -4 / 3, 8 / 3])
+
+
+def test_regularise_turns_suspicious_items_away_and_keeps_lengths():
+    table = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [2.7, 1.8], [-5, -5]], dtype=D)
+    fc = FortressConfig(popular_frac=0.5, surge=3, norm_z=4, focus_slack=2, alpha=1, beta=0.0, margin=1.4, knn=1,
+                        server_steps=20, server_lr=0.5, max_len=50)
+    before = table.clone()
+    popular, suspicious = torch.tensor([1, 2, 3]), torch.tensor([4])
+    chord = lambda t: (F.normalize(t[popular], dim=1) - F.normalize(t[4], dim=0)).norm(dim=1)   # noqa: E731
+    info = regularise(table, popular, suspicious, fc)
+    assert chord(table).mean() > chord(before).mean() + 0.3 and info["reg_loss_after"] < info["reg_loss_before"]
+    assert torch.allclose(table.norm(dim=1), before.norm(dim=1))                 # lengths kept
+    assert torch.equal(table[5], before[5]) and torch.equal(table[0], before[0])   # other rows untouched
+
+
+def test_detect_flags_an_unpopular_surge_only():
+    mass = torch.tensor([0, 10, 12, 8, 0.1, 40, 25], dtype=D)
+    history = torch.tensor([0, 10, 11, 9, 0.1, 0.1, 30], dtype=D)
+    popular = torch.tensor([1, 2, 3])
+    hits, ref = detect(mass, history, popular, popular, surge=3.0)
+    # ref = median(10, 12, 8) = 10; item 5: 40 > 3 x max(10, 0.1); item 6: 25 < 3 x 30 (its own history)
+    assert ref == 10.0 and hits.tolist() == [5]
+
+
+def test_reliability_spares_sparse_benign_clients_and_drops_focused_ones():
+    # flagged item 9. client 0: sparse benign (weight 3) with item 9 among its 3 items (share 1/3);
+    # client 1: reports weight 10 and puts all its row mass on item 9; clients 2-6: ordinary benign;
+    # client 7: a huge update; client 8: sparse (weight 2) and a tiny update
+    rows = [(0, 9, [1.0]), (0, 1, [1.0]), (0, 2, [1.0]), (1, 9, [1.0])]
+    rows += [(c, 1 + c % 3, [1.0]) for c in range(2, 7)] + [(7, 4, [1.0]), (8, 2, [0.01])]
+    dense = [[1.0], [1.0], [0.5], [1.5], [2.0], [1.0], [2.5], [50.0], [0.01]]
+    u = updates(dense, rows, weight=[3, 10, 5, 5, 5, 5, 5, 8, 2])
+    rho, info = reliability(u, u.rows_item == 9, allowance(u, 2.0, max_len=50), norm_z=4.0)
+    assert rho[0] == 1.0 and rho[8] == 1.0 and (rho[2:7] == 1.0).all()
+    assert rho[1] == 0.0
+    assert 0 < rho[7] < 0.01 and info["norm_down"] == 1 and info["focus_down"] == 1
+
+
+@pytest.fixture(scope="module")
+def benign_rounds():
+    """Honest uploads of 8 rounds on synthetic data, and the data."""
+    ds = synthetic(600, 200, seed=0)
+    cfg = Config(dim=16, max_len=20, n_neg=32, dtype="float64")
+    model = from_config(cfg)
+    params = model.init(ds.n_items, torch.Generator().manual_seed(0), D)
+    rng = np.random.default_rng(0)
+    eligible = np.flatnonzero(ds.train_len >= 2)
+    out = []
+    for r in range(8):
+        users = rng.choice(eligible, 64, replace=False)
+        chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, 64, key=(0, r))
+        out.append(train_round(model, objective(cfg, ds.n_items), 1, 1.0, "sgd", params, chunks))
+    return ds, params, out
+
+
+def surge(u: Updates, item: int, clients: int, size: float) -> Updates:
+    """u plus `clients` extra clients, each uploading one large row of `item` and a benign-sized encoder."""
+    d = u.rows_delta.shape[1]
+    delta = torch.full((clients, d), size / d ** 0.5, dtype=D)
+    extra = Updates(torch.arange(10_000, 10_000 + clients), torch.full((clients,), 10.0, dtype=D),
+                    u.dense[:clients].clone(), torch.arange(clients), torch.full((clients,), item),
+                    delta, torch.zeros(clients, dtype=D))
+    return concat([u, extra])
+
+
+def test_monitor_flags_an_injected_surge(benign_rounds):
+    ds, params, rounds = benign_rounds
+    cold = int(np.argmin(ds.item_counts()[1:])) + 1
+    server = FortressServer(FortressConfig.from_config(Config()), ds.n_items)
+    flagged = []
+    for r, u in enumerate(rounds):
+        if r >= 5:                                                   # the attack starts in round 6
+            big = float(u.rows_delta.norm(dim=1).max())
+            u = surge(u, cold, 5, 4 * big)
+        agg, rho, info = server.aggregate(u, {k: v.clone() for k, v in params.items()})
+        flagged.append(cold in info["flagged"])
+        if r >= 5:
+            assert (rho[-5:] == 0).all() and (rho[:-5] == 1).float().mean() > 0.9
+            assert cold not in agg.rows_item.tolist()                # its row is not updated this round
+    assert flagged == [False] * 5 + [True] * 3
+    assert server.history[cold] < server.history[1:].median() + 1e-9  # the attack did not build it a history
+
+
+def test_benign_rounds_are_nearly_plain_fedavg(benign_rounds):
+    ds, params, rounds = benign_rounds
+    server = FortressServer(FortressConfig.from_config(Config()), ds.n_items)
+    flagged, kept = 0, []
+    for u in rounds:
+        _, rho, info = server.aggregate(u, params)
+        flagged += info["suspicious"]
+        kept.append(float((rho == 1).float().mean()))
+    assert flagged <= 2 and min(kept) >= 0.95, (flagged, kept)
+
+
+def test_row_mass_sums_row_norms_per_item():
+    u = updates([[0.0]] * 2, [(0, 1, [3.0, 4.0]), (1, 1, [0.0, 1.0]), (1, 2, [0.0, 2.0])])
+    assert row_mass(u, 3).tolist() == [0.0, 6.0, 2.0, 0.0]
+    assert row_mass(u, 3, torch.tensor([True, False, False])).tolist() == [0.0, 5.0, 0.0, 0.0]
+
+
+def test_fortress_resume_is_exact(tmp_path):
+    from fortress import checkpoint
+    from fortress.simulate import run
+    ds = synthetic(300, 60, seed=0)
+    cfg = Config(rounds=6, checkpoint_every=2, defence="fortress", dim=16, max_len=20, n_neg=16,
+                 clients_per_round=24, eval_every=0, threads=1, attack="ahum", attack_ratio=0.1)
+    full = run(cfg, ds, tmp_path / "full", progress=False)
+    assert sum(h["defence"]["suspicious"] for h in full["history"]) > 0        # the state matters
+    run(dataclasses.replace(cfg, rounds=4), ds, tmp_path / "cut", progress=False)
+    state = torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["server"]["defence"]
+    assert state["rounds"] == 4
+    resumed = run(cfg, ds, tmp_path / "cut", progress=False, resume=True)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["params"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)["params"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["defence"] for h in resumed["history"]] == [h["defence"] for h in full["history"]]
+
+
+# --- end to end: the defence against real attacks ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def defended(tmp_path_factory):
+    """A clean FedAvg model, then 20 rounds of A-hum and PSMU (3% malicious clients) with no defence
+    and with FORTRESS, and 20 clean rounds with FORTRESS; ER@10 every 2 rounds."""
+    from fortress.simulate import run
+    data = synthetic(3000, 600, seed=0)
+    base = dict(mode="fedavg", dim=16, max_len=10, clients_per_round=64, n_neg=32, threads=1)
+    out = tmp_path_factory.mktemp("defended")
+    run(Config(rounds=40, eval_every=0, **base), data, out / "clean", progress=False)
+    res = {}
+    for attack, defence in [("none", "none"), ("none", "fortress"), ("ahum", "none"), ("ahum", "fortress"),
+                            ("psmu", "none"), ("psmu", "fortress")]:
+        cfg = Config(attack=attack, defence=defence, init_from=str(out / "clean"), rounds=20, eval_every=2,
+                     attack_ratio=0.03, **base)
+        res[attack, defence] = run(cfg, data, out / f"{attack}-{defence}", progress=False)
+    return out, res
+
+
+@pytest.mark.parametrize("attack", ["ahum", "psmu"])
+def test_fortress_cuts_the_attacks_exposure(defended, attack):
+    _, res = defended
+    er = lambda a, d: res[a, d]["attack"]["last5_mean"]["ER@10"]          # noqa: E731
+    assert er(attack, "none") >= 0.3 and er(attack, "fortress") <= 0.2 * er(attack, "none"), \
+        (er(attack, "none"), er(attack, "fortress"))
+    log = [h["defence"] for h in res[attack, "fortress"]["history"]]
+    with_bad = [d for d in log if d["weight_malicious"] is not None]
+    mal, benign = np.mean([d["weight_malicious"] for d in with_bad]), np.mean([d["weight_benign"] for d in log])
+    # A-hum puts all its row mass on the target: weight 0 whenever it is flagged; PSMU loses weight
+    # for its norm (and its target rows are not aggregated)
+    assert mal < benign - 0.25 and benign > 0.98, (mal, benign)
+    assert any(d["targets_flagged"][0] for d in log)
+
+
+def test_fortress_keeps_clean_accuracy(defended):
+    _, res = defended
+    hr = lambda d: res["none", d]["test"]["HR@10"]                         # noqa: E731
+    assert hr("fortress") >= 0.95 * hr("none"), (hr("fortress"), hr("none"))
+    log = [h["defence"] for h in res["none", "fortress"]["history"]]
+    assert np.mean([d["weight_benign"] for d in log]) > 0.98 and all(d["weight_malicious"] is None for d in log)
+
+
+def test_embeddings_figure_shows_where_the_target_went(defended, capsys):
+    from fortress.cli import main
+    out, _ = defended
+    png = out / "emb.png"
+    assert main(["plot", "embeddings", str(out / "ahum-none"), str(out / "ahum-fortress"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = capsys.readouterr().out.splitlines()
+    closer = [float(line.split("; ")[1].split("%")[0]) for line in lines[:2]]
+    assert closer[0] < closer[1]                 # undefended, the target sits nearer the popular items
+    assert main(["plot", "embeddings", str(out / "clean"), "--targets", "nosuch"]) == 2    # one-line error
+    assert "--targets: item id(s) nosuch are not in the data" in capsys.readouterr().err
