@@ -292,7 +292,7 @@ def test_paper_spec_is_valid(shared_data, tmp_path):
 
 def test_smoke_spec_reduced_runs_end_to_end(tmp_path):
     """experiments/smoke.toml (all of it checked), run cut to one seed, the methods the sections need, two
-    attacks, one ablation variant, one sensitivity key with two values, and the figures."""
+    attacks, one ablation variant and one sensitivity key with two values without attack, and the figures."""
     table = tomllib.loads((ROOT / "experiments" / "smoke.toml").read_text())
     experiments.plan(table, Path("smoke.toml"), tmp_path)             # the whole spec is valid
     table["grid"]["seeds"] = [0]
@@ -302,12 +302,11 @@ def test_smoke_spec_reduced_runs_end_to_end(tmp_path):
     first = next(iter(table["methods"]))
     table["methods"] = {k: v for k, v in table["methods"].items() if k == first or k in needed}
     if "ablation" in table:
-        table["ablation"]["variants"] = dict(list(table["ablation"]["variants"].items())[:1])
-        table["ablation"]["seeds"] = [0]
+        table["ablation"].update(variants=dict(list(table["ablation"]["variants"].items())[:1]), seeds=[0],
+                                 attacks=["none"])
     if "sensitivity" in table:
         key, values = next(iter(table["sensitivity"]["sweeps"].items()))
-        table["sensitivity"]["sweeps"] = {key: values[:2]}
-        table["sensitivity"]["seeds"] = [0]
+        table["sensitivity"].update(sweeps={key: values[:2]}, seeds=[0], attack="none")
     script = ("import json, sys; from pathlib import Path; from fortress import experiments, report; "
               "p = experiments.plan(json.load(sys.stdin), Path('smoke.toml'), Path(sys.argv[1])); "
               "c = experiments.execute(p, jobs=2, progress=False); report.write(p); print(json.dumps(c))")
@@ -315,8 +314,9 @@ def test_smoke_spec_reduced_runs_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     counts = json.loads(res.stdout.splitlines()[-1])
-    assert counts["failed"] == 0 and counts["ok"] >= 4, (counts, res.stderr[-2000:])
+    assert counts["failed"] == counts["skipped"] == 0 and counts["ok"] >= 4, (counts, res.stderr[-2000:])
     text = (tmp_path / "report.md").read_text()
-    assert "## Main table" in text and "| FedAvg-SASRec | " in text
+    assert "## Main table" in text and "| FedAvg-SASRec | " in text and "## Ablation" in text
+    assert all(f"![{f['name']}](figures/{f['name']}.png)" in text for f in table.get("figures", []))
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
         assert (tmp_path / png).stat().st_size > 1000
