@@ -1,4 +1,4 @@
-"""`fortress` command line: run, data stats, recommend, plot."""
+"""`fortress` command line: run, experiment, data stats, recommend, plot."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(simulate.summary(results))
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'model.pt'}")
     return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from fortress import experiments, report
+    if args.jobs < 1:
+        raise InputError(f"--jobs {args.jobs}: must be >= 1")
+    plan = experiments.load(args.spec, args.out)          # the whole spec is checked before anything runs
+    if args.dry_run:
+        done = 0
+        for cell in plan.cells.values():
+            done += experiments.finished(cell)
+            print(f"{cell.id}  {'finished' if experiments.finished(cell) else 'to run':<8}  {cell.labels[0]}\n"
+                  f"    {cell.command()}")
+        kinds = [c.kind for c in plan.cells.values()]
+        print(f"{len(kinds)} cells ({kinds.count('pretrain')} pretrain, {kinds.count('run')} runs, "
+              f"{kinds.count('figure')} figures): {done} finished, {len(kinds) - done} to run")
+        return 0
+    counts = {}
+    if not args.report_only:
+        counts = experiments.execute(plan, args.jobs, progress=not args.quiet)
+    path = report.write(plan)
+    print(f"wrote {path}" + (f" ({counts['ok']} cells ok, {counts['failed']} failed, {counts['skipped']} skipped)"
+                             if counts else ""))
+    return 1 if counts.get("failed") else 0
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
@@ -112,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="fedavg, fortress: continue from OUT/checkpoint.pt if there is one (see checkpoint_every)")
     run.set_defaults(func=cmd_run)
+
+    exp = sub.add_parser("experiment", help="run a grid of runs from a spec file (resumable) and write DIR/report.md")
+    exp.add_argument("spec", help="spec file, e.g. experiments/smoke.toml")
+    exp.add_argument("--out", required=True, help="folder for the cells, figures and report.md (re-run to resume)")
+    exp.add_argument("--jobs", type=int, default=1, help="cells run in parallel (each its own process)")
+    exp.add_argument("--dry-run", action="store_true", help="check the spec and list the cells and their commands")
+    exp.add_argument("--report-only", action="store_true", help="only (re)write report.md from the finished cells")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    exp.set_defaults(func=cmd_experiment)
 
     dep = sub.add_parser("deploy-demo", help="run the Flower app on a local SuperLink + SuperNodes (TLS, node auth)")
     dep.add_argument("--nodes", type=int, default=3, help="SuperNodes (each hosts users u with u %% nodes == its id)")

@@ -1,0 +1,621 @@
+"""`fortress experiment SPEC.toml --out DIR`: a grid of runs from a spec file, resumable, in parallel.
+
+A spec (see `experiments/smoke.toml`) names datasets, methods (each a table of config keys, i.e.
+`--set` overrides), attacks x attack ratios x seeds, and optional ablation variants, sensitivity
+sweeps and figures. It expands to *cells*; each cell is one `fortress` command:
+
+  pretrain  a clean model that runs start from (`init_from`), shared by every attack of a method
+  run       `fortress run` of one (dataset, method [+ variant or swept value], attack, ratio, seed)
+  figure    a `fortress plot ...` command over the folders of some runs
+
+A cell's id is a hash of what it computes (its data and the config keys that differ from the
+defaults, and the cell it starts from), so a run needed by several tables runs once, and a
+changed spec re-runs only the cells whose settings changed. Every cell lives in DIR/cells/ID/:
+the run's own output (results.json, model.pt), log.txt, and cell.json, written atomically (tmp
+file + rename) when the cell has ended. A cell whose cell.json says "ok" is finished and skipped
+on the next invocation; anything else (none, failed, killed half-way) is cleared and run again.
+
+Robustness: a lock file keeps a second runner off DIR; each cell is its own process (on Linux a
+fork of the runner, which has already imported torch, so a cell does not pay ~1.5 s of imports;
+elsewhere a `fortress` subprocess), killed by the kernel if the runner dies (PR_SET_PDEATHSIG),
+so a `kill -9` of the runner loses the cells in progress and nothing else. A failing cell is
+recorded with its error line and the others go on; cells that start from it are marked failed.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fortress import config
+from fortress.config import Config
+from fortress.errors import InputError
+
+SECTIONS = ("grid", "set", "datasets", "methods", "pretrain", "ablation", "sensitivity", "figures")
+GRID_FIELDS = ("seeds", "attacks", "attack_ratios", "er_last")
+ABLATION_FIELDS = ("method", "variants", "attacks", "attack_ratio", "datasets", "seeds")
+SENSITIVITY_FIELDS = ("method", "sweeps", "attack", "attack_ratio", "datasets", "seeds")
+FIGURE_FIELDS = ("name", "command", "args", "runs")
+REF_FIELDS = ("method", "set", "attack", "attack_ratio", "dataset", "seed")
+RECORD = "cell.json"
+
+
+@dataclass
+class Cell:
+    """One command of the grid and where its output goes."""
+
+    id: str
+    kind: str                       # pretrain | run | figure
+    argv: list[str]                 # arguments after `fortress` (--out included)
+    out: Path                       # what it makes: the run folder (results.json inside) or a PNG
+    folder: Path                    # DIR/cells/ID: log.txt, cell.json (for runs, also their output)
+    after: list[str] = field(default_factory=list)   # cells that must have finished first
+    labels: list[str] = field(default_factory=list)  # what it is for (a shared cell has several)
+    need: tuple[str, ...] = ()      # figure: the `fortress` subcommand it calls
+
+    def made(self) -> Path:
+        return self.out / "results.json" if self.kind != "figure" else self.out
+
+    def command(self) -> str:
+        """The standalone command that reproduces this cell (run its `after` cells first)."""
+        return "fortress " + shlex.join(self.argv)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a run cell's numbers go in the report."""
+
+    section: str                    # main | ablation | sensitivity
+    dataset: str
+    row: str                        # method, ablation row, or swept key
+    attack: str
+    ratio: float | None             # None for attack "none"
+    seed: int
+    cell: str
+    value: str | None = None        # sensitivity: the swept value
+
+
+@dataclass
+class Plan:
+    spec: Path
+    root: Path
+    cells: dict[str, Cell]          # in run order: pretrains, runs, figures
+    entries: list[Entry]
+    figures: dict[str, str]         # figure name -> cell id
+    er_last: int
+
+
+# ---------------------------------------------------------------- spec -> plan
+
+def render(value: Any) -> str:
+    """A TOML value as `--set` takes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(render(v) for v in value)
+    return str(value)
+
+
+def _resolve(sets: dict[str, str], where: str) -> Config:
+    """The config these overrides give, or a one-line error that starts with `where`."""
+    try:
+        return config.override(Config(), sets, source=where)
+    except InputError as err:
+        msg = str(err)
+        raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def _sets(table: Any, where: str, reserved: tuple[str, ...] = ()) -> dict[str, str]:
+    """A table of config overrides (minus `reserved` fields), checked alone so errors name their place."""
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: expected a table of config keys, got {table!r}")
+    values = {}
+    for key, value in table.items():
+        if key in reserved:
+            continue
+        if isinstance(value, dict):
+            raise InputError(f"{where}: {key} must be a value, not a table")
+        values[key] = render(value)
+    _resolve(values, where)
+    return values
+
+
+def _fields(table: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: expected a table, got {table!r}")
+    for key in table:
+        if key not in allowed:
+            raise InputError(f"{where}: unknown field {key!r}; known: {', '.join(allowed)}")
+    return table
+
+
+def _list(value: Any, kind: type, where: str, empty: bool = False) -> list:
+    """A TOML list of str, int or float (ints accepted as floats; booleans never)."""
+    kinds = (int, float) if kind is float else (kind,)
+    ok = isinstance(value, list) and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
+    if not ok or (not value and not empty):
+        raise InputError(f"{where} = {value!r}: expected a non-empty list of {kind.__name__}s")
+    return [kind(v) for v in value]
+
+
+def _attack_sets(attack: str, ratio: float | None) -> dict[str, str]:
+    return {} if attack == "none" else {"attack": attack, "attack_ratio": render(ratio)}
+
+
+def _suffix(attack: str, ratio: float | None) -> str:
+    return attack if attack == "none" else f"{attack} {ratio:g}"
+
+
+def _dataset_exists(data: str, where: str) -> None:
+    if data == "synthetic":
+        return
+    from fortress.data import resolve
+    try:
+        resolve(data)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
+
+
+class _Spec:
+    """A spec being checked and expanded into cells; identical cells are made once."""
+
+    def __init__(self, table: dict[str, Any], spec: Path, root: Path):
+        self.s, self.root = str(spec), root
+        self.cells: dict[str, Cell] = {}
+        self.entries: list[Entry] = []
+        self.figures: dict[str, str] = {}
+        s = self.s
+        for key in table:
+            if key not in SECTIONS:
+                raise InputError(f"{s}: unknown section [{key}]; known: {', '.join(SECTIONS)}")
+        grid = _fields(table.get("grid", {}), GRID_FIELDS, f"{s} [grid]")
+        if "seeds" not in grid:
+            raise InputError(f"{s} [grid]: seeds is missing (e.g. seeds = [0, 1, 2])")
+        self.seeds = _list(grid["seeds"], int, f"{s} [grid] seeds")
+        self.attacks = _list(grid.get("attacks", ["none"]), str, f"{s} [grid] attacks")
+        self.ratios = _list(grid.get("attack_ratios", [0.01]), float, f"{s} [grid] attack_ratios")
+        self.er_last = grid.get("er_last", 5)
+        if not isinstance(self.er_last, int) or isinstance(self.er_last, bool) or self.er_last < 1:
+            raise InputError(f"{s} [grid] er_last = {self.er_last!r}: expected an integer >= 1")
+        self.check_attacks(self.attacks, self.ratios, f"{s} [grid] attacks")
+        self.base = _sets(table.get("set", {}), f"{s} [set]")
+
+        raw = table.get("datasets")
+        if not isinstance(raw, dict) or not raw:
+            raise InputError(f"{s}: no datasets; add a table such as [datasets.synthetic] or [datasets.amazon-cell-phones]")
+        self.datasets: dict[str, tuple[str, dict[str, str]]] = {}
+        for name, t in raw.items():
+            where = f"{s} [datasets.{name}]"
+            sets = _sets(t, where, reserved=("data",))
+            data = t.get("data", name)
+            if not isinstance(data, str) or not data:
+                raise InputError(f"{where} data = {data!r}: expected a path, a name in $FORTRESS_DATA, or 'synthetic'")
+            _dataset_exists(data, where)
+            self.datasets[name] = (data, sets)
+
+        raw = table.get("methods")
+        if not isinstance(raw, dict) or not raw:
+            raise InputError(f"{s}: no methods; add a table such as [methods.FedAvg-SASRec] with mode = \"fedavg\"")
+        self.methods = {name: _sets(t, f"{s} [methods.{name}]") for name, t in raw.items()}
+
+        self.pretrain, self.inherit = None, None
+        if "pretrain" in table:
+            t = table["pretrain"]
+            self.pretrain = _sets(t, f"{s} [pretrain]", reserved=("inherit",))
+            if "inherit" in t:
+                self.inherit = _list(t["inherit"], str, f"{s} [pretrain] inherit", empty=True)
+                for k in self.inherit:
+                    if k not in config.keys():
+                        raise InputError(f"{s} [pretrain] inherit: unknown key {k!r}; known keys: {', '.join(config.keys())}")
+
+    # -- checks shared by the sections
+    def check_attacks(self, attacks: list[Any], ratios: list[float], where: str) -> None:
+        for a in attacks:
+            if not isinstance(a, str):
+                raise InputError(f"{where} = {a!r}: expected an attack name")
+            for r in ratios:
+                _resolve({**_attack_sets(a, r), "mode": "fedavg"}, where)
+
+    def method(self, name: Any, where: str) -> dict[str, str]:
+        if name not in self.methods:
+            raise InputError(f"{where} = {name!r}: not a method of this spec; known: {', '.join(self.methods)}")
+        return self.methods[name]
+
+    def dataset_names(self, value: Any, where: str) -> list[str]:
+        chosen = _list(value, str, where)
+        for d in chosen:
+            if d not in self.datasets:
+                raise InputError(f"{where}: {d!r} is not a dataset of this spec; known: {', '.join(self.datasets)}")
+        return chosen
+
+    def ratio(self, value: Any, where: str) -> float:
+        return _list([value], float, where)[0]
+
+    # -- cells
+    def _add(self, kind: str, data: str, sets: dict[str, str], after: str | None, label: str) -> str:
+        cfg = _resolve(sets, f"{self.s}: cell '{label}'")
+        default = config.to_dict(Config())
+        changed = {k: v for k, v in config.to_dict(cfg).items() if v != default[k]}
+        cid = _cell_id(kind, {"data": data, "config": changed, "after": after})
+        if cid not in self.cells:
+            out = self.root / "cells" / cid
+            argv = ["run", "--data", data, "--out", str(out)]
+            for k, v in sets.items():
+                argv += ["--set", f"{k}={v}"]
+            if after:
+                argv += ["--set", f"init_from={self.root / 'cells' / after}"]
+            self.cells[cid] = Cell(cid, kind, argv, out, out, [after] if after else [])
+        if label not in self.cells[cid].labels:
+            self.cells[cid].labels.append(label)
+        return cid
+
+    def run(self, ds: str, method: dict[str, str], attack: str, ratio: float | None, seed: int, label: str) -> str:
+        """A run cell (and, with [pretrain], the clean model it starts from)."""
+        data, ds_sets = self.datasets[ds]
+        after = None
+        if self.pretrain is not None:
+            inherited = {k: v for k, v in method.items() if self.inherit is None or k in self.inherit}
+            pre = {**self.base, **ds_sets, **inherited, **self.pretrain, "seed": str(seed)}
+            after = self._add("pretrain", data, pre, None, f"pretrain for {label}")
+        sets = {**self.base, **ds_sets, **method, **_attack_sets(attack, ratio), "seed": str(seed)}
+        return self._add("run", data, sets, after, label)
+
+    def entry(self, section: str, ds: str, row: str, method: dict[str, str], attack: str, ratio: float, seed: int,
+              label: str, value: str | None = None) -> None:
+        r = None if attack == "none" else ratio
+        cid = self.run(ds, method, attack, r, seed, f"{label} {_suffix(attack, r)} seed {seed}")
+        self.entries.append(Entry(section, ds, row, attack, r, seed, cid, value))
+
+    # -- sections
+    def main_grid(self) -> None:
+        for ds in self.datasets:
+            for m, msets in self.methods.items():
+                for attack in self.attacks:
+                    for ratio in self.ratios if attack != "none" else [0.0]:
+                        for seed in self.seeds:
+                            self.entry("main", ds, m, msets, attack, ratio, seed, f"{ds} {m}")
+
+    def ablation(self, table: Any) -> None:
+        where = f"{self.s} [ablation]"
+        t = _fields(table, ABLATION_FIELDS, where)
+        msets = self.method(t.get("method"), f"{where} method")
+        variants = t.get("variants")
+        if not isinstance(variants, dict) or not variants:
+            raise InputError(f"{where} variants: expected a table of named overrides, "
+                             f"e.g. \"w/o temporal\" = {{ temporal = false }}")
+        rows = {t["method"]: {}} | {v: _sets(x, f"{where} variants.{v!r}") for v, x in variants.items()}
+        attacks = _list(t.get("attacks", self.attacks), str, f"{where} attacks")
+        ratio = self.ratio(t.get("attack_ratio", self.ratios[0]), f"{where} attack_ratio")
+        self.check_attacks(attacks, [ratio], f"{where} attacks")
+        seeds = _list(t.get("seeds", self.seeds), int, f"{where} seeds")
+        for ds in self.dataset_names(t.get("datasets", list(self.datasets)), f"{where} datasets"):
+            for row, extra in rows.items():
+                for attack in attacks:
+                    for seed in seeds:
+                        self.entry("ablation", ds, row, {**msets, **extra}, attack, ratio, seed, f"ablation {ds} {row}")
+
+    def sensitivity(self, table: Any) -> None:
+        where = f"{self.s} [sensitivity]"
+        t = _fields(table, SENSITIVITY_FIELDS, where)
+        msets = self.method(t.get("method"), f"{where} method")
+        sweeps = t.get("sweeps")
+        if not isinstance(sweeps, dict) or not sweeps:
+            raise InputError(f"{where} sweeps: expected a table of key = [values], e.g. lambda_cl = [0.0, 0.01, 0.1]")
+        attack = t.get("attack", "none")
+        ratio = self.ratio(t.get("attack_ratio", self.ratios[0]), f"{where} attack_ratio")
+        self.check_attacks([attack], [ratio], f"{where} attack")
+        seeds = _list(t.get("seeds", self.seeds), int, f"{where} seeds")
+        for key, values in sweeps.items():
+            if not isinstance(values, list) or not values:
+                raise InputError(f"{where} sweeps.{key} = {values!r}: expected a non-empty list of values")
+            for v in values:
+                _sets({key: v}, f"{where} sweeps.{key}")
+        for ds in self.dataset_names(t.get("datasets", list(self.datasets)), f"{where} datasets"):
+            for key, values in sweeps.items():
+                for v in map(render, values):
+                    for att in dict.fromkeys(["none", attack]):
+                        for seed in seeds:
+                            self.entry("sensitivity", ds, key, {**msets, key: v}, att, ratio, seed,
+                                       f"sensitivity {ds} {key}={v}", v)
+
+    def figure(self, i: int, table: Any) -> None:
+        where = f"{self.s} [[figures]] #{i + 1}"
+        t = _fields(table, FIGURE_FIELDS, where)
+        name = t.get("name")
+        if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise InputError(f"{where} name = {name!r}: expected a file-name-like string, e.g. \"trajectories\"")
+        if name in self.figures:
+            raise InputError(f"{where} name = {name!r}: two figures have this name")
+        command = _list(t.get("command"), str, f"{where} command")
+        args = _list(t.get("args", []), str, f"{where} args", empty=True)
+        refs = t.get("runs")
+        if not isinstance(refs, list) or not refs:
+            raise InputError(f"{where} runs: expected a list of runs, e.g. [{{ method = \"FedAvg-SASRec\" }}]")
+        runs = []
+        for j, ref in enumerate(refs):
+            rw = f"{where} runs[{j}]"
+            ref = _fields(ref, REF_FIELDS, rw)
+            msets = self.method(ref.get("method"), f"{rw} method")
+            extra = _sets(ref.get("set", {}), f"{rw} set")
+            attack = ref.get("attack", "none")
+            ratio = self.ratio(ref.get("attack_ratio", self.ratios[0]), f"{rw} attack_ratio")
+            self.check_attacks([attack], [ratio], f"{rw} attack")
+            ds = self.dataset_names([ref.get("dataset", next(iter(self.datasets)))], f"{rw} dataset")[0]
+            seed = _list([ref.get("seed", self.seeds[0])], int, f"{rw} seed")[0]
+            r = None if attack == "none" else ratio
+            what = "".join(f" {k}={v}" for k, v in extra.items())
+            runs.append(self.run(ds, {**msets, **extra}, attack, r, seed,
+                                 f"figure {name}: {ds} {ref['method']}{what} {_suffix(attack, r)} seed {seed}"))
+        png = self.root / "figures" / f"{name}.png"
+        cid = _cell_id("figure", {"name": name, "command": command, "runs": runs, "args": args})
+        argv = [*command, *(str(self.cells[r].out) for r in runs), *args, "--out", str(png)]
+        self.cells[cid] = Cell(cid, "figure", argv, png, self.root / "cells" / cid, list(dict.fromkeys(runs)),
+                               [f"figure {name}"], tuple(command))
+        self.figures[name] = cid
+
+
+def _cell_id(kind: str, payload: dict[str, Any]) -> str:
+    blob = json.dumps({"kind": kind, **payload}, sort_keys=True)
+    return f"{kind[:3]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def load(spec: str | Path, root: str | Path) -> Plan:
+    """Read and check a spec file; every error is one line naming the file, field and value."""
+    spec = Path(spec)
+    try:
+        table = tomllib.loads(spec.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{spec}: spec file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{spec}: not valid TOML ({err})") from None
+    return plan(table, spec, Path(root))
+
+
+def plan(table: dict[str, Any], spec: Path, root: Path) -> Plan:
+    """Expand a parsed spec into cells and report entries, checking all of it before anything runs."""
+    x = _Spec(table, spec, root)
+    x.main_grid()
+    if "ablation" in table:
+        x.ablation(table["ablation"])
+    if "sensitivity" in table:
+        x.sensitivity(table["sensitivity"])
+    figures = table.get("figures", [])
+    if not isinstance(figures, list):
+        raise InputError(f"{spec} figures: write each figure as a [[figures]] table")
+    for i, f in enumerate(figures):
+        x.figure(i, f)
+    order = {"pretrain": 0, "run": 1, "figure": 2}
+    cells = dict(sorted(x.cells.items(), key=lambda kv: order[kv[1].kind]))
+    return Plan(spec, root, cells, x.entries, x.figures, x.er_last)
+
+
+# ---------------------------------------------------------------- running cells
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a temporary file in the same folder, fsynced, then renamed over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def record(cell: Cell) -> dict[str, Any] | None:
+    """The cell's record if it has ended (ok, failed or skipped), else None."""
+    try:
+        return json.loads((cell.folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished(cell: Cell) -> bool:
+    rec = record(cell)
+    return rec is not None and rec.get("status") == "ok" and cell.made().exists()
+
+
+def has_command(words: tuple[str, ...]) -> bool:
+    """Whether `fortress WORDS...` exists in this version (figures need commands other issues add)."""
+    import argparse
+    from fortress.cli import build_parser
+    parser = build_parser()
+    for w in words:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or w not in subs[0].choices:
+            return False
+        parser = subs[0].choices[w]
+    return True
+
+
+FORK = sys.platform.startswith("linux")
+PARENT_ENV = "FORTRESS_EXPERIMENT_PARENT"
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when the runner dies (kill -9 included)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    if os.getppid() != parent:                                          # it died before prctl
+        os._exit(1)
+
+
+class Job:
+    """A cell running in its own process: a fork of the runner (Linux) or a `fortress` subprocess."""
+
+    def __init__(self, cell: Cell, log: Path, keep_fds: tuple[int, ...] = ()):
+        argv = [*cell.argv, "--quiet"] if cell.kind != "figure" else cell.argv
+        self.cell, self.t0, self.proc, self.pid = cell, time.time(), None, 0
+        if not FORK:
+            env = {**os.environ, PARENT_ENV: str(os.getpid())}
+            with open(log, "w") as f:
+                self.proc = subprocess.Popen([sys.executable, "-m", "fortress.experiments", *argv], stdout=f,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            return
+        parent = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            self.pid = pid
+            return
+        code = 1
+        try:                                   # the child: never returns into the runner
+            for fd in keep_fds:
+                os.close(fd)                   # the runner's lock stays with the runner
+            signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C: the runner kills its cells
+            die_with_parent(parent)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            from fortress.cli import main
+            code = main(argv)
+        except SystemExit as err:
+            code = err.code if isinstance(err.code, int) else 1
+        except BaseException:  # noqa: BLE001 - anything a cell raises ends up in its log
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def poll(self) -> int | None:
+        if self.proc is not None:
+            return self.proc.poll()
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        return None if pid == 0 else os.waitstatus_to_exitcode(status)
+
+    def kill(self) -> None:
+        try:
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.wait()
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def error_line(log: Path, code: int) -> str:
+    """The line that says why a cell failed: its `error:` line, else the last line of the log."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    why = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+    code_txt = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+    return f"{code_txt}: {why[:300]}" if why else code_txt
+
+
+def lock(root: Path) -> int:
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"{root}: another `fortress experiment` is running on this folder") from None
+    return fd
+
+
+def execute(p: Plan, jobs: int = 1, progress: bool = True, log=None) -> dict[str, int]:
+    """Run every unfinished cell, up to `jobs` at once; returns counts of ok / failed / skipped cells.
+
+    On Linux cells are forks of this process: call it from a process that has not run torch
+    operations yet (like the `fortress experiment` command), since torch's thread pools do not
+    survive a fork.
+    """
+    from tqdm import tqdm
+    if FORK:       # import torch and the CLI once here; forked cells inherit them (no torch op has run)
+        import fortress.cli  # noqa: F401
+        import fortress.simulate  # noqa: F401
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    fd = lock(p.root)
+    try:
+        done = {cid for cid, c in p.cells.items() if finished(c)}
+        pending = [c for cid, c in p.cells.items() if cid not in done]
+        kinds = {k: sum(c.kind == k for c in p.cells.values()) for k in ("pretrain", "run", "figure")}
+        log(f"{len(p.cells)} cells ({kinds['pretrain']} pretrain, {kinds['run']} runs, {kinds['figure']} figures): "
+            f"{len(done)} finished earlier, {len(pending)} to run, {jobs} at a time")
+        counts = {"ok": len(done), "failed": 0, "skipped": 0}
+        failed: set[str] = set()
+        running: list[Job] = []
+        tqdm.monitor_interval = 0          # no monitor thread: the runner forks, so it stays single-threaded
+        bar = tqdm(total=len(p.cells), initial=len(done), unit="cell", disable=not progress, dynamic_ncols=True)
+
+        def end(cell: Cell, status: str, seconds: float, error: str | None = None) -> None:
+            cell.folder.mkdir(parents=True, exist_ok=True)
+            write_json(cell.folder / RECORD, {"id": cell.id, "kind": cell.kind, "status": status,
+                                               "seconds": round(seconds, 2), "command": cell.command(),
+                                               "labels": cell.labels, "error": error})
+            counts[status] += 1
+            if status == "ok":
+                done.add(cell.id)
+            else:
+                failed.add(cell.id)
+                bar.write(f"{status} {cell.id} ({cell.labels[0]}): {error}")
+            bar.set_postfix(running=len(running), failed=counts["failed"], refresh=False)
+            bar.update(1)
+
+        try:
+            while pending or running:
+                for cell in list(pending):
+                    if len(running) >= jobs:
+                        break
+                    if any(a in failed for a in cell.after):
+                        pending.remove(cell)
+                        end(cell, "failed", 0.0, f"not run: {next(a for a in cell.after if a in failed)} failed")
+                    elif all(a in done for a in cell.after):
+                        pending.remove(cell)
+                        if cell.need and not has_command(cell.need):
+                            end(cell, "skipped", 0.0, f"`fortress {' '.join(cell.need)}` is not in this version")
+                            continue
+                        if cell.folder.exists():
+                            shutil.rmtree(cell.folder)          # what a killed attempt left
+                        cell.folder.mkdir(parents=True)
+                        if cell.kind == "figure":
+                            cell.out.unlink(missing_ok=True)    # an older PNG must not pass for this one
+                        cell.out.parent.mkdir(parents=True, exist_ok=True)
+                        running.append(Job(cell, cell.folder / "log.txt", (fd,)))
+                        bar.set_postfix(running=len(running), failed=counts["failed"], refresh=True)
+                ended = [(j, c) for j in running if (c := j.poll()) is not None]
+                for job, code in ended:
+                    running.remove(job)
+                    ok = code == 0 and job.cell.made().exists()
+                    end(job.cell, "ok" if ok else "failed", time.time() - job.t0,
+                        None if ok else error_line(job.cell.folder / "log.txt", code))
+                if not ended:
+                    time.sleep(0.1)
+        finally:
+            for job in running:            # Ctrl-C or an error in the runner: stop the cells, record nothing
+                job.kill()
+            bar.close()
+        return counts
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m fortress.experiments ARGS`: a cell as a subprocess (no fork); the same as `fortress ARGS`."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        die_with_parent(int(parent))
+    from fortress.cli import main as cli_main
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

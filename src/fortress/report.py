@@ -1,0 +1,236 @@
+"""DIR/report.md of `fortress experiment`: main and ablation tables, sensitivity plots, figures, cells.
+
+Every number is test-split, mean ± std over the seeds that finished (population std, ddof 0;
+`(n=k)` marks a mean over fewer seeds than asked). ER swings from round to round, so each table
+comes twice: with the final ER@K, and with the mean ER@K of the last `er_last` evaluations.
+Best per column is bold: highest HR/NDCG, lowest ER under an attack.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fortress.experiments import Entry, Plan, record
+
+ATTACK_NAMES = {"none": "no attack", "ahum": "A-hum", "psmu": "PSMU", "random": "Random",
+                "popular": "Popular", "boost": "Boost"}
+KEY_NAMES = {"lambda_cl": "λ1 (lambda_cl)", "lambda_temp": "λ2 (lambda_temp)", "alpha": "α (alpha)",
+             "beta": "β (beta)"}
+
+
+def metrics(results: dict[str, Any], er_last: int) -> dict[str, float]:
+    """HR@10, NDCG@10 and, with tracked targets, ER@5/10 (final) and 'ER@K last' (mean of the last evaluations)."""
+    out = {k: float(results["test"][k]) for k in ("HR@10", "NDCG@10")}
+    attack = results.get("attack") or {}
+    for k in ("ER@5", "ER@10"):
+        if k in attack:
+            out[k] = float(attack[k])
+            tail = [float(h[k]) for h in attack.get("history", []) if k in h][-er_last:]
+            out[f"{k} last"] = float(np.mean(tail)) if tail else out[k]
+    return out
+
+
+def load_metrics(p: Plan) -> dict[str, dict[str, float]]:
+    """Metrics of every run cell that finished ok."""
+    out = {}
+    for cid, cell in p.cells.items():
+        rec = record(cell)
+        if cell.kind != "figure" and rec and rec.get("status") == "ok" and cell.made().exists():
+            out[cid] = metrics(json.loads(cell.made().read_text()), p.er_last)
+    return out
+
+
+@dataclass(frozen=True)
+class Column:
+    metric: str                     # key of `metrics()`
+    attack: str
+    ratio: float | None
+    better: str | None              # max | min | None (no best marked)
+
+    def header(self) -> str:
+        name = ATTACK_NAMES.get(self.attack, self.attack)
+        if self.ratio is not None:
+            name += f" {self.ratio * 100:g}%"
+        if self.metric in ("HR@10", "NDCG@10"):
+            return self.metric
+        return f"{self.metric.replace(' last', '')} {name}"
+
+
+def mean_std(xs: list[float], expected: int) -> str:
+    text = f"{np.mean(xs):.4f} ± {np.std(xs):.4f}"
+    return text + (f" (n={len(xs)})" if len(xs) < expected else "")
+
+
+def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], list[float]], expected: int,
+          first: str = "method") -> str:
+    """A markdown table of mean ± std; in each column the best mean (rounded as shown, ties included) is bold."""
+    best: dict[Column, float] = {}
+    for c in cols:
+        means = [round(float(np.mean(values[r, c])), 4) for r in rows if values.get((r, c))]
+        if c.better and len(set(means)) > 1:            # all equal: nothing to mark
+            best[c] = max(means) if c.better == "max" else min(means)
+    lines = [f"| {first} | " + " | ".join(c.header() for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            xs = values.get((r, c))
+            if not xs:
+                cells.append("–")
+                continue
+            text = mean_std(xs, expected)
+            cells.append(f"**{text}**" if c in best and round(float(np.mean(xs)), 4) == best[c] else text)
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_tables(entries: list[Entry], got: dict[str, dict[str, float]], er: str, first: str) -> str:
+    """Rows = entries' rows; columns: clean HR@10, NDCG@10 (and ER@10 without attack), ER@5/ER@10 per attack."""
+    rows = list(dict.fromkeys(e.row for e in entries))
+    attacks = list(dict.fromkeys((e.attack, e.ratio) for e in entries))
+    values: dict[tuple[str, Column], list[float]] = defaultdict(list)
+    cols: list[Column] = []
+    for attack, ratio in attacks:
+        if attack == "none":
+            group = [Column("HR@10", "none", None, "max"), Column("NDCG@10", "none", None, "max"),
+                     Column(f"ER@10{er}", "none", None, None)]
+        else:
+            group = [Column(f"ER@5{er}", attack, ratio, "min"), Column(f"ER@10{er}", attack, ratio, "min")]
+        for c in group:
+            for e in entries:
+                if (e.attack, e.ratio) == (c.attack, c.ratio) and e.cell in got and c.metric in got[e.cell]:
+                    values[e.row, c].append(got[e.cell][c.metric])
+        cols += [c for c in group if c.attack != "none" or any(values.get((r, c)) for r in rows)
+                 or c.metric.startswith(("HR", "NDCG"))]
+    seeds = len({e.seed for e in entries})
+    return table(rows, cols, values, seeds, first)
+
+
+def sensitivity_plot(path: Path, key: str, values: list[str], series: dict[str, list[list[float]]],
+                     attack: str | None) -> None:
+    """Clean HR@10 / NDCG@10 over the swept values and, with an attack, its ER@10 (error bars: std over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("clean accuracy", ["HR@10", "NDCG@10"])]
+    if attack:
+        panels.append((f"ER@10 under {attack}", ["ER@10", "ER@10 last"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    x = np.arange(len(values))
+    for ax, (title, names) in zip(axes[0], panels):
+        for name in names:
+            pts = [(i, np.mean(v), np.std(v)) for i, v in enumerate(series[name]) if v]
+            if pts:
+                i, m, s = map(np.array, zip(*pts))
+                label = name.replace(" last", " (mean of last evaluations)")
+                ax.errorbar(x[i.astype(int)], m, yerr=s, marker="o", capsize=3, label=label)
+        ax.set_xticks(x, values)
+        ax.set_xlabel(KEY_NAMES.get(key, key))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Path) -> list[str]:
+    """A PNG and a table per (dataset, swept key)."""
+    lines: list[str] = []
+    groups: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+    for e in entries:
+        groups[e.dataset, e.row].append(e)
+    for (ds, key), es in groups.items():
+        values = list(dict.fromkeys(e.value for e in es))
+        attacked = next((e for e in es if e.attack != "none"), None)
+        att = attacked and ATTACK_NAMES.get(attacked.attack, attacked.attack) + f" {attacked.ratio * 100:g}%"
+        names = ["HR@10", "NDCG@10"] + (["ER@10", "ER@10 last"] if att else [])
+        series: dict[str, list[list[float]]] = {n: [[] for _ in values] for n in names}
+        for e in es:
+            m = got.get(e.cell, {})
+            for n in ("HR@10", "NDCG@10") if e.attack == "none" else ("ER@10", "ER@10 last"):
+                if n in m and n in series:
+                    series[n][values.index(e.value)].append(m[n])
+        png = root / "figures" / f"sensitivity-{ds}-{key}.png"
+        sensitivity_plot(png, key, values, series, att)
+        heads = ["HR@10", "NDCG@10"] + ([f"ER@10 {att}", f"ER@10 {att} (mean of last evaluations)"] if att else [])
+        lines += [f"### {KEY_NAMES.get(key, key)} on {ds}", "", f"![sensitivity to {key}]({png.relative_to(root)})", "",
+                  f"| {key} | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+        seeds = len({e.seed for e in es})
+        for i, v in enumerate(values):
+            lines.append(f"| {v} | " + " | ".join(mean_std(series[n][i], seeds) if series[n][i] else "–"
+                                                  for n in names) + " |")
+        lines.append("")
+    return lines
+
+
+def _esc(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def write(p: Plan) -> Path:
+    """Write DIR/report.md (and the sensitivity PNGs) from whatever cells have finished."""
+    got = load_metrics(p)
+    recs = {cid: record(c) for cid, c in p.cells.items()}
+    status = defaultdict(int)
+    for cid in p.cells:
+        status[(recs[cid] or {}).get("status", "not run")] += 1
+    lines = [f"# Experiment report: `{p.spec}`", "",
+             f"{len(p.cells)} cells: " + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ". "
+             "Test split; mean ± std over seeds (population std; `(n=k)`: only k seeds finished); "
+             f"bold = best in its column (highest HR/NDCG, lowest ER under attack). ER@K is given twice: "
+             f"the final value, and the mean of the last {p.er_last} evaluations (ER swings from round to round). "
+             "Every cell's command is listed at the end.", ""]
+    by_section: dict[str, list[Entry]] = defaultdict(list)
+    for e in p.entries:
+        by_section[e.section].append(e)
+    for title, section, first in (("Main table", "main", "method"), ("Ablation", "ablation", "variant")):
+        entries = by_section.get(section, [])
+        if not entries:
+            continue
+        lines += [f"## {title}", ""]
+        for ds in dict.fromkeys(e.dataset for e in entries):
+            es = [e for e in entries if e.dataset == ds]
+            final = grid_tables(es, got, "", first)
+            if "ER@" not in final.splitlines()[0]:       # no attack and no tracked targets: one table
+                lines += [f"### {ds}", "", final, ""]
+                continue
+            lines += [f"### {ds}: final ER", "", final, "",
+                      f"### {ds}: ER as the mean of the last {p.er_last} evaluations", "",
+                      grid_tables(es, got, " last", first), ""]
+    if by_section.get("sensitivity"):
+        lines += ["## Sensitivity", ""] + sensitivity(by_section["sensitivity"], got, p.root)
+    if p.figures:
+        lines += ["## Figures", ""]
+        for name, cid in p.figures.items():
+            cell, rec = p.cells[cid], recs[cid] or {}
+            if rec.get("status") == "ok" and cell.made().exists():
+                lines += [f"### {name}", "", f"![{name}]({cell.out.relative_to(p.root)})", "", f"`{cell.command()}`", ""]
+            else:
+                lines += [f"### {name}", "", f"not made: {rec.get('error') or rec.get('status', 'not run yet')}", ""]
+    failed = [(cid, recs[cid]) for cid in p.cells if (recs[cid] or {}).get("status") == "failed"]
+    if failed:
+        lines += ["## Failed cells", ""] + [f"- `{cid}` ({'; '.join(p.cells[cid].labels[:2])}): {_esc(r.get('error') or '')}"
+                                            for cid, r in failed] + [""]
+    lines += ["## Cells", "",
+              "Each cell is one command, run from the folder where `fortress experiment` ran; a cell that starts "
+              "from a pretrained model (`init_from`) needs that cell's command run first. Wall time in seconds.", "",
+              "| cell | for | status | wall s | command |", "|---|---|---|---:|---|"]
+    for cid, cell in p.cells.items():
+        rec = recs[cid] or {}
+        what = "; ".join(cell.labels[:3]) + (f"; +{len(cell.labels) - 3} more" if len(cell.labels) > 3 else "")
+        secs = f"{rec['seconds']:.1f}" if "seconds" in rec else "–"
+        lines.append(f"| `{cid}` | {_esc(what)} | {rec.get('status', 'not run')} | {secs} | `{_esc(cell.command())}` |")
+    path = p.root / "report.md"
+    p.root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path

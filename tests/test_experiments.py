@@ -1,0 +1,322 @@
+"""`fortress experiment`: spec checks, shared cells, resume/skip, failures, atomic records, kill -9, smoke spec."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fortress import experiments
+from fortress.cli import main
+from fortress.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """
+[grid]
+seeds = [0, 1]
+er_last = 2
+
+[set]
+threads = 1
+synthetic_users = 200
+synthetic_items = 60
+dim = 8
+max_len = 12
+n_neg = 16
+clients_per_round = 16
+rounds = 2
+eval_every = 1
+
+[datasets.synthetic]
+[datasets.broken]
+data = "BROKEN"
+
+[pretrain]
+inherit = ["backbone"]
+rounds = 3
+
+[methods.FedAvg]
+mode = "fedavg"
+[methods.FedAvg-lr-half]
+mode = "fedavg"
+lr = 0.5
+"""
+
+
+def spec_file(folder: Path, text: str = TINY) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    broken = folder / "broken.txt"
+    broken.write_text("u1 a b c\n")                 # non-integer item ids: a one-line error at load time
+    path = folder / "spec.toml"
+    path.write_text(text.replace("BROKEN", str(broken)))
+    return path
+
+
+def experiment(spec: Path, out: Path, *args: str, wait: bool = True):
+    argv = [sys.executable, "-m", "fortress.cli", "experiment", str(spec), "--out", str(out), "--quiet", *args]
+    if not wait:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+def tables(out: Path) -> str:
+    """report.md up to the per-cell list (which holds wall times)."""
+    return (out / "report.md").read_text().split("## Cells")[0]
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """The tiny spec run once, uninterrupted: 6 cells ok, the broken dataset's 6 failed."""
+    folder = tmp_path_factory.mktemp("exp")
+    spec = spec_file(folder)
+    res = experiment(spec, folder / "out", "--jobs", "2")
+    return spec, folder / "out", res
+
+
+# ---------------------------------------------------------------- the spec
+
+def one_line_error(capsys, spec: Path, out: Path) -> str:
+    code = main(["experiment", str(spec), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert not (out / "cells").exists()                 # nothing ran
+    return err
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("[grid]", "[grids]"), "unknown section [grids]"),
+    (("seeds = [0, 1]", "seeds = []"), "[grid] seeds = []: expected a non-empty list of ints"),
+    (("seeds = [0, 1]", "seeds = [0, \"one\"]"), "[grid] seeds = [0, 'one']"),
+    (("er_last = 2", "er_last = 0"), "[grid] er_last = 0"),
+    (("rounds = 2", "rounds = \"many\""), "[set]: rounds='many': expected an integer"),
+    (("lr = 0.5", "lr = -0.5"), "[methods.FedAvg-lr-half]: lr=-0.5 is out of range"),
+    (("lr = 0.5", "lamda = 0.5"), "[methods.FedAvg-lr-half]: unknown key 'lamda'"),
+    (("[datasets.synthetic]", "[datasets.no-such-data]"), "[datasets.no-such-data]: data 'no-such-data' not found"),
+    (("inherit = [\"backbone\"]", "inherit = [\"backbone\", \"bakcbone\"]"), "[pretrain] inherit: unknown key 'bakcbone'"),
+    (("[methods.FedAvg]\nmode = \"fedavg\"", "[methods.FedAvg]\nmode = \"fedavgg\""), "mode='fedavgg' is not allowed"),
+    (("er_last = 2", "er_last = 2\nattacks = [\"no-such-attack\"]"), "[grid] attacks"),
+    (("[set]", "[ablation]\nmethod = \"FedAvg\"\nvariants = { nodrop = { dropuot = 0.0 } }\n[set]"),
+     "[ablation] variants.'nodrop': unknown key 'dropuot'"),
+    (("[set]", "[ablation]\nmethod = \"Nope\"\nvariants = { a = { dropout = 0.0 } }\n[set]"),
+     "[ablation] method = 'Nope': not a method of this spec"),
+    (("[set]", "[sensitivity]\nmethod = \"FedAvg\"\nsweeps = { lr = [1.0, -2.0] }\n[set]"),
+     "[sensitivity] sweeps.lr: lr=-2.0 is out of range"),
+    (("[set]", "[sensitivity]\nmethod = \"FedAvg\"\nsweeps = { lr = [1.0] }\ndatasets = [\"other\"]\n[set]"),
+     "[sensitivity] datasets: 'other' is not a dataset of this spec"),
+    (("[set]", "[[figures]]\nname = \"f\"\ncommand = [\"plot\", \"x\"]\n[set]"), "[[figures]] #1 runs: expected a list"),
+    (("[set]", "[[figures]]\nname = \"f\"\ncommand = [\"plot\"]\nruns = [{ method = \"FedAvg\", sed = 1 }]\n[set]"),
+     "[[figures]] #1 runs[0]: unknown field 'sed'"),
+    (("[grid]", "[grid"), "not valid TOML"),
+    (("[grid]", "[grid]\n[grid.x]"), "[grid]: unknown field 'x'"),
+])
+def test_bad_spec_is_one_line_naming_file_field_value(tmp_path, capsys, change, expected):
+    spec = spec_file(tmp_path, TINY.replace(*change, 1))
+    err = one_line_error(capsys, spec, tmp_path / "out")
+    assert str(spec) in err and expected in err, err
+
+
+def test_missing_spec_and_bad_jobs(tmp_path, capsys):
+    assert "nope.toml: spec file not found" in one_line_error(capsys, tmp_path / "nope.toml", tmp_path / "out")
+    code = main(["experiment", str(spec_file(tmp_path)), "--out", str(tmp_path / "o"), "--jobs", "0"])
+    assert code == 2 and "--jobs 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_cells_are_shared_by_what_they_compute(tmp_path):
+    text = TINY + """
+[ablation]
+method = "FedAvg"
+variants = { "no dropout" = { dropout = 0.0 } }
+[sensitivity]
+method = "FedAvg"
+sweeps = { lr = [0.5, 1.0] }
+"""
+    p = experiments.load(spec_file(tmp_path, text), tmp_path / "a")
+    main_cells = {(e.dataset, e.row, e.seed): e.cell for e in p.entries if e.section == "main"}
+    # the ablation's full row and the sensitivity's default lr are the main grid's runs; lr=0.5 is FedAvg-lr-half
+    for e in p.entries:
+        if e.section == "ablation" and e.row == "FedAvg":
+            assert e.cell == main_cells[e.dataset, "FedAvg", e.seed]
+        if e.section == "sensitivity":
+            other = "FedAvg" if e.value == "1.0" else "FedAvg-lr-half"
+            assert e.cell == main_cells[e.dataset, other, e.seed]
+    kinds = [c.kind for c in p.cells.values()]
+    assert kinds == sorted(kinds, key=["pretrain", "run", "figure"].index)          # pretrains run first
+    # one clean model per (dataset, backbone, seed), shared by both methods; runs start from it
+    assert kinds.count("pretrain") == 2 * 2 and kinds.count("run") == 2 * 2 * 2 + 2 * 2
+    for c in p.cells.values():
+        if c.kind == "run":
+            pre = p.cells[c.after[0]]
+            assert pre.kind == "pretrain" and f"init_from={pre.out}" in c.command()
+            assert "--set rounds=3" in pre.command() and "--set rounds=2" in c.command()
+    # ids depend on what a cell computes, not on where the experiment lives
+    q = experiments.load(spec_file(tmp_path, text), tmp_path / "b")
+    assert list(p.cells) == list(q.cells)
+
+
+# ---------------------------------------------------------------- running
+
+def test_failures_are_recorded_and_the_rest_goes_on(done):
+    spec, out, res = done
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "6 cells ok, 6 failed" in res.stdout
+    p = experiments.load(spec, out)
+    recs = {cid: experiments.record(c) for cid, c in p.cells.items()}
+    ok = [cid for cid, r in recs.items() if r["status"] == "ok"]
+    assert len(ok) == 6 and all((p.cells[c].out / "results.json").exists() for c in ok)
+    broken = [r for r in recs.values() if r["status"] == "failed"]
+    pre = [r for r in broken if r["kind"] == "pretrain"]
+    assert len(pre) == 2 and all(r["error"].startswith("exit 2: error: ") and "broken.txt" in r["error"]
+                                 and "\n" not in r["error"] for r in pre)
+    assert all(r["error"].startswith("not run: pre-") for r in broken if r["kind"] == "run")
+    text = (out / "report.md").read_text()
+    assert "## Failed cells" in text and "| synthetic |" not in text and "**" in tables(out)
+    assert all(r["command"] in text.replace("\\|", "|") for r in recs.values())
+
+
+def test_rerun_skips_finished_cells(done, tmp_path):
+    spec, out, _ = done
+    before = {c: (out / "cells" / c / "cell.json").stat().st_mtime_ns for c in os.listdir(out / "cells")}
+    again = experiment(spec, out)
+    assert again.returncode == 1 and "6 finished earlier, 6 to run" in again.stderr      # only the failed retry
+    p = experiments.load(spec, out)
+    for cid, c in p.cells.items():
+        if experiments.record(c)["status"] == "ok":
+            assert (c.folder / "cell.json").stat().st_mtime_ns == before[cid]
+
+
+def test_a_cell_is_its_standalone_command(done, tmp_path):
+    """The forked cell and the command the report prints for it give the same numbers."""
+    spec, out, _ = done
+    p = experiments.load(spec, out)
+    cell = next(c for c in p.cells.values() if c.kind == "run" and experiments.finished(c))
+    argv = [a.replace(str(cell.out), str(tmp_path / "alone")) for a in cell.argv]
+    alone = subprocess.run([sys.executable, "-m", "fortress.cli", *argv, "--quiet"], capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr
+    a = json.loads((tmp_path / "alone" / "results.json").read_text())
+    b = json.loads((cell.out / "results.json").read_text())
+    assert a["test"] == b["test"] and a["valid"] == b["valid"]
+
+
+def test_records_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "cell.json"
+    experiments.write_json(path, {"status": "ok"})
+
+    def torn(obj, f, **kw):
+        f.write('{"status": "fa')
+        raise OSError("disk died")
+    monkeypatch.setattr(json, "dump", torn)
+    with pytest.raises(OSError):
+        experiments.write_json(path, {"status": "failed"})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"status": "ok"}
+    # a cell with a torn or missing record is not finished, whatever else its folder holds
+    cell = experiments.Cell("run-x", "run", [], tmp_path / "c", tmp_path / "c")
+    cell.folder.mkdir()
+    (cell.folder / "results.json").write_text("{}")
+    (cell.folder / "cell.json").write_text('{"status": "o')
+    assert experiments.record(cell) is None and not experiments.finished(cell)
+    experiments.write_json(cell.folder / "cell.json", {"status": "ok"})
+    assert experiments.finished(cell)
+
+
+def test_one_runner_per_folder(tmp_path):
+    spec = spec_file(tmp_path)
+    fd = experiments.lock(tmp_path / "out")
+    try:
+        with pytest.raises(InputError, match="another `fortress experiment` is running"):
+            experiments.execute(experiments.load(spec, tmp_path / "out"), progress=False)
+    finally:
+        os.close(fd)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_loses_only_cells_in_progress(done, tmp_path):
+    spec, full, _ = done
+    out = tmp_path / "out"
+    proc = experiment(spec, out, "--jobs", "1", wait=False)
+    first, deadline = None, time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and first is None:
+        recs = [json.loads(f.read_text()) for f in out.glob("cells/*/cell.json")]
+        first = next((r for r in recs if r["status"] == "ok"), None)
+        time.sleep(0.05)
+    kids, deadline = [], time.monotonic() + 10
+    while not kids and proc.poll() is None and time.monotonic() < deadline:
+        kids = children(proc.pid)                       # the cell in progress (between two cells: wait)
+    assert proc.poll() is None and first is not None and kids, "the runner ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(k) for k in kids), "a cell outlived the killed runner"
+    assert not (out / "report.md").exists()
+    again = experiment(spec, out, "--jobs", "2")
+    earlier = re.search(r"(\d+) finished earlier", again.stderr)
+    assert again.returncode == 1 and earlier and int(earlier.group(1)) >= 1, again.stderr
+    assert experiments.record(experiments.load(spec, out).cells[first["id"]])["seconds"] == first["seconds"]
+    assert tables(out) == tables(full)                  # the same numbers as the uninterrupted run
+
+
+# ---------------------------------------------------------------- the shipped specs
+
+def test_paper_spec_is_valid(shared_data, tmp_path):
+    p = experiments.load(ROOT / "experiments" / "paper.toml", tmp_path)
+    assert {e.section for e in p.entries} >= {"main"}
+
+
+def test_smoke_spec_reduced_runs_end_to_end(tmp_path):
+    """experiments/smoke.toml (all of it checked), run cut to one seed, the methods the sections need, two
+    attacks, one ablation variant and one sensitivity key with two values without attack, and the figures."""
+    table = tomllib.loads((ROOT / "experiments" / "smoke.toml").read_text())
+    experiments.plan(table, Path("smoke.toml"), tmp_path)             # the whole spec is valid
+    table["grid"]["seeds"] = [0]
+    table["grid"]["attacks"] = table["grid"]["attacks"][:2]
+    needed = {table[s]["method"] for s in ("ablation", "sensitivity") if s in table}
+    needed |= {r["method"] for f in table.get("figures", []) for r in f["runs"]}
+    first = next(iter(table["methods"]))
+    table["methods"] = {k: v for k, v in table["methods"].items() if k == first or k in needed}
+    if "ablation" in table:
+        table["ablation"].update(variants=dict(list(table["ablation"]["variants"].items())[:1]), seeds=[0],
+                                 attacks=["none"])
+    if "sensitivity" in table:
+        key, values = next(iter(table["sensitivity"]["sweeps"].items()))
+        table["sensitivity"].update(sweeps={key: values[:2]}, seeds=[0], attack="none")
+    script = ("import json, sys; from pathlib import Path; from fortress import experiments, report; "
+              "p = experiments.plan(json.load(sys.stdin), Path('smoke.toml'), Path(sys.argv[1])); "
+              "c = experiments.execute(p, jobs=2, progress=False); report.write(p); print(json.dumps(c))")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], input=json.dumps(table),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = json.loads(res.stdout.splitlines()[-1])
+    assert counts["failed"] == counts["skipped"] == 0 and counts["ok"] >= 4, (counts, res.stderr[-2000:])
+    text = (tmp_path / "report.md").read_text()
+    assert "## Main table" in text and "| FedAvg-SASRec | " in text and "## Ablation" in text
+    assert all(f"![{f['name']}](figures/{f['name']}.png)" in text for f in table.get("figures", []))
+    for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
+        assert (tmp_path / png).stat().st_size > 1000

@@ -1,0 +1,100 @@
+"""report.md: mean ± std over seeds, best per column, final and last-evaluations ER, sensitivity PNGs, cells."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fortress import report
+from fortress.experiments import Cell, Entry, Plan, write_json
+
+
+def test_table_marks_best_per_column_and_short_seeds():
+    hr = report.Column("HR@10", "none", None, "max")
+    er = report.Column("ER@10", "ahum", 0.01, "min")
+    clean_er = report.Column("ER@10", "none", None, None)
+    values = {("a", hr): [0.2, 0.4], ("b", hr): [0.1], ("a", er): [0.5, 0.5], ("b", er): [0.1, 0.3],
+              ("a", clean_er): [0.0, 0.0], ("b", clean_er): [0.1, 0.1]}
+    lines = report.table(["a", "b", "c"], [hr, er, clean_er], values, expected=2).splitlines()
+    assert lines[0] == "| method | HR@10 | ER@10 A-hum 1% | ER@10 no attack |"
+    assert lines[1] == "|---|---:|---:|---:|"
+    assert lines[2] == "| a | **0.3000 ± 0.1000** | 0.5000 ± 0.0000 | 0.0000 ± 0.0000 |"    # no best without attack
+    assert lines[3] == "| b | 0.1000 ± 0.0000 (n=1) | **0.2000 ± 0.1000** | 0.1000 ± 0.0000 |"
+    assert lines[4] == "| c | – | – | – |"
+
+
+def test_ties_are_all_marked_unless_the_whole_column_ties():
+    hr = report.Column("HR@10", "none", None, "max")
+    er = report.Column("ER@10", "ahum", 0.01, "min")
+    values = {("a", hr): [0.30001], ("b", hr): [0.3], ("c", hr): [0.2],
+              ("a", er): [0.0], ("b", er): [0.0], ("c", er): [0.0]}
+    lines = report.table(["a", "b", "c"], [hr, er], values, expected=1).splitlines()
+    assert [line.count("**") for line in lines[2:]] == [2, 2, 0]
+
+
+def test_metrics_final_and_mean_of_last_evaluations():
+    res = {"test": {"HR@10": 0.5, "NDCG@10": 0.25},
+           "attack": {"ER@5": 0.3, "ER@10": 0.4,
+                      "history": [{"round": r, "ER@5": e / 2, "ER@10": e} for r, e in [(10, 0.9), (20, 0.1), (30, 0.2),
+                                                                                         (40, 0.4)]]}}
+    m = report.metrics(res, er_last=3)
+    assert m["HR@10"] == 0.5 and m["ER@10"] == 0.4 and m["ER@5"] == 0.3
+    assert abs(m["ER@10 last"] - (0.1 + 0.2 + 0.4) / 3) < 1e-12 and abs(m["ER@5 last"] - 0.35 / 3) < 1e-12
+    assert "ER@10" not in report.metrics({"test": {"HR@10": 0.5, "NDCG@10": 0.2}}, 3)       # no targets tracked
+
+
+def fake_plan(root: Path) -> Plan:
+    """Two methods x (none, ahum) x 2 seeds, an ablation row, a sensitivity sweep, one failed cell."""
+    cells, entries = {}, []
+
+    def cell(cid, hr, er=None, status="ok", error=None):
+        c = Cell(cid, "run", ["run", "--data", "synthetic", "--out", str(root / "cells" / cid)],
+                 root / "cells" / cid, root / "cells" / cid, labels=[cid])
+        c.folder.mkdir(parents=True)
+        res = {"test": {"HR@10": hr, "NDCG@10": hr / 2}}
+        if er is not None:
+            res["attack"] = {"ER@5": er / 2, "ER@10": er,
+                             "history": [{"ER@5": 1.0, "ER@10": 1.0}, {"ER@5": er / 2, "ER@10": er}]}
+        if status == "ok":
+            (c.folder / "results.json").write_text(json.dumps(res))
+        write_json(c.folder / "cell.json", {"status": status, "seconds": 1.5, "error": error})
+        cells[cid] = c
+        return cid
+
+    for m, base in (("FedAvg", 0.30), ("FORTRESS", 0.32)):
+        for seed in (0, 1):
+            entries.append(Entry("main", "toy", m, "none", None, seed, cell(f"{m}-c{seed}", base + seed / 100)))
+            er = 0.5 if m == "FedAvg" else 0.05
+            entries.append(Entry("main", "toy", m, "ahum", 0.01, seed, cell(f"{m}-a{seed}", base, er + seed / 100)))
+    for seed in (0, 1):
+        entries.append(Entry("ablation", "toy", "FORTRESS", "none", None, seed, f"FORTRESS-c{seed}"))
+        status = "failed" if seed == 1 else "ok"
+        entries.append(Entry("ablation", "toy", "w/o temporal", "none", None, seed,
+                             cell(f"wot-{seed}", 0.31, status=status, error="exit 1: ValueError: boom")))
+        for v in ("0.0", "0.1"):
+            entries.append(Entry("sensitivity", "toy", "lambda_cl", "none", None, seed,
+                                 cell(f"s{v}-{seed}", 0.2 + float(v)), value=v))
+            entries.append(Entry("sensitivity", "toy", "lambda_cl", "ahum", 0.01, seed,
+                                 cell(f"s{v}-a{seed}", 0.2, er=0.5 - float(v)), value=v))
+    return Plan(Path("spec.toml"), root, cells, entries, {}, er_last=1)
+
+
+def test_report_sections(tmp_path):
+    p = fake_plan(tmp_path)
+    text = report.write(p).read_text()
+    final = text.split("### toy: final ER")[1].split("###")[0]
+    assert "| method | HR@10 | NDCG@10 | ER@10 no attack | ER@5 A-hum 1% | ER@10 A-hum 1% |" not in final
+    assert "| method | HR@10 | NDCG@10 | ER@5 A-hum 1% | ER@10 A-hum 1% |" in final
+    assert "| FORTRESS | **0.3250 ± 0.0050** | **0.1625 ± 0.0025** | **0.0275 ± 0.0025** | **0.0550 ± 0.0050** |" in final
+    assert "| FedAvg | 0.3050 ± 0.0050 | 0.1525 ± 0.0025 | 0.2525 ± 0.0025 | 0.5050 ± 0.0050 |" in final
+    # er_last = 1: the last evaluation is the final one, so the second table has the same ER numbers
+    last = text.split("### toy: ER as the mean of the last 1 evaluations")[1].split("##")[0]
+    assert "| FedAvg | 0.3050 ± 0.0050 | 0.1525 ± 0.0025 | 0.2525 ± 0.0025 | 0.5050 ± 0.0050 |" in last
+    ablation = text.split("## Ablation")[1].split("## Sensitivity")[0]
+    assert "| w/o temporal | 0.3100 ± 0.0000 (n=1) |" in ablation
+    assert "## Failed cells" in text and "`wot-1` (wot-1): exit 1: ValueError: boom" in text
+    sens = text.split("## Sensitivity")[1]
+    assert "![sensitivity to lambda_cl](figures/sensitivity-toy-lambda_cl.png)" in sens
+    assert "| 0.1 | 0.3000 ± 0.0000 | 0.1500 ± 0.0000 | 0.4000 ± 0.0000 | 0.4000 ± 0.0000 |" in sens
+    assert (tmp_path / "figures" / "sensitivity-toy-lambda_cl.png").stat().st_size > 5000
+    assert text.count("| ok | 1.5 |") == len(p.cells) - 1 and "| failed | 1.5 |" in text
+    assert "`fortress run --data synthetic --out " in text
