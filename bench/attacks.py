@@ -2,7 +2,8 @@
 
     python bench/attacks.py [--data amazon-cell-phones] [--seeds 0,1,2] [--ratios 0.001,0.01,0.05]
                             [--attacks none,random,popular,boost,ahum,psmu] [--pretrain 1500 | --pretrained RUN]
-                            [--rounds 100] [--eval-every 20] [--runs runs/attacks] [--out docs/bench/attacks.json]
+                            [--rounds 100] [--eval-every 20] [--jobs 1] [--runs runs/attacks]
+                            [--out docs/bench/attacks.json]
 
 Protocol (cheap and realistic: attackers join a federation that is already running):
 1. per seed, one clean FedAvg model is trained for `--pretrain` rounds:
@@ -15,7 +16,8 @@ Protocol (cheap and realistic: attackers join a federation that is already runni
     --set rounds=R --set attack={attack} --set attack_ratio={ratio} --set seed={seed} ...`.
    The seed fixes the targets (the same for every attack), the malicious ids and the sampling.
 `none` does not depend on the ratio and runs once per seed. Every run is a `fortress run`
-subprocess with one torch thread; a run whose results.json exists is not run again (resumable).
+subprocess with one torch thread, `--jobs` at a time; a run whose results.json exists is not run
+again (resumable).
 The table reports final test HR@10, ER@5, ER@10 and the mean ER@10 over the last 5 evaluations
 (ER swings from round to round), each as mean +- std over seeds, with the command of each row.
 """
@@ -27,6 +29,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +62,8 @@ def run_once(cmd: list[str], out: Path, log: Path) -> dict:
 
 
 def mean_std(xs: list[float]) -> str:
-    return f"{np.mean(xs):.4f} ± {np.std(xs):.4f}"
+    """mean ± sample standard deviation (ddof 1; 0 for a single value)."""
+    return f"{np.mean(xs):.4f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0.0:.4f}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -84,6 +88,7 @@ def main() -> None:
     ap.add_argument("--pretrained", help="a clean `fortress run` folder (model.pt) to attack instead of pretraining")
     ap.add_argument("--rounds", type=int, default=100, help="rounds with attackers, from the clean model")
     ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config for every run")
     ap.add_argument("--runs", default="runs/attacks")
     ap.add_argument("--out", default="docs/bench/attacks.json")
@@ -101,8 +106,8 @@ def main() -> None:
     extra = dict(s.split("=", 1) for s in args.set)
     common = {"threads": 1, **extra}
 
-    cells: dict[tuple[str, float], list[dict]] = {}
     commands: dict[tuple[str, float], str] = {}
+    jobs = []                                   # ((attack, ratio), command, out) of every cell
     for seed in seeds:
         if args.pretrained:
             pre = Path(args.pretrained).resolve()
@@ -122,9 +127,13 @@ def main() -> None:
                         "seed": seed, "attack": name, **({"attack_ratio": ratio} if name != "none" else {}),
                         **common}
                 cmd = fortress(args.data, out, sets)
-                res = run_once(cmd, out, log)
-                cells.setdefault((name, ratio), []).append(res)
+                jobs.append(((name, ratio), cmd, out))
                 commands[(name, ratio)] = shown(cmd).replace(f"seed={seed}", "seed=SEED").replace(f"-s{seed}", "-sSEED")
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        results_ = list(pool.map(lambda j: run_once(j[1], j[2], log), jobs))
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for (key, _, _), res in zip(jobs, results_):
+        cells.setdefault(key, []).append(res)
 
     rows = []
     for (name, ratio), results in cells.items():
@@ -156,7 +165,7 @@ def main() -> None:
     print("\n" + markdown(rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"python": platform.python_version(), "command": " ".join(sys.argv), "data": args.data,
-            "pretrain_rounds": None if args.pretrained else args.pretrain, "pretrained": args.pretrained, "attack_rounds": args.rounds, "eval_every": args.eval_every,
+            "pretrain_rounds": None if args.pretrained else args.pretrain, "pretrained": args.pretrained, "attack_rounds": args.rounds, "eval_every": args.eval_every, "jobs": args.jobs,
             "pretrain_command": commands[("pretrain", 0.0)]}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -48,14 +48,16 @@ def cell_sets(attack: str, ratio: float, defence: str) -> dict:
 
 
 def markdown(rows: list[dict], clean: dict[str, list[float]]) -> str:
-    lines = ["| attack | ratio | defence | HR@10 | NDCG@10 | ER@5 | ER@10 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| attack | ratio | defence | HR@10 | NDCG@10 | ER@5 | ER@10 | ER@10, mean of last evals |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if r["attack"] == "none" else f"{r['attack_ratio']:g}"
         extra = ""
         if r["attack"] == "none" and r["defence"] != "none" and "none" in clean:
             extra = f" ({100 * (np.mean(r['HR@10']) / np.mean(clean['none']) - 1):+.1f}% vs none)"
         lines.append(f"| {r['attack']} | {ratio} | {r['defence']} | {mean_std(r['HR@10'])}{extra} | "
-                     f"{mean_std(r['NDCG@10'])} | {mean_std(r['ER@5'])} | {mean_std(r['ER@10'])} |")
+                     f"{mean_std(r['NDCG@10'])} | {mean_std(r['ER@5'])} | {mean_std(r['ER@10'])} | "
+                     f"{mean_std(r['ER@10_last5'])} |")
     return "\n".join(lines)
 
 
