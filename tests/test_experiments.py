@@ -285,9 +285,10 @@ def test_kill_9_loses_only_cells_in_progress(done, tmp_path):
 
 # ---------------------------------------------------------------- the shipped specs
 
-def test_paper_spec_is_valid(shared_data, tmp_path):
-    p = experiments.load(ROOT / "experiments" / "paper.toml", tmp_path)
-    assert {e.section for e in p.entries} >= {"main"}
+@pytest.mark.parametrize("name", ["paper.toml", "paper-budget.toml"])
+def test_paper_spec_is_valid(shared_data, tmp_path, name):
+    p = experiments.load(ROOT / "experiments" / name, tmp_path)
+    assert {e.section for e in p.entries} >= {"main", "ablation", "sensitivity"}
 
 
 def test_smoke_spec_reduced_runs_end_to_end(tmp_path):
