@@ -47,9 +47,17 @@ def cell_sets(attack: str, ratio: float, defence: str) -> dict:
     return sets
 
 
+def fortress_log(row: dict) -> str:
+    """Share of attacked rounds with a target flagged, and the mean weight of malicious uploads (FORTRESS rows)."""
+    flagged, w = avg(row.get("rounds_target_flagged", [])), avg(row.get("weight_malicious", []))
+    if row["attack"] == "none" or np.isnan(flagged):
+        return ""
+    return f"{100 * flagged:.0f}% / " + ("–" if np.isnan(w) else f"{w:.3f}")
+
+
 def markdown(rows: list[dict], clean: dict[str, list[float]]) -> str:
-    lines = ["| attack | ratio | defence | HR@10 | NDCG@10 | ER@5 | ER@10 | ER@10, mean of last evals |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| attack | ratio | defence | HR@10 | NDCG@10 | ER@5 | ER@10 | ER@10, mean of last evals | "
+             "FORTRESS: rounds target flagged / malicious weight |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if r["attack"] == "none" else f"{r['attack_ratio']:g}"
         extra = ""
@@ -57,7 +65,7 @@ def markdown(rows: list[dict], clean: dict[str, list[float]]) -> str:
             extra = f" ({100 * (np.mean(r['HR@10']) / np.mean(clean['none']) - 1):+.1f}% vs none)"
         lines.append(f"| {r['attack']} | {ratio} | {r['defence']} | {mean_std(r['HR@10'])}{extra} | "
                      f"{mean_std(r['NDCG@10'])} | {mean_std(r['ER@5'])} | {mean_std(r['ER@10'])} | "
-                     f"{mean_std(r['ER@10_last5'])} |")
+                     f"{mean_std(r['ER@10_last5'])} | {fortress_log(r)} |")
     return "\n".join(lines)
 
 
