@@ -17,9 +17,10 @@ def test_table_marks_best_per_column_and_short_seeds():
     lines = report.table(["a", "b", "c"], [hr, er, clean_er], values, expected=2).splitlines()
     assert lines[0] == "| method | HR@10 | ER@10 A-hum 1% | ER@10 no attack |"
     assert lines[1] == "|---|---:|---:|---:|"
-    assert lines[2] == "| a | **0.3000 ± 0.1000** | 0.5000 ± 0.0000 | 0.0000 ± 0.0000 |"    # no best without attack
-    assert lines[3] == "| b | 0.1000 ± 0.0000 (n=1) | **0.2000 ± 0.1000** | 0.1000 ± 0.0000 |"
+    assert lines[2] == "| a | **0.3000 ± 0.1414** | 0.5000 ± 0.0000 | 0.0000 ± 0.0000 |"    # no best without attack; sample std: |0.2-0.4|/sqrt(2)
+    assert lines[3] == "| b | 0.1000 (n=1) | **0.2000 ± 0.1414** | 0.1000 ± 0.0000 |"    # one seed: the value alone
     assert lines[4] == "| c | – | – | – |"
+    assert report.mean_std([0.0863], expected=1) == "0.0863"    # a one-seed grid: no "± 0"
 
 
 def test_ties_are_all_marked_unless_the_whole_column_ties():
@@ -84,13 +85,13 @@ def test_report_sections(tmp_path):
     final = text.split("### toy: final ER")[1].split("###")[0]
     assert "| method | HR@10 | NDCG@10 | ER@10 no attack | ER@5 A-hum 1% | ER@10 A-hum 1% |" not in final
     assert "| method | HR@10 | NDCG@10 | ER@5 A-hum 1% | ER@10 A-hum 1% |" in final
-    assert "| FORTRESS | **0.3250 ± 0.0050** | **0.1625 ± 0.0025** | **0.0275 ± 0.0025** | **0.0550 ± 0.0050** |" in final
-    assert "| FedAvg | 0.3050 ± 0.0050 | 0.1525 ± 0.0025 | 0.2525 ± 0.0025 | 0.5050 ± 0.0050 |" in final
+    assert "| FORTRESS | **0.3250 ± 0.0071** | **0.1625 ± 0.0035** | **0.0275 ± 0.0035** | **0.0550 ± 0.0071** |" in final
+    assert "| FedAvg | 0.3050 ± 0.0071 | 0.1525 ± 0.0035 | 0.2525 ± 0.0035 | 0.5050 ± 0.0071 |" in final
     # er_last = 1: the last evaluation is the final one, so the second table has the same ER numbers
     last = text.split("### toy: ER as the mean of the last 1 evaluations")[1].split("##")[0]
-    assert "| FedAvg | 0.3050 ± 0.0050 | 0.1525 ± 0.0025 | 0.2525 ± 0.0025 | 0.5050 ± 0.0050 |" in last
+    assert "| FedAvg | 0.3050 ± 0.0071 | 0.1525 ± 0.0035 | 0.2525 ± 0.0035 | 0.5050 ± 0.0071 |" in last
     ablation = text.split("## Ablation")[1].split("## Sensitivity")[0]
-    assert "| w/o temporal | 0.3100 ± 0.0000 (n=1) |" in ablation
+    assert "| w/o temporal | 0.3100 (n=1) |" in ablation
     assert "## Failed cells" in text and "`wot-1` (wot-1): exit 1: ValueError: boom" in text
     sens = text.split("## Sensitivity")[1]
     assert "![sensitivity to lambda_cl](figures/sensitivity-toy-lambda_cl.png)" in sens

@@ -1,7 +1,7 @@
 """DIR/report.md of `fortress experiment`: main and ablation tables, sensitivity plots, figures, cells.
 
-Every number is test-split, mean ± std over the seeds that finished (population std, ddof 0;
-`(n=k)` marks a mean over fewer seeds than asked). ER swings from round to round, so each table
+Every number is test-split, mean ± std over the seeds that finished (sample std, ddof 1, as in
+bench/; a single seed shows its value alone; `(n=k)` marks a mean over fewer seeds than asked). ER swings from round to round, so each table
 comes twice: with the final ER@K, and with the mean ER@K of the last `er_last` evaluations.
 Best per column is bold: highest HR/NDCG, lowest ER under an attack.
 """
@@ -61,8 +61,13 @@ class Column:
         return f"{self.metric.replace(' last', '')} {name}"
 
 
+def std(xs) -> float:
+    """Sample standard deviation over seeds (ddof 1); 0 for a single value."""
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
 def mean_std(xs: list[float], expected: int) -> str:
-    text = f"{np.mean(xs):.4f} ± {np.std(xs):.4f}"
+    text = f"{np.mean(xs):.4f} ± {std(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
     return text + (f" (n={len(xs)})" if len(xs) < expected else "")
 
 
@@ -124,7 +129,7 @@ def sensitivity_plot(path: Path, key: str, values: list[str], series: dict[str, 
     x = np.arange(len(values))
     for ax, (title, names) in zip(axes[0], panels):
         for name in names:
-            pts = [(i, np.mean(v), np.std(v)) for i, v in enumerate(series[name]) if v]
+            pts = [(i, np.mean(v), std(v)) for i, v in enumerate(series[name]) if v]
             if pts:
                 i, m, s = map(np.array, zip(*pts))
                 label = name.replace(" last", " (mean of last evaluations)")
@@ -184,7 +189,7 @@ def write(p: Plan) -> Path:
         status[(recs[cid] or {}).get("status", "not run")] += 1
     lines = [f"# Experiment report: `{p.spec}`", "",
              f"{len(p.cells)} cells: " + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ". "
-             "Test split; mean ± std over seeds (population std; `(n=k)`: only k seeds finished); "
+             "Test split; mean ± sample std over seeds (one seed: its value alone; `(n=k)`: only k seeds finished); "
              f"bold = best in its column (highest HR/NDCG, lowest ER under attack). ER@K is given twice: "
              f"the final value, and the mean of the last {p.er_last} evaluations (ER swings from round to round). "
              "Every cell's command is listed at the end.", ""]
