@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fortress.report import std
+
 
 def fortress(data: str, out: Path, sets: dict) -> list[str]:
     cmd = [sys.executable, "-m", "fortress.cli", "run", "--data", data, "--out", str(out), "--quiet"]
@@ -62,8 +64,8 @@ def run_once(cmd: list[str], out: Path, log: Path) -> dict:
 
 
 def mean_std(xs: list[float]) -> str:
-    """mean ± sample standard deviation (ddof 1; 0 for a single value)."""
-    return f"{np.mean(xs):.4f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0.0:.4f}"
+    """mean ± sample standard deviation over seeds (`fortress.report.std`: ddof 1, 0 for a single value)."""
+    return f"{np.mean(xs):.4f} ± {std(xs):.4f}"
 
 
 def markdown(rows: list[dict]) -> str:

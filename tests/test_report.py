@@ -17,7 +17,8 @@ def test_table_marks_best_per_column_and_short_seeds():
     lines = report.table(["a", "b", "c"], [hr, er, clean_er], values, expected=2).splitlines()
     assert lines[0] == "| method | HR@10 | ER@10 A-hum 1% | ER@10 no attack |"
     assert lines[1] == "|---|---:|---:|---:|"
-    assert lines[2] == "| a | **0.3000 ± 0.1414** | 0.5000 ± 0.0000 | 0.0000 ± 0.0000 |"    # no best without attack; sample std: |0.2-0.4|/sqrt(2)
+    # sample std |0.2 - 0.4| / √2; no best without attack
+    assert lines[2] == "| a | **0.3000 ± 0.1414** | 0.5000 ± 0.0000 | 0.0000 ± 0.0000 |"
     assert lines[3] == "| b | 0.1000 (n=1) | **0.2000 ± 0.1414** | 0.1000 ± 0.0000 |"    # one seed: the value alone
     assert lines[4] == "| c | – | – | – |"
     assert report.mean_std([0.0863], expected=1) == "0.0863"    # a one-seed grid: no "± 0"

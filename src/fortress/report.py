@@ -1,9 +1,10 @@
 """DIR/report.md of `fortress experiment`: main and ablation tables, sensitivity plots, figures, cells.
 
-Every number is test-split, mean ± std over the seeds that finished (sample std, ddof 1, as in
-bench/; a single seed shows its value alone; `(n=k)` marks a mean over fewer seeds than asked). ER swings from round to round, so each table
-comes twice: with the final ER@K, and with the mean ER@K of the last `er_last` evaluations.
-Best per column is bold: highest HR/NDCG, lowest ER under an attack.
+Every number is test-split, mean ± std over the seeds that finished (sample std, ddof 1, also
+used by bench/; a single seed shows its value alone; `(n=k)` marks a mean over fewer seeds than
+asked). ER swings from round to round, so each table comes twice: with the final ER@K, and with
+the mean ER@K of the last `er_last` evaluations. Best per column is bold: highest HR/NDCG,
+lowest ER under an attack.
 """
 from __future__ import annotations
 
