@@ -48,16 +48,41 @@ def cell_sets(attack: str, ratio: float, defence: str) -> dict:
 
 
 def fortress_log(row: dict) -> str:
-    """Share of attacked rounds with a target flagged, and the mean weight of malicious uploads (FORTRESS rows)."""
-    flagged, w = avg(row.get("rounds_target_flagged", [])), avg(row.get("weight_malicious", []))
-    if row["attack"] == "none" or np.isnan(flagged):
+    """Share of attacked rounds with a target flagged (FORTRESS rows)."""
+    flagged = avg(row.get("rounds_target_flagged", []))
+    return "" if row["attack"] == "none" or np.isnan(flagged) else f"{100 * flagged:.0f}%"
+
+
+def weights(row: dict) -> str:
+    """Mean share of their update kept by benign, short benign (<= 5 interactions) and malicious clients."""
+    if row["defence"] == "none":
         return ""
-    return f"{100 * flagged:.0f}% / " + ("–" if np.isnan(w) else f"{w:.3f}")
+    vals = [avg(row.get(k, [])) for k in ("weight_benign", "weight_short", "weight_malicious")]
+    return " / ".join("–" if np.isnan(v) else f"{v:.3f}" for v in vals)
+
+
+def floors(rows: list[dict]) -> dict[float, float]:
+    """Per ratio: the data-poisoning floor, the larger mean ER@10 (last evals) of `random` and `popular`
+    with no defence (fake users training honestly on sequences that hold the target)."""
+    out: dict[float, float] = {}
+    for r in rows:
+        if r["attack"] in ("random", "popular") and r["defence"] == "none":
+            out[r["attack_ratio"]] = max(out.get(r["attack_ratio"], 0.0), float(np.mean(r["ER@10_last5"])))
+    return out
+
+
+def verdict(r: dict, floor: dict[float, float]) -> str:
+    """'yes' when the cell's mean ER@10 (last evals) is within the data-poisoning floor + 0.02."""
+    if r["attack"] == "none" or r["attack_ratio"] not in floor:
+        return ""
+    return "yes" if np.mean(r["ER@10_last5"]) <= floor[r["attack_ratio"]] + 0.02 else "**no**"
 
 
 def markdown(rows: list[dict], clean: dict[str, list[float]]) -> str:
+    floor = floors(rows)
     lines = ["| attack | ratio | defence | HR@10 | NDCG@10 | ER@5 | ER@10 | ER@10, mean of last evals | "
-             "FORTRESS: rounds target flagged / malicious weight |", "|---|---|---|---|---|---|---|---|---|"]
+             "<= floor + 0.02 | weight kept: benign / short benign / malicious | rounds target flagged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if r["attack"] == "none" else f"{r['attack_ratio']:g}"
         extra = ""
@@ -65,7 +90,7 @@ def markdown(rows: list[dict], clean: dict[str, list[float]]) -> str:
             extra = f" ({100 * (np.mean(r['HR@10']) / np.mean(clean['none']) - 1):+.1f}% vs none)"
         lines.append(f"| {r['attack']} | {ratio} | {r['defence']} | {mean_std(r['HR@10'])}{extra} | "
                      f"{mean_std(r['NDCG@10'])} | {mean_std(r['ER@5'])} | {mean_std(r['ER@10'])} | "
-                     f"{mean_std(r['ER@10_last5'])} | {fortress_log(r)} |")
+                     f"{mean_std(r['ER@10_last5'])} | {verdict(r, floor)} | {weights(r)} | {fortress_log(r)} |")
     return "\n".join(lines)
 
 
@@ -131,14 +156,15 @@ def main() -> None:
     for (attack, ratio, d), res in cells.items():
         att = [r["attack"] for r in res]
         log_ = [[h.get("defence", {}) for h in r["history"]] for r in res]
-        w_mal = [avg([e["weight_malicious"] for e in lg if e.get("weight_malicious") is not None]) for lg in log_]
+        kept = {k: [avg([e[k] for e in lg if e.get(k) is not None]) for lg in log_]
+                for k in ("weight_benign", "weight_short", "weight_malicious")}
         flagged = [avg([float(any(e["targets_flagged"])) for e in lg if "targets_flagged" in e]) for lg in log_]
         rows.append({
             "attack": attack, "attack_ratio": ratio, "defence": d, "seeds": [r["config"]["seed"] for r in res],
             "HR@10": [r["test"]["HR@10"] for r in res], "NDCG@10": [r["test"]["NDCG@10"] for r in res],
             **{k: [a[k] for a in att] for k in ("ER@5", "ER@10", "ER@20")},
             "ER@10_last5": [a["last5_mean"]["ER@10"] for a in att],
-            "weight_malicious": w_mal, "rounds_target_flagged": flagged,
+            **kept, "rounds_target_flagged": flagged,
             "seconds_per_round": [r["timing"]["seconds_per_round"] for r in res],
             "command": commands[(attack, ratio, d)],
         })
@@ -148,7 +174,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['attack']:<6} {r['attack_ratio']:>6g} {r['defence']:<14} {mean_std(r['HR@10']):>17} "
               f"{mean_std(r['NDCG@10']):>17} {mean_std(r['ER@5']):>17} {mean_std(r['ER@10']):>17} "
-              f"{avg(r['weight_malicious']):>6.2f} {avg(r['rounds_target_flagged']):>7.2f} "
+              f"{avg(r.get('weight_malicious', [])):>6.2f} {avg(r['rounds_target_flagged']):>7.2f} "
               f"{np.mean(r['seconds_per_round']):>6.2f}")
     print("\ncommands (SEED in " + args.seeds + "):")
     for r in rows:

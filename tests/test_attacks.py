@@ -118,7 +118,7 @@ def test_an_attack_cannot_reach_benign_data_or_change_the_global_model(ds, monke
         assert (r.params["item_emb"] - start).abs().max() < 50, "the attack's edit of its copy reached the server"
     view = seen[0][0]
     assert {f.name for f in dataclasses.fields(view)} == {"model", "params", "n_items", "targets", "clients",
-                                                         "cfg", "seed"}
+                                                         "cfg", "seed", "round"}
     allowed = (torch.Tensor, Model, int, float, str, bool)
     assert all(isinstance(x, allowed) for x in _leaves(view)), {type(x) for x in _leaves(view)}
     assert all(int(c) >= ds.n_users for c in view.clients)          # only its own (malicious) ids
@@ -154,7 +154,10 @@ def test_uploads_have_the_benign_format(ds, name, backbone):
     dense_size = sum(r.params[k].numel() for k in dense_keys(r.params))
     clean, rejected = check(u, ds.n_items, dense_size, r.cfg.dim)
     assert not rejected and clean.n == 3 and sorted(u.clients.tolist()) == sorted(clients.tolist())
-    assert torch.all(u.weight == r.cfg.attack_len)                  # reports its fake length, no inflation
+    if name == "weight":                                            # the one attack that lies about its weight
+        assert torch.all(u.weight == 100 * r.cfg.max_len)
+    else:
+        assert torch.all(u.weight == r.cfg.attack_len)              # reports its fake length, no inflation
     assert set(r.campaign.targets) <= set(u.rows_item.tolist())
     if name in ("ahum", "boost"):                                   # target rows and the encoder only
         assert set(u.rows_item.tolist()) == set(r.campaign.targets)
@@ -229,3 +232,85 @@ def test_resume_under_attack_continues_exactly(tmp_path, monkeypatch):
     assert {k: v for k, v in resumed["attack"].items() if k not in drop} == \
         {k: v for k, v in full["attack"].items() if k not in drop}
     assert resumed["attack"]["malicious_uploads"] > 0
+
+
+# --- adaptive attacks: a one-round probe each -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """A FedAvg model trained 30 rounds on synthetic data, its round-30 benign uploads, and a FORTRESS
+    monitor warmed on those 30 clean rounds."""
+    from fortress.rounds import client_step
+    from fortress.server.fortress import FortressConfig, FortressServer
+    data = synthetic(2000, 300, seed=0)
+    cfg = Config(mode="fedavg", dim=16, max_len=10, n_neg=32, clients_per_round=64, attack_len=6, attack_users=3,
+                 attack_steps=3, eval_every=0, threads=1, rounds=30, defence="fortress", server_steps=0)
+    out = tmp_path_factory.mktemp("probe")
+    run(cfg, data, out / "clean", progress=False)
+    model = from_config(cfg)
+    params = torch.load(out / "clean" / "model.pt", weights_only=False)["params"]
+    state = torch.load(out / "clean" / "model.pt", weights_only=False)["defence"]["state"]
+    benign = client_step(cfg, model, data, params, np.arange(64), 30).updates
+    targets = attacks.pick_targets(data.item_counts(), data.item_ids, "unpopular", 1, 0)
+
+    def server():
+        srv = FortressServer(FortressConfig.from_config(cfg), data.n_items)
+        srv.load_state_dict(state)
+        return srv
+    return data, cfg, model, params, benign, targets, server
+
+
+def attack_round(probe, name: str, m: int, round_: int = 0, **keys):
+    from fortress.updates import concat
+    data, cfg, model, params, benign, targets, server = probe
+    cfg = dataclasses.replace(cfg, **keys)
+    bad = np.arange(data.n_users, data.n_users + m)
+    u = malicious_updates(name, cfg, model, params, data.n_items, targets, bad, (0, round_, 1))
+    return u, concat([benign, u]), targets
+
+
+def test_stealth_sits_under_every_fortress_threshold(probe):
+    u, both, targets = attack_round(probe, "stealth", 6)
+    out = probe[-1]().aggregate(both, probe[3])
+    assert targets[0] not in out.flagged.tolist()                 # never flagged
+    assert float(out.weights[-6:].mean()) > 0.9                   # keeps nearly all its weight: under both clips
+    full = (u.rows_item == targets[0]) & (u.weight[u.rows_client] * u.rows_delta.norm(dim=1) > 0.5 * out.log["c_row"])
+    assert 1 <= int(full.sum()) < 6                               # only as many full pushers as a cold item may have
+    assert len(u.rows_item) > 6 * 64                              # spread over many rows
+
+
+def test_ramp_pushes_with_more_clients_as_its_earned_rate_grows(probe):
+    from fortress.attacks import adaptive
+    data, cfg, model, params, _, targets, _ = probe
+    counted = []
+    for r in (0, 300):
+        u, _, _ = attack_round(probe, "ramp", 8, round_=r)
+        c_row = adaptive.fortress_scales(AttackView(model, params, data.n_items, torch.tensor(targets),
+                                                    torch.arange(8), attacks.AttackConfig.from_config(cfg),
+                                                    (0, r, 1), r), adaptive.simulate_benign(
+            AttackView(model, params, data.n_items, torch.tensor(targets), torch.arange(8),
+                       attacks.AttackConfig.from_config(cfg), (0, r, 1), r)))[0]
+        size = u.weight[u.rows_client] * u.rows_delta.norm(dim=1)
+        counted.append(int(((u.rows_item == targets[0]) & (size > 0.5 * c_row)).sum()))
+    assert counted[0] < counted[1]
+
+
+def test_weight_attack_lies_but_keeps_a_hums_fedavg_push(probe):
+    u, _, targets = attack_round(probe, "weight", 3)
+    a, _, _ = attack_round(probe, "ahum", 3)
+    assert torch.all(u.weight == 100 * probe[1].max_len)
+    assert torch.allclose(u.weight[:, None] * u.dense, a.weight[:, None] * a.dense, rtol=1e-4, atol=1e-6)
+
+
+def test_adaptive_shapes_itself_to_the_named_defence(probe):
+    from fortress.server import robust
+    u, _, _ = attack_round(probe, "adaptive", 3, defence="norm_bound", norm_bound=2.0)
+    sq = (u.dense ** 2).sum(1).index_add(0, u.rows_client, (u.rows_delta ** 2).sum(1))
+    assert torch.all(sq.sqrt() <= 2.0 + 1e-5) and torch.all(u.dense == 0)   # the whole budget on the target rows
+    u, both, _ = attack_round(probe, "adaptive", 3, defence="multi_krum", byz_frac=0.1)
+    _, weights = robust.multi_krum(both, 0.1)
+    assert float(weights[-3:].mean()) > 0                         # min-max keeps it among the selected
+    benign = probe[4].dense
+    u, _, _ = attack_round(probe, "adaptive", 3, defence="median")
+    inside = (u.dense >= benign.min(0).values) & (u.dense <= benign.max(0).values)
+    assert float(inside.float().mean()) > 0.9                     # inside the benign range per coordinate

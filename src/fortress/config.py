@@ -71,7 +71,7 @@ class Config:
     eval_batch: int = 2048          # users scored at once
     threads: int = 0                # torch threads (0 = all cores)
     # poisoning attacks (fedavg; fortress/attacks explains each one and its choices)
-    attack: str = "none"            # none | ahum | psmu | random | popular | boost
+    attack: str = "none"            # none | ahum | psmu | random | popular | boost | stealth | ramp | weight | adaptive
     attack_ratio: float = 0.01      # malicious clients as a fraction of benign users (>= 1 client when > 0)
     targets: int = 1                # target items whose ER@K is tracked (fedavg; 0 = no tracking)
     target_pick: str = "unpopular"  # unpopular | random | comma-separated item ids as in the data
@@ -86,11 +86,13 @@ class Config:
     trim_frac: float = 0.1          # trimmed_mean: share of each coordinate's values cut at each end
     byz_frac: float = 0.1           # krum, multi_krum: assumed share of Byzantine contributors (f = floor(byz_frac n))
     norm_bound: float = 0.0         # norm_bound: clip each client's update to this L2 norm; 0 = the round's median norm
-    # the FORTRESS server (server/fortress.py): detection thresholds, reliability, L_sep + L_var
-    popular_frac: float = 0.02      # popular set P: this share of the catalogue with the largest estimated popularity
-    surge: float = 3.0              # flag an unpopular item whose row mass exceeds surge x max(P's median mass, its own history)
-    norm_z: float = 4.0             # down-weight clients whose update norm exceeds median + norm_z robust SDs of the round
-    focus_slack: float = 2.0        # a client may put up to focus_slack / min(weight, max_len + 1) of its row mass on one item
+    # the FORTRESS server (server/fortress.py): bounded contributions, pusher-count monitor, L_sep + L_var
+    popular_frac: float = 0.02      # popular set P: this share of the catalogue with the largest popularity rate
+    row_clip: float = 1.0           # clip each row contribution (weight x delta) to row_clip x the round's median largest one
+    dense_clip: float = 2.0         # clip each encoder contribution to dense_clip x the round's median one
+    push_frac: float = 0.25         # a row pushes its item when its contribution is >= push_frac x the row clip
+    p_flag: float = 1e-3            # flag an item whose pusher count has Poisson tail probability < p_flag at its rate
+    floor_frac: float = 0.5         # an item's rate is at least floor_frac x the round's mean pushers per item
     alpha: float = 1.0              # weight of L_sep (keep suspicious items at least `margin` from popular ones)
     beta: float = 0.1               # weight of L_var (keep each popular item near its knn popular neighbours)
     margin: float = 1.4             # L_sep margin: chord distance between unit embeddings (sqrt(2) = orthogonal)
@@ -107,7 +109,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
-    "attack": ("none", "ahum", "psmu", "random", "popular", "boost"),
+    "attack": ("none", "ahum", "psmu", "random", "popular", "boost", "stealth", "ramp", "weight", "adaptive"),
     "defence": ("none", "fortress", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"),
 }
 FEDERATED = ("fedavg", "fortress")      # modes that train in federated rounds
@@ -118,7 +120,7 @@ MINIMUM: dict[str, float] = {
     "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1, "attack_len": 2,
     "attack_users": 1, "attack_pool": 1, "knn": 1,
 }
-POSITIVE = ("lr", "central_lr", "global_lr", "tau", "attack_scale", "surge", "norm_z", "focus_slack")
+POSITIVE = ("lr", "central_lr", "global_lr", "tau", "attack_scale", "row_clip", "dense_clip", "p_flag", "floor_frac")
 
 
 def keys() -> list[str]:
@@ -172,7 +174,7 @@ def validate(cfg: Config) -> Config:
                 raise InputError(f"{key}={value!r} is out of range; it must be {bound}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)")
-    for key in ("drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac"):
+    for key in ("drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac", "push_frac", "p_flag"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):

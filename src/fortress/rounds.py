@@ -103,13 +103,22 @@ def merge(a: Collected, b: Collected) -> Collected:
     return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes)
 
 
-def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collected, n_sampled: int,
-                n_items: int, r: int, defence=None) -> dict:
-    """Check, aggregate (with `defence`; FedAvg if None) and apply a round's uploads; returns the round log.
+@dataclass
+class ServerResult:
+    """What the server made of a round: its log entries, the aggregated clients' ids and the share of
+    each one's update that reached the model ((n,) in [0, 1]), the rejected uploads, and the
+    defence's flagged items (None without a defence)."""
 
-    Besides the log entries, "rejected_clients" and "client_weights" ((client ids, weights in
-    [0, 1]) of the aggregated clients) are returned for the caller to pop.
-    """
+    log: dict
+    clients: torch.Tensor
+    weights: torch.Tensor
+    rejected: list[tuple[int, str]]
+    flagged: torch.Tensor | None = None
+
+
+def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collected, n_sampled: int,
+                n_items: int, r: int, defence=None) -> ServerResult:
+    """Check, aggregate (with `defence`; FedAvg if None) and apply a round's uploads."""
     updates, rejected = check(got.updates, n_items, dense_size(params), cfg.dim, cfg.max_update_norm)
     rejected = got.rejected + rejected
     for client, why in rejected:
@@ -117,18 +126,18 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
     info = {"clients": int(updates.n), "sampled": int(n_sampled), "rejected": len(rejected),
             "dropped": int(n_sampled - got.updates.n - len(got.rejected))}
     need = cfg.min_answered * n_sampled
+    weights, flagged = torch.ones(updates.n), None
     if updates.n == 0 or updates.n < need:
         info["skipped"] = f"{updates.n} of {n_sampled} clients answered with a valid update, need {need:g}"
         log.warning("round %d: skipped, %s", r + 1, info["skipped"])
-        info["client_weights"] = (updates.clients, torch.zeros(updates.n))
+        weights = torch.zeros(updates.n)
     elif defence is None:
         gopt.apply(params, dense_keys(params), params["item_emb"], fedavg(updates))
-        info["client_weights"] = (updates.clients, torch.ones(updates.n))
     else:
-        agg, weights, info["defence"] = defence.aggregate(updates, params)
-        gopt.apply(params, dense_keys(params), params["item_emb"], agg)
-        info["defence"].update(defence.after_apply(params))
-        info["client_weights"] = (updates.clients, weights)
+        outcome = defence.aggregate(updates, params)
+        gopt.apply(params, dense_keys(params), params["item_emb"], outcome.aggregate)
+        info["defence"] = {**outcome.log, **defence.after_apply(params, outcome)}
+        weights, flagged = outcome.weights, outcome.flagged
     w = updates.weight
     info["loss"] = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")
     if updates.terms:           # each logged loss term (fortress), weighted like `loss`, over clients that log it
@@ -136,5 +145,4 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
         for k, t in updates.terms.items():
             ok = torch.isfinite(t)
             info["terms"][k] = float((w[ok] * t[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
-    info["rejected_clients"] = rejected
-    return info
+    return ServerResult(info, updates.clients, weights, rejected, flagged)

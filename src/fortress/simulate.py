@@ -30,11 +30,13 @@ from fortress.errors import InputError
 from fortress.metrics import KS, evaluate
 from fortress.models import Model, Params, from_config
 from fortress.objectives import next_item_loss
-from fortress.rounds import Collected, client_step, malicious_step, merge, sample_clients, server_step, split_sampled
+from fortress.rounds import (Collected, ServerResult, client_step, malicious_step, merge, sample_clients, server_step,
+                            split_sampled)
 from fortress.server import defences
 from fortress.server.aggregate import GlobalOptimizer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SHORT = 5        # benign clients with at most this many train interactions are reported apart (defence logs)
 
 
 def setup_torch(cfg: Config) -> None:
@@ -90,6 +92,7 @@ class Run:
     bytes_down: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     campaign: attacks.Campaign | None = None      # targets and malicious clients (fedavg)
+    defence: Any = None                           # the server's defence (its state goes into model.pt)
 
     def validate(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -147,21 +150,20 @@ def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
     return client_step(run.cfg, run.model, run.ds, run.params, users, r)
 
 
-def defence_log(cfg: Config, info: dict[str, Any], n_users: int,
+def defence_log(cfg: Config, res: ServerResult, n_users: int, weight: torch.Tensor,
                 camp: attacks.Campaign | None) -> dict[str, Any]:
-    """The round's `defence` entry: the defence's own log, mean client weight of benign vs malicious
-    clients, and (FORTRESS, with tracked targets) whether each target item was flagged.
+    """The round's `defence` entry: the defence's own log, the mean weight kept by benign clients, by
+    short benign clients (<= SHORT interactions) and by malicious ones, and whether each target was flagged.
 
     Malicious clients are the ids >= n_users (`fortress.updates.Updates`); only the log knows it.
     """
-    ids, weights = info.pop("client_weights")
-    entry = {"name": cfg.defence, **info.pop("defence", {})}
-    bad = ids >= n_users
-    entry["weight_benign"] = float(weights[~bad].mean()) if (~bad).any() else None
-    entry["weight_malicious"] = float(weights[bad].mean()) if bad.any() else None
-    if camp is not None and "suspicious_items" in entry:
-        entry["targets_flagged"] = [t in entry["suspicious_items"] for t in camp.targets]
-    entry.pop("suspicious_items", None)
+    entry = {"name": cfg.defence, **res.log.get("defence", {})}
+    bad = res.clients >= n_users
+    short = ~bad & (weight <= SHORT)
+    for key, sel in (("weight_benign", ~bad), ("weight_short", short), ("weight_malicious", bad)):
+        entry[key] = float(res.weights[sel].double().mean()) if sel.any() else None
+    if camp is not None and res.flagged is not None:
+        entry["targets_flagged"] = [bool(t in set(res.flagged.tolist())) for t in camp.targets]
     return entry
 
 
@@ -185,16 +187,15 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
         got = merge(got, malicious_step(cfg, run.model, run.params, run.ds.n_items, camp.targets, bad, r))
         camp.seconds += time.perf_counter() - t1
         camp.uploads += len(bad)
-    info = server_step(cfg, run.params, gopt, got, len(chosen), run.ds.n_items, r, defence)
-    rejected = info.pop("rejected_clients")
-    run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in rejected]
+    res = server_step(cfg, run.params, gopt, got, len(chosen), run.ds.n_items, r, defence)
+    run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in res.rejected]
     if len(bad):
-        camp.rejected += sum(1 for c, _ in rejected if c in set(bad.tolist()))
-    if cfg.defence == "none":
-        info.pop("client_weights")
-        info.pop("defence", None)
-    else:
-        info["defence"] = defence_log(cfg, info, run.ds.n_users, camp)
+        camp.rejected += sum(1 for c, _ in res.rejected if c in set(bad.tolist()))
+    info = dict(res.log)
+    if cfg.defence != "none":
+        weight = torch.as_tensor([len(run.ds.train_seq(int(c))) if c < run.ds.n_users else 0
+                                  for c in res.clients.tolist()])
+        info["defence"] = defence_log(cfg, res, run.ds.n_users, weight, camp)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
     run.bytes_down.append(got.bytes)
@@ -227,6 +228,18 @@ def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None)
     return int(blob["round"])
 
 
+def continue_monitor(cfg: Config, defence) -> None:
+    """With `init_from`, a defence continues the state saved with that model when it is the same defence
+    (a FORTRESS run then keeps its popularity monitor instead of starting cold)."""
+    if not cfg.init_from or cfg.defence == "none":
+        return
+    from fortress.recommend import load_run
+    saved = load_run(cfg.init_from).get("defence") or {}
+    if saved.get("name") == cfg.defence and saved.get("state"):
+        defence.load_state_dict(saved["state"])
+        print(f"init_from: continuing the {cfg.defence} state saved with {cfg.init_from}", file=sys.stderr)
+
+
 def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, resume: bool = False,
                     clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
                     eligible: np.ndarray | None = None) -> None:
@@ -235,7 +248,8 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     if len(eligible) == 0:
         raise ValueError("no user has two train interactions; nothing to train federated on")
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
-    defence = defences.make(cfg, run.ds.n_items)
+    defence = run.defence = defences.make(cfg, run.ds.n_items)
+    continue_monitor(cfg, defence)
     start = 0
     if resume and out is not None:
         blob = checkpoint.load(out, cfg, run.ds)
@@ -288,8 +302,9 @@ def initial_params(cfg: Config, model: Model, ds: Dataset) -> Params:
     return {k: v.to(DTYPES[cfg.dtype]).clone() for k, v in saved.items()}
 
 
-def save_model(path: Path, cfg: Config, ds: Dataset, params: Params | None) -> None:
-    """Weights + config + id maps + the users' known sequences, enough for `fortress recommend`."""
+def save_model(path: Path, cfg: Config, ds: Dataset, params: Params | None, defence=None) -> None:
+    """Weights + config + id maps + the users' known sequences, enough for `fortress recommend`, and the
+    defence's state (so that `init_from` continues it)."""
     seqs = [ds.full_seq(u) for u in range(ds.n_users)]
     ptr = np.zeros(ds.n_users + 1, dtype=np.int64)
     np.cumsum([len(s) for s in seqs], out=ptr[1:])
@@ -302,6 +317,7 @@ def save_model(path: Path, cfg: Config, ds: Dataset, params: Params | None) -> N
         "seq_ptr": torch.from_numpy(ptr),
         "seq_items": torch.from_numpy(np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)),
         "dataset": ds.name,
+        "defence": {"name": cfg.defence, "state": defence.state_dict()} if defence is not None else None,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)
@@ -369,7 +385,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         camp.record(cfg.rounds, {**test, **er})
         results["attack"] = camp.report(cfg, ds.item_ids, er, cfg.rounds)
     write_json(out / "results.json", results)
-    save_model(out / "model.pt", cfg, ds, params)
+    save_model(out / "model.pt", cfg, ds, params, run_.defence)
     return results
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fortress.attacks import ahum, baselines, psmu
+from fortress.attacks import adaptive, ahum, baselines, psmu
 from fortress.attacks.base import Attack, AttackConfig, AttackView
 from fortress.config import FEDERATED, target_list
 from fortress.errors import InputError
@@ -37,6 +37,10 @@ ATTACKS: dict[str, Attack] = {
     "random": baselines.random_attack,
     "popular": baselines.popular_attack,
     "boost": baselines.boost_attack,
+    "stealth": adaptive.stealth_attack,
+    "ramp": adaptive.ramp_attack,
+    "weight": adaptive.weight_attack,
+    "adaptive": adaptive.adaptive_attack,
 }
 UNPOPULAR_SHARE = 0.1     # `unpopular` targets come from this least popular share of the catalogue
 TARGET_STREAM = 0x7A46    # seeds target picking apart from every other random stream
@@ -85,7 +89,7 @@ def malicious_updates(name: str, cfg, model: Model, params: Params, n_items: int
     """Run attack `name` for this round's malicious clients on a copy of the broadcast model."""
     view = AttackView(model, {k: v.detach().clone() for k, v in params.items()}, n_items,
                       torch.as_tensor(targets, dtype=torch.int64), torch.as_tensor(clients, dtype=torch.int64),
-                      AttackConfig.from_config(cfg), seed)
+                      AttackConfig.from_config(cfg), seed, int(seed[1]) if len(seed) > 1 else 0)
     # its own torch stream too (dropout in local training), restored afterwards, so the uploads
     # depend on the model and the seed only and benign clients' randomness is left as it was
     with torch.random.fork_rng(devices=[]), torch.no_grad():

@@ -49,13 +49,21 @@ class AttackConfig:
     chunk_size: int
     engine: str
     neg_correction: bool  # whether honest clients logQ-correct their sampled negatives
-
+    max_len: int          # the protocol's max_len
+    defence: str          # the server's rule and its keys (public: adaptive attacks read them)
+    norm_bound: float
+    row_clip: float
+    dense_clip: float
+    push_frac: float
+    p_flag: float
+    floor_frac: float
 
     @classmethod
     def from_config(cls, cfg) -> "AttackConfig":
         return cls(cfg.attack_scale, cfg.attack_len, cfg.attack_users, cfg.attack_steps,
                    cfg.attack_alternatives, cfg.attack_pool, cfg.lr, cfg.local_epochs, cfg.client_opt, cfg.n_neg,
-                   cfg.clients_per_round, cfg.chunk_size, cfg.engine, cfg.neg_correction)
+                   cfg.clients_per_round, cfg.chunk_size, cfg.engine, cfg.neg_correction, cfg.max_len, cfg.defence,
+                   cfg.norm_bound, cfg.row_clip, cfg.dense_clip, cfg.push_frac, cfg.p_flag, cfg.floor_frac)
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class AttackView:
     clients: torch.Tensor   # (m,) this round's malicious client ids
     cfg: AttackConfig
     seed: tuple[int, ...]   # the attack's own randomness for this round
+    round: int = 0          # rounds since the run (and the attack) started
 
     @property
     def m(self) -> int:

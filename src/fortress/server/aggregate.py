@@ -8,7 +8,8 @@ item rows (a row's moments only move in rounds where someone updated it, as torc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,16 +25,31 @@ class Aggregate:
     rows_delta: torch.Tensor   # (R, d)
 
 
-def fedavg(u: Updates, client_weight: torch.Tensor | None = None) -> Aggregate:
+@dataclass
+class Outcome:
+    """What a defence made of one round: the aggregate, each client's retained weight, its log, and
+    what `after_apply` acts on (FORTRESS: the popular and flagged items)."""
+
+    aggregate: Aggregate
+    weights: torch.Tensor                   # (n,) share of each client's FedAvg contribution that was kept
+    log: dict[str, Any] = field(default_factory=dict)
+    flagged: torch.Tensor | None = None     # (S,) item ids flagged this round
+    popular: torch.Tensor | None = None     # (P,) item ids of the popular set
+
+
+def fedavg(u: Updates, client_weight: torch.Tensor | None = None,
+           row_weight: torch.Tensor | None = None) -> Aggregate:
     """Weighted mean of dense deltas; per-item weighted mean of row deltas over their uploaders.
 
-    client_weight (n,) optionally multiplies the interaction weights (a defence's reliability).
+    client_weight (n,) optionally multiplies the interaction weights (a defence's reliability);
+    row_weight (M,), when given, multiplies each uploaded row's interaction weight in its item's
+    average instead of its client's client_weight.
     """
     w = u.weight if client_weight is None else u.weight * client_weight                # (n,)
     total = w.sum()
     dense = (w[:, None] * u.dense).sum(0) / total.clamp(min=1e-12)                     # (P,)
     items, inv = torch.unique(u.rows_item, return_inverse=True)                        # (R,), (M,)
-    rw = w[u.rows_client]                                                              # (M,)
+    rw = w[u.rows_client] if row_weight is None else u.weight[u.rows_client] * row_weight  # (M,)
     num = torch.zeros(len(items), u.rows_delta.shape[1], dtype=u.rows_delta.dtype)
     num.index_add_(0, inv, rw[:, None] * u.rows_delta)                                 # (R, d)
     den = torch.zeros(len(items), dtype=u.rows_delta.dtype).index_add_(0, inv, rw)     # (R,)

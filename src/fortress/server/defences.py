@@ -1,8 +1,9 @@
 """What the server does with a round's checked uploads: `DEFENCES` maps the `defence` key to it.
 
-A defence turns the round's `Updates` into an `Aggregate` for the global optimiser plus per-client
-weights (n,) in [0, 1] (how much of each client's update reached the model; 1 = FedAvg), and may
-keep state across rounds (saved in checkpoints) and touch the model after the update is applied.
+A defence turns the round's `Updates` into an `Outcome`: the `Aggregate` for the global optimiser,
+per-client weights (n,) in [0, 1] (how much of each client's update reached the model; 1 = FedAvg)
+and its log; it may keep state across rounds (`state_dict`, saved in checkpoints and in model.pt)
+and touch the model after the update is applied (`after_apply(params, outcome)`).
 `none` is FedAvg; the robust baselines are in `robust.py`, the FORTRESS server in `fortress.py`.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from fortress.errors import InputError
 from fortress.server import robust
-from fortress.server.aggregate import Aggregate, fedavg
+from fortress.server.aggregate import Aggregate, Outcome, fedavg
 from fortress.server.fortress import FortressConfig, FortressServer
 from fortress.updates import Updates
 
@@ -40,11 +41,11 @@ class Stateless:
     def __init__(self, name: str, rule: Pure, cfg):
         self.name, self.rule, self.cfg = name, rule, cfg
 
-    def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> tuple[Aggregate, torch.Tensor, dict[str, Any]]:
+    def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> Outcome:
         agg, weights = self.rule(u, self.cfg)
-        return agg, weights, {}
+        return Outcome(agg, weights)
 
-    def after_apply(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
         return {}
 
     def state_dict(self) -> dict[str, Any]:

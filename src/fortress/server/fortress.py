@@ -1,68 +1,46 @@
-"""The FORTRESS server: popularity monitor, suspicious items, reliability weights, L_sep + L_var.
+"""The FORTRESS server: bounded contributions, a popularity monitor that counts pushers, L_sep + L_var.
 
-Everything here uses only what a server legitimately sees: which item rows each client uploaded
-and how large each row delta is, the clients' reported FedAvg weights and update norms, and its
-own global model. Every threshold is relative to the round's own statistics or to the item's own
-history, so the defaults carry over between datasets, models and stages of training.
+Threat model: the attacker has read this file and `fortress.bounds`, knows the config, sees the
+broadcast model, controls a few percent of the clients (coordinated: any upload, any reported
+weight) and can spread its push over rounds. What no server can tell apart, one client at a time,
+is a fake user who trains honestly on a sequence holding the target (data poisoning). So the rule
+aims at: a model-poisoning client buys no more influence than such an honest fake user, and a
+sudden crowd of new fans of an item is seen and slowed down.
 
-Each round (`FortressServer.aggregate`, then `regularise` after the update is applied):
-1. Monitor. o_i = sum over uploaders c of ||delta_ci||, the row mass of item i this round (a
-   client's own items get large deltas, its sampled negatives tiny ones, so o_i follows how many
-   clients really hold item i). The history h_i is a running mean of the *trusted* row mass (rows
-   of clients whose reliability (4.) is 1 that are not focused (2.)), an exponential one with
-   horizon HORIZON rounds once that many rounds have passed. The history of an item flagged in
-   the last HORIZON rounds is frozen (a lull in an attack teaches the monitor nothing), so an
-   attacker cannot give its target a history, while a popular item, whose uploaders are ordinary
-   clients each holding it among several items, builds one.
-2. Focus. A client with w interactions trains on min(w, max_len + 1) of them and spreads its push
-   over its own items: the largest share of a benign client's row mass that one item takes is
-   about 0.8 / min(w, max_len + 1) (median), 99% of clients stay below 1.6 / that and 0.2-0.6%
-   exceed 2 / that (512 clients each of amazon-cell-phones with a 300-round FedAvg model,
-   amazon-baby and mind-small with fresh models). The allowance is
-   min(1, focus_slack / min(w, max_len + 1)); a row holding more than that share of its client's
-   row mass is *focused*. A-hum uploads nothing but its target rows (share 1 at weight
-   attack_len); PSMU's target row holds 20-35% of its row mass at weight 10.
-3. Popular set P: the k = ceil(popular_frac N) (at least knn + 1) items with the largest history,
-   leaving out items flagged in the last HORIZON rounds (before any history: the k items with
-   the most push from rows no larger than an even split 1 / min(w, max_len + 1) of their
-   client's). Reference mass ref = the median of o over the k heaviest items of this round (the
-   scale of a popular item's push this round, whatever the history says). Suspicious set S:
-   items outside P with o_i > surge x max(ref, h_i) (more push than `surge` times a typical
-   popular item gets this round, and than `surge` times its own past), or that at least
-   MIN_FOCUSED clients push with focused rows in this round.
-4. Reliability rho_c = rho_norm x rho_focus, in [0, 1]:
-   - rho_norm = min(1, tau / ||u_c||)^2 with tau = median + norm_z x 1.4826 MAD of the round's
-     update norms: only unusually *large* updates lose weight;
-   - rho_focus = 0 if the client's share of row mass on S exceeds its allowance, else 1.
-   Why this spares sparse benign clients: nothing here punishes a small norm, few rows, a low
-   weight or disagreement with the round's consensus, which is what a short, sparse sequence
-   looks like; and a benign client's push on one of its own items stays within the allowance
-   (step 2), so it keeps full weight even when one of its few items is flagged (tested). A
-   client that reports a large weight but pushes one item hard loses its weight. Claiming a
-   small weight to earn a large allowance costs the attacker its FedAvg influence.
-5. Aggregate: FedAvg with the weights w_c rho_c, without the focused rows, and without any
-   update of the rows in S this round. (Down-weighting alone cannot protect a cold item: FedAvg
-   averages a row over its uploaders only, so a few attackers among a cold item's uploaders,
-   whose other uploaders are sampled negatives with tiny deltas, still set its update.)
-6. Embedding regularisation (after the update, only in rounds with S non-empty): `server_steps`
-   gradient steps of size `server_lr` on alpha L_sep + beta L_var over the rows of P and S:
-   L_sep = mean over p in P, s in S of max(0, margin - ||e_p - e_s||) keeps suspicious items out
-   of the popular region; L_var = mean over p in P of ||e_p - mean of e over N(p)||^2, N(p) the
-   knn nearest popular items (fixed at the first step), keeps popular clusters tight. Both act
-   on unit vectors (the e's are directions; each step is renormalised and every row keeps its
-   length), so `margin` is a chord distance: sqrt(2) = orthogonal. Why directions: our models
-   score by dot product, and the attacks do not bring a target near the popular items in
-   Euclidean distance, they lengthen it (A-hum: to 2.2x the popular median norm) and turn it
-   toward them (mean chord distance to P 1.14-1.22 under attack, 1.44 for ordinary items, on
-   amazon-cell-phones). Euclidean L_sep pushed a flagged target further out, i.e. longer: under
-   PSMU (5%, 20 rounds) its ER@10 was 0.051 with it and 0.0 without; on directions it is 0.0.
-   The mean over |P| |S| pairs moves each popular row by at most alpha / |P| per step and each
-   suspicious row by up to alpha / |S|. A round where nothing is flagged, no row is focused and
-   no update is unusually large is exactly FedAvg.
-
-The monitor starts empty in every run (also with `init_from`): in the first rounds its history is
-young, and an attack that is present from the first round is judged by the round's own
-statistics (steps 2-3) until the history has formed.
+Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
+1. Bounded contributions (`fortress.bounds`). A client's contribution to an item row or to the
+   encoder is w_eff x delta, w_eff the reported weight clamped to [2, max_len + 1]. Each row
+   contribution is clipped to C_row = row_clip x the round's median over clients of their largest
+   row contribution (the push an ordinary client gives its own next item), the encoder
+   contribution to C_dense = dense_clip x the round's median. The averages divide by the sum of
+   w_eff as FedAvg does, so a reported weight only buys a larger denominator. Medians: a minority
+   cannot move them, and there is no per-client share or norm rank to game (an L1 share can be
+   diluted with many small rows; a clip per row cannot).
+2. Pushers. A row whose clipped contribution is at least push_frac x C_row pushes its item
+   (clients' own items do; sampled negatives move far less). n_i = the number of distinct clients
+   pushing item i this round.
+3. Monitor. Each item has a popularity rate r_i, the running mean of its pusher counts (horizon
+   HORIZON rounds; a cold monitor averages its first rounds plainly). Item i is flagged when
+   n_i >= 2 and P(Poisson(max(r_i, floor)) >= n_i) < p_flag, floor = floor_frac x the round's mean
+   pushers per item: more distinct fans than the item's own past makes plausible. No item is
+   immune: a popular item is judged by its own (large) rate.
+4. Down-weighting. A flagged item keeps only its allowance a_i (the largest count not flagged):
+   its pushers' rows enter its average with weight x a_i / n_i, and each such client's encoder
+   contribution with the smallest of those factors. Other rows of the client are untouched.
+   The history learns min(n_i, a_i), so it grows by at most the allowance: a target earns a rate
+   only as fast as an item that is never flagged, and holding a rate of k takes k pushers a
+   round, i.e. as many fake users as data poisoning needs.
+5. Embedding regularisation (after the update, rounds with flagged items): `server_steps`
+   gradient steps on alpha L_sep + beta L_var over the directions of P (the popular_frac items of
+   largest rate, without items flagged in the last HORIZON rounds) and S (this round's flagged
+   items), every row keeping its length; see `regularise`.
+Why sparse benign clients keep their weight: nothing here punishes a small norm, few rows, a low
+weight or disagreement with the consensus; a short client's contributions sit below the medians,
+and it loses weight only for a row of an item that is flagged in that round.
+A round without clipping or flags is exactly FedAvg with weights clamped to [2, max_len + 1].
+The monitor's state (rates, flag times, rounds) is saved in checkpoints and in model.pt, so a run
+with `init_from` continues a defended model's monitor; a cold monitor learns its first rounds
+as normal (see the README's threat-model section).
 """
 from __future__ import annotations
 
@@ -73,20 +51,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fortress.server.aggregate import Aggregate, fedavg
-from fortress.updates import Updates, norms
+from fortress import bounds
+from fortress.errors import InputError
+from fortress.server.aggregate import Outcome, fedavg
+from fortress.updates import Updates
 
-HORIZON = 50          # rounds the popularity history averages over once it is that old
-MAX_LISTED = 20       # flagged item ids (heaviest first) written to the round log
-MIN_FOCUSED = 2       # clients pushing one item beyond their allowance that make it suspicious
+HORIZON = bounds.HORIZON
+MAX_LISTED = 20       # flagged item ids (most pushed first) written to the round log
 
 
 @dataclass(frozen=True)
 class FortressConfig:
     popular_frac: float
-    surge: float
-    norm_z: float
-    focus_slack: float
+    row_clip: float
+    dense_clip: float
+    push_frac: float
+    p_flag: float
+    floor_frac: float
     alpha: float
     beta: float
     margin: float
@@ -97,16 +78,8 @@ class FortressConfig:
 
     @classmethod
     def from_config(cls, cfg) -> "FortressConfig":
-        return cls(cfg.popular_frac, cfg.surge, cfg.norm_z, cfg.focus_slack, cfg.alpha, cfg.beta, cfg.margin,
-                   cfg.knn, cfg.server_steps, cfg.server_lr, cfg.max_len)
-
-
-def row_mass(u: Updates, n_items: int, row_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(n_items + 1,) float64: sum of ||delta|| of each item's uploaded rows (only rows in mask (M,))."""
-    size = u.rows_delta.double().norm(dim=1)                                            # (M,)
-    if row_mask is not None:
-        size = size * row_mask.double()
-    return torch.zeros(n_items + 1, dtype=torch.float64).index_add_(0, u.rows_item, size)
+        return cls(cfg.popular_frac, cfg.row_clip, cfg.dense_clip, cfg.push_frac, cfg.p_flag, cfg.floor_frac,
+                   cfg.alpha, cfg.beta, cfg.margin, cfg.knn, cfg.server_steps, cfg.server_lr, cfg.max_len)
 
 
 def top_items(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,55 +89,15 @@ def top_items(score: torch.Tensor, k: int) -> torch.Tensor:
     return order.sort().values
 
 
-def even_share(u: Updates, max_len: int) -> torch.Tensor:
-    """(n,) 1 / min(w_c, max_len + 1): a client's push split evenly over the items it trains on.
-
-    A client trains on its last max_len + 1 items, so a longer history does not spread its push further.
-    """
-    return 1.0 / u.weight.double().clamp(min=1e-12, max=max_len + 1)
-
-
-def allowance(u: Updates, focus_slack: float, max_len: int) -> torch.Tensor:
-    """(n,) share of its row mass a client may put on one item: min(1, focus_slack x even share)."""
-    return (focus_slack * even_share(u, max_len)).clamp(max=1.0)
-
-
-def row_shares(u: Updates) -> torch.Tensor:
-    """(M,) each row's share of its client's total row mass (sum of ||delta|| over its rows)."""
-    rn = u.rows_delta.double().norm(dim=1)                                              # (M,)
-    total = torch.zeros(u.n, dtype=torch.float64).index_add_(0, u.rows_client, rn)
-    return rn / total[u.rows_client].clamp(min=1e-30)
-
-
-def detect(mass: torch.Tensor, history: torch.Tensor, popular: torch.Tensor, reference: torch.Tensor,
-           surge: float, focused: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """Suspicious items outside `popular`: mass > surge x max(ref, own history), ref = the median mass
-    of `reference`; or focused pushes (count of focused rows (N+1,)) from MIN_FOCUSED clients or more.
-
-    mass, history (N+1,); popular, reference: item ids. Returns (sorted ids, ref).
-    """
-    ref = float(mass[reference].quantile(0.5)) if len(reference) else 0.0
-    bar = surge * torch.clamp(history, min=ref)                                         # (N+1,)
-    hit = mass > bar
-    if focused is not None:
-        hit |= focused >= MIN_FOCUSED
-    hit[0] = False
-    hit[popular] = False
-    return hit.nonzero().flatten(), ref
-
-
-def reliability(u: Updates, suspicious_rows: torch.Tensor, allow: torch.Tensor,
-                norm_z: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """(n,) client weights in [0, 1] (rule in the module docstring); suspicious_rows (M,) bool, allow (n,)."""
-    size = norms(u)                                                                     # (n,) float64
-    med = size.quantile(0.5)
-    tau = med + norm_z * 1.4826 * (size - med).abs().quantile(0.5)
-    rho_norm = (tau / size.clamp(min=1e-12)).clamp(max=1.0) ** 2
-    share = torch.zeros(u.n, dtype=torch.float64).index_add_(0, u.rows_client, row_shares(u) * suspicious_rows)
-    over = share > allow
-    rho = (rho_norm * ~over).to(u.weight.dtype)
-    return rho, {"norm_tau": float(tau), "norm_down": int((rho_norm < 1).sum()),
-                 "focus_down": int(over.sum())}
+def retained(u: Updates, w_eff: torch.Tensor, row_norm: torch.Tensor, row_kept: torch.Tensor,
+             dense_norm: torch.Tensor, dense_kept: torch.Tensor) -> torch.Tensor:
+    """(n,) ||kept contributions|| / ||FedAvg contributions (reported weight x delta)|| of each client."""
+    scale = (u.weight.double() / w_eff)                                                 # reported / effective
+    raw = (dense_norm * scale) ** 2
+    raw = raw.index_add(0, u.rows_client, (row_norm * scale[u.rows_client]) ** 2)
+    kept = (dense_norm * dense_kept) ** 2
+    kept = kept.index_add(0, u.rows_client, (row_norm * row_kept) ** 2)
+    return torch.where(raw > 0, (kept / raw.clamp(min=1e-300)).sqrt(), torch.ones_like(raw)).clamp(max=1.0)
 
 
 def l_sep(pop: torch.Tensor, sus: torch.Tensor, margin: float) -> torch.Tensor:
@@ -215,77 +148,81 @@ def regularise(table: torch.Tensor, popular: torch.Tensor, suspicious: torch.Ten
 
 
 class FortressServer:
-    """The FORTRESS defence for one run: monitor state across rounds plus the per-round rule."""
+    """The FORTRESS defence for one run: the monitor's state across rounds plus the per-round rule."""
 
     name = "fortress"
 
     def __init__(self, fc: FortressConfig, n_items: int):
         self.fc, self.n_items = fc, n_items
-        self.history = torch.zeros(n_items + 1, dtype=torch.float64)             # trusted row mass, running mean
+        self.rate = torch.zeros(n_items + 1, dtype=torch.float64)                 # pushers per round, running mean
         self.last_flagged = torch.full((n_items + 1,), -HORIZON - 1, dtype=torch.int64)
         self.rounds = 0
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None       # (P, S) of the round in progress
 
     def n_popular(self) -> int:
         """|P|: popular_frac of the catalogue, at least knn + 1 so that L_var has neighbours."""
         return min(self.n_items, max(self.fc.knn + 1, math.ceil(self.fc.popular_frac * self.n_items)))
 
-    def popular(self, exclude: torch.Tensor) -> torch.Tensor:
-        """P: the items with the largest history, except the `exclude` (N+1,) bool ones."""
-        return top_items(self.history.masked_fill(exclude, float("-inf")), self.n_popular())
-
-    def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> tuple[Aggregate, torch.Tensor, dict[str, Any]]:
-        fc = self.fc
-        k = self.n_popular()
-        mass = row_mass(u, self.n_items)                                                # (N+1,)
-        allow = allowance(u, fc.focus_slack, fc.max_len)                                # (n,)
-        share = row_shares(u)                                                           # (M,)
-        focused = share > allow[u.rows_client]
-        n_focused = torch.zeros(self.n_items + 1, dtype=torch.int64).index_add_(0, u.rows_item, focused.long())
-        watched = self.rounds - self.last_flagged <= HORIZON                            # flagged recently
-        if self.rounds:
-            popular = self.popular(watched)
-        else:                                  # no history yet: the items most pushed by evenly spread clients
-            ordinary = share <= even_share(u, fc.max_len)[u.rows_client]
-            popular = top_items(row_mass(u, self.n_items, ordinary), k)
-        reference = top_items(mass, k)         # the round's own heaviest items set the scale
-        suspicious, ref = detect(mass, self.history, popular, reference, fc.surge, n_focused)
-        flagged = torch.zeros(self.n_items + 1, dtype=torch.bool)
-        flagged[suspicious] = True
-        rho, why = reliability(u, flagged[u.rows_item], allow, fc.norm_z)
-        agg = fedavg(u.drop_rows(focused), rho)
-        keep = ~flagged[agg.rows_item]
-        agg = Aggregate(agg.dense, agg.rows_item[keep], agg.rows_delta[keep])
-        # the history learns from the rows of fully trusted clients that are not focused, and not
-        # at all for items flagged in the last HORIZON rounds (a lull in an attack teaches nothing)
-        self.last_flagged[suspicious] = self.rounds
-        frozen = watched | flagged
-        trusted = row_mass(u, self.n_items, (rho >= 1)[u.rows_client] & ~focused)
-        rate = max(1.0 / (self.rounds + 1), 1.0 / HORIZON)
-        self.history = torch.where(frozen, self.history, (1 - rate) * self.history + rate * trusted)
+    def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> Outcome:
+        fc, N = self.fc, self.n_items
+        w = bounds.effective_weight(u, fc.max_len)                                      # (n,)
+        row_norm = bounds.row_contrib_norms(u, w)                                       # (M,)
+        dense_norm = bounds.dense_contrib_norms(u, w)                                   # (n,)
+        c_row, c_dense = bounds.clip_scales(u, fc.max_len, fc.row_clip, fc.dense_clip)
+        row_clip = (c_row / row_norm.clamp(min=1e-300)).clamp(max=1.0)                  # (M,)
+        dense_clip = (c_dense / dense_norm.clamp(min=1e-300)).clamp(max=1.0)            # (n,)
+        push = bounds.pushes(row_norm, c_row, fc.push_frac)                             # (M,) bool
+        count = torch.zeros(N + 1, dtype=torch.int64).index_add_(0, u.rows_item, push.long())
+        floor = max(bounds.count_floor(int(push.sum()), N, fc.floor_frac), 1e-6)
+        rate = self.rate.clamp(min=floor)                                               # (N+1,)
+        flag = bounds.surprising(count, rate, fc.p_flag)
+        flag[0] = False
+        flagged = flag.nonzero().flatten()
+        allow = count.clone()
+        if len(flagged):
+            allow[flagged] = bounds.allowance(rate[flagged], fc.p_flag, int(count.max()))
+        item_scale = allow.double() / count.clamp(min=1).double()                       # (N+1,) 1 unless flagged
+        row_scale = torch.where(push, item_scale[u.rows_item], torch.ones_like(row_norm))  # (M,)
+        rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(0, u.rows_client, row_scale, "amin")
+        clipped = Updates(u.clients, w.to(u.weight.dtype), u.dense * dense_clip[:, None].to(u.dense.dtype),
+                          u.rows_client, u.rows_item, u.rows_delta * row_clip[:, None].to(u.rows_delta.dtype),
+                          u.loss)
+        agg = fedavg(clipped, rho.to(u.weight.dtype), row_scale.to(u.weight.dtype))
+        kept = retained(u, w, row_norm, row_clip * row_scale, dense_norm, dense_clip * rho)
+        # the rate learns at most the allowance; items flagged lately stay out of P
+        step = max(1.0 / HORIZON, 1.0 / (self.rounds + 1))
+        self.rate = (1 - step) * self.rate + step * torch.minimum(count, allow).double()
+        self.last_flagged[flagged] = self.rounds
+        watched = self.rounds - self.last_flagged <= HORIZON
         self.rounds += 1
-        self._last = (self.popular(frozen), suspicious)
-        listed = suspicious[torch.argsort(-mass[suspicious], stable=True)[:MAX_LISTED]]
-        info = {"popular": int(len(popular)), "suspicious": int(len(suspicious)), "flagged": listed.tolist(),
-                "suspicious_items": set(suspicious.tolist()), "watched": int(frozen.sum()), "ref_mass": ref,
-                "down_weighted": int((rho < 1).sum()), "focused_rows": int(focused.sum()), **why}
-        return agg, rho, info
+        popular = top_items(self.rate.masked_fill(watched, float("-inf")), self.n_popular())
+        listed = flagged[torch.argsort(-count[flagged], stable=True)[:MAX_LISTED]]
+        log = {"flagged": listed.tolist(), "n_flagged": int(len(flagged)), "pushes": int(push.sum()),
+               "c_row": c_row, "c_dense": c_dense, "rows_clipped": int((row_clip < 1).sum()),
+               "dense_clipped": int((dense_clip < 1).sum()), "down_weighted": int((rho < 1).sum()),
+               "rate_floor": floor}
+        return Outcome(agg, kept.to(u.weight.dtype), log, flagged, popular)
 
-    def after_apply(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
         """Regularise the item table after the round's update (only when something was flagged)."""
-        if self._last is None:
+        popular, flagged = outcome.popular, outcome.flagged
+        if flagged is None or not len(flagged) or not self.fc.server_steps or popular is None or not len(popular):
             return {}
-        popular, suspicious = self._last
-        self._last = None
-        if not len(suspicious) or not self.fc.server_steps or not len(popular):
+        popular = popular[~torch.isin(popular, flagged)]
+        if not len(popular):
             return {}
         with torch.no_grad():
-            return regularise(params["item_emb"], popular, suspicious, self.fc)
+            return regularise(params["item_emb"], popular, flagged, self.fc)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history.clone(), "last_flagged": self.last_flagged.clone(), "rounds": self.rounds}
+        return {"rate": self.rate.clone(), "last_flagged": self.last_flagged.clone(), "rounds": self.rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = state["history"].clone()
+        """Continue from `state_dict()` (of a checkpoint or of a saved model); an empty state is a cold monitor."""
+        if not state:
+            return
+        if "rate" not in state or len(state["rate"]) != self.n_items + 1:
+            raise InputError("the saved FORTRESS monitor state does not fit this data (item count or format differs); "
+                             "start without it")
+        self.rate = state["rate"].clone().double()
         self.last_flagged = state["last_flagged"].clone()
         self.rounds = int(state["rounds"])

@@ -1,0 +1,216 @@
+"""Adaptive attacks: malicious clients that know the server's rules and thresholds.
+
+What they know: the defence's code (`fortress.bounds` holds the FORTRESS server's public rules;
+the robust rules are textbook) and every config key (public defaults or a published config), the
+protocol's public parameters (clients per round, negatives, max_len, learning rate), the broadcast
+model, the round number and their own clients. What they do not see: benign data, other
+clients' uploads, the server's state (the monitor's rates). What they may do: coordinate, upload
+anything in the benign format, report any weight, spread over rounds.
+
+Calibration (every round, from the broadcast model alone): `SIM` honest users with plausible
+histories sampled from the model (as PSMU does) of lengths 2..attack_len train with the protocol's
+local training; the server's public rules applied to these simulated uploads estimate where this
+round's thresholds lie (FORTRESS's row and encoder clip, the pusher threshold, the rate floor;
+the robust rules' per-coordinate spread, distances and median norm).
+
+Payload: A-hum's update (`ahum.attack`: the target rows and the encoder delta that raise the
+targets for mined hard users) is the direction; each attack shapes its size:
+- `stealth`: every upload just under each FORTRESS rule: row and encoder contributions at SAFETY x
+  the estimated clips; as many clients push the target as the allowance of a cold item's rate
+  (the floor) permits, the others stay under the pusher threshold (UNSEEN of it: uncounted); each client
+  also uploads SPREAD random rows with tiny deltas (defeats any per-client share rule) and reports
+  the weight of its fake sequence. Vulnerabilities 3 and 5 of the old server; coordinated splitting.
+- `ramp` (history building): as `stealth`, but the number of counted pushers follows the
+  allowance of the rate its own pushes have earned so far (the server's public update rule,
+  replayed from the attack's first round), so the target's rate climbs as fast as the rule allows.
+- `weight`: A-hum with the reported weight inflated to WEIGHT_FACTOR x max_len and the upload
+  scaled down by the same factor, so that FedAvg's weight x delta keeps A-hum's push while the
+  update itself looks small (vulnerability 4).
+- `adaptive`: the knowledge turned against whichever `defence` the config names: `fortress` ->
+  `ramp`; `none` -> A-hum; `norm_bound` -> the whole norm budget on the target rows (no encoder
+  part), at the bound (the config's, or the simulated median norm); `median` / `trimmed_mean` ->
+  the encoder delta at the simulated mean + Z x std along A-hum's sign per coordinate (inside the
+  benign spread, Fang et al., "Local Model Poisoning Attacks to Byzantine-Robust Federated
+  Learning", USENIX Security 2020), target rows as A-hum; `krum` / `multi_krum` -> min-max
+  (Shejwalkar & Houmansadr, "Manipulating the Byzantine", NDSS 2021): every attacker uploads the
+  simulated benign mean plus gamma x A-hum's unit direction, gamma the largest keeping it within
+  the largest pairwise distance of the simulated benign uploads.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from fortress import bounds
+from fortress.attacks import ahum
+from fortress.attacks.base import AttackView, honest_loss
+from fortress.attacks.psmu import sample_histories
+from fortress.client import chunks_from_sequences, train_round
+from fortress.updates import Updates
+
+SIM = 64              # honest users simulated per round for calibration
+SAFETY = 0.9          # fraction of an estimated clip an upload aims at
+UNSEEN = 0.7          # fraction of the estimated pusher threshold an uncounted row aims at (estimates err by ~10%)
+SPREAD = 64           # extra random rows (tiny deltas) a stealthy client uploads
+SPREAD_SIZE = 1e-3    # their size, relative to the row clip
+WEIGHT_FACTOR = 100   # the weight attack reports WEIGHT_FACTOR x max_len
+Z = 1.0               # Fang et al.: benign standard deviations along the attack's sign
+
+
+def simulate_benign(view: AttackView) -> Updates:
+    """The uploads of SIM honest users simulated on the broadcast model (plausible histories)."""
+    rng = np.random.default_rng([*view.seed, 0x51])
+    c = view.cfg
+    top = max(2, min(c.fake_len, view.n_items - len(view.targets)))
+    lengths = rng.integers(2, top + 1, size=SIM)
+    hist = sample_histories(view, rng, SIM, top)                                   # (SIM, top)
+    seqs = [h[:n] for h, n in zip(hist, lengths)]
+    chunks = chunks_from_sequences(np.arange(SIM), seqs, [float(n) for n in lengths], view.n_items, c.n_neg,
+                                   c.chunk_size, rng)
+    return train_round(view.model, honest_loss(view), c.local_epochs, c.lr, c.client_opt, view.params, chunks,
+                       c.engine)
+
+
+def payload(view: AttackView) -> Updates:
+    """A-hum's upload for this round's clients (unscaled), reporting the fake sequence's length."""
+    return ahum.attack(replace(view, cfg=replace(view.cfg, scale=1.0)))
+
+
+def shape(u: Updates, row_target: torch.Tensor, dense_target: torch.Tensor) -> Updates:
+    """Each client's rows rescaled to contribution norm row_target (n,) and encoder to dense_target (n,)."""
+    w = u.weight.double()
+    rn = w[u.rows_client] * u.rows_delta.double().norm(dim=1)                      # (M,)
+    dn = w * u.dense.double().norm(dim=1)                                           # (n,)
+    rs = (row_target[u.rows_client] / rn.clamp(min=1e-30)).to(u.rows_delta.dtype)
+    ds = (dense_target / dn.clamp(min=1e-30)).to(u.dense.dtype)
+    return replace(u, rows_delta=u.rows_delta * rs[:, None], dense=u.dense * ds[:, None])
+
+
+def with_spread(view: AttackView, u: Updates, size: float) -> Updates:
+    """Each client also uploads SPREAD random non-target rows of contribution norm `size`."""
+    rng = np.random.default_rng([*view.seed, 0x5B])
+    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    pool = np.setdiff1d(np.arange(1, view.n_items + 1), view.targets.numpy())
+    k = min(SPREAD, len(pool))
+    items = torch.as_tensor(np.stack([rng.choice(pool, size=k, replace=False) for _ in range(view.m)]))  # (m, k)
+    d = u.rows_delta.shape[1]
+    delta = torch.randn(view.m * k, d, generator=gen, dtype=u.rows_delta.dtype)
+    w = u.weight.repeat_interleave(k)[:, None]
+    delta = delta / delta.norm(dim=1, keepdim=True) * size / w                      # contribution norm = size
+    return replace(u, rows_client=torch.cat([u.rows_client, torch.arange(view.m).repeat_interleave(k)]),
+                   rows_item=torch.cat([u.rows_item, items.reshape(-1)]), rows_delta=torch.cat([u.rows_delta, delta]))
+
+
+def fortress_scales(view: AttackView, sim: Updates) -> tuple[float, float, float]:
+    """(C_row, C_dense, rate floor) the FORTRESS rules would set on a round like the simulated one."""
+    c = view.cfg
+    c_row, c_dense = bounds.clip_scales(sim, c.max_len, c.row_clip, c.dense_clip)
+    w = bounds.effective_weight(sim, c.max_len)
+    per_client = float(bounds.pushes(bounds.row_contrib_norms(sim, w), c_row, c.push_frac).sum()) / max(1, sim.n)
+    floor = bounds.count_floor(per_client * c.clients_per_round, view.n_items, c.floor_frac)
+    return c_row, c_dense, max(floor, 1e-6)
+
+
+def earned_rate(view: AttackView, floor: float) -> float:
+    """The target's rate after the attack's own pushes so far, by the server's public update rule
+    (a warm monitor: step 1 / HORIZON), each round filling the allowance with this round's clients."""
+    rate, step = 0.0, 1.0 / bounds.HORIZON
+    for _ in range(view.round):
+        allowed = int(bounds.allowance(torch.tensor([max(rate, floor)], dtype=torch.float64), view.cfg.p_flag,
+                                       max(view.m, 1))[0])
+        rate = (1 - step) * rate + step * min(view.m, allowed)
+    return rate
+
+
+def under_fortress(view: AttackView, rate: float | None) -> Updates:
+    """A-hum shaped under the FORTRESS rules; `rate` None = assume a cold target (the floor)."""
+    c = view.cfg
+    sim = simulate_benign(view)
+    c_row, c_dense, floor = fortress_scales(view, sim)
+    r = floor if rate is None else max(rate, floor)
+    allowed = int(bounds.allowance(torch.tensor([r], dtype=torch.float64), c.p_flag, max(view.m, 1))[0])
+    u = payload(view)
+    counted = torch.arange(view.m) < allowed                                        # (m,) who pushes in full
+    row = torch.where(counted, torch.tensor(SAFETY * c_row), torch.tensor(UNSEEN * c.push_frac * c_row))
+    u = shape(u, row.double(), torch.full((view.m,), SAFETY * c_dense, dtype=torch.float64))
+    return with_spread(view, u, SPREAD_SIZE * c_row)
+
+
+def stealth_attack(view: AttackView) -> Updates:
+    """A-hum shaped just under every FORTRESS threshold, pushers split to a cold item's allowance."""
+    return under_fortress(view, None)
+
+
+def ramp_attack(view: AttackView) -> Updates:
+    """Stealth whose counted pushers follow the rate its own past pushes have earned."""
+    sim_floor = fortress_scales(view, simulate_benign(view))[2]
+    return under_fortress(view, earned_rate(view, sim_floor))
+
+
+def weight_attack(view: AttackView) -> Updates:
+    """A-hum reporting an inflated weight, the delta shrunk so that weight x delta is unchanged."""
+    u = payload(view)
+    big = float(WEIGHT_FACTOR * view.cfg.max_len)
+    factor = u.weight / big                                                         # (m,)
+    return replace(u, weight=torch.full_like(u.weight, big), dense=u.dense * factor[:, None],
+                   rows_delta=u.rows_delta * factor[u.rows_client][:, None])
+
+
+def against_norm_bound(view: AttackView) -> Updates:
+    """The whole norm budget on the target rows, at SAFETY x the bound (the config's or the median norm)."""
+    u = payload(view)
+    bound = view.cfg.norm_bound
+    if bound <= 0:
+        sim = simulate_benign(view)
+        sq = (sim.dense.double() ** 2).sum(1).index_add(0, sim.rows_client, (sim.rows_delta.double() ** 2).sum(1))
+        bound = float(sq.sqrt().median())
+    rows = u.rows_delta.double()
+    total = torch.zeros(u.n, dtype=torch.float64).index_add_(0, u.rows_client, (rows ** 2).sum(1)).sqrt()
+    scale = SAFETY * bound / total.clamp(min=1e-30)                                 # (n,)
+    return replace(u, dense=torch.zeros_like(u.dense),
+                   rows_delta=(rows * scale[u.rows_client][:, None]).to(u.rows_delta.dtype))
+
+
+def against_coordinatewise(view: AttackView) -> Updates:
+    """Fang et al.: the encoder at the simulated mean + Z std along A-hum's sign; target rows as A-hum."""
+    u = payload(view)
+    sim = simulate_benign(view)
+    mu, sd = sim.dense.mean(0), sim.dense.std(0)                                    # (P,)
+    return replace(u, dense=(mu + Z * sd * torch.sign(u.dense)).to(u.dense.dtype))
+
+
+def against_krum(view: AttackView) -> Updates:
+    """Min-max (Shejwalkar & Houmansadr): the benign mean + gamma x A-hum's unit direction, all alike."""
+    u = payload(view)
+    sim = simulate_benign(view)
+    mu = sim.dense.mean(0)                                                          # (P,)
+    p = u.dense.mean(0)
+    p = p / p.norm().clamp(min=1e-30)
+    limit = torch.cdist(sim.dense, sim.dense).max()
+    lo, hi = 0.0, float(limit) * 2
+    for _ in range(30):                         # bisection: largest gamma within the benign diameter
+        g = (lo + hi) / 2
+        if torch.cdist((mu + g * p)[None], sim.dense).max() <= limit:
+            lo = g
+        else:
+            hi = g
+    return replace(u, dense=(mu + lo * p).expand_as(u.dense).clone())
+
+
+def adaptive_attack(view: AttackView) -> Updates:
+    """The attack that knows the config's `defence` and shapes its upload against it."""
+    rule = view.cfg.defence
+    if rule == "fortress":
+        return ramp_attack(view)
+    if rule == "norm_bound":
+        return against_norm_bound(view)
+    if rule in ("median", "trimmed_mean"):
+        return against_coordinatewise(view)
+    if rule in ("krum", "multi_krum"):
+        return against_krum(view)
+    return payload(view)
+
+
+__all__ = ["stealth_attack", "ramp_attack", "weight_attack", "adaptive_attack", "simulate_benign"]
