@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--defences", default="none,median,trimmed_mean,krum,norm_bound,fortress")
     ap.add_argument("--full", action="store_true", help="also the full method (mode=fortress, defence=fortress)")
     ap.add_argument("--no-clean", action="store_true", help="skip the attack-free block")
+    ap.add_argument("--skip", default="", help="attack:defence pairs not to run, e.g. adaptive:none (= ahum)")
     ap.add_argument("--rounds", type=int, default=100, help="rounds from the clean model")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
@@ -135,9 +136,10 @@ def main() -> None:
         run_once(fortress(args.data, pre, {"mode": "fedavg", "rounds": args.pretrain, "eval_every": 0,
                                            "seed": seed, **common}), pre, log)
         init[seed] = str(pre)
+    skip = {tuple(p.split(":")) for p in args.skip.split(",") if p}
     jobs = []
     for attack, ratio in blocks:
-        for d in defs:
+        for d in [d for d in defs if (attack, d) not in skip]:
             for seed in seeds:
                 tag = f"{attack}-r{ratio:g}-{d}-s{seed}" if attack != "none" else f"clean-{d}-s{seed}"
                 sets = {**cell_sets(attack, ratio, d), "init_from": init[seed], "rounds": args.rounds,

@@ -9,6 +9,8 @@ Each measurement runs in its own subprocess so that its peak RSS is its own. Row
   the temporal term) and with plain FedAvg, vectorised, measured in one process with the two
   alternating round by round (same clients), so that load on a shared machine hits both alike;
   wall and CPU seconds, and their ratio (target, issue 4: at most 3x);
+- `defences`: each server rule's aggregation (`aggregate` + `after_apply`) of the same 256 uploads,
+  as a share of the full FedAvg round measured in the same process (target for FORTRESS: <= 20%);
 - `eval`: full-ranking validation of every user;
 - `scale`: a synthetic federation of 1,000,000 users x 100,000 items, rounds of 256 / 1,024 /
   4,096 clients (chunks of `chunk_size` clients bound the training memory).
@@ -82,6 +84,36 @@ def time_pair(ds, cfgs: list[Config], clients: int, rounds: int, warmup: int = 1
             "cpu_seconds_per_round": cpu.mean(0).tolist(), "rounds": rounds}
 
 
+def time_defences(ds, cfg: Config, clients: int, rounds: int, names: list[str]) -> dict:
+    """Per round: a full FedAvg round (timed), then each defence's aggregation of the same uploads
+    (`aggregate` + `after_apply` on a copy of the model), so that their cost is a ratio in one run."""
+    from fortress.server import defences
+    model = from_config(cfg)
+    params = model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
+    eligible = eligible_clients(ds)
+    gopt, keys = GlobalOptimizer(cfg.global_opt, cfg.global_lr), dense_keys(params)
+    rules = {n: defences.make(override(cfg, {"defence": n}), ds.n_items) for n in names}
+    fed, agg = [], {n: [] for n in names}
+    for r in range(1 + rounds):
+        t0 = time.perf_counter()
+        users = np.random.default_rng([cfg.seed, r]).choice(eligible, size=clients, replace=False)
+        updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params,
+                              round_chunks(ds, cfg, users, r), cfg.engine)
+        copy = {k: v.clone() for k, v in params.items()}
+        gopt.apply(params, keys, params["item_emb"], fedavg(updates))
+        if r:
+            fed.append(time.perf_counter() - t0)
+        for n, rule in rules.items():
+            t0 = time.perf_counter()
+            rule.after_apply(copy, rule.aggregate(updates, copy))
+            if r:
+                agg[n].append(time.perf_counter() - t0)
+    round_s = float(np.mean(fed))
+    return {"seconds_per_round": round_s, "rounds": rounds,
+            "defence_seconds": {n: float(np.mean(v)) for n, v in agg.items()},
+            "defence_over_round": {n: float(np.mean(v)) / round_s for n, v in agg.items()}}
+
+
 def measure(spec: dict) -> dict:
     """One row, run inside a fresh subprocess."""
     cfg = override(Config(), spec["config"])
@@ -101,6 +133,8 @@ def measure(spec: dict) -> dict:
         t0 = time.perf_counter()
         res = evaluate(ds, model_scorer(model, params, ds), "valid", cfg.eval_batch)
         row.update(seconds=time.perf_counter() - t0, users_evaluated=res["users"])
+    elif spec["kind"] == "defences":
+        row.update(time_defences(ds, cfg, spec["clients"], spec["rounds"], spec["defences"]))
     elif spec["kind"] == "fortress":
         fed = override(cfg, {"mode": "fedavg"})
         row.update(time_pair(ds, [fed, override(cfg, {"mode": "fortress"})], spec["clients"], spec["rounds"]))
@@ -124,8 +158,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per vmap row (after 1 warm-up)")
     ap.add_argument("--loop-rounds", type=int, default=2, help="timed rounds for the (slow) loop engine")
     ap.add_argument("--scale", default="256,1024,4096", help="clients per round for the scale rows ('' = skip)")
-    ap.add_argument("--rows", default="engines,eval,fortress,scale",
-                    help="which groups of rows to run (comma list of engines, eval, fortress, scale)")
+    ap.add_argument("--rows", default="engines,eval,fortress,defences,scale",
+                    help="which groups of rows to run (comma list of engines, eval, fortress, defences, scale)")
+    ap.add_argument("--defences", default="fortress,median,trimmed_mean,krum,multi_krum,norm_bound",
+                    help="the server rules timed by the defences row")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--out", default="docs/bench/engine.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -147,6 +183,9 @@ def main() -> None:
         rows.append(run_row({"kind": "fortress", "data": args.data, "clients": 256, "rounds": args.rounds,
                              "config": {**base, "engine": "vmap"}}))
         print(f"  fedavg | fortress vmap: {rows[-1]['seconds_per_round']} s", file=sys.stderr)
+    if "defences" in groups:
+        rows.append(run_row({"kind": "defences", "data": args.data, "clients": 256, "rounds": args.rounds,
+                             "defences": args.defences.split(","), "config": {**base, "engine": "vmap"}}))
     if "scale" in groups:
         for clients in [int(c) for c in args.scale.split(",") if c]:
             rows.append(run_row({"kind": "scale", "data": "synthetic", "users": 1_000_000, "items": 100_000,
@@ -158,6 +197,12 @@ def main() -> None:
         if r["kind"] == "fortress":
             for mode, sec, cpu in zip(r["modes"], r["seconds_per_round"], r["cpu_seconds_per_round"]):
                 print(f"{mode + ' (paired) 256 clients':<28} {sec:>12.3f} {r['peak_rss_mb']:>12.0f}  cpu {cpu:.3f} s")
+            continue
+        if r["kind"] == "defences":
+            print(f"{'fedavg round 256 clients':<28} {r['seconds_per_round']:>12.3f} {r['peak_rss_mb']:>12.0f}")
+            for name, sec in r["defence_seconds"].items():
+                print(f"{'  + ' + name + ' aggregation':<28} {sec:>12.3f} {'':>12}  "
+                      f"{100 * r['defence_over_round'][name]:.0f}% of the round")
             continue
         label = (f"{r['engine']} 256 clients" if r["kind"] == "round" else
                  f"eval {r['users_evaluated']} users" if r["kind"] == "eval" else
@@ -180,6 +225,10 @@ def main() -> None:
         summary["fortress_over_fedavg_cpu"] = pair["cpu_seconds_per_round"][1] / pair["cpu_seconds_per_round"][0]
         print(f"fortress round / fedavg round: {summary['fortress_over_fedavg']:.2f}x wall, "
               f"{summary['fortress_over_fedavg_cpu']:.2f}x CPU (target <= 3x)")
+    if "defences" in by_kind:
+        summary["defence_over_round"] = by_kind["defences"][0]["defence_over_round"]
+        print(f"fortress aggregation adds {100 * summary['defence_over_round'].get('fortress', float('nan')):.0f}% "
+              "to a FedAvg round (target <= 20%)")
     scale = by_kind.get("scale", [])
     if len(scale) > 1:
         per_client = [r["seconds_per_round"] / r["clients"] * 1000 for r in scale]

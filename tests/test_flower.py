@@ -149,7 +149,7 @@ def test_the_server_defence_runs_in_the_flower_server_like_in_the_simulator(ds, 
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
     got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(sets), 3))
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
-    keys = ("suspicious", "flagged", "down_weighted", "focused_rows", "targets_flagged", "weight_malicious")
+    keys = ("n_flagged", "flagged", "down_weighted", "rows_clipped", "targets_flagged", "weight_malicious")
     assert [{k: h["defence"][k] for k in keys} for h in got["history"]] == \
         [{k: h["defence"][k] for k in keys} for h in ref["history"]]
 

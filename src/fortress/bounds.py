@@ -27,12 +27,12 @@ def effective_weight(u: Updates, max_len: int) -> torch.Tensor:
 
 def row_contrib_norms(u: Updates, w_eff: torch.Tensor) -> torch.Tensor:
     """(M,) ||w_eff x delta|| of every uploaded item row."""
-    return w_eff[u.rows_client] * u.rows_delta.double().norm(dim=1)
+    return w_eff[u.rows_client] * u.rows_delta.norm(dim=1).double()
 
 
 def dense_contrib_norms(u: Updates, w_eff: torch.Tensor) -> torch.Tensor:
     """(n,) ||w_eff x delta|| of every client's encoder update."""
-    return w_eff * u.dense.double().norm(dim=1)
+    return w_eff * u.dense.norm(dim=1).double()
 
 
 def client_max(values: torch.Tensor, rows_client: torch.Tensor, n: int) -> torch.Tensor:
@@ -41,14 +41,18 @@ def client_max(values: torch.Tensor, rows_client: torch.Tensor, n: int) -> torch
     return out.scatter_reduce_(0, rows_client, values, reduce="amax", include_self=True)
 
 
-def clip_scales(u: Updates, max_len: int, row_clip: float, dense_clip: float) -> tuple[float, float]:
+def clip_scales(u: Updates, max_len: int, row_clip: float, dense_clip: float,
+                row_norms: torch.Tensor | None = None, dense_norms: torch.Tensor | None = None) -> tuple[float, float]:
     """(C_row, C_dense): row_clip x the median over clients of their largest row contribution, and
-    dense_clip x the median encoder contribution. Medians: a minority cannot move them."""
+    dense_clip x the median encoder contribution. Medians: a minority cannot move them.
+    row_norms (M,) / dense_norms (n,): the contribution norms when already computed."""
+    if not u.n:
+        return 0.0, 0.0
     w = effective_weight(u, max_len)
-    top = client_max(row_contrib_norms(u, w), u.rows_client, u.n)                      # (n,)
-    c_row = row_clip * float(top.quantile(0.5)) if u.n else 0.0
-    c_dense = dense_clip * float(dense_contrib_norms(u, w).quantile(0.5)) if u.n else 0.0
-    return c_row, c_dense
+    rn = row_contrib_norms(u, w) if row_norms is None else row_norms
+    dn = dense_contrib_norms(u, w) if dense_norms is None else dense_norms
+    top = client_max(rn, u.rows_client, u.n)                                            # (n,)
+    return row_clip * float(top.quantile(0.5)), dense_clip * float(dn.quantile(0.5))
 
 
 def pushes(row_norms: torch.Tensor, c_row: float, push_frac: float) -> torch.Tensor:

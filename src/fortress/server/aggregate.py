@@ -37,21 +37,24 @@ class Outcome:
     popular: torch.Tensor | None = None     # (P,) item ids of the popular set
 
 
-def fedavg(u: Updates, client_weight: torch.Tensor | None = None,
-           row_weight: torch.Tensor | None = None) -> Aggregate:
+def fedavg(u: Updates, client_weight: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
+           dense_scale: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> Aggregate:
     """Weighted mean of dense deltas; per-item weighted mean of row deltas over their uploaders.
 
     client_weight (n,) optionally multiplies the interaction weights (a defence's reliability);
     row_weight (M,), when given, multiplies each uploaded row's interaction weight in its item's
-    average instead of its client's client_weight.
+    average instead of its client's client_weight. dense_scale (n,) and row_scale (M,) multiply
+    the deltas themselves (the numerators only), e.g. a defence's clipping.
     """
     w = u.weight if client_weight is None else u.weight * client_weight                # (n,)
     total = w.sum()
-    dense = (w[:, None] * u.dense).sum(0) / total.clamp(min=1e-12)                     # (P,)
+    coef = w if dense_scale is None else w * dense_scale                               # (n,)
+    dense = (coef @ u.dense) / total.clamp(min=1e-12)                                  # (P,)
     items, inv = torch.unique(u.rows_item, return_inverse=True)                        # (R,), (M,)
     rw = w[u.rows_client] if row_weight is None else u.weight[u.rows_client] * row_weight  # (M,)
+    rc = rw if row_scale is None else rw * row_scale                                   # (M,)
     num = torch.zeros(len(items), u.rows_delta.shape[1], dtype=u.rows_delta.dtype)
-    num.index_add_(0, inv, rw[:, None] * u.rows_delta)                                 # (R, d)
+    num.index_add_(0, inv, rc[:, None] * u.rows_delta)                                 # (R, d)
     den = torch.zeros(len(items), dtype=u.rows_delta.dtype).index_add_(0, inv, rw)     # (R,)
     keep = den > 0
     return Aggregate(dense, items[keep], num[keep] / den[keep, None])

@@ -167,7 +167,7 @@ class FortressServer:
         w = bounds.effective_weight(u, fc.max_len)                                      # (n,)
         row_norm = bounds.row_contrib_norms(u, w)                                       # (M,)
         dense_norm = bounds.dense_contrib_norms(u, w)                                   # (n,)
-        c_row, c_dense = bounds.clip_scales(u, fc.max_len, fc.row_clip, fc.dense_clip)
+        c_row, c_dense = bounds.clip_scales(u, fc.max_len, fc.row_clip, fc.dense_clip, row_norm, dense_norm)
         row_clip = (c_row / row_norm.clamp(min=1e-300)).clamp(max=1.0)                  # (M,)
         dense_clip = (c_dense / dense_norm.clamp(min=1e-300)).clamp(max=1.0)            # (n,)
         push = bounds.pushes(row_norm, c_row, fc.push_frac)                             # (M,) bool
@@ -183,10 +183,9 @@ class FortressServer:
         item_scale = allow.double() / count.clamp(min=1).double()                       # (N+1,) 1 unless flagged
         row_scale = torch.where(push, item_scale[u.rows_item], torch.ones_like(row_norm))  # (M,)
         rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(0, u.rows_client, row_scale, "amin")
-        clipped = Updates(u.clients, w.to(u.weight.dtype), u.dense * dense_clip[:, None].to(u.dense.dtype),
-                          u.rows_client, u.rows_item, u.rows_delta * row_clip[:, None].to(u.rows_delta.dtype),
-                          u.loss)
-        agg = fedavg(clipped, rho.to(u.weight.dtype), row_scale.to(u.weight.dtype))
+        dt = u.dense.dtype
+        weighted = Updates(u.clients, w.to(dt), u.dense, u.rows_client, u.rows_item, u.rows_delta, u.loss)
+        agg = fedavg(weighted, rho.to(dt), row_scale.to(dt), dense_clip.to(dt), row_clip.to(dt))
         kept = retained(u, w, row_norm, row_clip * row_scale, dense_norm, dense_clip * rho)
         # the rate learns at most the allowance; items flagged lately stay out of P
         step = max(1.0 / HORIZON, 1.0 / (self.rounds + 1))
