@@ -10,17 +10,17 @@ anything in the benign format, report any weight, spread over rounds.
 Calibration (every round, from the broadcast model alone): `SIM` honest users with plausible
 histories sampled from the model (as PSMU does) of lengths 2..attack_len train with the protocol's
 local training; the server's public rules applied to these simulated uploads estimate where this
-round's thresholds lie (FORTRESS's row and encoder clip, the pusher threshold, the rate floor;
+round's thresholds lie (FORTRESS's row and encoder clip, the push threshold, the rate floor;
 the robust rules' per-coordinate spread, distances and median norm).
 
 Payload: A-hum's update (`ahum.attack`: the target rows and the encoder delta that raise the
 targets for mined hard users) is the direction; each attack shapes its size:
 - `stealth`: every upload just under each FORTRESS rule: row and encoder contributions at SAFETY x
   the estimated clips; as many clients push the target as the allowance of a cold item's rate
-  (the floor) permits, the others stay under the pusher threshold (UNSEEN of it: uncounted); each client
+  (the floor) permits, the others stay under the push threshold (UNSEEN of it: uncounted); each client
   also uploads SPREAD random rows with tiny deltas (defeats any per-client share rule) and reports
   the weight of its fake sequence. Vulnerabilities 3 and 5 of the old server; coordinated splitting.
-- `ramp` (history building): as `stealth`, but the number of counted pushers follows the
+- `ramp` (history building): as `stealth`, but the number of full pushers follows the
   allowance of the rate its own pushes have earned so far (the server's public update rule,
   replayed from the attack's first round), so the target's rate climbs as fast as the rule allows.
 - `weight`: A-hum with the reported weight inflated to WEIGHT_FACTOR x max_len and the upload
@@ -52,7 +52,7 @@ from fortress.updates import Updates
 
 SIM = 64              # honest users simulated per round for calibration
 SAFETY = 0.9          # fraction of an estimated clip an upload aims at
-UNSEEN = 0.7          # fraction of the estimated pusher threshold an uncounted row aims at (estimates err by ~10%)
+UNSEEN = 0.7          # fraction of the estimated push threshold an uncounted row aims at (estimates err by ~10%)
 SPREAD = 64           # extra random rows (tiny deltas) a stealthy client uploads
 SPREAD_SIZE = 1e-3    # their size, relative to the row clip
 WEIGHT_FACTOR = 100   # the weight attack reports WEIGHT_FACTOR x max_len

@@ -1,4 +1,4 @@
-"""The FORTRESS server: bounded contributions, a popularity monitor that counts pushers, L_sep + L_var.
+"""The FORTRESS server: bounded contributions, a popularity monitor of push mass, L_sep + L_var.
 
 Threat model: the attacker has read this file and `fortress.bounds`, knows the config, sees the
 broadcast model, controls a few percent of the clients (coordinated: any upload, any reported
@@ -16,20 +16,23 @@ Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
    w_eff as FedAvg does, so a reported weight only buys a larger denominator. Medians: a minority
    cannot move them, and there is no per-client share or norm rank to game (an L1 share can be
    diluted with many small rows; a clip per row cannot).
-2. Pushers. A row whose clipped contribution is at least push_frac x C_row pushes its item
-   (clients' own items do; sampled negatives move far less). n_i = the number of distinct clients
-   pushing item i this round.
-3. Monitor. Each item has a popularity rate r_i, the running mean of its pusher counts (horizon
-   HORIZON rounds; a cold monitor averages its first rounds plainly). Item i is flagged when
-   n_i >= 2 and P(Poisson(max(r_i, floor)) >= n_i) < p_flag, floor = floor_frac x the round's mean
-   pushers per item: more distinct fans than the item's own past makes plausible. No item is
-   immune: a popular item is judged by its own (large) rate.
-4. Down-weighting. A flagged item keeps only its allowance a_i (the largest count not flagged):
-   its pushers' rows enter its average with weight x a_i / n_i, and each such client's encoder
-   contribution with the smallest of those factors. Other rows of the client are untouched.
-   The history learns min(n_i, a_i), so it grows by at most the allowance: a target earns a rate
-   only as fast as an item that is never flagged, and holding a rate of k takes k pushers a
-   round, i.e. as many fake users as data poisoning needs.
+2. Push mass. A row's clipped contribution in units of C_row is its push-equivalent e in [0, 1]
+   (a client's own next item gives about 1, a sampled negative about a hundredth); rows with
+   e >= push_frac push their item. The item's push mass m_i = the sum of its pushes' e this round:
+   each client adds at most 1, and splitting one push over many clients adds up the same.
+3. Monitor. Each item has a popularity rate r_i, the running mean of its push mass (horizon
+   HORIZON rounds; a new monitor averages its first rounds plainly). Item i is flagged when
+   m_i >= 2 and P(X >= m_i) < p_flag for X ~ Poisson(max(r_i, floor)), floor = floor_frac x the
+   mean rate over items (the round's mean push mass while the monitor is new): more fans in one
+   round than the item's own past makes plausible. No item is immune: a popular item is judged by
+   its own (large) rate.
+4. Down-weighting. A flagged item keeps only its allowance a_i (the largest mass not flagged):
+   its pushes enter its average with weight x a_i / m_i, and each such client's encoder
+   contribution with the smallest of those factors. Other rows of the client are untouched. The
+   rate learns min(m_i, a_i), and after the monitor's first WARMUP rounds a round in which the item
+   is flagged teaches it only FLAGGED_SPEED of a step: a target earns a rate no faster than an item
+   that is never flagged, and holding a rate of k costs k pushes every round, i.e. as many fake
+   users as data poisoning needs.
 5. Embedding regularisation (after the update, rounds with flagged items): `server_steps`
    gradient steps on alpha L_sep + beta L_var over the directions of P (the popular_frac items of
    largest rate, without items flagged in the last HORIZON rounds) and S (this round's flagged
@@ -156,7 +159,7 @@ class FortressServer:
 
     def __init__(self, fc: FortressConfig, n_items: int):
         self.fc, self.n_items = fc, n_items
-        self.rate = torch.zeros(n_items + 1, dtype=torch.float64)                 # pushers per round, running mean
+        self.rate = torch.zeros(n_items + 1, dtype=torch.float64)                 # push mass per round, running mean
         self.last_flagged = torch.full((n_items + 1,), -HORIZON - 1, dtype=torch.int64)
         self.rounds = 0
 
