@@ -64,8 +64,8 @@ def run_once(cmd: list[str], out: Path, log: Path) -> dict:
 
 
 def mean_std(xs: list[float]) -> str:
-    """mean ± sample standard deviation over seeds (`fortress.report.std`: ddof 1, 0 for a single value)."""
-    return f"{np.mean(xs):.4f} ± {std(xs):.4f}"
+    """mean ± sample standard deviation over seeds (`fortress.report.std`, ddof 1); one seed: its value alone."""
+    return f"{np.mean(xs):.4f} ± {std(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
 
 
 def markdown(rows: list[dict]) -> str:
