@@ -33,7 +33,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,13 +373,7 @@ def _cell_id(kind: str, payload: dict[str, Any]) -> str:
 def load(spec: str | Path, root: str | Path) -> Plan:
     """Read and check a spec file; every error is one line naming the file, field and value."""
     spec = Path(spec)
-    try:
-        table = tomllib.loads(spec.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{spec}: spec file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{spec}: not valid TOML ({err})") from None
-    return plan(table, spec, Path(root))
+    return plan(config.read_toml(spec, "spec file"), spec, Path(root))
 
 
 def plan(table: dict[str, Any], spec: Path, root: Path) -> Plan:
