@@ -15,7 +15,7 @@ $(BIN)/fortress: pyproject.toml
 
 .PHONY: demo test
 demo: $(BIN)/fortress
-	$(BIN)/fortress run --data synthetic --out runs/demo --set mode=fedavg
+	$(BIN)/fortress run --data synthetic --out runs/demo --set mode=fedavg --overwrite
 
 test: $(BIN)/fortress
 	$(BIN)/python -m pytest tests

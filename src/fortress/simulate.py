@@ -246,7 +246,8 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     cfg = run.cfg
     eligible = eligible_clients(run.ds) if eligible is None else eligible
     if len(eligible) == 0:
-        raise ValueError("no user has two train interactions; nothing to train federated on")
+        raise InputError(f"dataset {run.ds.name}: no client to train federated on (a user with at least 2 "
+                         "train interactions)")
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
     defence = run.defence = defences.make(cfg, run.ds.n_items)
     continue_monitor(cfg, defence)
@@ -291,7 +292,10 @@ def initial_params(cfg: Config, model: Model, ds: Dataset) -> Params:
     if not cfg.init_from:
         return model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed), DTYPES[cfg.dtype])
     from fortress.recommend import load_run
-    blob = load_run(cfg.init_from)
+    try:
+        blob = load_run(cfg.init_from)
+    except InputError as err:
+        raise InputError(f"init_from: {err}") from None
     fresh = model.init(ds.n_items, None, DTYPES[cfg.dtype])
     saved = blob["params"] or {}
     shapes = {k: tuple(v.shape) for k, v in saved.items()}
@@ -324,36 +328,92 @@ def save_model(path: Path, cfg: Config, ds: Dataset, params: Params | None, defe
     os.replace(tmp, path)
 
 
+def check_data(cfg: Config, ds: Dataset) -> None:
+    """Refuse a dataset too small to train cfg.mode on or to evaluate, naming it and what is needed."""
+    s = ds.stats()
+    size = f"dataset {ds.name} is too small ({s['users']} users, {s['interactions']} interactions)"
+    if cfg.mode != "pop" and not len(eligible_clients(ds)):
+        raise InputError(f"{size}: no user has 2 train interactions; training needs users with at least 2 "
+                         "(4 to be evaluated too: leave-one-out holds out the last 2)")
+    if not s["users_with_test"]:
+        raise InputError(f"{size}: no user has 3 interactions, so none can be evaluated "
+                         "(leave-one-out holds out each user's last 2 items)")
+
+
+# what a finished or interrupted run leaves in its folder, and the temporary files of their atomic writes
+FINISHED = ("results.json", "model.pt")
+RUN_FILES = (*FINISHED, checkpoint.NAME, "results.tmp", "model.tmp", f".{checkpoint.NAME}.*.tmp")
+
+
+def check_out(out: str | Path, cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
+    """May `fortress run` write into `out`? A finished run there needs `overwrite`; a checkpoint there,
+    `resume` or `overwrite`; `resume` needs a checkpoint. Anything else is a one-line error."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; expected a folder for results.json and model.pt")
+    done = [name for name in FINISHED if (out / name).exists()]
+    ckpt = (out / checkpoint.NAME).exists()
+    if resume:
+        if cfg.mode not in config_mod.FEDERATED:
+            raise InputError(f"--resume: mode={cfg.mode} writes no checkpoints; only fedavg and fortress runs resume")
+        if not ckpt and done:
+            raise InputError(f"--resume: the run in {out} is finished ({done[0]}) and has no {checkpoint.NAME} to "
+                             "continue from; pass --overwrite to run it again")
+        if not ckpt:
+            raise InputError(f"--resume: no {checkpoint.NAME} in {out} (a run writes one every checkpoint_every "
+                             "rounds); run without --resume to start")
+    elif not overwrite and done:
+        raise InputError(f"{out}: already holds a finished run ({done[0]}); pass --overwrite to replace it "
+                         "or choose another folder")
+    elif not overwrite and ckpt:
+        raise InputError(f"{out}: holds an unfinished run ({checkpoint.NAME}); pass --resume to continue it "
+                         "or --overwrite to start again")
+
+
+def clear_out(out: str | Path) -> list[Path]:
+    """Remove an earlier run's files from `out` (results, model, checkpoint, temporaries); returns them."""
+    gone = [p for pattern in RUN_FILES for p in sorted(Path(out).glob(pattern)) if p.is_file()]
+    for p in gone:
+        p.unlink()
+    return gone
+
+
 def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume: bool = False,
         clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
-        eligible: np.ndarray | None = None) -> dict[str, Any]:
+        eligible: np.ndarray | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train (or count, for pop) per cfg.mode, evaluate valid and test, write results and model.
 
     fedavg and fortress: `resume` continues from out/checkpoint.pt (written every `checkpoint_every`
     rounds) when there is one; `clients` and `eligible` let the Flower ServerApp put its own
-    transport and its SuperNodes' users in place of the in-process ones.
+    transport and its SuperNodes' users in place of the in-process ones. `overwrite` removes an
+    earlier run's files from `out` once the inputs have been checked (`check_out` says when it is needed).
     """
+    check_data(cfg, ds)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{out}: cannot create the output folder ({err.strerror or type(err).__name__})") from None
     setup_torch(cfg)
     model = from_config(cfg)
     params = None
+    if cfg.mode == "pop":
+        run_ = Run(cfg, ds, model, {})
+    else:
+        params = initial_params(cfg, model, ds)
+        run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, ds.item_counts(), ds.item_ids, ds.n_users))
+    if overwrite:              # config, data, init_from and targets are good: only now drop the earlier run
+        clear_out(out)
     federated = cfg.mode in config_mod.FEDERATED
     steps = 0 if cfg.mode == "pop" else cfg.epochs if cfg.mode == "central" else cfg.rounds
     bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if federated else "epoch",
                disable=not progress or steps == 0, dynamic_ncols=True)
-    if cfg.mode == "pop":
-        run_ = Run(cfg, ds, model, {})
-        scorer = pop_scorer(ds)
-    else:
-        params = initial_params(cfg, model, ds)
-        run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, ds.item_counts(), ds.item_ids, ds.n_users))
-        if cfg.mode == "central":
-            train_central(run_, bar)
-        else:
-            train_federated(run_, bar, out, resume, clients, eligible)
-        scorer = model_scorer(model, params, ds)
+    if cfg.mode == "central":
+        train_central(run_, bar)
+    elif federated:
+        train_federated(run_, bar, out, resume, clients, eligible)
     bar.close()
+    scorer = pop_scorer(ds) if cfg.mode == "pop" else model_scorer(model, params, ds)
     t0 = time.perf_counter()
     camp = run_.campaign
     valid = evaluate(ds, scorer, "valid", cfg.eval_batch)
