@@ -514,7 +514,13 @@ def error_line(log: Path, code: int) -> str:
 
 
 def lock(root: Path) -> int:
-    root.mkdir(parents=True, exist_ok=True)
+    """Hold DIR/.lock for this runner; another runner on the same folder is a one-line error."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--out {root}: is a file; expected a folder for the cells and report.md")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {root}: cannot create the folder ({err.strerror or type(err).__name__})") from None
     fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
