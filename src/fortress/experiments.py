@@ -582,8 +582,8 @@ def execute(p: Plan, jobs: int = 1, progress: bool = True, log=None) -> dict[str
                         if cell.need and not has_command(cell.need):
                             end(cell, "skipped", 0.0, f"`fortress {' '.join(cell.need)}` is not in this version")
                             continue
-                        if cell.folder.exists():
-                            shutil.rmtree(cell.folder)          # what a killed attempt left
+                        if cell.folder.exists():            # what a killed or failed attempt left: cleared
+                            shutil.rmtree(cell.folder)          # here, so the cell's run needs no --overwrite
                         cell.folder.mkdir(parents=True)
                         if cell.kind == "figure":
                             cell.out.unlink(missing_ok=True)    # an older PNG must not pass for this one
