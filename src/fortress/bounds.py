@@ -18,6 +18,8 @@ from fortress.updates import Updates
 
 W_MIN = 2.0               # a client trains on at least two items (one input, one next item)
 HORIZON = 100             # rounds an item's popularity rate averages over (a warm monitor's step is 1 / HORIZON)
+WARMUP = 10               # a new monitor's first rounds learn every item's rate at the full step
+FLAGGED_SPEED = 0.1       # afterwards a round in which an item is flagged teaches its rate this share of a step
 
 
 def effective_weight(u: Updates, max_len: int) -> torch.Tensor:
@@ -55,30 +57,38 @@ def clip_scales(u: Updates, max_len: int, row_clip: float, dense_clip: float,
     return row_clip * float(top.quantile(0.5)), dense_clip * float(dn.quantile(0.5))
 
 
-def pushes(row_norms: torch.Tensor, c_row: float, push_frac: float) -> torch.Tensor:
-    """(M,) bool: rows whose (clipped) contribution is at least push_frac x C_row, i.e. that push
-    their item like a client's own next item does (sampled negatives move far less)."""
-    return row_norms.clamp(max=c_row) >= push_frac * c_row
+def push_equivalents(row_norms: torch.Tensor, c_row: float) -> torch.Tensor:
+    """(M,) each row's clipped contribution in units of C_row: min(1, ||w_eff x delta|| / C_row)."""
+    return (row_norms / max(c_row, 1e-300)).clamp(max=1.0)
 
 
-def count_floor(n_pushes: int, n_items: int, floor_frac: float) -> float:
-    """The smallest popularity rate an item is judged by: floor_frac x the round's mean pushes per item."""
-    return floor_frac * n_pushes / max(1, n_items)
+def pushes(equiv: torch.Tensor, push_frac: float) -> torch.Tensor:
+    """(M,) bool: rows of at least push_frac push-equivalents, i.e. that push their item (a client's own
+    next item gives about one; a sampled negative about a hundredth)."""
+    return equiv >= push_frac
 
 
-def surprising(count: torch.Tensor, rate: torch.Tensor, p_flag: float) -> torch.Tensor:
-    """(N,) bool: count >= 2 and P(Poisson(rate) >= count) < p_flag (more distinct pushers than the
-    item's own rate makes plausible). count (N,) int, rate (N,) float64 > 0."""
-    c = count.double()
-    tail = torch.special.gammainc(c.clamp(min=1.0), rate)          # P(X >= c) for X ~ Poisson(rate)
-    return (count >= 2) & (tail < p_flag)
+def count_floor(mass: float, n_items: int, floor_frac: float) -> float:
+    """The smallest popularity rate an item is judged by: floor_frac x the round's mean push mass per item."""
+    return floor_frac * mass / max(1, n_items)
 
 
-def allowance(rate: torch.Tensor, p_flag: float, cap: int) -> torch.Tensor:
-    """(N,) int64: the largest count k <= cap that `surprising` does not flag at `rate` (at least 1)."""
-    k = torch.arange(1, cap + 1, dtype=torch.float64)                                   # (K,)
-    ok = torch.special.gammainc(k[None, :], rate[:, None]) >= p_flag                     # (N, K)
-    ok[:, 0] = True                                                                      # one pusher is never flagged
-    # counts up to the first one that is flagged
-    first_bad = torch.where(~ok, k[None, :], torch.full_like(k[None, :], cap + 1.0)).amin(1)
-    return (first_bad - 1).clamp(min=1).long()
+def surprising(mass: torch.Tensor, rate: torch.Tensor, p_flag: float) -> torch.Tensor:
+    """(N,) bool: push mass >= 2 and P(X >= mass) < p_flag for X ~ Poisson(rate), the tail taken as the
+    regularised incomplete gamma function so that it is defined for fractional mass (a count of pushers
+    when every push is whole). mass (N,) float, rate (N,) float64 > 0."""
+    m = mass.double()
+    tail = torch.special.gammainc(m.clamp(min=1.0), rate)          # P(X >= m) for X ~ Poisson(rate)
+    return (m >= 2) & (tail < p_flag)
+
+
+def allowance(rate: torch.Tensor, p_flag: float, cap: float) -> torch.Tensor:
+    """(N,) float64: the largest push mass in [1, cap] that `surprising` does not flag at `rate`."""
+    lo = torch.ones_like(rate)
+    hi = torch.full_like(rate, float(max(cap, 1.0)))
+    ok_hi = torch.special.gammainc(hi, rate) >= p_flag
+    for _ in range(40):                                              # bisection: tail(m) falls with m
+        mid = (lo + hi) / 2
+        ok = torch.special.gammainc(mid, rate) >= p_flag
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return torch.where(ok_hi, hi, lo).clamp(min=1.0)

@@ -108,9 +108,16 @@ def fortress_scales(view: AttackView, sim: Updates) -> tuple[float, float, float
     c = view.cfg
     c_row, c_dense = bounds.clip_scales(sim, c.max_len, c.row_clip, c.dense_clip)
     w = bounds.effective_weight(sim, c.max_len)
-    per_client = float(bounds.pushes(bounds.row_contrib_norms(sim, w), c_row, c.push_frac).sum()) / max(1, sim.n)
+    equiv = bounds.push_equivalents(bounds.row_contrib_norms(sim, w), c_row)
+    per_client = float((equiv * bounds.pushes(equiv, c.push_frac)).sum()) / max(1, sim.n)
     floor = bounds.count_floor(per_client * c.clients_per_round, view.n_items, c.floor_frac)
     return c_row, c_dense, max(floor, 1e-6)
+
+
+def full_pushers(rate: float, p_flag: float, m: int) -> int:
+    """How many of m clients may push in full (SAFETY of a push each) without the push mass being flagged."""
+    allowed = float(bounds.allowance(torch.tensor([rate], dtype=torch.float64), p_flag, max(m, 1))[0])
+    return min(m, int(allowed / SAFETY))
 
 
 def earned_rate(view: AttackView, floor: float) -> float:
@@ -118,9 +125,8 @@ def earned_rate(view: AttackView, floor: float) -> float:
     (a warm monitor: step 1 / HORIZON), each round filling the allowance with this round's clients."""
     rate, step = 0.0, 1.0 / bounds.HORIZON
     for _ in range(view.round):
-        allowed = int(bounds.allowance(torch.tensor([max(rate, floor)], dtype=torch.float64), view.cfg.p_flag,
-                                       max(view.m, 1))[0])
-        rate = (1 - step) * rate + step * min(view.m, allowed)
+        allowed = full_pushers(max(rate, floor), view.cfg.p_flag, view.m)
+        rate = (1 - step) * rate + step * SAFETY * allowed
     return rate
 
 
@@ -130,7 +136,7 @@ def under_fortress(view: AttackView, rate: float | None) -> Updates:
     sim = simulate_benign(view)
     c_row, c_dense, floor = fortress_scales(view, sim)
     r = floor if rate is None else max(rate, floor)
-    allowed = int(bounds.allowance(torch.tensor([r], dtype=torch.float64), c.p_flag, max(view.m, 1))[0])
+    allowed = full_pushers(r, c.p_flag, view.m)
     u = payload(view)
     counted = torch.arange(view.m) < allowed                                        # (m,) who pushes in full
     row = torch.where(counted, torch.tensor(SAFETY * c_row), torch.tensor(UNSEEN * c.push_frac * c_row))

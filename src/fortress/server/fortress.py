@@ -57,6 +57,8 @@ from fortress.server.aggregate import Outcome, fedavg
 from fortress.updates import Updates
 
 HORIZON = bounds.HORIZON
+WARMUP = bounds.WARMUP
+FLAGGED_SPEED = bounds.FLAGGED_SPEED
 MAX_LISTED = 20       # flagged item ids (most pushed first) written to the round log
 
 
@@ -170,32 +172,41 @@ class FortressServer:
         c_row, c_dense = bounds.clip_scales(u, fc.max_len, fc.row_clip, fc.dense_clip, row_norm, dense_norm)
         row_clip = (c_row / row_norm.clamp(min=1e-300)).clamp(max=1.0)                  # (M,)
         dense_clip = (c_dense / dense_norm.clamp(min=1e-300)).clamp(max=1.0)            # (n,)
-        push = bounds.pushes(row_norm, c_row, fc.push_frac)                             # (M,) bool
-        count = torch.zeros(N + 1, dtype=torch.int64).index_add_(0, u.rows_item, push.long())
-        floor = max(bounds.count_floor(int(push.sum()), N, fc.floor_frac), 1e-6)
+        equiv = bounds.push_equivalents(row_norm, c_row)                                # (M,) in [0, 1]
+        push = bounds.pushes(equiv, fc.push_frac)                                       # (M,) bool
+        mass = torch.zeros(N + 1, dtype=torch.float64).index_add_(0, u.rows_item, equiv * push)
+        # the floor follows the rates (they move by at most a step a round) once the monitor is warm,
+        # so that a spray of small pushes over the whole catalogue in one round does not lift it
+        total = float(self.rate[1:].sum()) if self.rounds >= WARMUP else float(mass.sum())
+        floor = max(bounds.count_floor(total, N, fc.floor_frac), 1e-6)
         rate = self.rate.clamp(min=floor)                                               # (N+1,)
-        flag = bounds.surprising(count, rate, fc.p_flag)
+        flag = bounds.surprising(mass, rate, fc.p_flag)
         flag[0] = False
         flagged = flag.nonzero().flatten()
-        allow = count.clone()
+        allow = mass.clone()
         if len(flagged):
-            allow[flagged] = bounds.allowance(rate[flagged], fc.p_flag, int(count.max()))
-        item_scale = allow.double() / count.clamp(min=1).double()                       # (N+1,) 1 unless flagged
+            allow[flagged] = bounds.allowance(rate[flagged], fc.p_flag, float(mass.max()))
+        item_scale = allow / mass.clamp(min=1e-12)                                      # (N+1,) 1 unless flagged
         row_scale = torch.where(push, item_scale[u.rows_item], torch.ones_like(row_norm))  # (M,)
         rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(0, u.rows_client, row_scale, "amin")
         dt = u.dense.dtype
         weighted = Updates(u.clients, w.to(dt), u.dense, u.rows_client, u.rows_item, u.rows_delta, u.loss)
         agg = fedavg(weighted, rho.to(dt), row_scale.to(dt), dense_clip.to(dt), row_clip.to(dt))
         kept = retained(u, w, row_norm, row_clip * row_scale, dense_norm, dense_clip * rho)
-        # the rate learns at most the allowance; items flagged lately stay out of P
-        step = max(1.0 / HORIZON, 1.0 / (self.rounds + 1))
-        self.rate = (1 - step) * self.rate + step * torch.minimum(count, allow).double()
+        # the rate learns at most the allowance, and a flagged round teaches it FLAGGED_SPEED as much
+        # (after the monitor's first WARMUP rounds, in which everything is new); items flagged lately
+        # stay out of P
+        step = torch.full((N + 1,), max(1.0 / HORIZON, 1.0 / (self.rounds + 1)), dtype=torch.float64)
+        if self.rounds >= WARMUP:
+            step[flagged] *= FLAGGED_SPEED
+        self.rate = (1 - step) * self.rate + step * torch.minimum(mass, allow)
         self.last_flagged[flagged] = self.rounds
         watched = self.rounds - self.last_flagged <= HORIZON
         self.rounds += 1
         popular = top_items(self.rate.masked_fill(watched, float("-inf")), self.n_popular())
-        listed = flagged[torch.argsort(-count[flagged], stable=True)[:MAX_LISTED]]
+        listed = flagged[torch.argsort(-mass[flagged], stable=True)[:MAX_LISTED]]
         log = {"flagged": listed.tolist(), "n_flagged": int(len(flagged)), "pushes": int(push.sum()),
+               "push_mass": float(mass.sum()),
                "c_row": c_row, "c_dense": c_dense, "rows_clipped": int((row_clip < 1).sum()),
                "dense_clipped": int((dense_clip < 1).sum()), "down_weighted": int((rho < 1).sum()),
                "rate_floor": floor}
