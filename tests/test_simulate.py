@@ -6,12 +6,21 @@ import pytest
 
 from fortress.config import Config
 from fortress.data import load_dataset, resolve, synthetic
-from fortress.simulate import run
+from fortress.simulate import auto_threads, run, torch_threads
 
 
 @pytest.fixture(scope="module")
 def small():
     return synthetic(1500, 150, seed=0)
+
+
+def test_auto_threads_leaves_busy_cores_to_their_processes():
+    assert auto_threads(2, 0.1, ceiling=2) == 2         # idle 2-core machine: both cores
+    assert auto_threads(2, 0.6, ceiling=2) == 1         # one core busy
+    assert auto_threads(2, 2.7, ceiling=2) == 1         # more work than cores: still one thread
+    assert auto_threads(16, 3.2, ceiling=8) == 8        # never more than torch's own default
+    assert auto_threads(16, 11.6, ceiling=8) == 4
+    assert torch_threads(3) == 3 and torch_threads(0) >= 1
 
 
 def test_fedavg_learns_far_above_pop(small, tmp_path):

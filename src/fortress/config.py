@@ -71,7 +71,7 @@ class Config:
     # evaluation
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once
-    threads: int = 0                # torch threads (0 = all cores)
+    threads: int = 0                # torch threads; 0 = the idle cores this process may use (simulate.torch_threads)
     # poisoning attacks (fedavg; fortress/attacks explains each one and its choices)
     attack: str = "none"            # none | ahum | psmu | random | popular | boost | stealth | ramp | weight | adaptive
     attack_ratio: float = 0.01      # malicious clients as a fraction of benign users (>= 1 client when > 0)

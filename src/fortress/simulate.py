@@ -39,8 +39,34 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SHORT = 5        # benign clients with at most this many train interactions are reported apart (defence logs)
 
 
+TORCH_THREADS = torch.get_num_threads()    # torch's own default (physical cores, or OMP_NUM_THREADS), before any run
+
+
+def auto_threads(cores: int, load: float, ceiling: int = TORCH_THREADS) -> int:
+    """Torch threads for `threads=0`: the `cores` this process may use less the busy ones (`load`, the
+    1-minute load average), rounded, at least 1 and at most `ceiling`.
+
+    Why not every core: torch's threads meet at a barrier after every operation, so when other
+    processes hold the cores a round waits for the slowest thread; on a busy machine one thread
+    is several times faster than all of them (README, Set-up).
+    """
+    return max(1, min(cores, ceiling, int(cores - load + 0.5)))
+
+
+def torch_threads(threads: int) -> int:
+    """`threads` itself, or for 0 `auto_threads` of this process's CPU affinity and the load average."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:        # no load average on this platform: assume an idle machine
+        load = 0.0
+    return auto_threads(cores, load)
+
+
 def setup_torch(cfg: Config) -> None:
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(torch_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
 
 
