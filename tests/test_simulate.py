@@ -6,7 +6,7 @@ import pytest
 
 from fortress.config import Config
 from fortress.data import load_dataset, resolve, synthetic
-from fortress.simulate import auto_threads, run, torch_threads
+from fortress.simulate import auto_threads, run, summary, torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,8 @@ def test_fedavg_learns_far_above_pop(small, tmp_path):
               tmp_path / "fed", progress=False)
     assert fed["test"]["HR@10"] > 2 * pop["test"]["HR@10"], (fed["test"], pop["test"])
     assert fed["test"]["NDCG@10"] > 2 * pop["test"]["NDCG@10"]
+    assert fed["most_popular"]["test"] == pop["test"] and "most_popular" not in pop     # the row to compare with
+    assert "test, most popular" in summary(fed) and "most popular" not in summary(pop)
 
 
 def test_central_learns_far_above_pop(small, tmp_path):
@@ -46,6 +48,7 @@ def test_runs_are_deterministic_for_a_seed(small, tmp_path):
     assert a["test"] == b["test"] and [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
 
 
+@pytest.mark.slow
 def test_short_run_on_real_data(shared_data, tmp_path):
     ds = load_dataset(resolve("amazon-cell-phones"))
     cfg = Config(mode="fedavg", rounds=3, clients_per_round=128, eval_every=0)

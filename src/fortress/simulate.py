@@ -120,17 +120,18 @@ class Run:
     campaign: attacks.Campaign | None = None      # targets and malicious clients (fedavg)
     defence: Any = None                           # the server's defence (its state goes into model.pt)
 
-    def validate(self) -> dict[str, float]:
+    def validate(self, bar: tqdm | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
-        res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "valid", self.cfg.eval_batch)
+        res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "valid", self.cfg.eval_batch,
+                       progress=_evaluating(bar, self.ds, "valid", "validating"))
         self.eval_seconds += time.perf_counter() - t0
         return res
 
-    def exposure(self, round_: int) -> dict[str, float]:
+    def exposure(self, round_: int, bar: tqdm | None = None) -> dict[str, float]:
         """ER@K of the targets over eligible test users now, recorded in the campaign's history."""
         t0 = time.perf_counter()
         res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "test", self.cfg.eval_batch,
-                       targets=self.campaign.targets)
+                       targets=self.campaign.targets, progress=_evaluating(bar, self.ds, "test", "target exposure"))
         self.eval_seconds += time.perf_counter() - t0
         return self.campaign.record(round_, res)
 
@@ -164,7 +165,7 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
         run.train_seconds += seconds
         entry = {"epoch": epoch + 1, "loss": total / max(1, count), "seconds": seconds}
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-            entry["valid"] = run.validate()
+            entry["valid"] = run.validate(bar)
         run.history.append(entry)
         _progress(bar, entry)
     for p in run.params.values():
@@ -288,13 +289,31 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     for r in range(start, cfg.rounds):
         entry = federated_round(run, r, gopt, eligible, clients, defence)
         if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
-            entry["valid"] = run.validate()
+            entry["valid"] = run.validate(bar)
             if run.campaign is not None:
-                entry["ER"] = run.exposure(r + 1)
+                entry["ER"] = run.exposure(r + 1, bar)
         run.history.append(entry)
         if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
             checkpoint.save(out, server_state(run, gopt, r + 1, defence))
         _progress(bar, entry)
+
+
+def evaluated_users(ds: Dataset, split: str) -> int:
+    """Users with a `split` item: those `evaluate` scores at that split."""
+    return int(np.count_nonzero(ds.valid if split == "valid" else ds.test))
+
+
+def _evaluating(bar: tqdm | None, ds: Dataset, split: str, what: str) -> Callable[[int], None] | None:
+    """A `progress` for `evaluate` that shows the users scored so far at the end of the training bar."""
+    if bar is None or bar.disable:
+        return None
+    total, done = evaluated_users(ds, split), 0
+
+    def update(n: int) -> None:
+        nonlocal done
+        done += n
+        bar.set_postfix_str(f"{what}: {done}/{total} users", refresh=True)
+    return update
 
 
 def _progress(bar: tqdm | None, entry: dict[str, Any]) -> None:
@@ -440,11 +459,23 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         train_federated(run_, bar, out, resume, clients, eligible)
     bar.close()
     scorer = pop_scorer(ds) if cfg.mode == "pop" else model_scorer(model, params, ds)
+    baseline = cfg.mode != "pop"        # the most-popular ranking of the same test users, to compare with
+    n_valid, n_test = evaluated_users(ds, "valid"), evaluated_users(ds, "test")
+    ebar = tqdm(total=n_valid + n_test * (1 + baseline), desc="evaluate valid", unit="user", disable=not progress,
+                dynamic_ncols=True)
     t0 = time.perf_counter()
     camp = run_.campaign
-    valid = evaluate(ds, scorer, "valid", cfg.eval_batch)
-    test, er = attacks.split_er(evaluate(ds, scorer, "test", cfg.eval_batch, targets=camp and camp.targets))
+    valid = evaluate(ds, scorer, "valid", cfg.eval_batch, progress=ebar.update)
+    ebar.set_description("evaluate test")
+    test, er = attacks.split_er(evaluate(ds, scorer, "test", cfg.eval_batch, targets=camp and camp.targets,
+                                         progress=ebar.update))
     final_eval = time.perf_counter() - t0
+    popular = None
+    if baseline:
+        ebar.set_description("evaluate most popular")
+        popular = evaluate(ds, pop_scorer(ds), "test", cfg.eval_batch, progress=ebar.update)
+    ebar.set_description("evaluated")
+    ebar.close()
     n_steps = max(1, len(run_.history))
     results = {
         "config": config_mod.to_dict(cfg),
@@ -452,6 +483,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         "history": run_.history,
         "valid": valid,
         "test": test,
+        **({"most_popular": {"test": popular}} if baseline else {}),
         "timing": {
             "seconds_per_round": run_.train_seconds / n_steps if run_.history else 0.0,
             "train_seconds": run_.train_seconds,
@@ -482,11 +514,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def summary(results: dict[str, Any]) -> str:
-    """A short table of the final metrics, timing and traffic."""
+    """A short table of the final metrics (and the most-popular ranking's, to compare), timing and traffic."""
     cols = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
-    lines = [f"{'split':<6} " + " ".join(f"{c:>8}" for c in cols)]
-    for split in ("valid", "test"):
-        lines.append(f"{split:<6} " + " ".join(f"{results[split][c]:>8.4f}" for c in cols))
+    rows = [("valid", results["valid"]), ("test", results["test"])]
+    if "most_popular" in results:
+        rows.append(("test, most popular", results["most_popular"]["test"]))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'split':<{width}} " + " ".join(f"{c:>8}" for c in cols)]
+    for name, res in rows:
+        lines.append(f"{name:<{width}} " + " ".join(f"{res[c]:>8.4f}" for c in cols))
     t, b = results["timing"], results["bytes"]
     lines.append(f"time: {t['seconds_per_round']:.3f} s/step, eval {t['final_eval_seconds']:.2f} s, "
                  f"peak RSS {t['peak_rss_mb']:.0f} MB; traffic per round: "
