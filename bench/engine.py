@@ -37,7 +37,7 @@ from fortress.data import load_dataset, resolve, synthetic
 from fortress.metrics import evaluate
 from fortress.models import dense_keys, from_config
 from fortress.server.aggregate import GlobalOptimizer, fedavg
-from fortress.simulate import model_scorer, peak_rss_mb
+from fortress.simulate import model_scorer, peak_rss_mb, torch_threads
 
 
 def time_rounds(ds, cfg: Config, clients: int, rounds: int, warmup: int = 1) -> dict:
@@ -119,7 +119,7 @@ def time_defences(ds, cfg: Config, clients: int, rounds: int, names: list[str]) 
 def measure(spec: dict) -> dict:
     """One row, run inside a fresh subprocess."""
     cfg = override(Config(), spec["config"])
-    torch.set_num_threads(spec.get("threads") or cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(spec.get("threads") or torch_threads(cfg.threads))
     t0 = time.perf_counter()
     if spec["data"] == "synthetic":
         ds = synthetic(spec["users"], spec["items"], seed=0)

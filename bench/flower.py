@@ -42,7 +42,7 @@ def main() -> None:
     t0 = time.perf_counter()
     sets = [a for k, v in common.items() for a in ("--set", f"{k}={v}")]
     subprocess.run([sys.executable, "-m", "fortress.cli", "run", "--data", args.data, "--out", str(out / "inprocess"),
-                    "--quiet", *sets], check=True, stdout=subprocess.DEVNULL)
+                    "--quiet", "--overwrite", *sets], check=True, stdout=subprocess.DEVNULL)
     rows.append(("in-process (fortress run)", out / "inprocess", time.perf_counter() - t0))
 
     kebab = {k.replace("_", "-"): v for k, v in common.items()}

@@ -75,6 +75,7 @@ def test_a_write_that_dies_midway_leaves_the_old_checkpoint(tmp_path, monkeypatc
     assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))        # cleaned up on load
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_model(ds, tmp_path):
     rounds = 120
     sets = [f"{k}={v}" for k, v in {**SMALL, "rounds": rounds, "checkpoint_every": 3}.items()]

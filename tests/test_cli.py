@@ -56,7 +56,8 @@ def test_config_file_and_set_precedence(tmp_path, capsys):
     ("colour=red", "unknown key 'colour'; known keys: mode, backbone"),
     ("mode=magic", "mode='magic' is not allowed; choose one of: pop, central, fedavg"),
     ("rounds=ten", "rounds='ten': expected an integer"),
-    ("lr=-1", "lr=-1.0 is out of range"),
+    ("lr=-1", "--set: lr=-1.0 is out of range"),
+    ("lr=nan", "--set: lr=nan is not a finite number"),
     ("novalue", "expected key=value"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, setting, expect):
@@ -89,9 +90,54 @@ def test_recommend_top_k_unseen(tmp_path, capsys):
     seen = {blob["item_ids"][i] for i in blob["seq_items"][blob["seq_ptr"][u]:blob["seq_ptr"][u + 1]].tolist()}
     code, out, _ = run_cli(capsys, "recommend", str(tmp_path), "--user", blob["user_ids"][u], "-k", "5")
     assert code == 0
-    rows = out.strip().splitlines()[1:]
-    assert len(rows) == 5
+    lines = out.strip().splitlines()
+    # header: the user and the tail of their history, then the model, then the column names
+    seq = blob["seq_items"][blob["seq_ptr"][u]:blob["seq_ptr"][u + 1]].tolist()
+    last = ", ".join(blob["item_ids"][i] for i in seq[-5:])
+    assert lines[0] == f"user {blob['user_ids'][u]}: {len(seq)} known items; the last 5, oldest first: {last}"
+    assert "fedavg/sasrec" in lines[1] and lines[2].split() == ["rank", "item", "score"]
+    rows = lines[3:]
+    assert len(rows) == 5 and [r.split()[0] for r in rows] == ["1", "2", "3", "4", "5"]
     items = [r.split()[1] for r in rows]
     assert not set(items) & seen and len(set(items)) == 5
     assert "not a user" in one_line_error(capsys, "recommend", str(tmp_path), "--user", "nobody")
-    assert "no saved model" in one_line_error(capsys, "recommend", str(tmp_path / "nope"), "--user", "u1")
+    assert "nope: no saved model (no such folder" in one_line_error(capsys, "recommend", str(tmp_path / "nope"), "--user", "u1")
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path, capsys):
+    tiny = [*SMALL, "--set", "rounds=1", "--set", "clients_per_round=8", "--set", "eval_every=0"]
+    out = tmp_path / "o"
+    assert run_cli(capsys, "run", "--data", "synthetic", "--out", str(out), *tiny, "--set", "checkpoint_every=1")[0] == 0
+    before = (out / "results.json").read_bytes()
+    assert "already holds a finished run" in one_line_error(capsys, "run", "--data", "synthetic", "--out", str(out),
+                                                            *tiny, "--set", "checkpoint_every=1")
+    assert (out / "results.json").read_bytes() == before
+    # --overwrite replaces the run and removes its checkpoint, which a run without checkpoints would leave stale
+    assert run_cli(capsys, "run", "--data", "synthetic", "--out", str(out), *tiny, "--set", "seed=1",
+                   "--overwrite")[0] == 0
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "results.json"]
+    # no checkpoint to continue from: --resume says so, and that the run is finished
+    msg = one_line_error(capsys, "run", "--data", "synthetic", "--out", str(out), *tiny, "--set", "seed=1", "--resume")
+    assert "is finished (results.json)" in msg
+
+
+def test_resume_extends_a_run_with_a_checkpoint(tmp_path, capsys):
+    tiny = [*SMALL, "--set", "clients_per_round=8", "--set", "eval_every=0", "--set", "checkpoint_every=1"]
+    out = tmp_path / "o"
+    assert run_cli(capsys, "run", "--data", "synthetic", "--out", str(out), *tiny, "--set", "rounds=1")[0] == 0
+    code, _, err = run_cli(capsys, "run", "--data", "synthetic", "--out", str(out), *tiny, "--set", "rounds=2",
+                           "--resume")
+    assert code == 0 and "resuming from" in err
+    assert len(json.loads((out / "results.json").read_text())["history"]) == 2
+    assert "no checkpoint.pt in" in one_line_error(capsys, "run", "--data", "synthetic", "--out", str(tmp_path / "new"),
+                                                   *tiny, "--resume")
+
+
+def test_data_stats_names_the_detected_format(tmp_path, capsys):
+    seq = tmp_path / "s.txt"
+    seq.write_text("1 2 3 4\n2 3 4 5\n")
+    code, out, _ = run_cli(capsys, "data", "stats", str(seq))
+    assert code == 0 and "format         seq (detected" in out
+    code, out, _ = run_cli(capsys, "data", "stats", str(seq), "--format", "seq")
+    assert code == 0 and "format         seq\n" in out

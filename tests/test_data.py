@@ -259,6 +259,12 @@ def test_detect_format(tmp_path):
     assert detect_format(write(tmp_path / "c.csv.gz", "u,i,t\n1,2,3\n")) == "table"
     assert detect_format(write(tmp_path / "d.txt", "AX B1 1385856000\nAY B2 1385856001\n")) == "table"
     assert detect_format(write(tmp_path / "e.txt", "1 2 3\n2 4 5\n")) == "seq"
+    # a non-integer on some lines only is a stray token in sequence text (the reader names it), not a table
+    assert detect_format(write(tmp_path / "f.txt", "1 2 3 4\n2 3 4 5\n3 x 5 6\n")) == "seq"
+    assert "f.txt:3: item id 'x' is not an integer" in input_error("f.txt", tmp_path / "f.txt")
+    assert detect_format(write(tmp_path / "g.txt", "1 2 4.0 5\n2 3 3.5 6\n")) == "table"     # ratings on every line
+    assert load_dataset(tmp_path / "e.txt").data_format == "seq"
+    assert load_dataset(tmp_path / "g.txt").data_format == "table"
     with pytest.raises(InputError, match="no such file"):
         detect_format(tmp_path / "missing")
 

@@ -367,6 +367,7 @@ def defended(tmp_path_factory):
     return out, res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["ahum", "psmu"])
 def test_fortress_cuts_the_attacks_exposure(defended, attack):
     _, res = defended
@@ -382,6 +383,7 @@ def test_fortress_cuts_the_attacks_exposure(defended, attack):
     assert any(d["targets_flagged"][0] for d in log)
 
 
+@pytest.mark.slow
 def test_fortress_keeps_clean_accuracy(defended):
     _, res = defended
     hr = lambda d: res["none", d]["test"]["HR@10"]                         # noqa: E731
@@ -390,6 +392,7 @@ def test_fortress_keeps_clean_accuracy(defended):
     assert np.mean([d["weight_short"] for d in log]) >= 0.95 and all(d["weight_malicious"] is None for d in log)
 
 
+@pytest.mark.slow
 def test_embeddings_figure_shows_where_the_target_went(defended, capsys):
     from fortress.cli import main
     out, _ = defended

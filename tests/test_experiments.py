@@ -255,6 +255,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_loses_only_cells_in_progress(done, tmp_path):
     spec, full, _ = done
@@ -291,6 +292,7 @@ def test_paper_spec_is_valid(shared_data, tmp_path, name):
     assert {e.section for e in p.entries} >= {"main", "ablation", "sensitivity"}
 
 
+@pytest.mark.slow
 def test_smoke_spec_reduced_runs_end_to_end(tmp_path):
     """experiments/smoke.toml (all of it checked), run cut to one seed, the methods the sections need, two
     attacks, one ablation variant and one sensitivity key with two values without attack, and the figures."""

@@ -206,6 +206,7 @@ def test_flower_server_resumes_exactly_after_dying(ds, tmp_path):
 
 # ---- real Flower processes --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_flwr_run_simulation_matches_fortress_run(ds, tmp_path):
     from fortress.flower.deploy import deploy_demo
     cfg = Config(rounds=2, **EXACT)
@@ -218,6 +219,7 @@ def test_flwr_run_simulation_matches_fortress_run(ds, tmp_path):
     assert "3 SuperNodes hosting 300 users" in (tmp_path / "flwr" / "flwr-run.log").read_text()
 
 
+@pytest.mark.slow
 def test_secure_deployment_with_three_supernodes(ds, tmp_path):
     import ssl
     import socket

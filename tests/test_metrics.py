@@ -80,3 +80,9 @@ def test_batching_does_not_change_results():
     a = evaluate(ds, fixed(SCORES), "test", batch=1, targets=[5])
     b = evaluate(ds, fixed(SCORES), "test", batch=100, targets=[5])
     assert a == b
+
+
+def test_progress_reports_each_batch_of_users():
+    done = []
+    res = evaluate(toy(), fixed(SCORES), "test", batch=1, progress=done.append)
+    assert done == [1, 1] and res["users"] == 2

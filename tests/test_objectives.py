@@ -287,6 +287,7 @@ def test_init_from_a_fedavg_run(tmp_path):
     assert set(res["history"][0]["terms"]) == {"rec", "seq", "user", "item", "temp"}
 
 
+@pytest.mark.slow
 def test_short_fortress_run_learns_and_logs_terms(tmp_path):
     ds = synthetic(1500, 150, seed=0)
     base = dict(dim=32, max_len=20, eval_every=0, rounds=60, clients_per_round=64, n_neg=64, threads=1)

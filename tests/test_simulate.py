@@ -6,12 +6,21 @@ import pytest
 
 from fortress.config import Config
 from fortress.data import load_dataset, resolve, synthetic
-from fortress.simulate import run
+from fortress.simulate import auto_threads, run, summary, torch_threads
 
 
 @pytest.fixture(scope="module")
 def small():
     return synthetic(1500, 150, seed=0)
+
+
+def test_auto_threads_leaves_busy_cores_to_their_processes():
+    assert auto_threads(2, 0.1, ceiling=2) == 2         # idle 2-core machine: both cores
+    assert auto_threads(2, 0.6, ceiling=2) == 1         # one core busy
+    assert auto_threads(2, 2.7, ceiling=2) == 1         # more work than cores: still one thread
+    assert auto_threads(16, 3.2, ceiling=8) == 8        # never more than torch's own default
+    assert auto_threads(16, 11.6, ceiling=8) == 4
+    assert torch_threads(3) == 3 and torch_threads(0) >= 1
 
 
 def test_fedavg_learns_far_above_pop(small, tmp_path):
@@ -21,6 +30,8 @@ def test_fedavg_learns_far_above_pop(small, tmp_path):
               tmp_path / "fed", progress=False)
     assert fed["test"]["HR@10"] > 2 * pop["test"]["HR@10"], (fed["test"], pop["test"])
     assert fed["test"]["NDCG@10"] > 2 * pop["test"]["NDCG@10"]
+    assert fed["most_popular"]["test"] == pop["test"] and "most_popular" not in pop     # the row to compare with
+    assert "test, most popular" in summary(fed) and "most popular" not in summary(pop)
 
 
 def test_central_learns_far_above_pop(small, tmp_path):
@@ -31,12 +42,14 @@ def test_central_learns_far_above_pop(small, tmp_path):
 
 
 def test_runs_are_deterministic_for_a_seed(small, tmp_path):
-    cfg = Config(mode="fedavg", rounds=3, clients_per_round=32, dim=16, max_len=20, n_neg=32, eval_every=0)
+    cfg = Config(mode="fedavg", rounds=3, clients_per_round=32, dim=16, max_len=20, n_neg=32, eval_every=0,
+                 threads=1)      # threads=0 follows the load, and the thread count moves the last bits
     a = run(cfg, small, tmp_path / "a", progress=False)
     b = run(cfg, small, tmp_path / "b", progress=False)
     assert a["test"] == b["test"] and [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
 
 
+@pytest.mark.slow
 def test_short_run_on_real_data(shared_data, tmp_path):
     ds = load_dataset(resolve("amazon-cell-phones"))
     cfg = Config(mode="fedavg", rounds=3, clients_per_round=128, eval_every=0)
@@ -48,7 +61,8 @@ def test_short_run_on_real_data(shared_data, tmp_path):
 
 
 def test_init_from_continues_a_saved_run(small, tmp_path):
-    cfg = Config(mode="fedavg", rounds=2, clients_per_round=32, dim=16, max_len=20, n_neg=32, eval_every=0)
+    cfg = Config(mode="fedavg", rounds=2, clients_per_round=32, dim=16, max_len=20, n_neg=32, eval_every=0,
+                 threads=1)
     first = run(cfg, small, tmp_path / "a", progress=False)
     zero = run(Config(**{**cfg.__dict__, "rounds": 0, "init_from": str(tmp_path / "a")}), small,
                tmp_path / "b", progress=False)

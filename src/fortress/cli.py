@@ -2,11 +2,44 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
-from fortress.errors import InputError
+from fortress.errors import InputError, printable
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line (exit 2) like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= low (a bad one is argparse's one-line usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; it must be >= {low}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:              # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text} is out of range; it must be in (0, 1)")
+    return value
 
 
 def _load_data(spec: str, fmt: str, kcore: int, cfg=None):
@@ -22,10 +55,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.format:
         sets.append(f"data_format={args.format}")
     cfg = config.load(args.config, sets)
+    simulate.check_out(args.out, cfg, args.resume, args.overwrite)     # before the data load, which can be slow
     ds = _load_data(args.data, cfg.data_format, cfg.kcore, cfg)
-    print(f"data: {ds.name}: {ds.n_users} users, {ds.n_items} items, "
-          f"{int(ds.stats()['interactions'])} interactions", file=sys.stderr)
-    results = simulate.run(cfg, ds, args.out, progress=not args.quiet, resume=args.resume)
+    simulate.check_data(cfg, ds)
+    if not args.quiet:
+        print(f"data: {ds.name}: {ds.n_users} users, {ds.n_items} items, "
+              f"{int(ds.stats()['interactions'])} interactions", file=sys.stderr)
+    results = simulate.run(cfg, ds, args.out, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
     print(simulate.summary(results))
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'model.pt'}")
     return 0
@@ -58,7 +94,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from fortress.data import describe
     ds = _load_data(args.path, args.format, args.kcore)
-    print(describe(ds))
+    print(describe(ds, detected=args.format == "auto" and args.path != "synthetic"))
     return 0
 
 
@@ -99,11 +135,16 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, sets)              # one-line errors here, before any process starts
     given = dict(config.parse_sets(sets))
     if args.config:
-        import tomllib
-        given = {**tomllib.loads(Path(args.config).read_text()), **given}
+        given = {**config.read_toml(args.config), **given}
     values: dict[str, object] = {k.replace("_", "-"): getattr(cfg, k) for k in given}
     values.update({"data": args.data, "resume": args.resume})
     folder = Path(args.dir)
+    if not args.certs_only:          # the server's output folder and data, checked before any process starts
+        from fortress import simulate
+        simulate.check_out(folder / "out", cfg, args.resume, args.overwrite)
+        simulate.check_data(cfg, _load_data(args.data, cfg.data_format, cfg.kcore, cfg))
+        if args.overwrite:
+            simulate.clear_out(folder / "out")
     if args.certs_only:
         certs = deploy.make_certs(folder / "certs", args.server_host)
         keys = deploy.make_node_keys(folder / "keys", args.nodes)
@@ -123,18 +164,22 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fortress", description="Robust federated sequential recommendation.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="fortress", description="Robust federated sequential recommendation.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="train and evaluate one configuration")
     run.add_argument("--data", required=True, help="data file or folder, a name in $FORTRESS_DATA, or 'synthetic'")
-    run.add_argument("--out", required=True, help="output folder (results.json, model.pt)")
+    run.add_argument("--out", required=True,
+                     help="output folder (results.json, model.pt); one that holds a run needs --resume or --overwrite")
     run.add_argument("--config", help="TOML file of config keys")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--format", choices=("auto", "seq", "table", "mind", "split"), help="data format")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument("--resume", action="store_true",
-                     help="fedavg, fortress: continue from OUT/checkpoint.pt if there is one (see checkpoint_every)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar, no data summary on stderr")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="fedavg, fortress: continue the run in OUT from its checkpoint.pt (see checkpoint_every)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run in OUT (its results.json, model.pt and checkpoint.pt are removed first)")
     run.set_defaults(func=cmd_run)
 
     exp = sub.add_parser("experiment", help="run a grid of runs from a spec file (resumable) and write DIR/report.md")
@@ -147,14 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_experiment)
 
     dep = sub.add_parser("deploy-demo", help="run the Flower app on a local SuperLink + SuperNodes (TLS, node auth)")
-    dep.add_argument("--nodes", type=int, default=3, help="SuperNodes (each hosts users u with u %% nodes == its id)")
+    dep.add_argument("--nodes", type=_at_least(1), default=3,
+                     help="SuperNodes (each hosts users u with u %% nodes == its id)")
     dep.add_argument("--dir", default="runs/deploy", help="certificates, keys, logs, and out/ with the results")
     dep.add_argument("--data", default="synthetic", help="data for the server and every node (as in `run`)")
     dep.add_argument("--config", help="TOML file of config keys")
     dep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    dep.add_argument("--resume", action="store_true", help="continue from DIR/out/checkpoint.pt")
+    again = dep.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from DIR/out/checkpoint.pt")
+    again.add_argument("--overwrite", action="store_true", help="replace the run in DIR/out")
     dep.add_argument("--simulation", action="store_true", help="Flower simulation (Ray) instead of processes")
-    dep.add_argument("--cpus", type=int, default=2, help="--simulation: CPUs for Ray (one per ClientApp)")
+    dep.add_argument("--cpus", type=_at_least(1), default=2, help="--simulation: CPUs for Ray (one per ClientApp)")
     dep.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
     dep.add_argument("--certs-only", action="store_true", help="only write certificates and node keys, for several machines")
     dep.add_argument("--server-host", nargs="+", default=["127.0.0.1", "localhost"],
@@ -162,11 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     dep.set_defaults(func=cmd_deploy_demo)
 
     data = sub.add_parser("data", help="inspect datasets")
-    dsub = data.add_subparsers(dest="data_command", required=True)
+    dsub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     stats = dsub.add_parser("stats", help="users, items, interactions, density, length percentiles")
     stats.add_argument("path", help="data file or folder, a name in $FORTRESS_DATA, or 'synthetic'")
     stats.add_argument("--format", default="auto", choices=("auto", "seq", "table", "mind", "split"))
-    stats.add_argument("--kcore", type=int, default=0)
+    stats.add_argument("--kcore", type=_at_least(0), default=0, help="k-core filter on users and items (0 = off)")
     stats.set_defaults(func=cmd_data_stats)
 
     rec = sub.add_parser("recommend", help="top-K unseen items for a user from a saved run")
@@ -176,36 +224,42 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_recommend)
 
     plot = sub.add_parser("plot", help="figures from saved runs")
-    psub = plot.add_subparsers(dest="plot_command", required=True)
+    psub = plot.add_subparsers(dest="plot_command", metavar="COMMAND", required=True)
     traj = psub.add_parser("trajectories", help="user representations of growing prefixes, 2-D, one panel per run")
     traj.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `fortress run` on the same data")
     traj.add_argument("--out", help="PNG path (default RUN_DIR/trajectories.png of the first run)")
-    traj.add_argument("--users", type=int, default=6, help="users to draw")
-    traj.add_argument("--min-len", type=int, default=8, help="only users with at least this many items")
-    traj.add_argument("--seed", type=int, default=0, help="which users are sampled")
+    traj.add_argument("--users", type=_at_least(1), default=6, help="users to draw")
+    traj.add_argument("--min-len", type=_at_least(2), default=8, help="only users with at least this many items")
+    traj.add_argument("--seed", type=_at_least(0), default=0, help="which users are sampled")
     traj.set_defaults(func=cmd_plot_trajectories)
     emb = psub.add_parser("embeddings", help="item embeddings (popular, targets, rest) and target-to-popular distances")
     emb.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `fortress run` on the same data")
     emb.add_argument("--out", help="PNG path (default RUN_DIR/embeddings.png of the first run)")
-    emb.add_argument("--popular-frac", type=float, default=0.02, help="share of items, by train count, drawn as popular")
+    emb.add_argument("--popular-frac", type=_fraction, default=0.02,
+                     help="share of items, by train count, drawn as popular")
     emb.add_argument("--targets", help="comma-separated item ids (default: each run's attack targets)")
-    emb.add_argument("--sample", type=int, default=3000, help="other items drawn")
-    emb.add_argument("--seed", type=int, default=0, help="which other items are sampled")
+    emb.add_argument("--sample", type=_at_least(1), default=3000, help="other items drawn")
+    emb.add_argument("--seed", type=_at_least(0), default=0, help="which other items are sampled")
     emb.set_defaults(func=cmd_plot_embeddings)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+    """Run one `fortress` command; bad input is one `error:` line on stderr and exit status 2."""
+    warnings.showwarning = lambda msg, *a, **k: print(f"warning: {printable(str(msg))}", file=sys.stderr)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`fortress data stats X | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -69,7 +71,7 @@ class Config:
     # evaluation
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once
-    threads: int = 0                # torch threads (0 = all cores)
+    threads: int = 0                # torch threads; 0 = the idle cores this process may use (simulate.torch_threads)
     # poisoning attacks (fedavg; fortress/attacks explains each one and its choices)
     attack: str = "none"            # none | ahum | psmu | random | popular | boost | stealth | ramp | weight | adaptive
     attack_ratio: float = 0.01      # malicious clients as a fraction of benign users (>= 1 client when > 0)
@@ -120,6 +122,7 @@ MINIMUM: dict[str, float] = {
     "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1, "attack_len": 2,
     "attack_users": 1, "attack_pool": 1, "knn": 1,
 }
+INT_MAX = 2**31 - 1
 POSITIVE = ("lr", "central_lr", "global_lr", "tau", "attack_scale", "row_clip", "dense_clip", "p_flag", "floor_frac")
 
 
@@ -164,49 +167,55 @@ def validate(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
         if value not in allowed:
-            raise InputError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+            raise InputError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}", (key,))
     for key, kind in _field_types().items():
         value = getattr(cfg, key)
         if kind in (int, float):
             low = MINIMUM.get(key, 0)
+            bound = "> 0" if key in POSITIVE else f">= {low:g}"
+            if kind is float and not math.isfinite(value):     # NaN compares false with every bound
+                raise InputError(f"{key}={value!r} is not a finite number; it must be {bound}", (key,))
             if value < low or (key in POSITIVE and value <= 0):
-                bound = "> 0" if key in POSITIVE else f">= {low:g}"
-                raise InputError(f"{key}={value!r} is out of range; it must be {bound}")
+                raise InputError(f"{key}={value!r} is out of range; it must be {bound}", (key,))
+            if kind is int and value > INT_MAX:     # torch and numpy take 32/64-bit ints; larger ones crash there
+                raise InputError(f"{key}={value!r} is out of range; it must be <= {INT_MAX}", (key,))
     if not 0.0 <= cfg.dropout < 1.0:
-        raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)")
+        raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)", ("dropout",))
     for key in ("drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac", "push_frac", "p_flag"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
+            raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]", (key,))
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):
         if getattr(cfg, key) > 1.0:
-            raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]")
+            raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]", (key,))
     if cfg.mode == "fortress" and cfg.temporal and cfg.temp_window > cfg.max_len:
-        raise InputError(f"temp_window={cfg.temp_window} must be <= max_len={cfg.max_len}")
+        raise InputError(f"temp_window={cfg.temp_window} must be <= max_len={cfg.max_len}", ("temp_window", "max_len"))
     if cfg.trim_frac >= 0.5:
-        raise InputError(f"trim_frac={cfg.trim_frac!r} is out of range; it must be in [0, 0.5)")
+        raise InputError(f"trim_frac={cfg.trim_frac!r} is out of range; it must be in [0, 0.5)", ("trim_frac",))
     if cfg.defence != "none" and cfg.mode not in FEDERATED:
-        raise InputError(f"defence={cfg.defence!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})")
+        raise InputError(f"defence={cfg.defence!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})",
+                         ("defence", "mode"))
     if cfg.dim % cfg.heads:
-        raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}")
+        raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}", ("dim", "heads"))
     _validate_attack(cfg)
     return cfg
 
 
 def _validate_attack(cfg: Config) -> None:
     if cfg.attack_ratio > 1:
-        raise InputError(f"attack_ratio={cfg.attack_ratio!r} is out of range; it must be in [0, 1]")
+        raise InputError(f"attack_ratio={cfg.attack_ratio!r} is out of range; it must be in [0, 1]", ("attack_ratio",))
     if cfg.target_pick not in ("unpopular", "random"):
         ids = target_list(cfg.target_pick)
         if not ids:
             raise InputError(f"target_pick={cfg.target_pick!r}: choose unpopular, random, or a "
-                             "comma-separated list of item ids")
+                             "comma-separated list of item ids", ("target_pick",))
         if len(ids) != cfg.targets:
             raise InputError(f"target_pick lists {len(ids)} item(s) but targets={cfg.targets}; "
-                             f"set targets={len(ids)}")
+                             f"set targets={len(ids)}", ("target_pick", "targets"))
     if cfg.attack != "none" and cfg.mode not in FEDERATED:
-        raise InputError(f"attack={cfg.attack!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})")
+        raise InputError(f"attack={cfg.attack!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})",
+                         ("attack", "mode"))
     if cfg.attack != "none" and cfg.targets < 1:
-        raise InputError(f"attack={cfg.attack!r} needs targets >= 1")
+        raise InputError(f"attack={cfg.attack!r} needs targets >= 1", ("attack", "targets"))
 
 
 def target_list(spec: str) -> list[str]:
@@ -214,45 +223,84 @@ def target_list(spec: str) -> list[str]:
     return [t.strip().strip("'\"") for t in spec.strip("[] ").replace(" ", ",").split(",") if t.strip()]
 
 
-def override(cfg: Config, values: dict[str, Any], source: str = "--set") -> Config:
-    """Return cfg with `values` applied; unknown keys and bad values are one-line errors."""
+def _parse_values(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Typed values of known keys; an unknown key or a bad value is a one-line error naming `source`."""
     types = _field_types()
     changes = {}
     for key, raw in values.items():
         if key not in types:
-            raise InputError(f"{source}: unknown key {key!r}; known keys: {', '.join(keys())}")
-        changes[key] = _parse_value(key, raw, types[key])
-    return validate(dataclasses.replace(cfg, **changes))
+            close = difflib.get_close_matches(key, keys(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InputError(f"{source}: unknown key {key!r}{hint}; known keys: {', '.join(keys())}", (key,))
+        try:
+            changes[key] = _parse_value(key, raw, types[key])
+        except InputError as err:
+            raise InputError(f"{source}: {err}", (key,)) from None
+    return changes
+
+
+def _checked(cfg: Config, sources: dict[str, str]) -> Config:
+    """validate(cfg), with the source (file or --set) of the offending key in front of an error."""
+    try:
+        return validate(cfg)
+    except InputError as err:
+        source = next((sources[k] for k in err.keys if k in sources), None)
+        if source is None:
+            raise
+        raise InputError(f"{source}: {err}", err.keys) from None
+
+
+def override(cfg: Config, values: dict[str, Any], source: str = "--set") -> Config:
+    """Return cfg with `values` applied; unknown keys and bad values are one-line errors naming `source`."""
+    changes = _parse_values(values, source)
+    return _checked(dataclasses.replace(cfg, **changes), dict.fromkeys(changes, source))
 
 
 def parse_sets(pairs: list[str]) -> dict[str, str]:
+    """`key=value` strings as a dict; a pair without `=` or without a key is a one-line error."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise InputError(f"--set {pair!r}: expected key=value")
+            raise InputError(f"--set {pair!r}: expected key=value, e.g. --set rounds=50")
         out[key.strip()] = value.strip()
     return out
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The table of a TOML file; a missing, unreadable, non-text or malformed file is a one-line error."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; expected a TOML {what}")
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read {what} ({err.strerror or type(err).__name__})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not a TOML {what} (not UTF-8 text: bad byte at offset {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{path}: not valid TOML ({err})") from None
+
+
 def load(path: str | Path | None = None, sets: list[str] | None = None, base: Config | None = None) -> Config:
-    """Defaults <- TOML file (flat table of keys) <- `--set key=value` overrides."""
+    """Defaults <- TOML file (flat table of keys) <- `--set key=value` overrides, validated together."""
     cfg = base or Config()
+    sources: dict[str, str] = {}
+    changes: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            table = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as err:
-            raise InputError(f"{path}: not valid TOML ({err})") from None
+        table = read_toml(path)
         nested = [k for k, v in table.items() if isinstance(v, dict)]
         if nested:
             raise InputError(f"{path}: config must be a flat table of keys; found section [{nested[0]}]")
-        cfg = override(cfg, table, source=str(path))
+        changes = _parse_values(table, str(path))
+        sources = dict.fromkeys(changes, str(path))
     if sets:
-        cfg = override(cfg, parse_sets(sets))
-    return validate(cfg)
+        given = _parse_values(parse_sets(sets), "--set")
+        changes.update(given)
+        sources.update(dict.fromkeys(given, "--set"))
+    return _checked(dataclasses.replace(cfg, **changes), sources)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -33,7 +33,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,13 +373,7 @@ def _cell_id(kind: str, payload: dict[str, Any]) -> str:
 def load(spec: str | Path, root: str | Path) -> Plan:
     """Read and check a spec file; every error is one line naming the file, field and value."""
     spec = Path(spec)
-    try:
-        table = tomllib.loads(spec.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{spec}: spec file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{spec}: not valid TOML ({err})") from None
-    return plan(table, spec, Path(root))
+    return plan(config.read_toml(spec, "spec file"), spec, Path(root))
 
 
 def plan(table: dict[str, Any], spec: Path, root: Path) -> Plan:
@@ -521,7 +514,13 @@ def error_line(log: Path, code: int) -> str:
 
 
 def lock(root: Path) -> int:
-    root.mkdir(parents=True, exist_ok=True)
+    """Hold DIR/.lock for this runner; another runner on the same folder is a one-line error."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--out {root}: is a file; expected a folder for the cells and report.md")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {root}: cannot create the folder ({err.strerror or type(err).__name__})") from None
     fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -583,8 +582,8 @@ def execute(p: Plan, jobs: int = 1, progress: bool = True, log=None) -> dict[str
                         if cell.need and not has_command(cell.need):
                             end(cell, "skipped", 0.0, f"`fortress {' '.join(cell.need)}` is not in this version")
                             continue
-                        if cell.folder.exists():
-                            shutil.rmtree(cell.folder)          # what a killed attempt left
+                        if cell.folder.exists():            # what a killed or failed attempt left: cleared
+                            shutil.rmtree(cell.folder)          # here, so the cell's run needs no --overwrite
                         cell.folder.mkdir(parents=True)
                         if cell.kind == "figure":
                             cell.out.unlink(missing_ok=True)    # an older PNG must not pass for this one

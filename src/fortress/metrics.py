@@ -47,11 +47,13 @@ def history_matrix(ds: Dataset, users: np.ndarray, split: str) -> torch.Tensor:
 
 
 def evaluate(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
-             targets: list[int] | None = None, ks: tuple[int, ...] = KS) -> dict[str, float]:
+             targets: list[int] | None = None, ks: tuple[int, ...] = KS,
+             progress: Callable[[int], object] | None = None) -> dict[str, float]:
     """HR@K / NDCG@K over users with a `split` item; with `targets`, ER@K over eligible users.
 
     ER@K of a target item t: the share of eligible users (t in none of their train, valid or test
     items) with t in their top-K at this split. Reported as the mean over targets, plus per target.
+    `progress` is called with the number of users of each batch once it is scored (a bar's `update`).
     """
     truth = ds.valid if split == "valid" else ds.test
     users = np.flatnonzero(truth > 0)
@@ -93,6 +95,8 @@ def evaluate(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
                 for c, k in enumerate(ks):
                     hit, _ = rank_hits(g, e, k, disc)
                     er_hits[j, c] += float(hit[elig].sum())
+        if progress is not None:
+            progress(len(ub))
     n = max(1, len(users))
     out = {key: val / n for key, val in sums.items()}
     out["users"] = int(len(users))

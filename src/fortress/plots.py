@@ -30,9 +30,15 @@ def save(plt, fig, out: str | Path, dpi: int) -> Path:
     """Lay out, write and close a figure; returns its path."""
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=dpi)
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot write the figure ({err.strerror or type(err).__name__})") from None
+    except ValueError as err:          # matplotlib: an unknown file extension
+        raise InputError(f"--out {out}: {' '.join(str(err).split())}") from None
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -6,22 +6,36 @@ from pathlib import Path
 import torch
 
 from fortress import config as config_mod
-from fortress.errors import InputError
+from fortress.errors import InputError, printable
 from fortress.models import from_config
 
 
 def load_run(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "model.pt"
-    if not path.is_file():
-        raise InputError(f"{path}: no saved model (is {run_dir} the --out folder of `fortress run`?)")
+    """The saved model of a run: its --out folder, or the model.pt file itself."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "model.pt"
+        if not path.is_file():
+            raise InputError(f"{run_dir}: no saved model (no model.pt in this folder; expected the --out folder "
+                             "of a finished `fortress run`)")
+    elif not path.exists():
+        raise InputError(f"{run_dir}: no saved model (no such folder; expected the --out folder of a finished "
+                         "`fortress run`)")
     try:
         return torch.load(path, weights_only=False)
     except Exception as err:   # a truncated or foreign file: say which, not a pickle traceback
         raise InputError(f"{path}: cannot read saved model ({type(err).__name__}: {err})") from None
 
 
-def recommend(run_dir: str | Path, user: str, k: int = 10) -> list[str]:
-    """Lines 'rank  item  [name]  score' for the user's top-k items not in their known sequence."""
+def _item(item_ids: list[str], names: dict[str, str], i: int) -> str:
+    """An item's original id, with its readable name when the id map has one."""
+    name = names.get(item_ids[i])
+    return printable(f"{item_ids[i]} ({name})" if name else item_ids[i])
+
+
+def recommend(run_dir: str | Path, user: str, k: int = 10, tail: int = 5) -> list[str]:
+    """A header (the user and the last `tail` items of their history), then 'rank  item  score' lines
+    for the user's top-k items not in their known sequence."""
     if k < 1:
         raise InputError(f"-k {k}: must be >= 1")
     blob = load_run(run_dir)
@@ -34,7 +48,9 @@ def recommend(run_dir: str | Path, user: str, k: int = 10) -> list[str]:
                          f"({len(user_ids)} users, e.g. {', '.join(user_ids[:3])})")
     u = index[user]
     seq = blob["seq_items"][blob["seq_ptr"][u]:blob["seq_ptr"][u + 1]]
-    if blob["params"] is None:                                   # pop baseline
+    pop = blob["params"] is None                                 # the popularity baseline: train counts
+    model_name = "pop" if pop else f"{cfg.mode}/{cfg.backbone}"
+    if pop:
         scores = blob["pop_counts"].to(torch.float64)
     else:
         model = from_config(cfg)
@@ -46,8 +62,13 @@ def recommend(run_dir: str | Path, user: str, k: int = 10) -> list[str]:
     k = min(k, int(torch.isfinite(scores).sum()))
     top = torch.topk(scores, k)
     item_ids, names = blob["item_ids"], blob["item_names"]
-    lines = [f"top-{k} for user {user_ids[u]} ({len(seq)} known items), model {cfg.mode}/{cfg.backbone}:"]
-    for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
-        name = names.get(item_ids[i])
-        lines.append(f"{r:>3}  {item_ids[i]}" + (f"  {name}" if name else "") + f"  {s:.4f}")
+    who = user_ids[u] + (f" ({blob['user_names'][user_ids[u]]})" if user_ids[u] in blob["user_names"] else "")
+    last = [_item(item_ids, names, i) for i in seq[-tail:].tolist()]
+    lines = [f"user {printable(who)}: {len(seq)} known items; the last {len(last)}, oldest first: {', '.join(last)}",
+             f"top-{k} unseen items by the {model_name} model in {run_dir}:"]
+    rows = [(_item(item_ids, names, i), s) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+    width = max([4] + [len(item) for item, _ in rows])
+    lines.append(f"{'rank':>4}  {'item':<{width}}  {'count' if pop else 'score'}")
+    lines += [f"{r:>4}  {item:<{width}}  {s:.0f}" if pop else f"{r:>4}  {item:<{width}}  {s:.4f}"
+              for r, (item, s) in enumerate(rows, 1)]
     return lines

@@ -39,8 +39,34 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SHORT = 5        # benign clients with at most this many train interactions are reported apart (defence logs)
 
 
+TORCH_THREADS = torch.get_num_threads()    # torch's own default (physical cores, or OMP_NUM_THREADS), before any run
+
+
+def auto_threads(cores: int, load: float, ceiling: int = TORCH_THREADS) -> int:
+    """Torch threads for `threads=0`: the `cores` this process may use less the busy ones (`load`, the
+    1-minute load average), rounded, at least 1 and at most `ceiling`.
+
+    Why not every core: torch's threads meet at a barrier after every operation, so when other
+    processes hold the cores a round waits for the slowest thread; on a busy machine one thread
+    is several times faster than all of them (README, Set-up).
+    """
+    return max(1, min(cores, ceiling, int(cores - load + 0.5)))
+
+
+def torch_threads(threads: int) -> int:
+    """`threads` itself, or for 0 `auto_threads` of this process's CPU affinity and the load average."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:        # no load average on this platform: assume an idle machine
+        load = 0.0
+    return auto_threads(cores, load)
+
+
 def setup_torch(cfg: Config) -> None:
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(torch_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
 
 
@@ -94,17 +120,18 @@ class Run:
     campaign: attacks.Campaign | None = None      # targets and malicious clients (fedavg)
     defence: Any = None                           # the server's defence (its state goes into model.pt)
 
-    def validate(self) -> dict[str, float]:
+    def validate(self, bar: tqdm | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
-        res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "valid", self.cfg.eval_batch)
+        res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "valid", self.cfg.eval_batch,
+                       progress=_evaluating(bar, self.ds, "valid", "validating"))
         self.eval_seconds += time.perf_counter() - t0
         return res
 
-    def exposure(self, round_: int) -> dict[str, float]:
+    def exposure(self, round_: int, bar: tqdm | None = None) -> dict[str, float]:
         """ER@K of the targets over eligible test users now, recorded in the campaign's history."""
         t0 = time.perf_counter()
         res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "test", self.cfg.eval_batch,
-                       targets=self.campaign.targets)
+                       targets=self.campaign.targets, progress=_evaluating(bar, self.ds, "test", "target exposure"))
         self.eval_seconds += time.perf_counter() - t0
         return self.campaign.record(round_, res)
 
@@ -138,7 +165,7 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
         run.train_seconds += seconds
         entry = {"epoch": epoch + 1, "loss": total / max(1, count), "seconds": seconds}
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-            entry["valid"] = run.validate()
+            entry["valid"] = run.validate(bar)
         run.history.append(entry)
         _progress(bar, entry)
     for p in run.params.values():
@@ -246,7 +273,8 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     cfg = run.cfg
     eligible = eligible_clients(run.ds) if eligible is None else eligible
     if len(eligible) == 0:
-        raise ValueError("no user has two train interactions; nothing to train federated on")
+        raise InputError(f"dataset {run.ds.name}: no client to train federated on (a user with at least 2 "
+                         "train interactions)")
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
     defence = run.defence = defences.make(cfg, run.ds.n_items)
     continue_monitor(cfg, defence)
@@ -261,13 +289,31 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     for r in range(start, cfg.rounds):
         entry = federated_round(run, r, gopt, eligible, clients, defence)
         if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
-            entry["valid"] = run.validate()
+            entry["valid"] = run.validate(bar)
             if run.campaign is not None:
-                entry["ER"] = run.exposure(r + 1)
+                entry["ER"] = run.exposure(r + 1, bar)
         run.history.append(entry)
         if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
             checkpoint.save(out, server_state(run, gopt, r + 1, defence))
         _progress(bar, entry)
+
+
+def evaluated_users(ds: Dataset, split: str) -> int:
+    """Users with a `split` item: those `evaluate` scores at that split."""
+    return int(np.count_nonzero(ds.valid if split == "valid" else ds.test))
+
+
+def _evaluating(bar: tqdm | None, ds: Dataset, split: str, what: str) -> Callable[[int], None] | None:
+    """A `progress` for `evaluate` that shows the users scored so far at the end of the training bar."""
+    if bar is None or bar.disable:
+        return None
+    total, done = evaluated_users(ds, split), 0
+
+    def update(n: int) -> None:
+        nonlocal done
+        done += n
+        bar.set_postfix_str(f"{what}: {done}/{total} users", refresh=True)
+    return update
 
 
 def _progress(bar: tqdm | None, entry: dict[str, Any]) -> None:
@@ -291,7 +337,10 @@ def initial_params(cfg: Config, model: Model, ds: Dataset) -> Params:
     if not cfg.init_from:
         return model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed), DTYPES[cfg.dtype])
     from fortress.recommend import load_run
-    blob = load_run(cfg.init_from)
+    try:
+        blob = load_run(cfg.init_from)
+    except InputError as err:
+        raise InputError(f"init_from: {err}") from None
     fresh = model.init(ds.n_items, None, DTYPES[cfg.dtype])
     saved = blob["params"] or {}
     shapes = {k: tuple(v.shape) for k, v in saved.items()}
@@ -324,41 +373,109 @@ def save_model(path: Path, cfg: Config, ds: Dataset, params: Params | None, defe
     os.replace(tmp, path)
 
 
+def check_data(cfg: Config, ds: Dataset) -> None:
+    """Refuse a dataset too small to train cfg.mode on or to evaluate, naming it and what is needed."""
+    s = ds.stats()
+    size = f"dataset {ds.name} is too small ({s['users']} users, {s['interactions']} interactions)"
+    if cfg.mode != "pop" and not len(eligible_clients(ds)):
+        raise InputError(f"{size}: no user has 2 train interactions; training needs users with at least 2 "
+                         "(4 to be evaluated too: leave-one-out holds out the last 2)")
+    if not s["users_with_test"]:
+        raise InputError(f"{size}: no user has 3 interactions, so none can be evaluated "
+                         "(leave-one-out holds out each user's last 2 items)")
+
+
+# what a finished or interrupted run leaves in its folder, and the temporary files of their atomic writes
+FINISHED = ("results.json", "model.pt")
+RUN_FILES = (*FINISHED, checkpoint.NAME, "results.tmp", "model.tmp", f".{checkpoint.NAME}.*.tmp")
+
+
+def check_out(out: str | Path, cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
+    """May `fortress run` write into `out`? A finished run there needs `overwrite`; a checkpoint there,
+    `resume` or `overwrite`; `resume` needs a checkpoint. Anything else is a one-line error."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; expected a folder for results.json and model.pt")
+    done = [name for name in FINISHED if (out / name).exists()]
+    ckpt = (out / checkpoint.NAME).exists()
+    if resume:
+        if cfg.mode not in config_mod.FEDERATED:
+            raise InputError(f"--resume: mode={cfg.mode} writes no checkpoints; only fedavg and fortress runs resume")
+        if not ckpt and done:
+            raise InputError(f"--resume: the run in {out} is finished ({done[0]}) and has no {checkpoint.NAME} to "
+                             "continue from; pass --overwrite to run it again")
+        if not ckpt:
+            raise InputError(f"--resume: no {checkpoint.NAME} in {out} (a run writes one every checkpoint_every "
+                             "rounds); run without --resume to start")
+    elif not overwrite and done:
+        raise InputError(f"{out}: already holds a finished run ({done[0]}); pass --overwrite to replace it "
+                         "or choose another folder")
+    elif not overwrite and ckpt:
+        raise InputError(f"{out}: holds an unfinished run ({checkpoint.NAME}); pass --resume to continue it "
+                         "or --overwrite to start again")
+
+
+def clear_out(out: str | Path) -> list[Path]:
+    """Remove an earlier run's files from `out` (results, model, checkpoint, temporaries); returns them."""
+    gone = [p for pattern in RUN_FILES for p in sorted(Path(out).glob(pattern)) if p.is_file()]
+    for p in gone:
+        p.unlink()
+    return gone
+
+
 def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume: bool = False,
         clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
-        eligible: np.ndarray | None = None) -> dict[str, Any]:
+        eligible: np.ndarray | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train (or count, for pop) per cfg.mode, evaluate valid and test, write results and model.
 
     fedavg and fortress: `resume` continues from out/checkpoint.pt (written every `checkpoint_every`
     rounds) when there is one; `clients` and `eligible` let the Flower ServerApp put its own
-    transport and its SuperNodes' users in place of the in-process ones.
+    transport and its SuperNodes' users in place of the in-process ones. `overwrite` removes an
+    earlier run's files from `out` once the inputs have been checked (`check_out` says when it is needed).
     """
+    check_data(cfg, ds)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{out}: cannot create the output folder ({err.strerror or type(err).__name__})") from None
     setup_torch(cfg)
     model = from_config(cfg)
     params = None
+    if cfg.mode == "pop":
+        run_ = Run(cfg, ds, model, {})
+    else:
+        params = initial_params(cfg, model, ds)
+        run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, ds.item_counts(), ds.item_ids, ds.n_users))
+    if overwrite:              # config, data, init_from and targets are good: only now drop the earlier run
+        clear_out(out)
     federated = cfg.mode in config_mod.FEDERATED
     steps = 0 if cfg.mode == "pop" else cfg.epochs if cfg.mode == "central" else cfg.rounds
     bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if federated else "epoch",
                disable=not progress or steps == 0, dynamic_ncols=True)
-    if cfg.mode == "pop":
-        run_ = Run(cfg, ds, model, {})
-        scorer = pop_scorer(ds)
-    else:
-        params = initial_params(cfg, model, ds)
-        run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, ds.item_counts(), ds.item_ids, ds.n_users))
-        if cfg.mode == "central":
-            train_central(run_, bar)
-        else:
-            train_federated(run_, bar, out, resume, clients, eligible)
-        scorer = model_scorer(model, params, ds)
+    if cfg.mode == "central":
+        train_central(run_, bar)
+    elif federated:
+        train_federated(run_, bar, out, resume, clients, eligible)
     bar.close()
+    scorer = pop_scorer(ds) if cfg.mode == "pop" else model_scorer(model, params, ds)
+    baseline = cfg.mode != "pop"        # the most-popular ranking of the same test users, to compare with
+    n_valid, n_test = evaluated_users(ds, "valid"), evaluated_users(ds, "test")
+    ebar = tqdm(total=n_valid + n_test * (1 + baseline), desc="evaluate valid", unit="user", disable=not progress,
+                dynamic_ncols=True)
     t0 = time.perf_counter()
     camp = run_.campaign
-    valid = evaluate(ds, scorer, "valid", cfg.eval_batch)
-    test, er = attacks.split_er(evaluate(ds, scorer, "test", cfg.eval_batch, targets=camp and camp.targets))
+    valid = evaluate(ds, scorer, "valid", cfg.eval_batch, progress=ebar.update)
+    ebar.set_description("evaluate test")
+    test, er = attacks.split_er(evaluate(ds, scorer, "test", cfg.eval_batch, targets=camp and camp.targets,
+                                         progress=ebar.update))
     final_eval = time.perf_counter() - t0
+    popular = None
+    if baseline:
+        ebar.set_description("evaluate most popular")
+        popular = evaluate(ds, pop_scorer(ds), "test", cfg.eval_batch, progress=ebar.update)
+    ebar.set_description("evaluated")
+    ebar.close()
     n_steps = max(1, len(run_.history))
     results = {
         "config": config_mod.to_dict(cfg),
@@ -366,6 +483,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
         "history": run_.history,
         "valid": valid,
         "test": test,
+        **({"most_popular": {"test": popular}} if baseline else {}),
         "timing": {
             "seconds_per_round": run_.train_seconds / n_steps if run_.history else 0.0,
             "train_seconds": run_.train_seconds,
@@ -396,11 +514,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def summary(results: dict[str, Any]) -> str:
-    """A short table of the final metrics, timing and traffic."""
+    """A short table of the final metrics (and the most-popular ranking's, to compare), timing and traffic."""
     cols = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
-    lines = [f"{'split':<6} " + " ".join(f"{c:>8}" for c in cols)]
-    for split in ("valid", "test"):
-        lines.append(f"{split:<6} " + " ".join(f"{results[split][c]:>8.4f}" for c in cols))
+    rows = [("valid", results["valid"]), ("test", results["test"])]
+    if "most_popular" in results:
+        rows.append(("test, most popular", results["most_popular"]["test"]))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'split':<{width}} " + " ".join(f"{c:>8}" for c in cols)]
+    for name, res in rows:
+        lines.append(f"{name:<{width}} " + " ".join(f"{res[c]:>8.4f}" for c in cols))
     t, b = results["timing"], results["bytes"]
     lines.append(f"time: {t['seconds_per_round']:.3f} s/step, eval {t['final_eval_seconds']:.2f} s, "
                  f"peak RSS {t['peak_rss_mb']:.0f} MB; traffic per round: "

@@ -13,13 +13,15 @@ def _num(x: float) -> str:
     return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
 
 
-def describe(ds: Dataset) -> str:
-    """A short multi-line summary of a dataset, for `fortress data stats`."""
+def describe(ds: Dataset, detected: bool = False) -> str:
+    """A short multi-line summary of a dataset, for `fortress data stats` (`detected`: its format was guessed)."""
     s = ds.stats()
     pct = s["length_percentiles"]
     evaluated = s["users_with_test"]
+    how = " (detected; --format sets another)" if detected else ""
     return "\n".join([
         f"dataset        {s['name']}",
+        f"format         {ds.data_format or 'in memory'}{how}",
         f"users          {s['users']:,}",
         f"items          {s['items']:,}",
         f"interactions   {s['interactions']:,}",

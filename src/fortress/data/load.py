@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fortress.data.dataset import Dataset, from_sequences
-from fortress.errors import InputError
+from fortress.errors import InputError, printable
 
 FORMATS = ("auto", "seq", "table", "mind", "split")
 
@@ -33,6 +33,7 @@ _MIND_TIME = re.compile(r"\d{1,2}/\d{1,2}/\d{4} \d{1,2}:\d{2}:\d{2} [AaPp][Mm]")
 _SPLIT_FILE = r"{part}\.(txt|csv|tsv)(\.gz)?"
 _UNIX_1973 = 1e8    # unix seconds above this look like timestamps, not item ids
 _SNIFF_LINES = 50
+_SEQ_HINT = "; --format table reads an interaction table"
 
 
 def shared_dir() -> Path:
@@ -75,7 +76,9 @@ def load_dataset(path: str | os.PathLike, fmt: str = "auto", kcore: int = 0) -> 
         if kcore:
             raise InputError(f"{path}: kcore={kcore} cannot be applied to a pre-split folder "
                              "(the given split must not be altered); use kcore=0")
-        return _load_split(path, full.name)
+        ds = _load_split(path, full.name)
+        ds.data_format = "split"
+        return ds
     if fmt == "split":
         raise InputError(f"{path}: format 'split' needs a folder with train, valid and test files")
     text = _read_text(path)
@@ -84,7 +87,9 @@ def load_dataset(path: str | os.PathLike, fmt: str = "auto", kcore: int = 0) -> 
         fmt = _sniff(path, _nonblank(lines, _SNIFF_LINES))
     reader = {"seq": _read_seq, "table": _read_table_interactions, "mind": _read_mind}[fmt]
     users, items, chronological = reader(path, lines)
-    return _build(f"{full.parent.name}/{full.name}", path, users, items, chronological, kcore)
+    ds = _build(f"{full.parent.name}/{full.name}", path, users, items, chronological, kcore)
+    ds.data_format = fmt
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +155,10 @@ def _sniff(path: Path, sample: list[str]) -> str:
     widths = {len(t) for t in toks}
     # "user item timestamp" with spaces would otherwise read as a 2-item sequence per line
     if len(widths) == 1 and widths <= {3, 4} and all(_is_number(t[-1]) for t in toks):
-        if not all(_is_int(x) for t in toks for x in t) or all(float(t[-1]) >= _UNIX_1973 for t in toks):
+        all_int = [all(_is_int(x) for x in t) for t in toks]
+        # string ids or float ratings are on every line of a table; a non-integer on some lines only is
+        # a stray token in sequence text, which the seq reader reports with its line
+        if not any(all_int) or all(float(t[-1]) >= _UNIX_1973 for t in toks):
             return "table"
     return "seq"
 
@@ -160,7 +168,7 @@ def _is_int(tok: str) -> bool:
 
 
 def _show(tok: str) -> str:
-    return tok if len(tok) <= 40 else tok[:37] + "..."
+    return printable(tok, 40)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,13 +184,13 @@ def _read_seq(path: Path, lines: list[str]) -> tuple[list[str], list[str], bool]
         user = toks[0]
         if not _is_int(user):
             raise InputError(f"{path}:{n}: user id '{_show(user)}' is not an integer "
-                             "(ids are integers in sequence text)")
+                             f"(ids are integers in sequence text{_SEQ_HINT})")
         if len(toks) == 1:
             raise InputError(f"{path}:{n}: user {user} has no items")
         for tok in toks[1:]:
             if not _is_int(tok):
                 raise InputError(f"{path}:{n}: item id '{_show(tok)}' is not an integer "
-                                 "(ids are integers in sequence text)")
+                                 f"(ids are integers in sequence text{_SEQ_HINT})")
         seqs.setdefault(user, []).extend(toks[1:])
     chronological = _check_chronology(path, seqs.values())
     users = [u for u, s in seqs.items() for _ in s]
@@ -297,7 +305,7 @@ def _header_columns(path: Path, header: list[str]) -> tuple[int, int, int]:
     for role, wanted in (("user", USER_COLUMNS), ("item", ITEM_COLUMNS), ("timestamp", TIME_COLUMNS)):
         hits = [w for w in wanted if w in names]
         if not hits:
-            raise InputError(f"{path}: missing column '{role}' (header has: {', '.join(header)})")
+            raise InputError(f"{path}: missing column '{role}' (header has: {printable(', '.join(header), 200)})")
         found.append(names.index(hits[0]))
     return found[0], found[1], found[2]
 
@@ -388,7 +396,7 @@ def _load_split(folder: Path, name: str) -> Dataset:
         first: dict[str, int] = {}
         for user, item, n in zip(users, items, nums):
             if user in first:
-                raise InputError(f"{file}:{n}: user {user} has a second {part} row (first at line "
+                raise InputError(f"{file}:{n}: user {_show(user)} has a second {part} row (first at line "
                                  f"{first[user]}); a split folder holds one {part} row per user")
             first[user] = n
             out[urank[user_vocab[user]]] = irank[item_vocab[item]]

@@ -78,4 +78,4 @@ def synthetic(n_users: int, n_items: int, seed: int = 0) -> Dataset:
     np.cumsum(lengths - 2, out=train_ptr[1:])
     return Dataset("synthetic", n_items, [f"u{u}" for u in range(n_users)],
                    [""] + [f"i{i}" for i in range(1, n_items + 1)], train_ptr, flat[train],
-                   flat[last - 1], flat[last], chronological=True)
+                   flat[last - 1], flat[last], chronological=True, data_format="synthetic")
