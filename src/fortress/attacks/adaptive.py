@@ -23,9 +23,9 @@ targets for mined hard users) is the direction; each attack shapes its size:
 - `ramp` (history building): as `stealth`, but the number of full pushers follows the
   allowance of the rate its own pushes have earned so far (the server's public update rule,
   replayed from the attack's first round), so the target's rate climbs as fast as the rule allows.
-- `weight`: A-hum with the reported weight inflated to WEIGHT_FACTOR x max_len and the upload
-  scaled down by the same factor, so that FedAvg's weight x delta keeps A-hum's push while the
-  update itself looks small (vulnerability 4).
+- `weight`: A-hum's upload reporting a weight of WEIGHT_FACTOR x max_len: every weighted mean
+  (FedAvg's item rows and encoder, Multi-Krum's average, norm bounding) then follows the
+  attackers' deltas (vulnerability 4).
 - `adaptive`: the knowledge turned against whichever `defence` the config names: `fortress` ->
   `ramp`; `none` -> A-hum; `norm_bound` -> the whole norm budget on the target rows (no encoder
   part), at the bound (the config's, or the simulated median norm); `median` / `trimmed_mean` ->
@@ -156,12 +156,9 @@ def ramp_attack(view: AttackView) -> Updates:
 
 
 def weight_attack(view: AttackView) -> Updates:
-    """A-hum reporting an inflated weight, the delta shrunk so that weight x delta is unchanged."""
+    """A-hum's upload reporting an inflated weight: a weighted mean then follows the attacker's delta."""
     u = payload(view)
-    big = float(WEIGHT_FACTOR * view.cfg.max_len)
-    factor = u.weight / big                                                         # (m,)
-    return replace(u, weight=torch.full_like(u.weight, big), dense=u.dense * factor[:, None],
-                   rows_delta=u.rows_delta * factor[u.rows_client][:, None])
+    return replace(u, weight=torch.full_like(u.weight, float(WEIGHT_FACTOR * view.cfg.max_len)))
 
 
 def against_norm_bound(view: AttackView) -> Updates:
