@@ -68,8 +68,9 @@ def pushes(equiv: torch.Tensor, push_frac: float) -> torch.Tensor:
     return equiv >= push_frac
 
 
-def count_floor(mass: float, n_items: int, floor_frac: float) -> float:
-    """The smallest popularity rate an item is judged by: floor_frac x the round's mean push mass per item."""
+def rate_floor(mass: float, n_items: int, floor_frac: float) -> float:
+    """The smallest popularity rate an item is judged by: floor_frac x `mass` (a round's push mass, or the
+    sum of the items' rates) per item."""
     return floor_frac * mass / max(1, n_items)
 
 

@@ -220,8 +220,10 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
         camp.rejected += sum(1 for c, _ in res.rejected if c in set(bad.tolist()))
     info = dict(res.log)
     if cfg.defence != "none":
-        weight = torch.as_tensor([len(run.ds.train_seq(int(c))) if c < run.ds.n_users else 0
-                                  for c in res.clients.tolist()])
+        ids = res.clients.numpy()
+        own = ids < run.ds.n_users                         # malicious ids hold no data
+        weight = torch.zeros(len(ids), dtype=torch.int64)
+        weight[torch.as_tensor(own)] = torch.as_tensor(run.ds.train_len[ids[own]])
         info["defence"] = defence_log(cfg, res, run.ds.n_users, weight, camp)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds

@@ -110,7 +110,7 @@ def fortress_scales(view: AttackView, sim: Updates) -> tuple[float, float, float
     w = bounds.effective_weight(sim, c.max_len)
     equiv = bounds.push_equivalents(bounds.row_contrib_norms(sim, w), c_row)
     per_client = float((equiv * bounds.pushes(equiv, c.push_frac)).sum()) / max(1, sim.n)
-    floor = bounds.count_floor(per_client * c.clients_per_round, view.n_items, c.floor_frac)
+    floor = bounds.rate_floor(per_client * c.clients_per_round, view.n_items, c.floor_frac)
     return c_row, c_dense, max(floor, 1e-6)
 
 

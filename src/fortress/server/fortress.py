@@ -181,7 +181,7 @@ class FortressServer:
         # the floor follows the rates (they move by at most a step a round) once the monitor is warm,
         # so that a spray of small pushes over the whole catalogue in one round does not lift it
         total = float(self.rate[1:].sum()) if self.rounds >= WARMUP else float(mass.sum())
-        floor = max(bounds.count_floor(total, N, fc.floor_frac), 1e-6)
+        floor = max(bounds.rate_floor(total, N, fc.floor_frac), 1e-6)
         rate = self.rate.clamp(min=floor)                                               # (N+1,)
         flag = bounds.surprising(mass, rate, fc.p_flag)
         flag[0] = False
@@ -217,11 +217,8 @@ class FortressServer:
 
     def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
         """Regularise the item table after the round's update (only when something was flagged)."""
-        popular, flagged = outcome.popular, outcome.flagged
+        popular, flagged = outcome.popular, outcome.flagged     # P already leaves out this round's flagged items
         if flagged is None or not len(flagged) or not self.fc.server_steps or popular is None or not len(popular):
-            return {}
-        popular = popular[~torch.isin(popular, flagged)]
-        if not len(popular):
             return {}
         with torch.no_grad():
             return regularise(params["item_emb"], popular, flagged, self.fc)
