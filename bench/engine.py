@@ -8,14 +8,14 @@ Each measurement runs in its own subprocess so that its peak RSS is its own. Row
 - `fortress`: seconds per 256-client round with the FORTRESS client objective (all three views and
   the temporal term) and with plain FedAvg, vectorised, measured in one process with the two
   alternating round by round (same clients), so that load on a shared machine hits both alike;
-  wall and CPU seconds, and their ratio (target, issue 4: at most 3x);
+  wall and CPU seconds, and their ratio (target: at most 3x);
 - `defences`: each server rule's aggregation (`aggregate` + `after_apply`) of the same 256 uploads,
   and what it adds to the full FedAvg round measured in the same process, i.e. (its time - the
   FedAvg aggregation's) / the round (target for FORTRESS: <= 20%);
 - `eval`: full-ranking validation of every user;
 - `scale`: a synthetic federation of 1,000,000 users x 100,000 items, rounds of 256 / 1,024 /
   4,096 clients (chunks of `chunk_size` clients bound the training memory).
-Targets (issue 3): vmap >= 10x loop; a 256-client round <= 1 s and full evaluation <= 3 s on 2 cores.
+Targets: vmap >= 10x loop; a 256-client round <= 1 s and full evaluation <= 3 s on 2 cores.
 """
 from __future__ import annotations
 

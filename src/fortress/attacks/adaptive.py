@@ -19,13 +19,13 @@ targets for mined hard users) is the direction; each attack shapes its size:
   the estimated clips; as many clients push the target as the allowance of a cold item's rate
   (the floor) permits, the others stay under the push threshold (UNSEEN of it: uncounted); each client
   also uploads SPREAD random rows with tiny deltas (defeats any per-client share rule) and reports
-  the weight of its fake sequence. Vulnerabilities 3 and 5 of the old server; coordinated splitting.
+  the weight of its fake sequence (coordinated splitting of one push over many clients).
 - `ramp` (history building): as `stealth`, but the number of full pushers follows the
   allowance of the rate its own pushes have earned so far (the server's public update rule,
   replayed from the attack's first round), so the target's rate climbs as fast as the rule allows.
 - `weight`: A-hum's upload reporting a weight of WEIGHT_FACTOR x max_len: every weighted mean
   (FedAvg's item rows and encoder, Multi-Krum's average, norm bounding) then follows the
-  attackers' deltas (vulnerability 4).
+  attackers' deltas (a server that trusts reported weights).
 - `adaptive`: the knowledge turned against whichever `defence` the config names: `fortress` ->
   `ramp`; `none` -> A-hum; `norm_bound` -> the whole norm budget on the target rows (no encoder
   part), at the bound (the config's, or the simulated median norm); `median` / `trimmed_mean` ->

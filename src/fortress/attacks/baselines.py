@@ -14,11 +14,10 @@
   rows and the encoder, the target rows boosted. Bhagoji et al. boost by the inverse of the
   attacker's share of the aggregate; a target row is averaged over the clients that upload it,
   about clients_per_round x n_neg / n_items benign ones (they sampled it as a negative), so the
-  factor is 1 + clients_per_round x n_neg / n_items (13.6 on amazon-cell-phones with the default
-  protocol), computed from protocol parameters every client knows. Choices: the score is the
-  target's log-probability over the client's sub-table, not the raw logit, because ascent on the
-  raw logit never saturates and, at the protocol's learning rate, diverged the global model within
-  40 rounds; the encoder delta is not boosted (its share is 1 / clients_per_round, and a 256x
+  factor is 1 + clients_per_round x n_neg / n_items, computed from protocol parameters every
+  client knows. Choices: the score is the target's log-probability over the client's sub-table,
+  not the raw logit, because ascent on the raw logit never saturates and, at the protocol's
+  learning rate, diverges the global model; the encoder delta is not boosted (its share is 1 / clients_per_round, and a 256x
   boost of the shared encoder breaks the model at once, which is no longer a promotion attack).
 """
 from __future__ import annotations

@@ -21,31 +21,22 @@ Each malicious client is a synthetic user built without any private data. Every 
 4. uploads what a benign client uploads: every row of its sub-table (own items, target,
    alternatives, sampled negatives) and the encoder, times `attack_scale` (default 1).
 
-Choices the paper leaves open for a sequential model, and why (measured on amazon-cell-phones,
-FedAvg-SASRec from a clean 1,000-round model, 1% malicious clients, ER@10 of 4,000 test users
-after every round, mean over rounds 11-20 or 11-40, one seed; ER swings by +-0.3 from one round
-to the next, so differences below ~0.1 are noise):
-- plausible histories: uniformly random histories (the paper's random interactions, our
-  previous version) gave a mean ER@10 of 0.34; histories sampled from the model 0.53-0.55;
-  keeping the hardest of 8 / 32 / 128 sampled ones 0.59 / 0.62 / 0.58 (at temperature 2:
-  0.70 for 32; 3: 0.52). Sampled histories look like real users to the model, so what the
-  attack teaches transfers to real users; keeping the hardest one (A-hum's idea, applied to
-  discrete plausible histories) spreads the promotion over the users the target does not reach
-  yet, instead of piling it onto users who already see it. The `random` baseline reached 0.23
-  and A-hum 0.89 in the same protocol;
+Choices the paper leaves open for a sequential model, and why (the measurements behind them are
+in docs/results/attack-design.md):
+- plausible histories sampled from the model, the hardest of `attack_pool` kept: they beat
+  uniformly random histories (the paper's random interactions). Sampled histories look like real
+  users to the model, so what the attack teaches transfers to real users; keeping the hardest one
+  (A-hum's idea, applied to discrete plausible histories) spreads the promotion over the users the
+  target does not reach yet, instead of piling it onto users who already see it;
 - the user representation is the encoder's output after each prefix of the fake sequence (the
   prefixes never contain the target), so one synthetic user gives `attack_len - 1` contexts;
 - alternatives are fixed per round from the broadcast model (not recomputed during local steps);
-- the three terms have weight 1: with BPR alone the target reached the top-10 of 97-100% of
-  synthetic users but of only 27-40% of real users (BPR stops pushing once the target beats the
-  few alternatives); a top-10 hinge instead of full-softmax promotion gave 0.32;
-- no boosting by default (`attack_scale` 1). The unscaled upload is already about twice a
-  benign one (norm ~22 against a benign median of 10-11 and maximum of 21-24 in a round; the
-  target row moves by ~10 where the largest row of the table has norm 3.3-4.3). Boosting did not help: the whole
-  upload x2 gave 0.50 (unscaled 0.56 in that run), the target rows x (1 + clients x n_neg /
-  n_items / m) capped at the table's largest row norm 0.18, uncapped x13.6 and 3 local steps
-  instead of 1 made the global model diverge (benign updates then exceed `max_update_norm`).
-  `attack_scale` is there to study norm-based defences;
+- the three terms have weight 1: BPR alone reaches the synthetic users but not the real ones
+  (it stops pushing once the target beats the few alternatives), and a top-10 hinge promotes
+  less than the full softmax;
+- no boosting by default (`attack_scale` 1): the unscaled upload is already larger than a benign
+  one, and boosting either did not help or made the global model diverge (benign updates then
+  exceed `max_update_norm`). `attack_scale` is there to study norm-based defences;
 - the local steps run with the model's dropout, like an honest client's.
 Without steps 1-4 this is the `random` baseline (a data-poisoning fake user).
 """
