@@ -128,6 +128,28 @@ def test_missing_spec_and_bad_jobs(tmp_path, capsys):
     assert code == 2 and "--jobs 0: must be >= 1" in capsys.readouterr().err
 
 
+def test_missing_plot_extra_is_one_line_before_any_cell_runs(tmp_path):
+    """Without matplotlib a spec with figures stops at once (exit 2, what to install), not after its cells."""
+    spec = spec_file(tmp_path, TINY.replace('[datasets.broken]\ndata = "BROKEN"\n', "") + """
+[sensitivity]
+method = "FedAvg"
+seeds = [0]
+[sensitivity.sweeps]
+lr = [0.5, 1.0]
+""")
+    hide = "import sys; sys.modules['matplotlib'] = None; from fortress.cli import main; sys.exit(main(sys.argv[1:]))"
+    res = subprocess.run([sys.executable, "-c", hide, "experiment", str(spec), "--out", str(tmp_path / "out"),
+                          "--quiet"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "pip install 'fortress[plot]'" in res.stderr, res.stderr
+    assert not (tmp_path / "out" / "cells").exists()
+    # a spec without figures needs no matplotlib (--dry-run: nothing runs either way)
+    plain = spec_file(tmp_path / "plain")
+    res = subprocess.run([sys.executable, "-c", hide, "experiment", str(plain), "--out", str(tmp_path / "o2"),
+                          "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
 def test_cells_are_shared_by_what_they_compute(tmp_path):
     text = TINY + """
 [ablation]

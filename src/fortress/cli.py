@@ -67,11 +67,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def missing(module: str) -> bool:
+    """Whether `module` cannot be imported (without importing it; None in sys.modules counts as missing)."""
+    import importlib.util
+    if module in sys.modules:
+        return sys.modules[module] is None
+    return importlib.util.find_spec(module) is None
+
+
+def check_plot_extra(plan) -> None:
+    """A spec whose report draws figures needs matplotlib: say so before any cell runs, not after."""
+    if (plan.figures or any(e.section == "sensitivity" for e in plan.entries)) and missing("matplotlib"):
+        raise InputError(f"{plan.spec}: its report draws figures ([sensitivity] or [[figures]]) and needs "
+                         "matplotlib, which is not installed: pip install 'fortress[plot]'")
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from fortress import experiments, report
     if args.jobs < 1:
         raise InputError(f"--jobs {args.jobs}: must be >= 1")
     plan = experiments.load(args.spec, args.out)          # the whole spec is checked before anything runs
+    check_plot_extra(plan)                                 # ... and what its report needs is installed
     if args.dry_run:
         done = 0
         for cell in plan.cells.values():
