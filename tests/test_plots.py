@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fortress.cli import main
-from fortress.plots import prefix_states, step_length
+from fortress.plots import embedding_figure, prefix_states, pyplot, step_length, trajectory_figure
 from fortress.recommend import load_run
 
 SMALL = ["--data", "synthetic", "--set", "synthetic_users=300", "--set", "synthetic_items=50", "--set", "dim=16",
@@ -59,3 +59,37 @@ def test_plot_and_key_errors_are_one_line(runs, capsys, tmp_path):
         assert main(["run", "--data", "synthetic", "--out", str(tmp_path / "o"), "--set", "mode=fortress",
                      "--set", setting]) == 2
         assert expect in capsys.readouterr().err
+
+
+def assert_readable(fig) -> None:
+    """What every figure needs: a title, labelled axes and a legend on every panel."""
+    assert fig._suptitle is not None and fig._suptitle.get_text()
+    for ax in fig.axes:
+        assert ax.get_title(), "panel without a title"
+        assert ax.get_xlabel() and ax.get_ylabel(), f"unlabelled axis in {ax.get_title()!r}"
+        assert ax.get_legend() is not None, f"no legend in {ax.get_title()!r}"
+        assert "run-" not in ax.get_title(), "a cell hash as a title"
+        if ax.get_xticklabels() and any(t.get_text().startswith("(") for t in ax.get_xticklabels()):
+            assert ax.get_xlabel()                              # categorical axes are named too
+
+
+def test_trajectory_figure_is_readable_and_shows_the_steps(runs):
+    plt = pyplot()
+    fig, steps = trajectory_figure(plt, [runs / "temporal", runs / "no_temporal"], 4, 5, 0)
+    assert_readable(fig)
+    *paths, bars = fig.axes
+    assert len(paths) == 2 and "temporal term on (λ2=0.01)" in paths[0].get_title()
+    assert "temporal term off" in paths[1].get_title() and "seed 0" in paths[1].get_title()
+    assert len(paths[0].get_legend().get_texts()) == 4                   # one entry per user
+    heights = [b.get_height() for b in bars.patches]
+    assert heights == pytest.approx(list(steps.values()))               # the bar panel shows each run's step
+    assert bars.get_ylim()[0] == 0 and [t.get_text() for t in bars.get_xticklabels()] == ["(a)", "(b)"]
+    plt.close(fig)
+
+
+def test_embedding_figure_is_readable(runs):
+    plt = pyplot()
+    fig, stats = embedding_figure(plt, [runs / "temporal", runs / "no_temporal"], 0.1, ["i3"], 20, 0)
+    assert_readable(fig)
+    assert all(ax.get_ylim()[0] >= 0 for ax in fig.axes[2:])             # histograms: densities
+    plt.close(fig)

@@ -100,3 +100,23 @@ def test_report_sections(tmp_path):
     assert (tmp_path / "figures" / "sensitivity-toy-lambda_cl.png").stat().st_size > 5000
     assert text.count("| ok | 1.5 |") == len(p.cells) - 1 and "| failed | 1.5 |" in text
     assert "`fortress run --data synthetic --out " in text
+
+
+def test_sensitivity_figure_shows_seeds_labels_and_no_negative_er():
+    series = {"HR@10": [[0.30, 0.32], [0.31, 0.35], []], "NDCG@10": [[0.15, 0.16], [0.15, 0.17], []],
+              "ER@10": [[0.0, 0.01], [0.0, 0.0], [0.02, 0.0]], "ER@10 last": [[0.0, 0.0], [0.0, 0.01], [0.0, 0.0]]}
+    fig = report.sensitivity_figure("lambda_cl", ["0.0", "0.02", "0.1"], series, "A-hum 1%", "Sensitivity to λ1 on toy")
+    assert fig._suptitle.get_text() == "Sensitivity to λ1 on toy"
+    clean, er = fig.axes
+    for ax in fig.axes:
+        assert ax.get_title() and ax.get_ylabel() and "swept value" in ax.get_xlabel()
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0.0", "0.02", "0.1"]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "each seed" in labels and sum("mean ± std" in t for t in labels) == 2
+        assert ax.get_ylim()[0] == 0                         # a std bar must not take a share below 0
+    assert "ER@10" in er.get_ylabel() and "HR@10" in clean.get_ylabel()
+    from matplotlib.collections import PathCollection
+    import matplotlib.pyplot as plt
+    for ax, n in ((clean, 8), (er, 12)):                      # every seed's value is a dot
+        assert sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)) == n
+    plt.close(fig)

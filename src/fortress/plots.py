@@ -16,7 +16,8 @@ from fortress.recommend import load_run
 from fortress.simulate import pad_left
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or a one-line error naming the extra to install."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -73,13 +74,21 @@ def step_length(states: list[torch.Tensor]) -> float:
     return float(steps.mean())
 
 
-def label(blob: dict, run_dir: Path) -> str:
-    cfg = blob["config"]
+MODES = {"fedavg": "FedAvg", "fortress": "FORTRESS clients", "central": "central", "pop": "most popular"}
+BACKBONES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec"}
+
+
+def describe(cfg: dict) -> str:
+    """A run in words for a figure title: training, backbone, temporal term, defence, attack, seed."""
+    parts = [f"{MODES.get(cfg['mode'], cfg['mode'])}-{BACKBONES.get(cfg['backbone'], cfg['backbone'])}"]
     if cfg["mode"] == "fortress":
-        temp = f"temporal on (λ2={cfg['lambda_temp']:g})" if cfg["temporal"] and cfg["lambda_temp"] > 0 else "temporal off"
-    else:
-        temp = "no temporal term"
-    return f"{run_dir.name}: {cfg['mode']}/{cfg['backbone']}, {temp}"
+        on = cfg["temporal"] and cfg["lambda_temp"] > 0
+        parts.append(f"temporal term {'on (λ2=' + format(cfg['lambda_temp'], 'g') + ')' if on else 'off'}")
+    if cfg.get("defence", "none") != "none":
+        parts.append(f"defence {cfg['defence']}")
+    if cfg.get("attack", "none") != "none":
+        parts.append(f"attack {cfg['attack']} {cfg['attack_ratio'] * 100:g}%")
+    return ", ".join(parts) + f", seed {cfg['seed']}"
 
 
 def sample_users(blob: dict, n_users: int, min_len: int, seed: int) -> list[int]:
@@ -93,34 +102,59 @@ def sample_users(blob: dict, n_users: int, min_len: int, seed: int) -> list[int]
 
 def trajectories(run_dirs: list[str | Path], out: str | Path, n_users: int = 6, min_len: int = 8,
                  seed: int = 0) -> tuple[Path, dict[str, float]]:
-    """One panel per run: prefix trajectories of the same sampled users, PCA to 2-D, as a PNG.
+    """One panel per run: prefix trajectories of the same sampled users, PCA to 2-D; a last panel: the
+    step between consecutive prefixes per run (what a temporal term should shorten), as a PNG.
 
     Returns the PNG path and each run's mean step between consecutive prefixes of those users.
     """
-    plt = _pyplot()
+    plt = pyplot()
+    fig, steps = trajectory_figure(plt, run_dirs, n_users, min_len, seed)
+    return save(plt, fig, out, 120), steps
+
+
+def trajectory_figure(plt, run_dirs: list[str | Path], n_users: int, min_len: int, seed: int):
+    """The trajectories figure and each run's mean step (see `trajectories`)."""
     run_dirs, blobs = load_runs(run_dirs, "user representations", "trajectories need the same users")
     users = sample_users(blobs[0], n_users, min_len, seed)
-    steps = {}
-    fig, axes = plt.subplots(1, len(blobs), figsize=(5.5 * len(blobs), 5), squeeze=False)
+    lengths = np.diff(blobs[0]["seq_ptr"].numpy())
+    steps, per_user = {}, []
+    fig, axes = plt.subplots(1, len(blobs) + 1, figsize=(5 * (len(blobs) + 1), 5), squeeze=False)
     colours = plt.get_cmap("tab10")
-    for ax, r, blob in zip(axes[0], run_dirs, blobs):
+    for n, (ax, r, blob) in enumerate(zip(axes[0], run_dirs, blobs)):
         states = prefix_states(blob, users)
         allp = torch.cat(states)                                                 # (P, d)
         mean = allp.mean(0)
         _, _, v = torch.linalg.svd(allp - mean, full_matrices=False)              # principal axes
-        for i, s in enumerate(states):
+        for i, (u, s) in enumerate(zip(users, states)):
             xy = ((s - mean) @ v[:2].T).numpy()                                   # (n, 2)
             c = colours(i % 10)
-            ax.plot(xy[:, 0], xy[:, 1], "-", color=c, alpha=0.8, lw=1.2)
+            ax.plot(xy[:, 0], xy[:, 1], "-", color=c, alpha=0.8, lw=1.2,
+                    label=f"user {blob['user_ids'][u]} ({int(lengths[u])} items)")
             ax.scatter(xy[:, 0], xy[:, 1], s=np.linspace(6, 30, len(xy)), color=c, zorder=3)
             ax.annotate("", xy[-1], xy[-2], arrowprops=dict(arrowstyle="->", color=c))
         steps[str(r)] = step_length(states)
-        ax.set_title(f"{label(blob, r)}\nmean step between prefixes {steps[str(r)]:.3f}", fontsize=9)
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
-    fig.suptitle(f"User representations of growing prefixes ({len(users)} users with >= {min_len} items, "
-                 "unit-normalised, PCA per run)", fontsize=10)
-    return save(plt, fig, out, 120), steps
+        per_user.append([float((s[1:] - s[:-1]).norm(dim=-1).mean()) for s in states])
+        ax.set_title(f"({chr(97 + n)}) {describe(blob['config'])}", fontsize=9)
+        ax.set_xlabel("PC 1 of the unit-normalised representations")
+        ax.set_ylabel("PC 2 of the unit-normalised representations")
+        ax.legend(fontsize=7, title="dots grow with the prefix; arrow: last step", title_fontsize=7)
+    ax = axes[0, -1]
+    x = np.arange(len(blobs))
+    ax.bar(x, [steps[str(r)] for r in run_dirs], yerr=[float(np.std(p, ddof=1)) if len(p) > 1 else 0.0
+                                                         for p in per_user],
+           capsize=4, color="0.7", label="mean over all steps ± std over users")
+    for n, p in enumerate(per_user):
+        ax.scatter(np.full(len(p), n), p, s=14, color=[colours(i % 10) for i in range(len(p))], zorder=3,
+                   label="each user's mean step" if n == 0 else None)
+    ax.set_xticks(x, [f"({chr(97 + n)})" for n in range(len(blobs))])
+    ax.set_xlabel("run (panels to the left)")
+    ax.set_ylabel("step between consecutive prefixes\n(chord distance of unit vectors, 0 to 2)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("how far a representation moves per new item\n(shorter = smoother trajectory)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"User representations over growing prefixes: {len(users)} users with ≥ {min_len} items, "
+                 "the same users in every run, PCA per run", fontsize=10)
+    return fig, steps
 
 
 def run_targets(run_dir: Path, blob: dict, explicit: list[str] | None) -> list[int]:
@@ -156,7 +190,14 @@ def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float 
     share of other items whose direction is closer to the popular items than the targets', and
     the targets' length in popular median norms.
     """
-    plt = _pyplot()
+    plt = pyplot()
+    fig, stats = embedding_figure(plt, run_dirs, popular_frac, targets, sample, seed)
+    return save(plt, fig, out, 110), stats
+
+
+def embedding_figure(plt, run_dirs: list[str | Path], popular_frac: float, targets: list[str] | None,
+                     sample: int, seed: int):
+    """The embeddings figure and its per-run statistics (see `embeddings`)."""
     run_dirs, blobs = load_runs(run_dirs, "item embeddings", "the figure compares the same items")
     counts = blobs[0]["pop_counts"].double()                                     # (N+1,)
     n_items = len(counts) - 1
@@ -177,10 +218,9 @@ def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float 
         ax.scatter(*xy(rest).T, s=3, color="0.75", label=f"other items ({len(rest)} sampled)")
         ax.scatter(*xy(popular).T, s=10, color="tab:blue", label=f"popular (top {k} by train count)")
         ax.scatter(*xy(tgt).T, s=160, marker="*", color="tab:red", edgecolor="k", label="target")
-        ax.set_title(f"{r.name}: {blob['config']['mode']}, defence {blob['config'].get('defence', 'none')}, "
-                     f"attack {blob['config'].get('attack', 'none')}", fontsize=9)
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
+        ax.set_title(describe(blob["config"]), fontsize=9)
+        ax.set_xlabel("PC 1 of the item embeddings")
+        ax.set_ylabel("PC 2 of the item embeddings")
         ax.legend(fontsize=7, loc="best")
         d_t = popular_distances(table, popular, tgt)                             # (T, k)
         d_r = popular_distances(table, popular, rest)                            # (R, k)
@@ -191,13 +231,13 @@ def embeddings(run_dirs: list[str | Path], out: str | Path, popular_frac: float 
         med_t = float(d_t.median())
         closer = float((d_r.median(1).values < med_t).double().mean())
         length = float(table[tgt].norm(dim=1).mean() / table[popular].norm(dim=1).median())
-        ax.axvline(med_t, color="tab:red", ls="--")
-        ax.set_xlabel("chord distance of directions to popular items (sqrt 2 = orthogonal)")
-        ax.set_ylabel("density")
+        ax.axvline(med_t, color="tab:red", ls="--", label="targets' median")
+        ax.set_xlabel("chord distance to popular items' directions (0 to 2; √2 = orthogonal)")
+        ax.set_ylabel("density (per unit of distance)")
         ax.set_title(f"targets' median distance {med_t:.2f}; {closer:.0%} of other items are closer;\n"
                      f"target length {length:.2f} popular norms", fontsize=9)
         ax.legend(fontsize=7)
         stats[str(r)] = {"target_median_distance": med_t, "other_items_closer": closer, "target_length": length}
     fig.suptitle("Item embeddings (PCA of all items per run) and the directions' target-to-popular distances",
                  fontsize=10)
-    return save(plt, fig, out, 110), stats
+    return fig, stats

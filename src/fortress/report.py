@@ -117,34 +117,52 @@ def grid_tables(entries: list[Entry], got: dict[str, dict[str, float]], er: str,
     return table(rows, cols, values, seeds, first)
 
 
-def sensitivity_plot(path: Path, key: str, values: list[str], series: dict[str, list[list[float]]],
-                     attack: str | None) -> None:
-    """Clean HR@10 / NDCG@10 over the swept values and, with an attack, its ER@10 (error bars: std over seeds)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = [("clean accuracy", ["HR@10", "NDCG@10"])]
+def sensitivity_figure(key: str, values: list[str], series: dict[str, list[list[float]]], attack: str | None,
+                       title: str):
+    """Clean HR@10 / NDCG@10 over the swept values and, with an attack, its ER@10: every seed as a dot,
+    their mean with error bars of one sample std (one seed: no bar). Returns the matplotlib Figure."""
+    from fortress.plots import pyplot
+    plt = pyplot()
+    panels = [("clean accuracy (no attack)", "test HR@10 / NDCG@10 (share of test users)", ["HR@10", "NDCG@10"])]
     if attack:
-        panels.append((f"ER@10 under {attack}", ["ER@10", "ER@10 last"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+        panels.append((f"target exposure under {attack}", "ER@10 (share of eligible test users)",
+                       ["ER@10", "ER@10 last"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
     x = np.arange(len(values))
-    for ax, (title, names) in zip(axes[0], panels):
-        for name in names:
+    for ax, (panel, ylabel, names) in zip(axes[0], panels):
+        seed_label = "each seed"                                # in the legend once per panel
+        for j, name in enumerate(names):
+            label = name.replace(" last", ", mean of last evaluations") + (" (final)" if name.startswith("ER") and
+                                                                             "last" not in name else "")
             pts = [(i, np.mean(v), std(v)) for i, v in enumerate(series[name]) if v]
-            if pts:
-                i, m, s = map(np.array, zip(*pts))
-                label = name.replace(" last", " (mean of last evaluations)")
-                ax.errorbar(x[i.astype(int)], m, yerr=s, marker="o", capsize=3, label=label)
+            if not pts:
+                continue
+            shift = (j - (len(names) - 1) / 2) * 0.08          # side by side, so the bars do not overlap
+            i, m, s = map(np.array, zip(*pts))
+            line = ax.errorbar(x[i.astype(int)] + shift, m, yerr=np.nan_to_num(s), marker="o", capsize=3,
+                               label=f"{label}, mean ± std")
+            for k, v in enumerate(series[name]):
+                if v:
+                    ax.scatter(np.full(len(v), x[k] + shift), v, s=12, alpha=0.45, color=line[0].get_color(),
+                               label=seed_label)
+                    seed_label = None
         ax.set_xticks(x, values)
-        ax.set_xlabel(KEY_NAMES.get(key, key))
-        ax.set_title(title)
+        ax.set_xlabel(KEY_NAMES.get(key, key) + " (swept value)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel, fontsize=10)
+        ax.set_ylim(bottom=0)                                   # shares: never below 0
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def sensitivity_plot(path: Path, key: str, values: list[str], series: dict[str, list[list[float]]],
+                     attack: str | None, title: str = "") -> Path:
+    """The sensitivity figure as a PNG."""
+    from fortress.plots import pyplot, save
+    fig = sensitivity_figure(key, values, series, attack, title or f"Sensitivity to {KEY_NAMES.get(key, key)}")
+    return save(pyplot(), fig, path, 120)
 
 
 def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Path) -> list[str]:
@@ -165,7 +183,9 @@ def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Pa
                 if n in m and n in series:
                     series[n][values.index(e.value)].append(m[n])
         png = root / "figures" / f"sensitivity-{ds}-{key}.png"
-        sensitivity_plot(png, key, values, series, att)
+        n_seeds = len({e.seed for e in es})
+        sensitivity_plot(png, key, values, series, att,
+                         f"Sensitivity to {KEY_NAMES.get(key, key)} on {ds} ({n_seeds} seed{'s' * (n_seeds != 1)})")
         heads = ["HR@10", "NDCG@10"] + ([f"ER@10 {att}", f"ER@10 {att} (mean of last evaluations)"] if att else [])
         lines += [f"### {KEY_NAMES.get(key, key)} on {ds}", "", f"![sensitivity to {key}]({png.relative_to(root)})", "",
                   f"| {key} | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
