@@ -277,7 +277,8 @@ def test_resolve_and_shared_dir(tmp_path, monkeypatch):
     assert resolve(str(tmp_path / "mine" / "x.txt")) == tmp_path / "mine" / "x.txt"
     with pytest.raises(InputError) as err:
         resolve("nothing-here")
-    assert str(err.value) == f"data 'nothing-here' not found (looked at nothing-here and {tmp_path}/nothing-here)"
+    assert str(err.value) == (f"data 'nothing-here' not found (looked at nothing-here and {tmp_path}/nothing-here; "
+                              "$FORTRESS_DATA names the folder of shared datasets)")
 
 
 def test_describe(tmp_path):

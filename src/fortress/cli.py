@@ -155,7 +155,8 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
     values: dict[str, object] = {k.replace("_", "-"): getattr(cfg, k) for k in given}
     values.update({"data": args.data, "resume": args.resume})
     folder = Path(args.dir)
-    if not args.certs_only:          # the server's output folder and data, checked before any process starts
+    if not args.certs_only:          # the app, the server's output folder and data, checked before any process starts
+        deploy.app_dir()
         from fortress import simulate
         simulate.check_out(folder / "out", cfg, args.resume, args.overwrite)
         simulate.check_data(cfg, _load_data(args.data, cfg.data_format, cfg.kcore, cfg))

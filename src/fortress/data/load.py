@@ -49,7 +49,8 @@ def resolve(spec: str) -> Path:
     shared = shared_dir() / spec
     if shared.exists():
         return shared
-    raise InputError(f"data '{spec}' not found (looked at {path} and {shared})")
+    raise InputError(f"data '{spec}' not found (looked at {path} and {shared}; "
+                     "$FORTRESS_DATA names the folder of shared datasets)")
 
 
 def detect_format(path: str | os.PathLike) -> str:

@@ -30,8 +30,8 @@ def app_dir() -> Path:
     root = Path(__file__).resolve().parents[3]
     project = root / "pyproject.toml"
     if not project.exists() or "[tool.flwr.app]" not in project.read_text():
-        raise InputError(f"{root}: no pyproject.toml with [tool.flwr.app]; run fortress from a source checkout "
-                         "(pip install -e .), whose pyproject.toml declares the app")
+        raise InputError(f"{root}: no pyproject.toml with [tool.flwr.app]: `flwr run` ships the Flower app from "
+                         "a source checkout; clone fortress and pip install -e '.[flower]' there")
     return root
 
 
