@@ -5,6 +5,7 @@
                              [--defences none,median,trimmed_mean,krum,norm_bound,fortress] [--full]
                              [--rounds 100] [--eval-every 20] [--jobs 2] [--runs runs/defences]
                              [--out docs/bench/defences.json]
+    python bench/defences.py --report --out JSON [--into docs/results/adaptive.md:NAME]
 
 Protocol (as bench/attacks.py, whose helpers it uses): every cell continues a clean FedAvg model
 (`--init`, or per seed a `--pretrain`-round FedAvg run) for `--rounds` rounds:
@@ -94,6 +95,20 @@ def markdown(rows: list[dict], clean: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def replace_table(doc: Path, name: str, table: str) -> None:
+    """Replace the markdown table right after the line `<!-- TABLE name -->` in `doc` (the results
+    pages keep their generated tables between such markers, so `--report --into` regenerates them)."""
+    lines = doc.read_text().split("\n")
+    marker = f"<!-- TABLE {name} -->"
+    if marker not in lines:
+        sys.exit(f"error: {doc}: no line {marker!r}")
+    start = lines.index(marker) + 1
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    doc.write_text("\n".join(lines[:start] + table.rstrip("\n").split("\n") + lines[end:]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="amazon-cell-phones")
@@ -113,10 +128,17 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/defences")
     ap.add_argument("--out", default="docs/bench/defences.json")
     ap.add_argument("--report", action="store_true", help="only print the table of an existing --out JSON")
+    ap.add_argument("--into", metavar="FILE.md:NAME",
+                    help="with --report: also replace the table after `<!-- TABLE NAME -->` in FILE.md")
     args = ap.parse_args()
     if args.report:
         blob = json.loads(Path(args.out).read_text())
-        print(markdown(blob["rows"], blob["clean_hr"]))
+        table = markdown(blob["rows"], blob["clean_hr"])
+        print(table)
+        if args.into:
+            doc, name = args.into.rsplit(":", 1)
+            replace_table(Path(doc), name, table)
+            print(f"rewrote the table {name!r} in {doc}")
         return
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def auto_threads(cores: int, load: float, ceiling: int = TORCH_THREADS) -> int:
 
     Why not every core: torch's threads meet at a barrier after every operation, so when other
     processes hold the cores a round waits for the slowest thread; on a busy machine one thread
-    is several times faster than all of them (README, Set-up).
+    is several times faster than all of them (README, Reference: Threads).
     """
     return max(1, min(cores, ceiling, int(cores - load + 0.5)))
 
