@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FORTRESS vs FedAvg (default on amazon-cell-phones): the README's table (8 rows x seeds, same rounds for all).
+# FORTRESS vs FedAvg (default on amazon-cell-phones): the table in docs/results/client-objective.md (8 rows x seeds, same rounds for all).
 #   experiments/fortress_grid.sh [OUT_ROOT=runs/fortress] [ROUNDS=1500]
 #   python experiments/fortress_table.py runs/fortress      # mean +- std table
 # Environment:
