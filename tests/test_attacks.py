@@ -279,6 +279,20 @@ def test_stealth_sits_under_every_fortress_threshold(probe):
     assert len(u.rows_item) > 6 * 64                              # spread over many rows
 
 
+def test_stealth_spreads_its_encoder_under_the_coherence_rule(probe):
+    from fortress import bounds
+    u, both, targets = attack_round(probe, "stealth", 6)
+    x = torch.nn.functional.normalize(u.dense.double(), dim=1)
+    cos = (x @ x.T)[~torch.eye(6, dtype=torch.bool)]
+    benign = torch.nn.functional.normalize(probe[4].dense.double(), dim=1)
+    _, b = bounds.coherence(benign @ benign.T, bounds.COHERENT_Q)
+    assert float(cos.min()) > 0.05 and float(cos.max()) < b + 1 / 5 + 0.05   # one common share, alpha^2 ~ b + 1/(m-1)
+    out = probe[-1]().aggregate(both, probe[3])
+    srv = probe[-1]()
+    factor, _ = srv.coherence(both.dense)
+    assert float(factor[-6:].min()) > 0.8, factor   # the attackers keep (nearly) all of their encoder
+
+
 def test_ramp_pushes_with_more_clients_as_its_earned_rate_grows(probe):
     from fortress.attacks import adaptive
     data, cfg, model, params, _, targets, _ = probe

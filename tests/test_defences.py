@@ -223,7 +223,7 @@ def test_many_small_share_rows_do_not_hide_a_crowd_on_a_cold_item():
 
 def test_an_inflated_weight_buys_nothing():
     dense, rows, weight = cold_round(40)
-    dense.append([0.2, 0.0, 0.0])
+    dense.append([0.1, 0.0, 0.0])                                   # encoder contribution 10 x 0.1 = 1, as a benign one
     rows.append((40, 1, [0.05, 0.05, 0.05, 0.05]))                   # contribution 10 x 0.1 = 1, like a benign push
     weight.append(10.0)
     honest = server().aggregate(updates(dense, rows, weight), {})
@@ -234,6 +234,40 @@ def test_an_inflated_weight_buys_nothing():
         assert float(liar.weights[-1]) < 0.1                        # the log shows it lost its claimed weight
     fed = fedavg(updates(dense, rows, weight[:-1] + [1e9]))         # FedAvg hands the liar the row
     assert float(fed.rows_delta[fed.rows_item == 1].norm()) > 10 * target_update(honest)
+
+
+def test_clients_pushing_the_encoder_one_way_weigh_about_one_client():
+    g = torch.Generator().manual_seed(0)
+    P, n, k = 400, 60, 8
+    benign = torch.randn(n, P, generator=g, dtype=D)                # honest encoder deltas: unrelated directions
+    common = torch.randn(P, generator=g, dtype=D)
+    common = common / common.norm() * benign.norm(dim=1).median()
+    dense = torch.cat([benign, common.expand(k, P)])                # k clients, one direction, a benign norm each
+    rows = [(c, 2 + c, [0.1, 0.1, 0.1, 0.1]) for c in range(n + k)]          # one own item each
+    u = updates(dense.tolist(), rows, [5.0] * (n + k))
+    out = server().aggregate(u, {})
+    assert out.log["coherent_scaled"] == k
+    assert (out.weights[:n] == 1).all()                             # honest clients keep their encoder
+    # the k clients' factor is 1 / their coherence excess, (k - 1)(1 - b): together about one client
+    b = out.log["coherent_cos"]
+    assert 0 < b < 0.3
+    assert torch.allclose(out.weights[n:], torch.full((k,), 1 / ((k - 1) * (1 - b)), dtype=D), rtol=0.05)
+    # the aggregate along the common direction, in units of one client's push (weights 5, n + k clients);
+    # the honest noise along it has a standard deviation of about sqrt(n / P) = 0.39 of that
+    along = float(out.aggregate.dense @ common / common.norm() ** 2) * (n + k)
+    assert 0.2 < along < 2.5
+    plain = float(fedavg(u).dense @ common / common.norm() ** 2) * (n + k)
+    assert plain > k - 2.5                                          # FedAvg: k clients' worth
+
+
+def test_an_honest_round_loses_nothing_to_the_coherence_rule(benign_rounds):
+    # rounds of a fresh model, where honest encoder deltas agree most: a few clients may share a
+    # direction with many others, but the encoder average keeps nearly all of the honest weight
+    ds, _, rounds = benign_rounds
+    srv = FortressServer(FortressConfig.from_config(Config(server_steps=0)), ds.n_items)
+    for u in rounds:
+        factor, b = srv.coherence(u.dense)
+        assert float(factor.mean()) > 0.97 and int((factor < 1).sum()) <= 0.1 * u.n, (factor, b)
 
 
 def test_a_slow_ramp_earns_a_rate_no_faster_than_its_allowance():

@@ -93,3 +93,38 @@ def allowance(rate: torch.Tensor, p_flag: float, cap: float) -> torch.Tensor:
         ok = torch.special.gammainc(mid, rate) >= p_flag
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     return torch.where(ok_hi, hi, lo).clamp(min=1.0)
+
+
+# --- coordinated encoder pushes ---------------------------------------------------------------
+# Honest clients' encoder updates are close to orthogonal to each other (each follows its own short
+# history; their pairwise cosines sit near 0), so a round's encoder average is mostly noise that
+# cancels, and a few clients that all push one direction move it far more than their number says.
+# A client whose encoder contribution points the way of many others' beyond what honest pairs show
+# is counted, with them, as about one client.
+SKETCH = 2048          # width of the random sketch the pairwise cosines are taken on
+COHERENT_Q = 0.95      # a pair is coherent when its cosine is above this quantile of the round's pairs (robust
+                       # while the attackers hold fewer than ~20% of the clients, i.e. 5% of the pairs)
+
+
+def sketch(x: torch.Tensor, width: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, P) -> (n, width): a CountSketch (each coordinate added, with a random sign, to a random
+    column), drawn anew from `gen`; inner products are kept up to ~1/sqrt(width) of the norms."""
+    P = x.shape[1]
+    col = torch.randint(0, width, (P,), generator=gen)
+    sign = torch.randint(0, 2, (P,), generator=gen).to(x.dtype) * 2 - 1
+    return torch.zeros(x.shape[0], width, dtype=x.dtype).index_add_(1, col, x * sign)
+
+
+def coherence(cos: torch.Tensor, q: float) -> tuple[torch.Tensor, float]:
+    """Each client's coherence excess x_c = sum over other clients of max(0, cos - b), b the q-quantile of
+    the round's pairwise cosines (a minority of pairs cannot move it). cos (n, n) -> ((n,), b)."""
+    n = cos.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    b = float(cos[off].quantile(q)) if n > 2 else 1.0
+    return ((cos - b).clamp(min=0) * off).sum(1), b
+
+
+def coherence_factor(excess: torch.Tensor) -> torch.Tensor:
+    """(n,) factor on each encoder contribution: 1 up to one duplicate's worth of excess, then 1 / excess
+    (k identical clients then weigh about one client together)."""
+    return 1.0 / excess.clamp(min=1.0)

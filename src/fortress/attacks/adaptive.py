@@ -19,7 +19,10 @@ targets for mined hard users) is the direction; each attack shapes its size:
   the estimated clips; as many clients push the target as the allowance of a cold item's rate
   (the floor) permits, the others stay under the push threshold (UNSEEN of it: uncounted); each client
   also uploads SPREAD random rows with tiny deltas (defeats any per-client share rule) and reports
-  the weight of its fake sequence (coordinated splitting of one push over many clients).
+  the weight of its fake sequence (coordinated splitting of one push over many clients). Against the
+  coherence rule, each encoder delta keeps only the share alpha along the attackers' common direction
+  that the rule lets through (pairwise cosines alpha^2 = SAFETY x (the estimated coherent-pair cosine
+  + 1 / (m - 1))) and spends the rest of its norm on a direction of its own.
 - `ramp` (history building): as `stealth`, but the number of full pushers follows the
   allowance of the rate its own pushes have earned so far (the server's public update rule,
   replayed from the attack's first round), so the target's rate climbs as fast as the rule allows.
@@ -103,6 +106,32 @@ def with_spread(view: AttackView, u: Updates, size: float) -> Updates:
                    rows_item=torch.cat([u.rows_item, items.reshape(-1)]), rows_delta=torch.cat([u.rows_delta, delta]))
 
 
+def coherent_share(sim: Updates, m: int) -> float:
+    """The share alpha of each attacker's encoder contribution that may point the common way: with
+    pairwise cosines alpha^2 the coherence excess of each of m attackers is about
+    (m - 1)(alpha^2 - b), b the coherent-pair cosine, estimated on the simulated uploads; the
+    rule lets an excess of 1 through, so alpha^2 = SAFETY (b + 1 / (m - 1))."""
+    if m < 2:
+        return 1.0
+    x = torch.nn.functional.normalize(sim.dense.double(), dim=1)
+    _, b = bounds.coherence(x @ x.T, bounds.COHERENT_Q)
+    return min(1.0, SAFETY * (max(b, 0.0) + 1.0 / (m - 1))) ** 0.5
+
+
+def spread_encoder(view: AttackView, u: Updates, alpha: float) -> Updates:
+    """Each client's encoder delta: alpha along the clients' common direction, the rest of its norm
+    along a direction of its own (random), so that pairwise cosines are about alpha^2."""
+    if alpha >= 1.0:
+        return u
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([*view.seed, 0x5C]).integers(2 ** 62)))
+    norm = u.dense.norm(dim=1, keepdim=True)                                        # (m, 1)
+    common = torch.nn.functional.normalize(u.dense.sum(0), dim=0)                  # (P,)
+    own = torch.randn(u.dense.shape, generator=gen, dtype=u.dense.dtype)           # (m, P)
+    own = own - (own @ common)[:, None] * common
+    own = torch.nn.functional.normalize(own, dim=1)
+    return replace(u, dense=norm * (alpha * common + (1 - alpha ** 2) ** 0.5 * own))
+
+
 def fortress_scales(view: AttackView, sim: Updates) -> tuple[float, float, float]:
     """(C_row, C_dense, rate floor) the FORTRESS rules would set on a round like the simulated one."""
     c = view.cfg
@@ -140,6 +169,7 @@ def under_fortress(view: AttackView, rate: float | None) -> Updates:
     u = payload(view)
     counted = torch.arange(view.m) < allowed                                        # (m,) who pushes in full
     row = torch.where(counted, torch.tensor(SAFETY * c_row), torch.tensor(UNSEEN * c.push_frac * c_row))
+    u = spread_encoder(view, u, coherent_share(sim, view.m))
     u = shape(u, row.double(), torch.full((view.m,), SAFETY * c_dense, dtype=torch.float64))
     return with_spread(view, u, SPREAD_SIZE * c_row)
 

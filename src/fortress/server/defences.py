@@ -61,7 +61,7 @@ def _stateless(name: str) -> Callable[[Any, int], Stateless]:
 
 DEFENCES: dict[str, Callable[[Any, int], Any]] = {
     "none": _stateless("none"),
-    "fortress": lambda cfg, n_items: FortressServer(FortressConfig.from_config(cfg), n_items),
+    "fortress": lambda cfg, n_items: FortressServer(FortressConfig.from_config(cfg), n_items, cfg.seed),
     "median": _stateless("median"),
     "trimmed_mean": _stateless("trimmed_mean"),
     "krum": _stateless("krum"),

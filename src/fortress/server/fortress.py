@@ -16,6 +16,12 @@ Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
    w_eff as FedAvg does, so a reported weight only buys a larger denominator. Medians: a minority
    cannot move them, and there is no per-client share or norm rank to game (an L1 share can be
    diluted with many small rows; a clip per row cannot).
+   Coherence: honest encoder deltas point in nearly unrelated directions, so a round's encoder
+   average is mostly noise that cancels, and clients that all push one way move it far more than
+   their number. Each client's coherence excess is the sum, over the other clients, of how far the
+   cosine of their encoder deltas exceeds the round's 99th-percentile pair cosine (taken on a
+   random sketch, fresh each round); a client with an excess above 1 has its encoder contribution
+   divided by it, so that k clients pushing one direction weigh about one client (`fortress.bounds`).
 2. Push mass. A row's clipped contribution in units of C_row is its push-equivalent e in [0, 1]
    (a client's own next item gives about 1, a sampled negative about a hundredth); rows with
    e >= push_frac push their item. The item's push mass m_i = the sum of its pushes' e this round:
@@ -157,11 +163,12 @@ class FortressServer:
 
     name = "fortress"
 
-    def __init__(self, fc: FortressConfig, n_items: int):
+    def __init__(self, fc: FortressConfig, n_items: int, seed: int = 0):
         self.fc, self.n_items = fc, n_items
         self.rate = torch.zeros(n_items + 1, dtype=torch.float64)                 # push mass per round, running mean
         self.last_flagged = torch.full((n_items + 1,), -HORIZON - 1, dtype=torch.int64)
         self.rounds = 0
+        self.gen = torch.Generator().manual_seed(seed)
 
     def n_popular(self) -> int:
         """|P|: popular_frac of the catalogue, at least knn + 1 so that L_var has neighbours."""
@@ -193,9 +200,10 @@ class FortressServer:
         row_scale = torch.where(push, item_scale[u.rows_item], torch.ones_like(row_norm))  # (M,)
         rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(0, u.rows_client, row_scale, "amin")
         dt = u.dense.dtype
+        coh, coh_b = self.coherence(u.dense)
         weighted = Updates(u.clients, w.to(dt), u.dense, u.rows_client, u.rows_item, u.rows_delta, u.loss)
-        agg = fedavg(weighted, rho.to(dt), row_scale.to(dt), dense_clip.to(dt), row_clip.to(dt))
-        kept = retained(u, w, row_norm, row_clip * row_scale, dense_norm, dense_clip * rho)
+        agg = fedavg(weighted, rho.to(dt), row_scale.to(dt), (dense_clip * coh).to(dt), row_clip.to(dt))
+        kept = retained(u, w, row_norm, row_clip * row_scale, dense_norm, dense_clip * rho * coh)
         # the rate learns at most the allowance, and a flagged round teaches it FLAGGED_SPEED as much
         # (after the monitor's first WARMUP rounds, in which everything is new); items flagged lately
         # stay out of P
@@ -212,8 +220,18 @@ class FortressServer:
                "push_mass": float(mass.sum()),
                "c_row": c_row, "c_dense": c_dense, "rows_clipped": int((row_clip < 1).sum()),
                "dense_clipped": int((dense_clip < 1).sum()), "down_weighted": int((rho < 1).sum()),
-               "rate_floor": floor}
+               "rate_floor": floor, "coherent_cos": coh_b, "coherent_scaled": int((coh < 1).sum())}
         return Outcome(agg, kept.to(u.weight.dtype), log, flagged, popular)
+
+    def coherence(self, dense: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(n,) coherence factors of the encoder deltas dense (n, P) (`bounds.coherence_factor`; clipping and
+        weights do not change a direction) and the round's coherent-pair cosine. The sketch is drawn from
+        the server's own generator, fresh each round, so an upload cannot be shaped against it."""
+        if dense.shape[0] < 3:
+            return torch.ones(dense.shape[0], dtype=torch.float64), 1.0
+        x = F.normalize(bounds.sketch(dense, bounds.SKETCH, self.gen).double(), dim=1)   # (n, SKETCH)
+        excess, b = bounds.coherence(x @ x.T, bounds.COHERENT_Q)
+        return bounds.coherence_factor(excess), b
 
     def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
         """Regularise the item table after the round's update (only when something was flagged)."""
@@ -224,7 +242,8 @@ class FortressServer:
             return regularise(params["item_emb"], popular, flagged, self.fc)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rate": self.rate.clone(), "last_flagged": self.last_flagged.clone(), "rounds": self.rounds}
+        return {"rate": self.rate.clone(), "last_flagged": self.last_flagged.clone(), "rounds": self.rounds,
+                "sketch_rng": self.gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()` (of a checkpoint or of a saved model); an empty state is a cold monitor."""
@@ -236,3 +255,5 @@ class FortressServer:
         self.rate = state["rate"].clone().double()
         self.last_flagged = state["last_flagged"].clone()
         self.rounds = int(state["rounds"])
+        if "sketch_rng" in state:
+            self.gen.set_state(state["sketch_rng"])
