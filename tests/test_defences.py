@@ -440,3 +440,16 @@ def test_embeddings_figure_shows_where_the_target_went(defended, capsys):
     assert length[1] < 0.5 * length[0], length
     assert main(["plot", "embeddings", str(out / "clean"), "--targets", "nosuch"]) == 2    # one-line error
     assert "--targets: item id(s) nosuch are not in the data" in capsys.readouterr().err
+
+
+def test_the_sketch_keeps_cosines():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5000, generator=g, dtype=D)
+    x[20:] = x[:20] + 0.7 * torch.randn(20, 5000, generator=g, dtype=D)          # pairs with cosine ~0.82
+    exact = torch.nn.functional.normalize(x, dim=1)
+    sk = torch.nn.functional.normalize(bounds.sketch(x, 512, torch.Generator().manual_seed(1)), dim=1)
+    err = (sk @ sk.T - exact @ exact.T).abs()
+    assert float(err.max()) < 0.2 and float(err.mean()) < 0.05                  # ~1/sqrt(512) = 0.044
+    again = bounds.sketch(x, 512, torch.Generator().manual_seed(1))
+    assert torch.equal(again, bounds.sketch(x, 512, torch.Generator().manual_seed(1)))   # deterministic per draw
+    assert bounds.sketch(x[:, :300], 512, torch.Generator().manual_seed(1)).shape == (40, 512)   # P < width

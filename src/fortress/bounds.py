@@ -107,12 +107,18 @@ COHERENT_Q = 0.95      # a pair is coherent when its cosine is above this quanti
 
 
 def sketch(x: torch.Tensor, width: int, gen: torch.Generator) -> torch.Tensor:
-    """(n, P) -> (n, width): a CountSketch (each coordinate added, with a random sign, to a random
-    column), drawn anew from `gen`; inner products are kept up to ~1/sqrt(width) of the norms."""
-    P = x.shape[1]
-    col = torch.randint(0, width, (P,), generator=gen)
-    sign = torch.randint(0, 2, (P,), generator=gen).to(x.dtype) * 2 - 1
-    return torch.zeros(x.shape[0], width, dtype=x.dtype).index_add_(1, col, x * sign)
+    """(n, P) -> (n, width): coordinate j goes to column j mod width with a random sign s1[j // width] x
+    s2[j mod width], both drawn anew from `gen`. Any two coordinates that share a column get independent
+    signs, so inner products are kept in expectation, up to ~1/sqrt(width) of the norms; the rank-one
+    sign pattern makes it one pass over x (a batched matrix-vector product)."""
+    n, P = x.shape
+    k = P // width
+    s1 = torch.randint(0, 2, (k + 1,), generator=gen).to(x.dtype) * 2 - 1
+    s2 = torch.randint(0, 2, (width,), generator=gen).to(x.dtype) * 2 - 1
+    y = torch.matmul(s1[:k], x[:, :k * width].view(n, k, width)) if k else x.new_zeros(n, width)  # (n, width)
+    tail = x[:, k * width:]                                                          # (n, P - k width)
+    y[:, :tail.shape[1]] += s1[k] * tail
+    return y * s2
 
 
 def coherence(cos: torch.Tensor, q: float) -> tuple[torch.Tensor, float]:

@@ -229,9 +229,9 @@ class FortressServer:
         the server's own generator, fresh each round, so an upload cannot be shaped against it."""
         if dense.shape[0] < 3:
             return torch.ones(dense.shape[0], dtype=torch.float64), 1.0
-        x = F.normalize(bounds.sketch(dense, bounds.SKETCH, self.gen).double(), dim=1)   # (n, SKETCH)
+        x = F.normalize(bounds.sketch(dense, bounds.SKETCH, self.gen), dim=1)          # (n, SKETCH)
         excess, b = bounds.coherence(x @ x.T, bounds.COHERENT_Q)
-        return bounds.coherence_factor(excess), b
+        return bounds.coherence_factor(excess.double()), b
 
     def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
         """Regularise the item table after the round's update (only when something was flagged)."""
