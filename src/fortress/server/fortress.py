@@ -19,7 +19,7 @@ Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
    Coherence: honest encoder deltas point in nearly unrelated directions, so a round's encoder
    average is mostly noise that cancels, and clients that all push one way move it far more than
    their number. Each client's coherence excess is the sum, over the other clients, of how far the
-   cosine of their encoder deltas exceeds the round's 99th-percentile pair cosine (taken on a
+   cosine of their encoder deltas exceeds the round's 95th-percentile pair cosine (taken on a
    random sketch, fresh each round); a client with an excess above 1 has its encoder contribution
    divided by it, so that k clients pushing one direction weigh about one client (`fortress.bounds`).
 2. Push mass. A row's clipped contribution in units of C_row is its push-equivalent e in [0, 1]
