@@ -341,6 +341,14 @@ def test_synthetic_shape_and_split():
         assert np.array_equal(getattr(ds, name), getattr(ref, name))
 
 
+def test_synthetic_mean_length_knob():
+    short, long = synthetic(2000, 100, seed=0), synthetic(2000, 100, seed=0, mean_len=40)
+    assert (short.train_len + 2).mean() < 10 < 35 < (long.train_len + 2).mean() < 45
+    assert (long.train_len + 2).min() >= 5 and (long.train_len + 2).max() <= 160
+    with pytest.raises(InputError, match="synthetic_len=5"):
+        synthetic(10, 10, mean_len=5)
+
+
 def test_synthetic_has_sequential_signal():
     ds = synthetic(2000, 200, seed=0)
     seqs = [ds.full_seq(u) for u in range(ds.n_users)]

@@ -25,6 +25,7 @@ class Config:
     max_len: int = 50               # most recent items a model sees
     synthetic_users: int = 5000
     synthetic_items: int = 1000
+    synthetic_len: int = 9          # mean sequence length of the synthetic data (> 5)
     # model
     dim: int = 64
     blocks: int = 2                 # SASRec attention blocks / GRU4Rec layers (GRU uses 1)
@@ -117,7 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 FEDERATED = ("fedavg", "fortress")      # modes that train in federated rounds
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
-    "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "dim": 2, "blocks": 1, "heads": 1,
+    "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "synthetic_len": 6, "dim": 2, "blocks": 1, "heads": 1,
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
     "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1, "attack_len": 2,
     "attack_users": 1, "attack_pool": 1, "knn": 1,

@@ -6,11 +6,12 @@ Design (all draws from numpy `default_rng(seed)`, so a seed gives identical arra
 - transitions: every item has 3 "successor" items drawn uniformly from the catalogue, fixed for
   the dataset; this is the sequential signal a next-item model can learn (and popularity alone
   cannot);
-- length: 5 + Geometric(p=0.2) - 1, capped at 60 (mean about 9, minimum 5, so every user has a
-  valid and a test item);
+- length: 5 + Geometric(p) - 1 with p = 1 / (mean_len - 4), capped at max(60, 4 mean_len); the
+  default mean_len 9 gives p = 0.2 and cap 60 (minimum 5, so every user has a valid and a test
+  item); a larger mean_len gives long histories;
 - sequence: first item ~ popularity; each next item is, with probability 0.7, a uniformly chosen
   successor of the current item, else ~ popularity. Repeats are allowed.
-Generation loops over the (at most 60) time steps, each vectorised over the users still active,
+Generation loops over the (at most cap) time steps, each vectorised over the users still active,
 so 1,000,000 users x 100,000 items takes seconds and memory linear in the interactions.
 User ids are "u0".."u{n-1}", item ids "i1".."i{n}"; the split is `from_sequences`' leave-one-out.
 """
@@ -26,14 +27,18 @@ N_SUCCESSORS = 3
 P_FOLLOW = 0.7
 MIN_LEN = 5
 MAX_LEN = 60
-P_STOP = 0.2
+MEAN_LEN = 9
 
 
-def synthetic(n_users: int, n_items: int, seed: int = 0) -> Dataset:
+def synthetic(n_users: int, n_items: int, seed: int = 0, mean_len: int = MEAN_LEN) -> Dataset:
     """Deterministic synthetic dataset of popularity-plus-transition sequences, split leave-one-out."""
     if n_users < 1 or n_items < 1:
         raise InputError(f"synthetic data needs at least 1 user and 1 item, got {n_users} users "
                          f"and {n_items} items")
+    if mean_len <= MIN_LEN:
+        raise InputError(f"synthetic_len={mean_len} is out of range; the mean length must be > {MIN_LEN}")
+    p_stop = 1.0 / (mean_len - MIN_LEN + 1)
+    cap = max(MAX_LEN, 4 * mean_len)
     rng = np.random.default_rng(seed)
     by_rank = rng.permutation(n_items).astype(np.int64) + 1             # (n_items,) item at rank r
     cdf = np.cumsum(1.0 / np.arange(1, n_items + 1) ** ZIPF_EXPONENT)
@@ -47,7 +52,7 @@ def synthetic(n_users: int, n_items: int, seed: int = 0) -> Dataset:
     # uniform successors: the sequential signal is not just popularity again, so a model that
     # learns transitions beats the most-popular baseline by a wide margin
     successors[1:] = rng.integers(1, n_items + 1, (n_items, N_SUCCESSORS))
-    lengths = np.minimum(MIN_LEN - 1 + rng.geometric(P_STOP, n_users), MAX_LEN)    # (n_users,)
+    lengths = np.minimum(MIN_LEN - 1 + rng.geometric(p_stop, n_users), cap)    # (n_users,)
     ptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(lengths, out=ptr[1:])
 
@@ -55,7 +60,7 @@ def synthetic(n_users: int, n_items: int, seed: int = 0) -> Dataset:
     active = np.arange(n_users)
     cur = popular(n_users)
     flat[ptr[:-1]] = cur
-    for t in range(1, MAX_LEN):
+    for t in range(1, cap):
         still = lengths[active] > t
         active, cur = active[still], cur[still]
         if not len(active):
