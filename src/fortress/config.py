@@ -26,6 +26,7 @@ class Config:
     synthetic_users: int = 5000
     synthetic_items: int = 1000
     synthetic_len: int = 9          # mean sequence length of the synthetic data (> 5)
+    synthetic_taste: float = 0.0    # share of non-transition steps drawn from the user's home genre
     # model
     dim: int = 64
     blocks: int = 2                 # SASRec attention blocks / GRU4Rec layers (GRU uses 1)
@@ -182,7 +183,7 @@ def validate(cfg: Config) -> Config:
                 raise InputError(f"{key}={value!r} is out of range; it must be <= {INT_MAX}", (key,))
     if not 0.0 <= cfg.dropout < 1.0:
         raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)", ("dropout",))
-    for key in ("drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac", "push_frac", "p_flag"):
+    for key in ("synthetic_taste", "drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac", "push_frac", "p_flag"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]", (key,))
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):

@@ -11,6 +11,11 @@ Design (all draws from numpy `default_rng(seed)`, so a seed gives identical arra
   item); a larger mean_len gives long histories;
 - sequence: first item ~ popularity; each next item is, with probability 0.7, a uniformly chosen
   successor of the current item, else ~ popularity. Repeats are allowed.
+- taste (off by default): items fall into 20 genres of equal size (a seeded random partition); a
+  user's home genre is its first item's; with probability `taste` a step that does not follow a
+  successor draws uniformly from the home genre instead of by popularity. This gives a lasting
+  user interest, as in real long histories (MovieLens genres), which Markov transitions alone
+  lack: a user's states along its sequence then share a direction that predicts its next items.
 Generation loops over the (at most cap) time steps, each vectorised over the users still active,
 so 1,000,000 users x 100,000 items takes seconds and memory linear in the interactions.
 User ids are "u0".."u{n-1}", item ids "i1".."i{n}"; the split is `from_sequences`' leave-one-out.
@@ -28,15 +33,19 @@ P_FOLLOW = 0.7
 MIN_LEN = 5
 MAX_LEN = 60
 MEAN_LEN = 9
+N_GENRES = 20
 
 
-def synthetic(n_users: int, n_items: int, seed: int = 0, mean_len: int = MEAN_LEN) -> Dataset:
+def synthetic(n_users: int, n_items: int, seed: int = 0, mean_len: int = MEAN_LEN,
+              taste: float = 0.0) -> Dataset:
     """Deterministic synthetic dataset of popularity-plus-transition sequences, split leave-one-out."""
     if n_users < 1 or n_items < 1:
         raise InputError(f"synthetic data needs at least 1 user and 1 item, got {n_users} users "
                          f"and {n_items} items")
     if mean_len <= MIN_LEN:
         raise InputError(f"synthetic_len={mean_len} is out of range; the mean length must be > {MIN_LEN}")
+    if not 0.0 <= taste <= 1.0:
+        raise InputError(f"synthetic_taste={taste!r} is out of range; it must be in [0, 1]")
     p_stop = 1.0 / (mean_len - MIN_LEN + 1)
     cap = max(MAX_LEN, 4 * mean_len)
     rng = np.random.default_rng(seed)
@@ -60,6 +69,12 @@ def synthetic(n_users: int, n_items: int, seed: int = 0, mean_len: int = MEAN_LE
     active = np.arange(n_users)
     cur = popular(n_users)
     flat[ptr[:-1]] = cur
+    if taste > 0:      # drawn only then, so taste 0 gives the same data as before the knob
+        genre_items = rng.permutation(n_items).astype(np.int64) + 1     # genre g: genre_items[g::G]
+        genre_of = np.zeros(n_items + 1, dtype=np.int64)
+        genre_of[genre_items] = np.arange(n_items) % N_GENRES
+        genre_size = np.bincount(genre_of[1:], minlength=N_GENRES)    # (G,)
+        home = genre_of[cur]                                            # (n_users,)
     for t in range(1, cap):
         still = lengths[active] > t
         active, cur = active[still], cur[still]
@@ -70,6 +85,11 @@ def synthetic(n_users: int, n_items: int, seed: int = 0, mean_len: int = MEAN_LE
         pick = rng.integers(0, N_SUCCESSORS, int(follow.sum()))
         nxt[follow] = successors[cur[follow], pick]
         nxt[~follow] = popular(int((~follow).sum()))
+        if taste > 0:
+            g = home[active]                                              # (active,)
+            mine = ~follow & (rng.random(len(active)) < taste)
+            j = np.floor(rng.random(int(mine.sum())) * genre_size[g[mine]]).astype(np.int64)
+            nxt[mine] = genre_items[g[mine] + N_GENRES * j]
         flat[ptr[active] + t] = nxt
         cur = nxt
 
