@@ -56,6 +56,7 @@ class Config:
     lambda_cl: float = 0.02         # weight of the three contrastive views
     lambda_temp: float = 0.01       # weight of the temporal regulariser
     tau: float = 0.5                # InfoNCE temperature (cosine similarity)
+    view_negatives: str = "items"   # items | prefixes: what the sequence and user views push away from (objectives.py)
     user_noise_std: float = 0.5     # sigma of the user view's Gaussian noise
     item_eps: float = 0.1           # norm of the item view's gradient-direction perturbation
     crop_ratio: float = 0.6         # sequence view: fraction of the sequence a crop keeps
@@ -113,6 +114,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
+    "view_negatives": ("items", "prefixes"),
     "attack": ("none", "ahum", "psmu", "random", "popular", "boost", "stealth", "ramp", "weight", "adaptive"),
     "defence": ("none", "fortress", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"),
 }
