@@ -342,6 +342,26 @@ def test_synthetic_shape_and_split():
         assert np.array_equal(getattr(ds, name), getattr(ref, name))
 
 
+def test_synthetic_mean_length_knob():
+    short, long = synthetic(2000, 100, seed=0), synthetic(2000, 100, seed=0, mean_len=40)
+    assert (short.train_len + 2).mean() < 10 < 35 < (long.train_len + 2).mean() < 45
+    assert (long.train_len + 2).min() >= 5 and (long.train_len + 2).max() <= 160
+    with pytest.raises(InputError, match="synthetic_len=5"):
+        synthetic(10, 10, mean_len=5)
+
+
+def test_synthetic_taste_keeps_users_in_their_genre():
+    ds = synthetic(1000, 200, seed=0, mean_len=30, taste=1.0)
+    plain = synthetic(1000, 200, seed=0, mean_len=30)
+
+    def distinct(d):       # mean share of distinct items in a user's sequence
+        return np.mean([len(np.unique(d.full_seq(u))) / len(d.full_seq(u)) for u in range(d.n_users)])
+    # a home genre of 10 items makes users revisit a small set; without taste they roam the catalogue
+    assert distinct(ds) < distinct(plain) - 0.05
+    with pytest.raises(InputError, match="synthetic_taste"):
+        synthetic(10, 10, taste=1.5)
+
+
 def test_synthetic_has_sequential_signal():
     ds = synthetic(2000, 200, seed=0)
     seqs = [ds.full_seq(u) for u in range(ds.n_users)]

@@ -191,12 +191,51 @@ def _params(cfg):
     return {k: p[k] for k in dense_keys(p)}, p["item_emb"]
 
 
-def test_short_client_has_no_contrastive_negatives(client):
+def test_short_client_has_no_prefix_negatives_but_sampled_ones(client):
     cfg, _, _, col_mask, draws = client
     x, y = left_pad([1], 3), left_pad([2], 3)                     # a single training pair
-    _, terms = fortress_loss(from_config(cfg), *_params(cfg), x, y, col_mask, draws, cfg)
+    old = dataclasses.replace(cfg, view_negatives="prefixes")
+    _, terms = fortress_loss(from_config(old), *_params(old), x, y, col_mask, draws, old)
     assert terms["seq"].item() == 0.0 and terms["user"].item() == 0.0 and terms["temp"].item() == 0.0
     assert terms["item"].item() > 0
+    # the sampled rows of its sub-table are negatives however short the history
+    _, terms = fortress_loss(from_config(cfg), *_params(cfg), x, y, col_mask, draws, cfg)
+    assert terms["seq"].item() > 0 and terms["user"].item() > 0 and terms["temp"].item() == 0.0
+
+
+class Lookup:
+    """An encoder whose state after position t is item x_t's row: the served state is the last item's."""
+
+    def encode(self, p, seqs, training=False):
+        return p["item_emb"][seqs]                                 # (B, L, d)
+
+
+@pytest.mark.parametrize("view", ["user_view", "seq_view"])
+def test_views_do_not_push_the_served_state_from_its_own_past(view):
+    """A step on the user or sequence view leaves the served state's cosine to the client's own
+    earlier states unchanged; with prefix negatives (the old objective) it pushes it below 0."""
+    x, y = left_pad([1, 2, 3], 3), left_pad([2, 3, 4], 3)         # own items 1..4, served state = row 3
+    table = torch.cat([torch.zeros(1, 8), torch.eye(8)[1:8]]).double()      # (8, 8) orthogonal rows
+    col_mask = torch.tensor([False] + [True] * 7)                 # negatives: rows 5, 6, 7
+    # mask view (u[0] in [1/3, 2/3)) hiding the oldest item: both views end on item 3; no noise
+    draws = {"aug": torch.tensor([[0.5, 0.5, 0.1, 0.5, 0.9]] * 2, dtype=torch.float64),
+             "noise": torch.zeros(2, 8, dtype=torch.float64)}
+
+    def served_cosines(view_negatives):
+        cfg = Config(mode="fortress", dim=8, max_len=3, dtype="float64", lambda_cl=1.0, tau=0.5,
+                     **{**OFF, view: True}, view_negatives=view_negatives)
+        # the view's own gradient: the full loss's minus L_rec's (the logged terms are detached)
+        g = (grad(lambda t: fortress_loss(Lookup(), {}, t, x, y, col_mask, draws, cfg)[0])(table)
+             - grad(lambda t: rec_loss(Lookup(), {}, t, x, y, col_mask))(table))
+        new = table - 0.5 * g
+        cos = torch.nn.functional.cosine_similarity(new[3:4], new[1:3])                  # vs rows 1, 2
+        return cos, bool((g[5:8] != 0).any())
+
+    cos, moved = served_cosines("items")
+    assert torch.allclose(cos, torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert not moved                                              # the sampled rows are constants
+    cos, _ = served_cosines("prefixes")
+    assert (cos < -1e-3).all()
 
 
 def one_round(ds, cfg, engine, chunk_size):

@@ -45,7 +45,8 @@ def _fraction(text: str) -> float:
 def _load_data(spec: str, fmt: str, kcore: int, cfg=None):
     from fortress.data import load_dataset, resolve, synthetic
     if spec == "synthetic":
-        return synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.seed) if cfg else synthetic(5000, 1000, 0)
+        return synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.seed, cfg.synthetic_len,
+                         cfg.synthetic_taste) if cfg else synthetic(5000, 1000, 0)
     return load_dataset(resolve(spec), fmt, kcore)
 
 

@@ -25,6 +25,8 @@ class Config:
     max_len: int = 50               # most recent items a model sees
     synthetic_users: int = 5000
     synthetic_items: int = 1000
+    synthetic_len: int = 9          # mean sequence length of the synthetic data (> 5)
+    synthetic_taste: float = 0.0    # share of non-transition steps drawn from the user's home genre
     # model
     dim: int = 64
     blocks: int = 2                 # SASRec attention blocks / GRU4Rec layers (GRU uses 1)
@@ -54,6 +56,7 @@ class Config:
     lambda_cl: float = 0.02         # weight of the three contrastive views
     lambda_temp: float = 0.01       # weight of the temporal regulariser
     tau: float = 0.5                # InfoNCE temperature (cosine similarity)
+    view_negatives: str = "items"   # items | prefixes: what the sequence and user views push away from (objectives.py)
     user_noise_std: float = 0.5     # sigma of the user view's Gaussian noise
     item_eps: float = 0.1           # norm of the item view's gradient-direction perturbation
     crop_ratio: float = 0.6         # sequence view: fraction of the sequence a crop keeps
@@ -111,13 +114,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
+    "view_negatives": ("items", "prefixes"),
     "attack": ("none", "ahum", "psmu", "random", "popular", "boost", "stealth", "ramp", "weight", "adaptive"),
     "defence": ("none", "fortress", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"),
 }
 FEDERATED = ("fedavg", "fortress")      # modes that train in federated rounds
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
-    "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "dim": 2, "blocks": 1, "heads": 1,
+    "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "synthetic_len": 6, "dim": 2, "blocks": 1, "heads": 1,
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
     "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1, "attack_len": 2,
     "attack_users": 1, "attack_pool": 1, "knn": 1,
@@ -181,7 +185,7 @@ def validate(cfg: Config) -> Config:
                 raise InputError(f"{key}={value!r} is out of range; it must be <= {INT_MAX}", (key,))
     if not 0.0 <= cfg.dropout < 1.0:
         raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)", ("dropout",))
-    for key in ("drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac", "push_frac", "p_flag"):
+    for key in ("synthetic_taste", "drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac", "push_frac", "p_flag"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]", (key,))
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):

@@ -10,14 +10,20 @@ the sampled negatives (`sampled_softmax_bias`, key `neg_correction`). All views 
 et al., "Representation Learning with Contrastive Predictive Coding", 2018; SimCLR, Chen et al.,
 ICML 2020).
 
-Negatives never leave the device. A client holds one sequence x (its last max_len inputs), so its
-"local batch" is the set of its training prefixes: the next-item pass already computes h_t, the
-representation of x[:t+1], at every position t. The sequence and user views contrast a pair of
-views of the whole local sequence against those other prefixes h_0 .. h_{L-2}. A client with a
-single training pair has no other prefix: its sequence and user terms are exactly 0. The negatives
-are held constant (no gradient flows into them, as with MoCo's queue, He et al., CVPR 2020):
-with gradient, the views push apart the very prefix states that L_rec trains, which cost accuracy
-(measured in docs/results/client-objective.md).
+Negatives never leave the device. A client holds one sequence x (its last max_len inputs) and no
+other user's states, so in-batch negatives (CL4SRec's other users) are out of reach. The sequence
+and user views contrast a pair of views against negatives chosen by `view_negatives`:
+- "items" (default): the rows of the client's sub-table that are not its own items, i.e. the
+  n_neg items it sampled uniformly from the broadcast table. They are what L_rec already pushes
+  the state away from, so the views add no push against the user's own interest.
+- "prefixes": the client's own earlier prefix states h_0 .. h_{L-2}, which the next-item pass
+  computes anyway (its local "batch"). This pushes the served state h_{L-1} away from the user's
+  own recent past; on long histories with a lasting user interest it collapses accuracy from
+  scratch (docs/results/client-objective-collapse.md). A client with a single training pair has
+  no prefix negative, and its sequence and user terms are exactly 0.
+Either way the negatives are held constant (no gradient flows into them, as with MoCo's queue, He
+et al., CVPR 2020): with gradient, prefix negatives pushed apart the very prefix states that L_rec
+trains, which cost accuracy (measured in docs/results/client-objective.md).
 
 - Sequence view (CL4SRec, Xie et al., "Contrastive Learning for Sequential Recommendation",
   ICDE 2022): two augmentations of x, each drawn uniformly from crop (keep a contiguous fraction),
@@ -230,8 +236,12 @@ def fortress_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch
     else:
         l_rec, h = rec(table)
     terms = {"rec": l_rec}
-    # negatives are constants: their gradient would push apart the very prefix states L_rec trains
-    prefixes, prefix_real = h[:-1].detach(), x[:-1] > 0                           # (L - 1, d), (L - 1,)
+    # the views' negatives are constants (see the module docstring for the choice)
+    if cfg.view_negatives == "items":    # sampled rows: the sub-table without the client's own items
+        own = torch.zeros_like(col_mask).scatter(0, torch.cat([x, y]), True)      # (S,)
+        negatives, neg_real = table.detach(), col_mask & ~own                     # (S, d), (S,)
+    else:                                # the client's own earlier prefix states
+        negatives, neg_real = h[:-1].detach(), x[:-1] > 0                         # (L - 1, d), (L - 1,)
     # views and windows are built from x's positions and read a small table of x's rows (+ a zero
     # mask row): the same embeddings as the sub-table, at a fraction of its gather/scatter cost
     L, d = x.shape[0], table.shape[1]
@@ -242,10 +252,10 @@ def fortress_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch
         views = torch.stack([augment(pos, u, cfg.crop_ratio, cfg.mask_ratio, cfg.reorder_ratio, L + 1)
                              for u in draws["aug"]])                              # (2, L)
         z = model.encode(local, views, training=True)[:, -1]                      # (2, d)
-        terms["seq"] = info_nce(z, z.flip(0), prefixes, prefix_real, cfg.tau)
+        terms["seq"] = info_nce(z, z.flip(0), negatives, neg_real, cfg.tau)
     if cfg.user_view:
         hu = h[-1] + cfg.user_noise_std * draws["noise"]                          # (2, d)
-        terms["user"] = info_nce(hu, hu.flip(0), prefixes, prefix_real, cfg.tau)
+        terms["user"] = info_nce(hu, hu.flip(0), negatives, neg_real, cfg.tau)
     if cfg.item_view:
         seq = torch.cat([x, y[-1:]])                                              # (L + 1,) own items
         e = table[seq]                                                            # (L + 1, d)

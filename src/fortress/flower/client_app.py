@@ -30,7 +30,7 @@ def _node(context: Context):
     node = context.node_config
     part, n_part = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
     spec = str(node.get("data", opts.data))             # a machine may keep the data elsewhere
-    key = (spec, cfg.data_format, cfg.kcore, cfg.synthetic_users, cfg.synthetic_items, cfg.seed)
+    key = (spec, cfg.data_format, cfg.kcore, cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_len, cfg.synthetic_taste, cfg.seed)
     t0 = time.perf_counter()
     if key not in _DATA:
         _DATA[key] = load_data(spec, cfg)

@@ -50,7 +50,8 @@ def from_run_config(run_config: dict[str, Any]) -> tuple[Config, FlowerOptions]:
 def load_data(spec: str, cfg: Config) -> Dataset:
     from fortress.data import load_dataset, resolve, synthetic
     if spec == "synthetic":
-        return synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.seed)
+        return synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.seed, cfg.synthetic_len,
+                         cfg.synthetic_taste)
     return load_dataset(resolve(spec), cfg.data_format, cfg.kcore)
 
 
