@@ -42,22 +42,15 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _load_data(spec: str, fmt: str, kcore: int, cfg=None):
-    from fortress.data import load_dataset, resolve, synthetic
-    if spec == "synthetic":
-        return synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.seed, cfg.synthetic_len,
-                         cfg.synthetic_taste) if cfg else synthetic(5000, 1000, 0)
-    return load_dataset(resolve(spec), fmt, kcore)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from fortress import config, simulate
+    from fortress.data import load_data
     sets = list(args.set or [])
     if args.format:
         sets.append(f"data_format={args.format}")
     cfg = config.load(args.config, sets)
     simulate.check_out(args.out, cfg, args.resume, args.overwrite)     # before the data load, which can be slow
-    ds = _load_data(args.data, cfg.data_format, cfg.kcore, cfg)
+    ds = load_data(args.data, cfg)
     simulate.check_data(cfg, ds)
     if not args.quiet:
         print(f"data: {ds.name}: {ds.n_users} users, {ds.n_items} items, "
@@ -109,8 +102,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
-    from fortress.data import describe
-    ds = _load_data(args.path, args.format, args.kcore)
+    from fortress.config import Config
+    from fortress.data import describe, load_data
+    ds = load_data(args.path, Config(data_format=args.format, kcore=args.kcore))      # synthetic: the defaults
     print(describe(ds, detected=args.format == "auto" and args.path != "synthetic"))
     return 0
 
@@ -159,8 +153,9 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
     if not args.certs_only:          # the app, the server's output folder and data, checked before any process starts
         deploy.app_dir()
         from fortress import simulate
+        from fortress.data import load_data
         simulate.check_out(folder / "out", cfg, args.resume, args.overwrite)
-        simulate.check_data(cfg, _load_data(args.data, cfg.data_format, cfg.kcore, cfg))
+        simulate.check_data(cfg, load_data(args.data, cfg))
         if args.overwrite:
             simulate.clear_out(folder / "out")
     if args.certs_only:

@@ -6,7 +6,16 @@ from fortress.data.load import detect_format, load_dataset, resolve, shared_dir
 from fortress.data.synthetic import synthetic
 
 __all__ = ["Dataset", "from_sequences", "load_dataset", "detect_format", "resolve", "shared_dir",
-           "synthetic", "describe"]
+           "synthetic", "load_data", "describe"]
+
+
+def load_data(spec: str, cfg) -> Dataset:
+    """The dataset `spec` names, read as a config says: `synthetic` from its generator keys (synthetic_users,
+    synthetic_items, synthetic_len, synthetic_taste, seed), anything else (file, folder, name in $FORTRESS_DATA)
+    with its data_format and kcore. The one loader of the CLI and the Flower apps."""
+    if spec == "synthetic":
+        return synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.seed, cfg.synthetic_len, cfg.synthetic_taste)
+    return load_dataset(resolve(spec), cfg.data_format, cfg.kcore)
 
 
 def _num(x: float) -> str:

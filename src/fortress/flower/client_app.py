@@ -14,7 +14,8 @@ from flwr.clientapp import ClientApp
 
 from fortress.data.dataset import Dataset
 from fortress.errors import InputError
-from fortress.flower.common import from_run_config, hosted_users, load_data
+from fortress.data import load_data
+from fortress.flower.common import from_run_config, hosted_users
 from fortress.models import from_config
 from fortress.rounds import client_step
 from fortress.simulate import setup_torch

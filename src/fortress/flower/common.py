@@ -47,14 +47,6 @@ def from_run_config(run_config: dict[str, Any]) -> tuple[Config, FlowerOptions]:
     return cfg, FlowerOptions(**flower)
 
 
-def load_data(spec: str, cfg: Config) -> Dataset:
-    from fortress.data import load_dataset, resolve, synthetic
-    if spec == "synthetic":
-        return synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.seed, cfg.synthetic_len,
-                         cfg.synthetic_taste)
-    return load_dataset(resolve(spec), cfg.data_format, cfg.kcore)
-
-
 def hosted_users(ds: Dataset, partition: int, n_partitions: int) -> np.ndarray:
     """The trainable users a SuperNode hosts: user u lives on partition u mod n_partitions."""
     if not 0 <= partition < n_partitions:

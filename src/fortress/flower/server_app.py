@@ -18,7 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fortress import simulate
 from fortress.errors import InputError
-from fortress.flower.common import FlowerOptions, from_run_config, load_data, resolve_out
+from fortress.data import load_data
+from fortress.flower.common import FlowerOptions, from_run_config, resolve_out
 from fortress.rounds import Collected, dense_size
 from fortress.updates import concat, empty
 from fortress.wire import BadUpload, from_arrays
