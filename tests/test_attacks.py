@@ -293,20 +293,22 @@ def test_stealth_spreads_its_encoder_under_the_coherence_rule(probe):
     assert float(factor[-6:].min()) > 0.8, factor   # the attackers keep (nearly) all of their encoder
 
 
-def test_ramp_pushes_with_more_clients_as_its_earned_rate_grows(probe):
-    from fortress.attacks import adaptive
-    data, cfg, model, params, _, targets, _ = probe
-    counted = []
-    for r in (0, 300):
-        u, _, _ = attack_round(probe, "ramp", 8, round_=r)
-        c_row = adaptive.fortress_scales(AttackView(model, params, data.n_items, torch.tensor(targets),
-                                                    torch.arange(8), attacks.AttackConfig.from_config(cfg),
-                                                    (0, r, 1), r), adaptive.simulate_benign(
-            AttackView(model, params, data.n_items, torch.tensor(targets), torch.arange(8),
-                       attacks.AttackConfig.from_config(cfg), (0, r, 1), r)))[0]
-        size = u.weight[u.rows_client] * u.rows_delta.norm(dim=1)
-        counted.append(int(((u.rows_item == targets[0]) & (size > 0.5 * c_row)).sum()))
-    assert counted[0] < counted[1]
+def test_ramp_stays_unflagged_round_after_round_within_its_window(probe):
+    # the ramp replays the server's public rule on its own past pushes: on a server that sees them
+    # round after round it stays unflagged, and its pushes add up to the window's allowance, not to a
+    # round's allowance every round (what a rule without a window would let through)
+    from fortress import bounds
+    srv, flagged, mass = probe[-1](), 0, []
+    for r in range(12):
+        u, both, targets = attack_round(probe, "ramp", 6, round_=r)
+        out = srv.aggregate(both, probe[3])
+        flagged += targets[0] in out.flagged.tolist()
+        size = u.weight[u.rows_client].double() * u.rows_delta.double().norm(dim=1)
+        mass.append(float((size[u.rows_item == targets[0]] / out.log["c_row"]).clamp(max=1).sum()))
+    assert flagged <= 1
+    floor = out.log["rate_floor"]
+    per_round = float(bounds.allowance(torch.tensor([floor], dtype=torch.float64), probe[1].p_flag, 6)[0])
+    assert mass[0] > 1 and sum(mass) < 0.5 * 12 * per_round, (mass, per_round)
 
 
 def test_weight_attack_is_a_hum_with_an_inflated_weight(probe):

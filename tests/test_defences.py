@@ -190,6 +190,7 @@ def server(**keys) -> FortressServer:
     srv.rounds = 200
     srv.rate = torch.full((601,), 1.0, dtype=D)
     srv.rate[1] = 0.0
+    srv.recent = bounds.WINDOW * srv.rate                           # the recent mass of steady rates
     return srv
 
 
@@ -214,11 +215,11 @@ def test_many_small_share_rows_do_not_hide_a_crowd_on_a_cold_item():
     assert 1 in out.flagged.tolist()                                # five fans of a cold item in one round
     a = float(bounds.allowance(torch.tensor([floor], dtype=D), 1e-3, 5.0)[0])
     assert 2 < a < 5
-    # the target's row: 5 clipped pushes (contribution 1 each) scaled to the allowance, plus 40 benign
-    # negatives (0.001 each, below the pusher threshold), over the uploaders' weights (40 x 5 benign,
-    # 5 attackers x 10 scaled by a / 5)
-    assert target_update(out) == pytest.approx((a * 1.0 + 40 * 1e-3) / (200 + 10 * a), rel=1e-6)
-    assert (out.weights[40:] < 0.05).all() and (out.weights[:40] == 1).all()   # benign clients keep all
+    # the target's row: its push mass is 5 clipped pushes (contribution 1 each) and 40 benign negatives
+    # (0.001 each); all of its contributions are scaled by a / 5.04, over the uploaders' weights (40 x 5
+    # benign, 5 attackers x 10): the average moves a pushes' worth
+    assert target_update(out) == pytest.approx(a / 250, rel=1e-6)
+    assert (out.weights[40:] < 0.05).all() and (out.weights[:40] > 0.999).all()  # benign clients keep ~all
 
 
 def test_an_inflated_weight_buys_nothing():
@@ -270,13 +271,21 @@ def test_an_honest_round_loses_nothing_to_the_coherence_rule(benign_rounds):
         assert float(factor.mean()) > 0.97 and int((factor < 1).sum()) <= 0.1 * u.n, (factor, b)
 
 
+def budget(srv: FortressServer, item: int) -> float:
+    """The push mass `item` may carry unflagged this round: the smaller of the round's and the window's allowance."""
+    rate = srv.rate[item:item + 1].clamp(min=1e-6)
+    return min(float(bounds.allowance(rate, srv.fc.p_flag, 50)[0]),
+               float(bounds.window_allowance(rate, srv.recent[item:item + 1], srv.fc.p_flag, bounds.WINDOW, 50)[0]))
+
+
 def test_a_slow_ramp_earns_a_rate_no_faster_than_its_allowance():
     srv = server(floor_frac=1e-9)                                   # no floor: the target's own rate decides
     rates, flagged = [], []
     for r in range(30):
-        allowed = int(float(bounds.allowance(srv.rate[1:2].clamp(min=1e-6), srv.fc.p_flag, 50)[0]))
+        b = budget(srv, 1)
+        allowed = int(b - 40e-3)                                    # the 40 benign negatives count too
         dense, rows, weight = cold_round(40, seed=r)
-        for a in range(allowed + (2 if r == 29 else 0)):            # fill the allowance; two more in the last round
+        for a in range(allowed + (2 if r == 29 else 0)):            # fill the budget; two more in the last round
             dense.append([0.2, 0.0, 0.0])
             rows.append((40 + a, 1, [0.1, 0.1, 0.1, 0.1]))
             weight.append(5.0)
@@ -284,9 +293,34 @@ def test_a_slow_ramp_earns_a_rate_no_faster_than_its_allowance():
         out = srv.aggregate(updates(dense, rows, weight), {})
         flagged.append(1 in out.flagged.tolist())
         rates.append(float(srv.rate[1]))
-        assert rates[-1] <= before + allowed / bounds.HORIZON + 1e-12
-    assert flagged == [False] * 29 + [True]                         # filling the allowance stays unseen, more does not
-    assert rates[-1] < 1.0                                          # 30 rounds earn the target under one pusher a round
+        assert rates[-1] <= before + b / bounds.HORIZON + 1e-12
+    assert flagged == [False] * 29 + [True]                         # filling the budget stays unseen, more does not
+    assert rates[-1] < 0.25                                         # 30 rounds earn the target a quarter of a pusher a round
+
+
+def test_a_crowd_that_comes_back_every_round_gets_its_windows_worth():
+    # the round's allowance alone would let a cold item take about two pushes every round, for ever;
+    # over a window the same Poisson rule lets the decayed sum of kept pushes reach its allowance once
+    srv = server(floor_frac=0.05)
+    floor = 0.05 * float(srv.rate[1:].sum()) / 600
+    per_round = float(bounds.allowance(torch.tensor([floor], dtype=D), 1e-3, 10)[0])
+    whole = float(bounds.allowance(torch.tensor([bounds.WINDOW * floor], dtype=D), 1e-3, 50)[0])
+    assert 2 < per_round < 3 and whole < 3 * per_round
+    kept, flagged = 0.0, 0
+    for r in range(40):
+        dense, rows, weight = cold_round(40, seed=r)
+        for a in range(2):                                          # two full pushes a round: under the round's rule
+            dense.append([0.2, 0.0, 0.0])
+            rows.append((40 + a, 1, [0.1, 0.1, 0.1, 0.1]))
+            weight.append(5.0)
+        before = float(srv.recent[1])
+        out = srv.aggregate(updates(dense, rows, weight), {})
+        flagged += 1 in out.flagged.tolist()
+        kept += float(srv.recent[1]) - bounds.decay(bounds.WINDOW) * before
+        assert float(srv.recent[1]) <= 1.05 * whole                 # (the rate, and with it the window, grows a little)
+    assert flagged >= 35
+    # 80 pushes offered; at most the window's allowance once plus its steady share (1 / WINDOW of it) a round
+    assert kept <= whole * (1 + 40 / bounds.WINDOW) + 1e-9 and kept < 0.35 * 80
 
 
 def test_a_flagged_round_teaches_the_rate_little():
@@ -312,7 +346,7 @@ def test_a_cold_monitor_learns_no_more_than_the_allowance_in_its_first_round():
         rows.append((40 + a, 1, [0.1, 0.1, 0.1, 0.1]))
         weight.append(5.0)
     out = srv.aggregate(updates(dense, rows, weight), {})
-    floor = 0.5 * 60 / 600                                          # 60 pushes over 600 items
+    floor = 0.5 * (60 + 40 * 41e-3) / 600                           # 60 pushes and 40 x 41 negatives over 600 items
     assert 1 in out.flagged.tolist()
     assert float(srv.rate[1]) == pytest.approx(float(bounds.allowance(torch.tensor([floor], dtype=D), 1e-3, 20)[0]))
     assert float(srv.rate[1]) < 20 / 3

@@ -20,6 +20,7 @@ W_MIN = 2.0               # a client trains on at least two items (one input, on
 HORIZON = 100             # rounds an item's popularity rate averages over (a warm monitor's step is 1 / HORIZON)
 WARMUP = 10               # a new monitor's first rounds learn every item's rate at the full step
 FLAGGED_SPEED = 0.1       # afterwards a round in which an item is flagged teaches its rate this share of a step
+WINDOW = 10               # rounds of recent push mass a crowd is also judged over (a decayed sum, decay 1 - 1 / WINDOW)
 
 
 def effective_weight(u: Updates, max_len: int) -> torch.Tensor:
@@ -93,6 +94,20 @@ def allowance(rate: torch.Tensor, p_flag: float, cap: float) -> torch.Tensor:
         ok = torch.special.gammainc(mid, rate) >= p_flag
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     return torch.where(ok_hi, hi, lo).clamp(min=1.0)
+
+
+def decay(window: int) -> float:
+    """The per-round decay of the recent push mass: its mean is window x the rate at a steady rate."""
+    return 1.0 - 1.0 / window
+
+
+def window_allowance(rate: torch.Tensor, recent: torch.Tensor, p_flag: float, window: int, cap: float) -> torch.Tensor:
+    """(N,) float64: the largest push mass this round that keeps decay x recent + mass unflagged by
+    `surprising` at window x rate, at least 0 (a crowd that has used up its window gets nothing more).
+    rate (N,) > 0, recent (N,) the decayed sum of the push mass kept in past rounds."""
+    held = decay(window) * recent
+    total = allowance(window * rate, p_flag, cap + float(held.max()) if len(held) else cap)
+    return (total.clamp(min=2.0) - held).clamp(min=0.0)     # a total below 2 is never flagged
 
 
 # --- coordinated encoder pushes ---------------------------------------------------------------

@@ -95,7 +95,7 @@ class Config:
     popular_frac: float = 0.02      # popular set P: this share of the catalogue with the largest popularity rate
     row_clip: float = 1.0           # clip each row contribution (weight x delta) to row_clip x the round's median largest one
     dense_clip: float = 1.5         # clip each encoder contribution to dense_clip x the round's median one
-    push_frac: float = 0.05         # a row pushes its item when its contribution is >= push_frac x the row clip
+    push_frac: float = 0.05         # a row is a push (its client's encoder follows the item's flag) when >= push_frac x the row clip
     p_flag: float = 1e-3            # flag an item whose push mass has Poisson tail probability < p_flag at its rate
     floor_frac: float = 0.5         # an item's rate is at least floor_frac x the round's mean push mass per item
     alpha: float = 1.0              # weight of L_sep (keep suspicious items at least `margin` from popular ones)

@@ -16,16 +16,19 @@ the robust rules' per-coordinate spread, distances and median norm).
 Payload: A-hum's update (`ahum.attack`: the target rows and the encoder delta that raise the
 targets for mined hard users) is the direction; each attack shapes its size:
 - `stealth`: every upload just under each FORTRESS rule: row and encoder contributions at SAFETY x
-  the estimated clips; as many clients push the target as the allowance of a cold item's rate
-  (the floor) permits, the others stay under the push threshold (UNSEEN of it: uncounted); each client
-  also uploads SPREAD random rows with tiny deltas (defeats any per-client share rule) and reports
-  the weight of its fake sequence (coordinated splitting of one push over many clients). Against the
-  coherence rule, each encoder delta keeps only the share alpha along the attackers' common direction
-  that the rule lets through (pairwise cosines alpha^2 = SAFETY x (the estimated coherent-pair cosine
-  + 1 / (m - 1))) and spends the rest of its norm on a direction of its own.
-- `ramp` (history building): as `stealth`, but the number of full pushers follows the
-  allowance of the rate its own pushes have earned so far (the server's public update rule,
-  replayed from the attack's first round), so the target's rate climbs as fast as the rule allows.
+  the estimated clips; the target's rows carry, in full pushes, only the push mass a cold item (at
+  the rate floor) may take unflagged this round: the round's allowance, and over the window what
+  the attack's own past pushes (replayed by the server's public rule) leave of it, less the mass
+  honest clients give the target anyway; the other clients upload no target row (every row counts
+  towards the push mass). Each client also uploads SPREAD random rows with tiny deltas (defeats any
+  per-client share rule) and reports the weight of its fake sequence (coordinated splitting of one
+  push over many clients). Against the coherence rule, each encoder delta keeps only the share
+  alpha along the attackers' common direction that the rule lets through (pairwise cosines
+  alpha^2 = SAFETY x (the estimated coherent-pair cosine + 1 / (m - 1))) and spends the rest of its
+  norm on a direction of its own.
+- `ramp` (history building): as `stealth`, but the budget follows the rate its own pushes have
+  earned so far (the server's public update rule, replayed from the attack's first round), so the
+  target's rate climbs as fast as the rule allows.
 - `weight`: A-hum's upload reporting a weight of WEIGHT_FACTOR x max_len: every weighted mean
   (FedAvg's item rows and encoder, Multi-Krum's average, norm bounding) then follows the
   attackers' deltas (a server that trusts reported weights).
@@ -55,7 +58,6 @@ from fortress.updates import Updates
 
 SIM = 64              # honest users simulated per round for calibration
 SAFETY = 0.9          # fraction of an estimated clip an upload aims at
-UNSEEN = 0.7          # fraction of the estimated push threshold an uncounted row aims at (estimates err by ~10%)
 SPREAD = 64           # extra random rows (tiny deltas) a stealthy client uploads
 SPREAD_SIZE = 1e-3    # their size, relative to the row clip
 WEIGHT_FACTOR = 100   # the weight attack reports WEIGHT_FACTOR x max_len
@@ -138,51 +140,63 @@ def fortress_scales(view: AttackView, sim: Updates) -> tuple[float, float, float
     c_row, c_dense = bounds.clip_scales(sim, c.max_len, c.row_clip, c.dense_clip)
     w = bounds.effective_weight(sim, c.max_len)
     equiv = bounds.push_equivalents(bounds.row_contrib_norms(sim, w), c_row)
-    per_client = float((equiv * bounds.pushes(equiv, c.push_frac)).sum()) / max(1, sim.n)
+    per_client = float(equiv.sum()) / max(1, sim.n)
     floor = bounds.rate_floor(per_client * c.clients_per_round, view.n_items, c.floor_frac)
     return c_row, c_dense, max(floor, 1e-6)
 
 
-def full_pushers(rate: float, p_flag: float, m: int) -> int:
-    """How many of m clients may push in full (SAFETY of a push each) without the push mass being flagged."""
-    allowed = float(bounds.allowance(torch.tensor([rate], dtype=torch.float64), p_flag, max(m, 1))[0])
-    return min(m, int(allowed / SAFETY))
+def push_budget(rate: float, recent: float, benign: float, p_flag: float, m: int) -> float:
+    """The target's push mass this round may carry unflagged, at SAFETY: the smaller of the round's
+    allowance at `rate` and what the window leaves after the decayed `recent` mass, less the `benign`
+    mass the target gets from honest clients anyway (their negatives, its few real fans)."""
+    r = torch.tensor([rate], dtype=torch.float64)
+    cap = float(max(m, 1)) + benign
+    allowed = min(float(bounds.allowance(r, p_flag, cap)[0]),
+                  float(bounds.window_allowance(r, torch.tensor([recent], dtype=torch.float64), p_flag,
+                                                bounds.WINDOW, cap)[0]))
+    return min(float(m), SAFETY * max(0.0, allowed - benign))
 
 
-def earned_rate(view: AttackView, floor: float) -> float:
-    """The target's rate after the attack's own pushes so far, by the server's public update rule
-    (a warm monitor: step 1 / HORIZON), each round filling the allowance with this round's clients."""
-    rate, step = 0.0, 1.0 / bounds.HORIZON
+def replay(view: AttackView, floor: float, earn: bool) -> tuple[float, float]:
+    """(rate, recent mass) of the target this round by the server's public update rule (a warm
+    monitor), replayed over the attack's past rounds: before the attack the target is assumed at the
+    steady state of the rate floor (benign mass `floor` a round, recent WINDOW x floor); each round
+    adds that and the round's budget. `earn` False keeps the rate at the floor."""
+    rate, recent, step = floor, bounds.WINDOW * floor, 1.0 / bounds.HORIZON
     for _ in range(view.round):
-        allowed = full_pushers(max(rate, floor), view.cfg.p_flag, view.m)
-        rate = (1 - step) * rate + step * SAFETY * allowed
-    return rate
+        mass = push_budget(rate, recent, floor, view.cfg.p_flag, view.m) + floor
+        recent = bounds.decay(bounds.WINDOW) * recent + mass
+        if earn:
+            rate = max(floor, (1 - step) * rate + step * mass)
+    return rate, recent
 
 
-def under_fortress(view: AttackView, rate: float | None) -> Updates:
-    """A-hum shaped under the FORTRESS rules; `rate` None = assume a cold target (the floor)."""
+def push_sizes(budget: float, m: int) -> torch.Tensor:
+    """(m,) target row contributions in units of C_row: SAFETY each until `budget` is placed, then none
+    (every row's contribution counts towards its item's push mass)."""
+    return (budget - SAFETY * torch.arange(m, dtype=torch.float64)).clamp(min=0.0, max=SAFETY)
+
+
+def under_fortress(view: AttackView, earn: bool) -> Updates:
+    """A-hum shaped under the FORTRESS rules; `earn` False = assume a cold target (the floor)."""
     c = view.cfg
     sim = simulate_benign(view)
     c_row, c_dense, floor = fortress_scales(view, sim)
-    r = floor if rate is None else max(rate, floor)
-    allowed = full_pushers(r, c.p_flag, view.m)
-    u = payload(view)
-    counted = torch.arange(view.m) < allowed                                        # (m,) who pushes in full
-    row = torch.where(counted, torch.tensor(SAFETY * c_row), torch.tensor(UNSEEN * c.push_frac * c_row))
-    u = spread_encoder(view, u, coherent_share(sim, view.m))
-    u = shape(u, row.double(), torch.full((view.m,), SAFETY * c_dense, dtype=torch.float64))
+    rate, recent = replay(view, floor, earn)
+    row = push_sizes(push_budget(rate, recent, floor, c.p_flag, view.m), view.m) * c_row
+    u = spread_encoder(view, payload(view), coherent_share(sim, view.m))
+    u = shape(u, row, torch.full((view.m,), SAFETY * c_dense, dtype=torch.float64))
     return with_spread(view, u, SPREAD_SIZE * c_row)
 
 
 def stealth_attack(view: AttackView) -> Updates:
     """A-hum shaped just under every FORTRESS threshold, pushers split to a cold item's allowance."""
-    return under_fortress(view, None)
+    return under_fortress(view, earn=False)
 
 
 def ramp_attack(view: AttackView) -> Updates:
     """Stealth whose counted pushers follow the rate its own past pushes have earned."""
-    sim_floor = fortress_scales(view, simulate_benign(view))[2]
-    return under_fortress(view, earned_rate(view, sim_floor))
+    return under_fortress(view, earn=True)
 
 
 def weight_attack(view: AttackView) -> Updates:

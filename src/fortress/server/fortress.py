@@ -23,22 +23,26 @@ Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
    random sketch, fresh each round); a client with an excess above 1 has its encoder contribution
    divided by it, so that k clients pushing one direction weigh about one client (`fortress.bounds`).
 2. Push mass. A row's clipped contribution in units of C_row is its push-equivalent e in [0, 1]
-   (a client's own next item gives about 1, a sampled negative about a hundredth); rows with
-   e >= push_frac push their item. The item's push mass m_i = the sum of its pushes' e this round:
-   each client adds at most 1, and splitting one push over many clients adds up the same.
+   (a client's own next item gives about 1, a sampled negative a few thousandths). The item's push
+   mass m_i = the sum of the e of all its rows this round: each client adds at most 1, splitting one
+   push over many clients adds up the same, and many rows just under a threshold add up too (rows of
+   e >= push_frac are the client's pushes, which tie its encoder to the item in step 4).
 3. Monitor. Each item has a popularity rate r_i, the running mean of its push mass (horizon
-   HORIZON rounds; a new monitor averages its first rounds plainly). Item i is flagged when
-   m_i >= 2 and P(X >= m_i) < p_flag for X ~ Poisson(max(r_i, floor)), floor = floor_frac x the
-   mean rate over items (the round's mean push mass while the monitor is new): more fans in one
-   round than the item's own past makes plausible. No item is immune: a popular item is judged by
-   its own (large) rate.
-4. Down-weighting. A flagged item keeps only its allowance a_i (the largest mass not flagged):
-   its pushes enter its average with weight x a_i / m_i, and each such client's encoder
-   contribution with the smallest of those factors. Other rows of the client are untouched. The
-   rate learns min(m_i, a_i), and after the monitor's first WARMUP rounds a round in which the item
-   is flagged teaches it only FLAGGED_SPEED of a step: a target earns a rate no faster than an item
-   that is never flagged, and holding a rate of k costs k pushes every round, i.e. as many fake
-   users as data poisoning needs.
+   HORIZON rounds; a new monitor averages its first rounds plainly), and a recent mass R_i, the sum of
+   its kept push mass decayed by 1 - 1/WINDOW a round. Item i is flagged when, for
+   X ~ Poisson(max(r_i, floor)), floor = floor_frac x the mean rate over items (the round's mean push
+   mass while the monitor is new): m_i >= 2 and P(X >= m_i) < p_flag (more fans in one round than its
+   own past makes plausible), or, over the window, the decayed recent mass plus m_i is as surprising
+   for WINDOW x X (a crowd that comes back round after round, each round under the first test). No
+   item is immune: a popular item is judged by its own (large) rate.
+4. Down-weighting. A flagged item keeps only its allowance a_i (the largest mass that neither test
+   flags): all of its row contributions are scaled by a_i / m_i, so its average moves a_i pushes'
+   worth, and each client that pushes it has its encoder contribution scaled by the smallest of
+   those factors. Other rows of the client are untouched. The rate learns min(m_i, a_i), and after
+   the monitor's first WARMUP rounds a round in which the item is flagged teaches it only
+   FLAGGED_SPEED of a step: a target earns a rate no faster than an item that is never flagged, and
+   its pushes over any WINDOW rounds add up to what that rate makes plausible, not to a round's
+   allowance every round.
 5. Embedding regularisation (after the update, rounds with flagged items): `server_steps`
    gradient steps on alpha L_sep + beta L_var over the directions of P (the popular_frac items of
    largest rate, without items flagged in the last HORIZON rounds) and S (this round's flagged
@@ -47,7 +51,7 @@ Why sparse benign clients keep their weight: nothing here punishes a small norm,
 weight or disagreement with the consensus; a short client's contributions sit below the medians,
 and it loses weight only for a row of an item that is flagged in that round.
 A round without clipping or flags is exactly FedAvg with weights clamped to [2, max_len + 1].
-The monitor's state (rates, flag times, rounds) is saved in checkpoints and in model.pt, so a run
+The monitor's state (rates, recent masses, flag times, rounds) is saved in checkpoints and in model.pt, so a run
 with `init_from` continues a defended model's monitor; a cold monitor learns its first rounds
 as normal (see the README's threat-model section).
 """
@@ -66,6 +70,7 @@ from fortress.server.aggregate import Outcome, fedavg
 from fortress.updates import Updates
 
 HORIZON = bounds.HORIZON
+WINDOW = bounds.WINDOW
 WARMUP = bounds.WARMUP
 FLAGGED_SPEED = bounds.FLAGGED_SPEED
 MAX_LISTED = 20       # flagged item ids (most pushed first) written to the round log
@@ -166,6 +171,7 @@ class FortressServer:
     def __init__(self, fc: FortressConfig, n_items: int, seed: int = 0):
         self.fc, self.n_items = fc, n_items
         self.rate = torch.zeros(n_items + 1, dtype=torch.float64)                 # push mass per round, running mean
+        self.recent = torch.zeros(n_items + 1, dtype=torch.float64)              # push mass kept lately, decayed sum
         self.last_flagged = torch.full((n_items + 1,), -HORIZON - 1, dtype=torch.int64)
         self.rounds = 0
         self.gen = torch.Generator().manual_seed(seed)
@@ -184,33 +190,43 @@ class FortressServer:
         dense_clip = (c_dense / dense_norm.clamp(min=1e-300)).clamp(max=1.0)            # (n,)
         equiv = bounds.push_equivalents(row_norm, c_row)                                # (M,) in [0, 1]
         push = bounds.pushes(equiv, fc.push_frac)                                       # (M,) bool
-        mass = torch.zeros(N + 1, dtype=torch.float64).index_add_(0, u.rows_item, equiv * push)
+        mass = torch.zeros(N + 1, dtype=torch.float64).index_add_(0, u.rows_item, equiv)     # every row counts
         # the floor follows the rates (they move by at most a step a round) once the monitor is warm,
         # so that a spray of small pushes over the whole catalogue in one round does not lift it
         total = float(self.rate[1:].sum()) if self.rounds >= WARMUP else float(mass.sum())
         floor = max(bounds.rate_floor(total, N, fc.floor_frac), 1e-6)
         rate = self.rate.clamp(min=floor)                                               # (N+1,)
-        flag = bounds.surprising(mass, rate, fc.p_flag)
+        held = bounds.decay(WINDOW) * self.recent                                        # (N+1,)
+        flag = bounds.surprising(mass, rate, fc.p_flag) | bounds.surprising(held + mass, WINDOW * rate, fc.p_flag)
         flag[0] = False
         flagged = flag.nonzero().flatten()
         allow = mass.clone()
         if len(flagged):
-            allow[flagged] = bounds.allowance(rate[flagged], fc.p_flag, float(mass.max()))
+            cap = float(mass.max())
+            allow[flagged] = torch.minimum(bounds.allowance(rate[flagged], fc.p_flag, cap),
+                                           bounds.window_allowance(rate[flagged], self.recent[flagged], fc.p_flag,
+                                                                   WINDOW, cap))
         item_scale = allow / mass.clamp(min=1e-12)                                      # (N+1,) 1 unless flagged
-        row_scale = torch.where(push, item_scale[u.rows_item], torch.ones_like(row_norm))  # (M,)
-        rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(0, u.rows_client, row_scale, "amin")
+        row_scale = item_scale[u.rows_item]                                             # (M,)
+        # a client's encoder follows its pushes (a sampled negative of a flagged item does not cost it)
+        rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(
+            0, u.rows_client, torch.where(push, row_scale, torch.ones_like(row_scale)), "amin")
         dt = u.dense.dtype
         coh, coh_b = self.coherence(u.dense)
         weighted = Updates(u.clients, w.to(dt), u.dense, u.rows_client, u.rows_item, u.rows_delta, u.loss)
-        agg = fedavg(weighted, rho.to(dt), row_scale.to(dt), (dense_clip * coh).to(dt), row_clip.to(dt))
-        kept = retained(u, w, row_norm, row_clip * row_scale, dense_norm, dense_clip * rho * coh)
+        dense_scale = (dense_clip * coh).to(dt)
+        # a flagged item's rows (all of them, pushes or not) move its average allowance / mass as far
+        agg = fedavg(weighted, rho.to(dt), torch.ones_like(row_scale).to(dt), dense_scale, (row_clip * row_scale).to(dt))
+        share = retained(u, w, row_norm, row_clip * row_scale, dense_norm, dense_clip * rho * coh)
         # the rate learns at most the allowance, and a flagged round teaches it FLAGGED_SPEED as much
         # (after the monitor's first WARMUP rounds, in which everything is new); items flagged lately
         # stay out of P
         step = torch.full((N + 1,), max(1.0 / HORIZON, 1.0 / (self.rounds + 1)), dtype=torch.float64)
         if self.rounds >= WARMUP:
             step[flagged] *= FLAGGED_SPEED
-        self.rate = (1 - step) * self.rate + step * torch.minimum(mass, allow)
+        kept = torch.minimum(mass, allow)
+        self.rate = (1 - step) * self.rate + step * kept
+        self.recent = held + kept
         self.last_flagged[flagged] = self.rounds
         watched = self.rounds - self.last_flagged <= HORIZON
         self.rounds += 1
@@ -221,7 +237,7 @@ class FortressServer:
                "c_row": c_row, "c_dense": c_dense, "rows_clipped": int((row_clip < 1).sum()),
                "dense_clipped": int((dense_clip < 1).sum()), "down_weighted": int((rho < 1).sum()),
                "rate_floor": floor, "coherent_cos": coh_b, "coherent_scaled": int((coh < 1).sum())}
-        return Outcome(agg, kept.to(u.weight.dtype), log, flagged, popular)
+        return Outcome(agg, share.to(u.weight.dtype), log, flagged, popular)
 
     def coherence(self, dense: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(n,) coherence factors of the encoder deltas dense (n, P) (`bounds.coherence_factor`; clipping and
@@ -242,7 +258,8 @@ class FortressServer:
             return regularise(params["item_emb"], popular, flagged, self.fc)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rate": self.rate.clone(), "last_flagged": self.last_flagged.clone(), "rounds": self.rounds,
+        return {"rate": self.rate.clone(), "recent": self.recent.clone(), "last_flagged": self.last_flagged.clone(),
+                "rounds": self.rounds,
                 "sketch_rng": self.gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -254,6 +271,8 @@ class FortressServer:
                              "start without it")
         self.rate = state["rate"].clone().double()
         self.last_flagged = state["last_flagged"].clone()
+        # a state saved before the window rule: the recent mass of a steady rate
+        self.recent = state["recent"].clone().double() if "recent" in state else WINDOW * self.rate
         self.rounds = int(state["rounds"])
         if "sketch_rng" in state:
             self.gen.set_state(state["sketch_rng"])
