@@ -190,12 +190,12 @@ def under_fortress(view: AttackView, earn: bool) -> Updates:
 
 
 def stealth_attack(view: AttackView) -> Updates:
-    """A-hum shaped just under every FORTRESS threshold, pushers split to a cold item's allowance."""
+    """A-hum shaped just under every FORTRESS threshold, its target rows within a cold item's budget."""
     return under_fortress(view, earn=False)
 
 
 def ramp_attack(view: AttackView) -> Updates:
-    """Stealth whose counted pushers follow the rate its own past pushes have earned."""
+    """Stealth whose budget follows the rate its own past pushes have earned."""
     return under_fortress(view, earn=True)
 
 
