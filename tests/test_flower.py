@@ -20,7 +20,7 @@ from fortress.data import synthetic  # noqa: E402
 from fortress.errors import InputError  # noqa: E402
 from fortress.flower import client_app  # noqa: E402
 from fortress.flower.common import FLOWER_KEYS, FlowerOptions, from_run_config  # noqa: E402
-from fortress.flower.server_app import FlowerClients, discover  # noqa: E402
+from fortress.flower.server_app import discover, serve  # noqa: E402
 from fortress.simulate import run  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
@@ -74,15 +74,20 @@ def test_pyproject_run_config_lists_every_key_and_converts_once():
 class LocalGrid:
     """Delivers each message to `client_app.app` with that node's Context; `faults` maps
     node index -> 'error' | 'silent' | 'float16' | 'stray' | 'offline' (gone after the query)
-    to misbehave in train rounds."""
+    to misbehave in train rounds. The server's run config names data that does not exist
+    (`data=/nonexistent`): only the nodes, told `data=synthetic` in their node config, have data.
+    `attackers` more nodes run with role=attacker; `sent` keeps every message, `replies` every reply."""
 
     def __init__(self, run_config: dict, n_nodes: int, faults: dict[int, str] | None = None,
-                 crash_after: int | None = None):
+                 crash_after: int | None = None, attackers: int = 0):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-        self.ids = [1000 + 7 * i for i in range(n_nodes)]
+        self.ids = [1000 + 7 * i for i in range(n_nodes + attackers)]
+        run_config = {**run_config, "data": "/nonexistent"}
         self.contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=run_config,
-                                      node_config={"partition-id": i, "num-partitions": n_nodes})
+                                      node_config={"partition-id": i, "num-partitions": n_nodes, "data": "synthetic"}
+                                      if i < n_nodes else {"role": "attacker"})
                          for i, nid in enumerate(self.ids)}
+        self.sent, self.replies = [], []
         self.faults = {self.ids[i]: f for i, f in (faults or {}).items()}
         self.crash_after, self.trains = crash_after, 0
 
@@ -91,6 +96,7 @@ class LocalGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
+        self.sent += list(messages)
         for m in messages:
             nid = m.metadata.dst_node_id
             fault = self.faults.get(nid) if m.metadata.message_type == "train" else None
@@ -113,33 +119,44 @@ class LocalGrid:
                 rep = Message(RecordDict({"updates": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                                           "metrics": rep.content["metrics"]}), reply_to=m)
             replies.append(rep)
+        self.replies += replies
         return replies
 
 
-def flower_run(cfg: Config, ds, out, grid: LocalGrid, resume: bool = False):
-    hosted = discover(grid, FlowerOptions())
-    eligible = np.sort(np.concatenate(list(hosted.values())))
-    return run(cfg, ds, out, progress=False, resume=resume, clients=FlowerClients(grid, hosted, 5.0),
-               eligible=eligible)
+def flower_run(cfg: Config, out, grid: LocalGrid, resume: bool = False):
+    """The ServerApp's own `discover` + `serve`, given no data."""
+    opts = FlowerOptions(resume=resume, round_timeout=5.0)
+    return serve(cfg, discover(grid, opts, cfg), grid, out, opts)
 
 
 def test_one_node_is_bit_identical_to_the_simulator(ds, tmp_path):
     cfg = Config(rounds=3, **SMALL)                       # float32, dropout 0.2: the same masks too
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(SMALL), 1))
+    got = flower_run(cfg, tmp_path / "fl", LocalGrid(kebab(SMALL), 1))
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) == 0.0
     assert got["test"] == ref["test"]
 
 
 def test_an_attack_runs_under_flower_like_in_the_simulator(ds, tmp_path):
-    """Malicious clients are simulated in the ServerApp; the nodes host the benign users only."""
+    """Malicious clients run on an attacker node of their own, which gets the broadcast model, its own
+    malicious ids and the targets, nothing else; the server runs no attack code."""
     sets = dict(EXACT, attack="psmu", attack_ratio=0.05, attack_len=6, eval_every=1)
     cfg = Config(rounds=2, **sets)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(sets), 3))
+    grid = LocalGrid(kebab(sets), 3, attackers=1)
+    got = flower_run(cfg, tmp_path / "fl", grid)
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
     assert got["attack"]["malicious_uploads"] == ref["attack"]["malicious_uploads"] > 0
     assert abs(got["attack"]["ER@10"] - ref["attack"]["ER@10"]) < 1e-9
+    attacker = grid.ids[3]
+    to_attacker = [m for m in grid.sent if m.metadata.dst_node_id == attacker and m.metadata.message_type == "train"]
+    assert len(to_attacker) == sum(h["malicious"] > 0 for h in got["history"]) > 0
+    for m in to_attacker:
+        assert set(m.content.keys()) == {"params", "task", "users", "targets"}
+        assert all(int(i) >= ds.n_users for i in m.content["users"]["users"].numpy())      # its own ids only
+    assert not [m for m in grid.sent if m.metadata.dst_node_id == attacker and m.metadata.message_type == "evaluate"]
+    with pytest.raises(InputError, match="no SuperNode with role=attacker"):
+        flower_run(cfg, tmp_path / "none", LocalGrid(kebab(sets), 3))
 
 
 def test_the_server_defence_runs_in_the_flower_server_like_in_the_simulator(ds, tmp_path):
@@ -147,7 +164,7 @@ def test_the_server_defence_runs_in_the_flower_server_like_in_the_simulator(ds, 
     sets = dict(EXACT, attack="ahum", attack_ratio=0.05, defence="fortress", popular_frac=0.1)
     cfg = Config(rounds=3, **sets)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(sets), 3))
+    got = flower_run(cfg, tmp_path / "fl", LocalGrid(kebab(sets), 3, attackers=1))
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
     keys = ("n_flagged", "flagged", "down_weighted", "rows_clipped", "targets_flagged", "coherent_scaled")
     assert [{k: h["defence"][k] for k in keys} for h in got["history"]] == \
@@ -158,12 +175,29 @@ def test_the_server_defence_runs_in_the_flower_server_like_in_the_simulator(ds, 
         assert a == b if a is None or b is None else a == pytest.approx(b, rel=1e-12)
 
 
-def test_three_nodes_match_the_simulator(ds, tmp_path):
-    cfg = Config(rounds=3, **EXACT)
+def test_three_nodes_match_the_simulator_with_evaluation_on_the_nodes(ds, tmp_path):
+    """The server has no data: validation, target exposure and the final metrics are sums from the nodes,
+    equal to the in-process evaluation; what the nodes send back is ids, counts and sums, never an item
+    of a user's history or a held-out item."""
+    sets = dict(EXACT, eval_every=1, targets=2)
+    cfg = Config(rounds=3, **sets)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(EXACT), 3))
+    grid = LocalGrid(kebab(sets), 3)
+    got = flower_run(cfg, tmp_path / "fl", grid)
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
-    assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ("HR@10", "NDCG@10"))
+    close = lambda a, b: a.keys() == b.keys() and all(
+        close(a[k], b[k]) if isinstance(a[k], dict) else a[k] == pytest.approx(b[k], abs=1e-9) for k in a)
+    assert close(got["valid"], ref["valid"]) and close(got["test"], ref["test"])
+    assert got["valid"]["users"] == ref["valid"]["users"] > 0
+    for a, b in zip(got["history"][:-1], ref["history"][:-1]):
+        assert close(a["valid"], b["valid"]) and close(a["ER"], b["ER"])
+    assert got["attack"]["targets"] == ref["attack"]["targets"]
+    fe = got["federated_eval"]
+    assert fe["evaluations"] == 2 * 2 + 2 and fe["bytes_up_per_eval"] > 0 and fe["bytes_down_per_eval"] > 0
+    assert all(e["answered"] == 3 for e in fe["log"])
+    assert got["dataset"]["users"] == ds.n_users and got["dataset"]["nodes"] == 3 and "most_popular" not in got
+    for rep in grid.replies:                  # what left the nodes: uploads, counts, ids, sums
+        assert set(rep.content.keys()) <= {"node", "hosted", "updates", "metrics", "sums"}
 
 
 def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
@@ -173,7 +207,7 @@ def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
     assert from_run_config(kebab(exact))[0].mode == "fortress"
     cfg = Config(rounds=2, **exact)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(exact), 3))
+    got = flower_run(cfg, tmp_path / "fl", LocalGrid(kebab(exact), 3))
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
     for a, b in zip(ref["history"], got["history"]):
         assert set(a["terms"]) == set(b["terms"]) == {"rec", "seq", "user", "item", "temp"}
@@ -183,7 +217,7 @@ def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
 def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path, caplog):
     cfg = Config(rounds=2, min_answered=0.01, **SMALL)
     grid = LocalGrid(kebab(SMALL), 6, faults={0: "error", 1: "silent", 2: "float16", 3: "stray", 5: "offline"})
-    res = flower_run(cfg, ds, tmp_path, grid)
+    res = flower_run(cfg, tmp_path, grid)
     bad_nodes = {grid.ids[2]: "dense has dtype float16", grid.ids[3]: "not sent"}
     assert res["rejected"]
     for r in res["rejected"]:
@@ -200,11 +234,11 @@ def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path,
 
 def test_flower_server_resumes_exactly_after_dying(ds, tmp_path):
     cfg = Config(rounds=5, checkpoint_every=1, **SMALL)
-    flower_run(cfg, ds, tmp_path / "full", LocalGrid(kebab(SMALL), 2))
+    flower_run(cfg, tmp_path / "full", LocalGrid(kebab(SMALL), 2))
     with pytest.raises(KeyboardInterrupt):                # dies in round 4 (2 nodes, 2 messages a round)
-        flower_run(cfg, ds, tmp_path / "cut", LocalGrid(kebab(SMALL), 2, crash_after=7))
+        flower_run(cfg, tmp_path / "cut", LocalGrid(kebab(SMALL), 2, crash_after=7))
     assert torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["round"] == 3
-    flower_run(cfg, ds, tmp_path / "cut", LocalGrid(kebab(SMALL), 2), resume=True)
+    flower_run(cfg, tmp_path / "cut", LocalGrid(kebab(SMALL), 2), resume=True)
     assert max_diff(params(tmp_path / "full"), params(tmp_path / "cut")) == 0.0
 
 

@@ -114,6 +114,7 @@ class ServerResult:
     weights: torch.Tensor
     rejected: list[tuple[int, str]]
     flagged: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None       # (n,) the aggregated clients' interaction counts, as uploaded
 
 
 def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collected, n_sampled: int,
@@ -145,4 +146,4 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
         for k, t in updates.terms.items():
             ok = torch.isfinite(t)
             info["terms"][k] = float((w[ok] * t[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
-    return ServerResult(info, updates.clients, weights, rejected, flagged)
+    return ServerResult(info, updates.clients, weights, rejected, flagged, updates.weight)

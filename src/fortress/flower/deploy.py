@@ -190,15 +190,20 @@ class Deployment:
     """SuperLink + SuperNodes on loopback, as separate processes; a context manager that stops them.
 
     Secure by default: TLS on the SuperLink (our own CA) and SuperNode authentication, with every
-    node's public key registered through `flwr supernode register` before the node starts. With
-    `simulation`, a simulation SuperLink (insecure, loopback only) whose Ray backend runs `nodes`
-    virtual SuperNodes on `cpus` CPUs, one CPU per ClientApp, and no SuperNode processes.
+    node's public key registered through `flwr supernode register` before the node starts. `nodes`
+    SuperNodes host the users (partition i of `nodes`); `attackers` more run with role=attacker
+    (the malicious clients of an attack, no data). With `simulation`, a simulation SuperLink
+    (insecure, loopback only) whose Ray backend runs `nodes` virtual SuperNodes on `cpus` CPUs, one
+    CPU per ClientApp, and no SuperNode processes (and no attacker node: every virtual node hosts users).
     """
 
     def __init__(self, folder: Path, nodes: int = 3, secure: bool = True, simulation: bool = False,
-                 cpus: int = 2, app: Path | None = None):
+                 cpus: int = 2, app: Path | None = None, attackers: int = 0):
+        if simulation and attackers:
+            raise InputError("--simulation: Flower's simulation gives every virtual node users, so an attack "
+                             "(which runs on an attacker node) needs the deployment: leave out --simulation")
         self.folder = Path(folder).resolve()
-        self.nodes, self.simulation, self.cpus = nodes, simulation, cpus
+        self.nodes, self.simulation, self.cpus, self.attackers = nodes, simulation, cpus, attackers
         self.secure = secure and not simulation
         self.app = Path(app).resolve() if app else app_dir()
         self.env = flower_env(self.folder / "flwr-home")
@@ -240,16 +245,23 @@ class Deployment:
         wait_port(self.port, self.procs)
         if self.simulation:
             return
-        keys = make_node_keys(self.folder / "keys", self.nodes) if self.secure else [(None, None)] * self.nodes
+        n = self.nodes + self.attackers
+        keys = make_node_keys(self.folder / "keys", n) if self.secure else [(None, None)] * n
+        self.keys = keys
         for i, (priv, pub) in enumerate(keys):
             if pub is not None:
                 _flwr(["supernode", "register", str(pub), "fortress"], self.env, self.folder, f"register node{i}")
-            self.start_supernode(f"supernode{i}", i, priv)
+            if i < self.nodes:
+                self.start_supernode(f"supernode{i}", i, priv)
+            else:
+                self.start_supernode(f"attacker{i - self.nodes}", None, priv)
 
-    def start_supernode(self, name: str, partition: int, private_key: Path | None) -> subprocess.Popen:
-        """A SuperNode hosting partition `partition` of `nodes`, signing with `private_key`."""
+    def start_supernode(self, name: str, partition: int | None, private_key: Path | None) -> subprocess.Popen:
+        """A SuperNode hosting partition `partition` of `nodes` (None: an attacker node), signing with `private_key`."""
+        config = (f"partition-id={partition} num-partitions={self.nodes}" if partition is not None
+                  else 'role="attacker"')
         node = [flower_bin("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
-                "--node-config", f"partition-id={partition} num-partitions={self.nodes}"]
+                "--node-config", config]
         if self.secure:
             node += ["--root-certificates", str(self.certs["ca"]), "--auth-supernode-private-key", str(private_key)]
         else:
@@ -258,7 +270,7 @@ class Deployment:
 
     def run(self, run_config: dict[str, object] | None = None, timeout: float = 1800.0) -> Path:
         """`flwr run` the app on this federation, streaming its log to flwr-run.log; returns its output folder."""
-        values = {"out": str(self.folder / "out"), "min-nodes": self.nodes, **(run_config or {})}
+        values = {"out": str(self.folder / "out"), "min-nodes": self.nodes + self.attackers, **(run_config or {})}
         argv = [flower_bin("flwr"), "run", str(self.app), "fortress", "--stream", "--run-config", run_config_arg(values)]
         if self.simulation:
             argv += ["--federation-config", f"num-supernodes={self.nodes} client-resources-num-cpus=1 "
@@ -282,9 +294,9 @@ class Deployment:
 
 def deploy_demo(folder: Path, nodes: int = 3, run_config: dict[str, object] | None = None,
                 simulation: bool = False, secure: bool = True, cpus: int = 2, app: Path | None = None,
-                timeout: float = 1800.0) -> Path:
+                timeout: float = 1800.0, attackers: int = 0) -> Path:
     """Start the federation, run the app once, stop everything; returns the run's output folder."""
-    with Deployment(folder, nodes, secure, simulation, cpus, app) as d:
+    with Deployment(folder, nodes, secure, simulation, cpus, app, attackers) as d:
         return d.run(run_config, timeout)
 
 
