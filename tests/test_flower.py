@@ -226,6 +226,10 @@ def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path,
     for h in res["history"]:
         assert h["clients"] > 0 and h["dropped"] > 0 and "skipped" not in h
         assert h["clients"] + h["rejected"] + h["dropped"] == h["sampled"]
+        assert h["dropped"] == sum(d["round"] == h["round"] for d in res["dropped"])   # each drop recorded by id
+    assert {d["client"] % 6 for d in res["dropped"]} == {0, 1, 5}
+    assert {d["reason"].split(": ")[1] for d in res["dropped"]} == {"offline", "no reply within 5 s",
+                                                                      "failed (ClientApp raised)"}
     text = caplog.text
     assert f"node {grid.ids[0]} failed" in text and f"node {grid.ids[1]} sent no reply" in text
     assert f"node {grid.ids[5]} is offline" in text

@@ -40,6 +40,7 @@ class Collected:
     updates: Updates
     rejected: list[tuple[int, str]] = field(default_factory=list)   # (client id, reason) before `check`
     bytes: int = 0                                                   # one direction, all answering clients
+    dropped: list[tuple[int, str]] = field(default_factory=list)    # (client id, reason): its host never answered
 
 
 def sample_clients(cfg: Config, eligible: np.ndarray, r: int, malicious: np.ndarray | None = None) -> np.ndarray:
@@ -100,7 +101,7 @@ def malicious_step(cfg: Config, model: Model, params: Params, n_items: int, targ
 
 def merge(a: Collected, b: Collected) -> Collected:
     """Two sets of arrivals of one round as one."""
-    return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes)
+    return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped)
 
 
 @dataclass

@@ -135,6 +135,7 @@ class Run:
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)      # clients whose host did not answer (Flower)
     campaign: attacks.Campaign | None = None      # targets and malicious clients (fedavg)
     defence: Any = None                           # the server's defence (its state goes into model.pt)
     pop: Population | None = None                 # what the server knows of the users; read off `ds` if None
@@ -252,6 +253,7 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
         camp.uploads += len(bad)
     res = server_step(cfg, run.params, gopt, got, len(chosen), run.pop.n_items, r, defence)
     run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in res.rejected]
+    run.dropped += [{"round": r + 1, "client": c, "reason": why} for c, why in got.dropped]
     if len(bad):
         camp.rejected += sum(1 for c, _ in res.rejected if c in set(bad.tolist()))
     info = dict(res.log)
@@ -269,7 +271,7 @@ def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None
     server = {"global_opt": gopt.state, "defence": defence.state_dict() if defence is not None else {}}
     return {"round": rounds_done, "config": config_mod.to_dict(run.cfg), "data": run.pop.fingerprint,
             "params": run.params, "server": server, "history": run.history,
-            "rejected": run.rejected, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
+            "rejected": run.rejected, "dropped": run.dropped, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
             "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds,
             "attack": run.campaign.state() if run.campaign is not None else None}
 
@@ -281,7 +283,7 @@ def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None)
     gopt.state = blob["server"]["global_opt"]
     if defence is not None:
         defence.load_state_dict(blob["server"].get("defence", {}))
-    run.history, run.rejected = blob["history"], blob["rejected"]
+    run.history, run.rejected, run.dropped = blob["history"], blob["rejected"], blob.get("dropped", [])
     run.bytes_up, run.bytes_down = blob["bytes_up"], blob["bytes_down"]
     run.train_seconds, run.eval_seconds = blob["train_seconds"], blob["eval_seconds"]
     if run.campaign is not None:
@@ -546,6 +548,7 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
             "down_total": int(sum(run_.bytes_down)),
         },
         "rejected": run_.rejected,
+        "dropped": run_.dropped,
     }
     if camp is not None:
         camp.record(cfg.rounds, {**test, **er})

@@ -127,8 +127,10 @@ class FlowerClients:
         if not groups:
             return Collected(nothing)
         alive = set(self.grid.get_node_ids())              # nodes the SuperLink has seen go away are not waited for
+        dropped = []
         for node in [n for n in groups if n not in alive]:
-            log.warning("round %d: node %d is offline; its %d clients dropped", r + 1, node, len(groups.pop(node)))
+            log.warning("round %d: node %d is offline; its %d clients dropped", r + 1, node, len(groups[node]))
+            dropped += [(u, f"node {node}: offline") for u in groups.pop(node)]
         model = _model(params)
         msgs = [Message(RecordDict({"params": model, "task": ConfigRecord({"round": r}), "users": _ids("users", g),
                                     **extra}),
@@ -140,11 +142,13 @@ class FlowerClients:
             if node not in replies:
                 log.warning("round %d: node %d sent no reply within %g s; its %d clients dropped",
                             r + 1, node, self.timeout, len(sent))
+                dropped += [(u, f"node {node}: no reply within {self.timeout:g} s") for u in sent]
                 continue
             rep = replies[node]
             if rep.has_error():
                 log.warning("round %d: node %d failed (%s); its %d clients dropped", r + 1, node, rep.error.reason,
                             len(sent))
+                dropped += [(u, f"node {node}: failed ({rep.error.reason})") for u in sent]
                 continue
             try:
                 arrays = {k: a.numpy() for k, a in rep.content["updates"].items()}
@@ -164,7 +168,7 @@ class FlowerClients:
         print(f"round {r + 1}: {sum(len(g) for g in groups.values())} {what} sampled on {len(groups)} nodes, "
               f"{updates.n} uploads, {len(rejected)} rejected on arrival; slowest node: "
               f"{node_seconds[0]:.2f} s training, {node_seconds[1]:.2f} s loading data", flush=True)
-        return Collected(updates, rejected, nbytes)
+        return Collected(updates, rejected, nbytes, dropped)
 
     def evaluate(self, params: Params, split: str, targets: list[int] | None = None, progress=None) -> Sums:
         """Every hosting node scores its own users; the server adds their sums (`metrics.from_sums` does the rest)."""
