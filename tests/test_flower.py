@@ -287,3 +287,44 @@ def test_secure_deployment_with_three_supernodes(ds, tmp_path):
     assert max_diff(params(tmp_path / "sim"), params(out)) < 1e-9
     got = json.loads((out / "results.json").read_text())
     assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ref["test"] if k != "users")
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_run_rejoins_and_the_model_equals_a_replay_of_its_drops(ds, tmp_path):
+    """A SuperLink and 3 SuperNodes as processes (TLS, node authentication, loopback). SuperNode 1 is
+    killed (SIGKILL) after round 2 and started again with its key; the run finishes, its clients of
+    the rounds it missed are recorded as dropped, it serves the last rounds again, and the model equals
+    an in-process run that drops exactly the recorded clients."""
+    import time
+    from fortress.flower.deploy import Deployment
+    from fortress.simulate import local_clients
+    rounds = 12
+    with Deployment(tmp_path / "dep", nodes=3) as dep:
+        proc = dep.submit({**kebab({**EXACT, "rounds": rounds}), "round-timeout": 15.0})
+        deadline = time.monotonic() + 300
+        while "round 2:" not in (dep.log.read_text(errors="replace") if dep.log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, dep.log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        dep.kill_node(1)
+        dep.rejoin_node(1)
+        out = dep.wait(proc, timeout=900)
+        procs = [p for _, p in dep.procs.procs]
+    assert all(p.poll() is not None for p in procs)
+    got = json.loads((out / "results.json").read_text())
+    assert got["dropped"] and all(d["client"] % 3 == 1 and d["round"] > 2 for d in got["dropped"])
+    hist = got["history"]
+    assert all(h["dropped"] == sum(d["round"] == h["round"] for d in got["dropped"]) for h in hist)
+    last = max(d["round"] for d in got["dropped"])
+    assert last < rounds and all(h["dropped"] == 0 and h["clients"] == h["sampled"] for h in hist[last:]), \
+        "node 1 did not serve the last rounds again"
+    assert got["test"]["users"] == ds.n_users                                  # and was evaluated again
+    drops: dict[int, list[int]] = {}
+    for d in got["dropped"]:
+        drops.setdefault(d["round"], []).append(d["client"])
+
+    def replay(run_, r, users):
+        return local_clients(run_, r, users[~np.isin(users, drops.get(r + 1, []))])
+    ref = run(Config(rounds=rounds, **EXACT), ds, tmp_path / "replay", progress=False, clients=replay)
+    assert [h["dropped"] for h in ref["history"]] == [h["dropped"] for h in hist]
+    assert max_diff(params(tmp_path / "replay"), params(out)) < 1e-9
+    assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ref["test"] if k != "users")

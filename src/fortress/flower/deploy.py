@@ -134,13 +134,21 @@ class Processes:
     def __init__(self, folder: Path, env: dict[str, str]):
         self.folder, self.env, self.procs = folder, env, []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "wb")
+    def start(self, name: str, argv: list[str], append: bool = False) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "ab" if append else "wb")
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
                              start_new_session=True)      # its own group: its app subprocesses stop with it
         log.close()
         self.procs.append((name, p))
         return p
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (and its app subprocesses), as a crash would; it is no longer checked or stopped."""
+        for entry in [e for e in self.procs if e[0] == name]:
+            if entry[1].poll() is None:
+                os.killpg(entry[1].pid, signal.SIGKILL)
+            entry[1].wait()
+            self.procs.remove(entry)
 
     def stop(self, timeout: float = 15.0) -> None:
         for _, p in reversed(self.procs):
@@ -210,6 +218,7 @@ class Deployment:
         self.procs = Processes(self.folder, self.env)
         self.port = 0
         self.certs: dict[str, Path] = {}
+        self.keys: list[tuple[Path | None, Path | None]] = []
 
     @property
     def address(self) -> str:
@@ -256,7 +265,8 @@ class Deployment:
             else:
                 self.start_supernode(f"attacker{i - self.nodes}", None, priv)
 
-    def start_supernode(self, name: str, partition: int | None, private_key: Path | None) -> subprocess.Popen:
+    def start_supernode(self, name: str, partition: int | None, private_key: Path | None,
+                        append: bool = False) -> subprocess.Popen:
         """A SuperNode hosting partition `partition` of `nodes` (None: an attacker node), signing with `private_key`."""
         config = (f"partition-id={partition} num-partitions={self.nodes}" if partition is not None
                   else 'role="attacker"')
@@ -266,10 +276,14 @@ class Deployment:
             node += ["--root-certificates", str(self.certs["ca"]), "--auth-supernode-private-key", str(private_key)]
         else:
             node += ["--insecure"]
-        return self.procs.start(name, node)
+        return self.procs.start(name, node, append)
 
     def run(self, run_config: dict[str, object] | None = None, timeout: float = 1800.0) -> Path:
         """`flwr run` the app on this federation, streaming its log to flwr-run.log; returns its output folder."""
+        return self.wait(self.submit(run_config), timeout)
+
+    def submit(self, run_config: dict[str, object] | None = None) -> subprocess.Popen:
+        """Start `flwr run` in the background (its log: flwr-run.log); `wait` for it."""
         values = {"out": str(self.folder / "out"), "min-nodes": self.nodes + self.attackers, **(run_config or {})}
         argv = [flower_bin("flwr"), "run", str(self.app), "fortress", "--stream", "--run-config", run_config_arg(values)]
         if self.simulation:
@@ -277,16 +291,49 @@ class Deployment:
                                             f"init-args-num-cpus={self.cpus} init-args-logging-level=\"ERROR\""]
         print("$ " + shlex.join(argv), file=sys.stderr)
         self.procs.check_alive()
-        log = self.folder / "flwr-run.log"
-        t0 = time.time()
-        with open(log, "wb") as f:
-            done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
-                                  timeout=timeout)
-        results = Path(values["out"]) / "results.json"
-        if done.returncode != 0 or not results.exists() or results.stat().st_mtime < t0:
-            text = log.read_text(errors="replace")
-            raise RuntimeError(f"flwr run failed (exit {done.returncode}); last lines of {log}:\n{text[-3000:]}")
-        return Path(values["out"])
+        self.out, self.submitted = Path(values["out"]), time.time()
+        with open(self.log, "wb") as f:
+            return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder)
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "flwr-run.log"
+
+    def wait(self, proc: subprocess.Popen, timeout: float = 1800.0) -> Path:
+        """Wait for a submitted `flwr run`; its output folder, or RuntimeError with the log's tail."""
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = f"killed after {timeout:g} s"
+        results = self.out / "results.json"
+        if code != 0 or not results.exists() or results.stat().st_mtime < self.submitted:
+            text = self.log.read_text(errors="replace")
+            raise RuntimeError(f"flwr run failed (exit {code}); last lines of {self.log}:\n{text[-3000:]}")
+        return self.out
+
+    def kill_node(self, partition: int) -> None:
+        """SIGKILL the SuperNode hosting `partition` (a crash: it does not say goodbye to the SuperLink)."""
+        self.procs.kill(f"supernode{partition}")
+
+    def rejoin_node(self, partition: int, timeout: float = 180.0) -> subprocess.Popen:
+        """Start the SuperNode of `partition` again with its key, so it comes back as the same node.
+
+        The SuperLink refuses to activate a key it still counts online (up to two missed
+        heartbeats, about a minute, after a crash); the node exits then, and is started again.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.start_supernode(f"supernode{partition}", partition, self.keys[partition][0], append=True)
+            try:
+                p.wait(10.0)                             # exited within 10 s: not activated
+            except subprocess.TimeoutExpired:
+                return p
+            self.procs.procs.remove((f"supernode{partition}", p))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"supernode{partition} did not rejoin within {timeout:g} s")
+            time.sleep(5.0)
 
     def stop(self) -> None:
         self.procs.stop()

@@ -126,6 +126,7 @@ class FlowerClients:
         nothing = empty(dense_size(params), cfg.dim, params["item_emb"].dtype)
         if not groups:
             return Collected(nothing)
+        n_sampled, n_nodes = sum(len(g) for g in groups.values()), len(groups)
         alive = set(self.grid.get_node_ids())              # nodes the SuperLink has seen go away are not waited for
         dropped = []
         for node in [n for n in groups if n not in alive]:
@@ -134,7 +135,8 @@ class FlowerClients:
         model = _model(params)
         msgs = [Message(RecordDict({"params": model, "task": ConfigRecord({"round": r}), "users": _ids("users", g),
                                     **extra}),
-                        dst_node_id=node, message_type=MessageType.TRAIN) for node, g in groups.items()]
+                        dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.timeout)   # a node that
+                for node, g in groups.items()]                                         # rejoins skips stale rounds
         replies = {rep.metadata.src_node_id: rep for rep in self.grid.send_and_receive(msgs, timeout=self.timeout)}
         parts, rejected, nbytes, node_seconds = [], [], 0, [0.0, 0.0]
         for node in sorted(groups):                        # fixed order: aggregation does not depend on timing
@@ -165,7 +167,7 @@ class FlowerClients:
             node_seconds = [max(node_seconds[0], float(metrics.get("train-seconds", 0.0))),
                             max(node_seconds[1], float(metrics.get("load-seconds", 0.0)))]
         updates = concat(parts) if parts else nothing
-        print(f"round {r + 1}: {sum(len(g) for g in groups.values())} {what} sampled on {len(groups)} nodes, "
+        print(f"round {r + 1}: {n_sampled} {what} sampled on {n_nodes} nodes, "
               f"{updates.n} uploads, {len(rejected)} rejected on arrival; slowest node: "
               f"{node_seconds[0]:.2f} s training, {node_seconds[1]:.2f} s loading data", flush=True)
         return Collected(updates, rejected, nbytes, dropped)
@@ -180,7 +182,7 @@ class FlowerClients:
             log.warning("evaluate %s: node %d is offline; its users are not in this evaluation", split, node)
         msgs = [Message(RecordDict({"params": model, "task": ConfigRecord({"split": split}),
                                     "targets": _ids("targets", targets)}), dst_node_id=n,
-                        message_type=MessageType.EVALUATE) for n in self.fed.evaluators if n in alive]
+                        message_type=MessageType.EVALUATE, ttl=self.timeout) for n in self.fed.evaluators if n in alive]
         replies = {rep.metadata.src_node_id: rep for rep in self.grid.send_and_receive(msgs, timeout=self.timeout)}
         total, answered, up, slowest = zero_sums(len(targets)), 0, 0, 0.0
         for node in [m.metadata.dst_node_id for m in msgs]:    # fixed order: the sums do not depend on timing
