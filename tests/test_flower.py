@@ -198,6 +198,9 @@ def test_three_nodes_match_the_simulator_with_evaluation_on_the_nodes(ds, tmp_pa
     assert got["dataset"]["users"] == ds.n_users and got["dataset"]["nodes"] == 3 and "most_popular" not in got
     for rep in grid.replies:                  # what left the nodes: uploads, counts, ids, sums
         assert set(rep.content.keys()) <= {"node", "hosted", "updates", "metrics", "sums"}
+    from fortress.recommend import recommend
+    with pytest.raises(InputError, match="holds no user data"):          # model.pt has the catalogue, no user
+        recommend(tmp_path / "fl", "u0")
 
 
 def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
@@ -328,3 +331,22 @@ def test_a_node_killed_mid_run_rejoins_and_the_model_equals_a_replay_of_its_drop
     assert [h["dropped"] for h in ref["history"]] == [h["dropped"] for h in hist]
     assert max_diff(params(tmp_path / "replay"), params(out)) < 1e-9
     assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ref["test"] if k != "users")
+
+
+@pytest.mark.slow
+def test_a_deployment_under_attack_runs_the_malicious_clients_on_an_attacker_supernode(ds, tmp_path):
+    """3 user SuperNodes + 1 attacker SuperNode (role=attacker, no data) as processes, TLS and node
+    authentication: the same experiment as the in-process attack, through the real transport."""
+    from fortress.flower.deploy import Deployment
+    sets = dict(EXACT, attack="psmu", attack_ratio=0.05, attack_len=6, rounds=2)
+    ref = run(Config(**sets), ds, tmp_path / "sim", progress=False)
+    with Deployment(tmp_path / "dep", nodes=3, attackers=1) as dep:
+        out = dep.run(kebab(sets), timeout=600)
+    log = (tmp_path / "dep" / "flwr-run.log").read_text()
+    assert "3 SuperNodes hosting 300 users and 1 attacker nodes; no data on the server" in log
+    assert "malicious clients sampled on 1 nodes" in log
+    assert (tmp_path / "dep" / "attacker0.log").exists()
+    got = json.loads((out / "results.json").read_text())
+    assert got["attack"]["malicious_uploads"] == ref["attack"]["malicious_uploads"] > 0
+    assert max_diff(params(tmp_path / "sim"), params(out)) < 1e-9
+    assert abs(got["attack"]["ER@10"] - ref["attack"]["ER@10"]) < 1e-9
