@@ -350,3 +350,19 @@ def test_a_deployment_under_attack_runs_the_malicious_clients_on_an_attacker_sup
     assert got["attack"]["malicious_uploads"] == ref["attack"]["malicious_uploads"] > 0
     assert max_diff(params(tmp_path / "sim"), params(out)) < 1e-9
     assert abs(got["attack"]["ER@10"] - ref["attack"]["ER@10"]) < 1e-9
+
+
+def test_nodes_send_item_counts_only_for_unpopular_targets(ds):
+    """The population a node sends holds ids and counts; the item train counts (the one aggregate of
+    histories) only when the run picks `unpopular` targets; they add up to the data's counts."""
+    for sets, sent in ((dict(SMALL), True), (dict(SMALL, target_pick="random"), False), (dict(SMALL, targets=0), False)):
+        cfg = Config(**sets)
+        grid = LocalGrid(kebab(sets), 3)
+        fed = discover(grid, FlowerOptions(), cfg)
+        assert all(("item-counts" in rep.content["hosted"]) == sent for rep in grid.replies)
+        assert fed.pop.users == ds.n_users and fed.pop.n_items == ds.n_items and fed.pop.nodes == 3
+        assert np.array_equal(fed.pop.eligible, np.sort(np.concatenate(list(fed.hosts.values()))))
+        if sent:
+            assert np.array_equal(fed.pop.item_counts, ds.item_counts())
+        else:
+            assert fed.pop.item_counts is None

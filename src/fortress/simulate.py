@@ -248,9 +248,10 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     got = clients(run, r, users)
     if len(bad):     # malicious clients see only a copy of the broadcast model, like benign ones
         t1 = time.perf_counter()
-        got = merge(got, attackers(run, r, bad))
+        fake = attackers(run, r, bad)
+        got = merge(got, fake)
         camp.seconds += time.perf_counter() - t1
-        camp.uploads += len(bad)
+        camp.uploads += fake.updates.n
     res = server_step(cfg, run.params, gopt, got, len(chosen), run.pop.n_items, r, defence)
     run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in res.rejected]
     run.dropped += [{"round": r + 1, "client": c, "reason": why} for c, why in got.dropped]
@@ -491,13 +492,13 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
         run_ = Run(cfg, ds, model, {}, pop=pop, evaluator=local_evaluator(ds, lambda _: pop_scorer(ds), cfg.eval_batch))
     else:
         params = initial_params(cfg, model, pop)
-        camp = None
-        if cfg.mode in config_mod.FEDERATED and cfg.targets >= 1:
-            if pop.item_counts is None and cfg.target_pick == "unpopular":
+        counts = pop.item_counts
+        if counts is None:             # the hosts send item counts only when targets are picked by popularity
+            if cfg.mode in config_mod.FEDERATED and cfg.targets >= 1 and cfg.target_pick == "unpopular":
                 raise InputError("target_pick=unpopular needs the item train counts, which the hosts did not send")
-            counts = pop.item_counts if pop.item_counts is not None else np.zeros(pop.n_items + 1, dtype=np.int64)
-            camp = attacks.campaign(cfg, counts, pop.item_ids, pop.n_users)
-        run_ = Run(cfg, ds, model, params, campaign=camp, pop=pop, evaluator=evaluator)
+            counts = np.zeros(pop.n_items + 1, dtype=np.int64)
+        run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, counts, pop.item_ids, pop.n_users),
+                   pop=pop, evaluator=evaluator)
     if overwrite:              # config, data, init_from and targets are good: only now drop the earlier run
         clear_out(out)
     federated = cfg.mode in config_mod.FEDERATED

@@ -29,7 +29,7 @@ ROLES = ("users", "attacker")        # what a SuperNode does: host users, or run
 
 @dataclass(frozen=True)
 class FlowerOptions:
-    data: str = "synthetic"          # file or folder, a name in $FORTRESS_DATA, or 'synthetic'
+    data: str = "synthetic"          # nodes: file or folder, a name in $FORTRESS_DATA, or 'synthetic'; the server reads none
     out: str = "runs/flower"         # server: results.json, model.pt, checkpoint.pt
     resume: bool = False             # server: continue from out/checkpoint.pt
     round_timeout: float = 600.0     # server: seconds to wait for a round's replies; late nodes count as dropped
