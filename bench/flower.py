@@ -5,7 +5,9 @@ Not a test. The same config (seed, data, clients per round, model) runs
   2. flwr simulation: a simulation SuperLink, `flwr run`, Ray with N virtual SuperNodes
   3. deployment:      a SuperLink + N SuperNode processes on loopback, TLS + SuperNode auth
 and the table gives seconds per round (server's view: broadcast -> all replies -> aggregate),
-the wall time of the whole command, and whether the final models agree.
+the wall time of the whole command, and whether the final models agree; a second table, what the
+final evaluation (valid + test, full ranking) cost: in-process over the data, under Flower on the
+nodes (the server has no data), with the bytes each way and the largest metric difference.
 
     .venv/bin/python bench/flower.py --data amazon-cell-phones --rounds 5 --clients 128 --nodes 3
 """
@@ -53,7 +55,8 @@ def main() -> None:
         rows.append((f"{name}, {args.nodes} nodes", res, time.perf_counter() - t0))
 
     ref = torch.load(rows[0][1] / "model.pt", weights_only=False)["params"]
-    table, record = [], []
+    ref_res = json.loads((rows[0][1] / "results.json").read_text())
+    table, record, evals = [], [], []
     for name, folder, wall in rows:
         res = json.loads((folder / "results.json").read_text())
         p = torch.load(folder / "model.pt", weights_only=False)["params"]
@@ -63,11 +66,26 @@ def main() -> None:
                        "test": res["test"]})
         table.append(f"| {name:<36} | {sum(sec) / len(sec):>8.2f} | {min(sec):>6.2f} | {wall:>7.1f} | "
                      f"{res['test']['HR@10']:.4f} | {diff:.1e} |")
+        fe = res.get("federated_eval")
+        mdiff = max(abs(res[split][k] - ref_res[split][k]) for split in ("valid", "test") for k in ref_res[split]
+                    if k != "users")
+        if fe is None:
+            evals.append(f"| {name:<36} | {res['timing']['final_eval_seconds']:>7.2f} | – | – | {mdiff:.1e} |")
+        else:
+            secs = sum(e["seconds"] for e in fe["log"])
+            down, up = sum(e["bytes_down"] for e in fe["log"]), sum(e["bytes_up"] for e in fe["log"])
+            evals.append(f"| {name:<36} | {secs:>7.2f} | {down / 1e6:.2f} MB | {up} B | {mdiff:.1e} |")
+        record[-1]["federated_eval"] = fe
+        record[-1]["final_eval_seconds"] = res["timing"]["final_eval_seconds"]
     head = (f"| {'how (' + args.data + ', ' + str(args.clients) + ' clients/round)':<36} | s/round | min s | wall s "
             f"| HR@10  | max |Δ param| |\n|{'-' * 38}|---------:|-------:|--------:|--------|----------|")
     load = os.getloadavg()
     print(head)
     print("\n".join(table))
+    print()
+    print(f"| final evaluation (valid + test) | seconds | bytes to nodes | bytes from nodes | max |Δ metric| |\n"
+          f"|{'-' * 38}|--------:|------:|------:|------:|")
+    print("\n".join(evals))
     print(f"load average during the run (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores")
     (out / "flower.json").write_text(json.dumps({"args": vars(args), "config": common, "rows": record,
                                                  "loadavg": load}, indent=1))

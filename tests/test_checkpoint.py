@@ -15,6 +15,7 @@ from fortress import checkpoint
 from fortress.config import Config
 from fortress.data import synthetic
 from fortress.errors import InputError
+from fortress.population import fingerprint
 from fortress.simulate import run
 
 SMALL = dict(dim=16, max_len=20, n_neg=16, clients_per_round=24, eval_every=0, threads=1,
@@ -71,7 +72,7 @@ def test_a_write_that_dies_midway_leaves_the_old_checkpoint(tmp_path, monkeypatc
     monkeypatch.undo()
     assert (tmp_path / checkpoint.NAME).read_bytes() == before
     assert list(tmp_path.glob(".checkpoint.pt.*.tmp"))            # the torn temporary file
-    assert checkpoint.load(tmp_path, cfg, ds)["round"] == 1
+    assert checkpoint.load(tmp_path, cfg, fingerprint(ds))["round"] == 1
     assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))        # cleaned up on load
 
 

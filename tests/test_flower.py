@@ -20,7 +20,7 @@ from fortress.data import synthetic  # noqa: E402
 from fortress.errors import InputError  # noqa: E402
 from fortress.flower import client_app  # noqa: E402
 from fortress.flower.common import FLOWER_KEYS, FlowerOptions, from_run_config  # noqa: E402
-from fortress.flower.server_app import FlowerClients, discover  # noqa: E402
+from fortress.flower.server_app import discover, serve  # noqa: E402
 from fortress.simulate import run  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
@@ -74,15 +74,20 @@ def test_pyproject_run_config_lists_every_key_and_converts_once():
 class LocalGrid:
     """Delivers each message to `client_app.app` with that node's Context; `faults` maps
     node index -> 'error' | 'silent' | 'float16' | 'stray' | 'offline' (gone after the query)
-    to misbehave in train rounds."""
+    to misbehave in train rounds. The server's run config names data that does not exist
+    (`data=/nonexistent`): only the nodes, told `data=synthetic` in their node config, have data.
+    `attackers` more nodes run with role=attacker; `sent` keeps every message, `replies` every reply."""
 
     def __init__(self, run_config: dict, n_nodes: int, faults: dict[int, str] | None = None,
-                 crash_after: int | None = None):
+                 crash_after: int | None = None, attackers: int = 0):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-        self.ids = [1000 + 7 * i for i in range(n_nodes)]
+        self.ids = [1000 + 7 * i for i in range(n_nodes + attackers)]
+        run_config = {**run_config, "data": "/nonexistent"}
         self.contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=run_config,
-                                      node_config={"partition-id": i, "num-partitions": n_nodes})
+                                      node_config={"partition-id": i, "num-partitions": n_nodes, "data": "synthetic"}
+                                      if i < n_nodes else {"role": "attacker"})
                          for i, nid in enumerate(self.ids)}
+        self.sent, self.replies = [], []
         self.faults = {self.ids[i]: f for i, f in (faults or {}).items()}
         self.crash_after, self.trains = crash_after, 0
 
@@ -91,6 +96,7 @@ class LocalGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
+        self.sent += list(messages)
         for m in messages:
             nid = m.metadata.dst_node_id
             fault = self.faults.get(nid) if m.metadata.message_type == "train" else None
@@ -113,33 +119,44 @@ class LocalGrid:
                 rep = Message(RecordDict({"updates": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                                           "metrics": rep.content["metrics"]}), reply_to=m)
             replies.append(rep)
+        self.replies += replies
         return replies
 
 
-def flower_run(cfg: Config, ds, out, grid: LocalGrid, resume: bool = False):
-    hosted = discover(grid, FlowerOptions())
-    eligible = np.sort(np.concatenate(list(hosted.values())))
-    return run(cfg, ds, out, progress=False, resume=resume, clients=FlowerClients(grid, hosted, 5.0),
-               eligible=eligible)
+def flower_run(cfg: Config, out, grid: LocalGrid, resume: bool = False):
+    """The ServerApp's own `discover` + `serve`, given no data."""
+    opts = FlowerOptions(resume=resume, round_timeout=5.0)
+    return serve(cfg, discover(grid, opts, cfg), grid, out, opts)
 
 
 def test_one_node_is_bit_identical_to_the_simulator(ds, tmp_path):
     cfg = Config(rounds=3, **SMALL)                       # float32, dropout 0.2: the same masks too
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(SMALL), 1))
+    got = flower_run(cfg, tmp_path / "fl", LocalGrid(kebab(SMALL), 1))
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) == 0.0
     assert got["test"] == ref["test"]
 
 
 def test_an_attack_runs_under_flower_like_in_the_simulator(ds, tmp_path):
-    """Malicious clients are simulated in the ServerApp; the nodes host the benign users only."""
+    """Malicious clients run on an attacker node of their own, which gets the broadcast model, its own
+    malicious ids and the targets, nothing else; the server runs no attack code."""
     sets = dict(EXACT, attack="psmu", attack_ratio=0.05, attack_len=6, eval_every=1)
     cfg = Config(rounds=2, **sets)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(sets), 3))
+    grid = LocalGrid(kebab(sets), 3, attackers=1)
+    got = flower_run(cfg, tmp_path / "fl", grid)
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
     assert got["attack"]["malicious_uploads"] == ref["attack"]["malicious_uploads"] > 0
     assert abs(got["attack"]["ER@10"] - ref["attack"]["ER@10"]) < 1e-9
+    attacker = grid.ids[3]
+    to_attacker = [m for m in grid.sent if m.metadata.dst_node_id == attacker and m.metadata.message_type == "train"]
+    assert len(to_attacker) == sum(h["malicious"] > 0 for h in got["history"]) > 0
+    for m in to_attacker:
+        assert set(m.content.keys()) == {"params", "task", "users", "targets"}
+        assert all(int(i) >= ds.n_users for i in m.content["users"]["users"].numpy())      # its own ids only
+    assert not [m for m in grid.sent if m.metadata.dst_node_id == attacker and m.metadata.message_type == "evaluate"]
+    with pytest.raises(InputError, match="no SuperNode with role=attacker"):
+        flower_run(cfg, tmp_path / "none", LocalGrid(kebab(sets), 3))
 
 
 def test_the_server_defence_runs_in_the_flower_server_like_in_the_simulator(ds, tmp_path):
@@ -147,7 +164,7 @@ def test_the_server_defence_runs_in_the_flower_server_like_in_the_simulator(ds, 
     sets = dict(EXACT, attack="ahum", attack_ratio=0.05, defence="fortress", popular_frac=0.1)
     cfg = Config(rounds=3, **sets)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(sets), 3))
+    got = flower_run(cfg, tmp_path / "fl", LocalGrid(kebab(sets), 3, attackers=1))
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
     keys = ("n_flagged", "flagged", "down_weighted", "rows_clipped", "targets_flagged", "coherent_scaled")
     assert [{k: h["defence"][k] for k in keys} for h in got["history"]] == \
@@ -158,12 +175,32 @@ def test_the_server_defence_runs_in_the_flower_server_like_in_the_simulator(ds, 
         assert a == b if a is None or b is None else a == pytest.approx(b, rel=1e-12)
 
 
-def test_three_nodes_match_the_simulator(ds, tmp_path):
-    cfg = Config(rounds=3, **EXACT)
+def test_three_nodes_match_the_simulator_with_evaluation_on_the_nodes(ds, tmp_path):
+    """The server has no data: validation, target exposure and the final metrics are sums from the nodes,
+    equal to the in-process evaluation; what the nodes send back is ids, counts and sums, never an item
+    of a user's history or a held-out item."""
+    sets = dict(EXACT, eval_every=1, targets=2)
+    cfg = Config(rounds=3, **sets)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(EXACT), 3))
+    grid = LocalGrid(kebab(sets), 3)
+    got = flower_run(cfg, tmp_path / "fl", grid)
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
-    assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ("HR@10", "NDCG@10"))
+    close = lambda a, b: a.keys() == b.keys() and all(
+        close(a[k], b[k]) if isinstance(a[k], dict) else a[k] == pytest.approx(b[k], abs=1e-9) for k in a)
+    assert close(got["valid"], ref["valid"]) and close(got["test"], ref["test"])
+    assert got["valid"]["users"] == ref["valid"]["users"] > 0
+    for a, b in zip(got["history"][:-1], ref["history"][:-1]):
+        assert close(a["valid"], b["valid"]) and close(a["ER"], b["ER"])
+    assert got["attack"]["targets"] == ref["attack"]["targets"]
+    fe = got["federated_eval"]
+    assert fe["evaluations"] == 2 * 2 + 2 and fe["bytes_up_per_eval"] > 0 and fe["bytes_down_per_eval"] > 0
+    assert all(e["answered"] == 3 for e in fe["log"])
+    assert got["dataset"]["users"] == ds.n_users and got["dataset"]["nodes"] == 3 and "most_popular" not in got
+    for rep in grid.replies:                  # what left the nodes: uploads, counts, ids, sums
+        assert set(rep.content.keys()) <= {"node", "hosted", "updates", "metrics", "sums"}
+    from fortress.recommend import recommend
+    with pytest.raises(InputError, match="holds no user data"):          # model.pt has the catalogue, no user
+        recommend(tmp_path / "fl", "u0")
 
 
 def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
@@ -173,7 +210,7 @@ def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
     assert from_run_config(kebab(exact))[0].mode == "fortress"
     cfg = Config(rounds=2, **exact)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
-    got = flower_run(cfg, ds, tmp_path / "fl", LocalGrid(kebab(exact), 3))
+    got = flower_run(cfg, tmp_path / "fl", LocalGrid(kebab(exact), 3))
     assert max_diff(params(tmp_path / "sim"), params(tmp_path / "fl")) < 1e-12
     for a, b in zip(ref["history"], got["history"]):
         assert set(a["terms"]) == set(b["terms"]) == {"rec", "seq", "user", "item", "temp"}
@@ -183,7 +220,7 @@ def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
 def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path, caplog):
     cfg = Config(rounds=2, min_answered=0.01, **SMALL)
     grid = LocalGrid(kebab(SMALL), 6, faults={0: "error", 1: "silent", 2: "float16", 3: "stray", 5: "offline"})
-    res = flower_run(cfg, ds, tmp_path, grid)
+    res = flower_run(cfg, tmp_path, grid)
     bad_nodes = {grid.ids[2]: "dense has dtype float16", grid.ids[3]: "not sent"}
     assert res["rejected"]
     for r in res["rejected"]:
@@ -192,6 +229,10 @@ def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path,
     for h in res["history"]:
         assert h["clients"] > 0 and h["dropped"] > 0 and "skipped" not in h
         assert h["clients"] + h["rejected"] + h["dropped"] == h["sampled"]
+        assert h["dropped"] == sum(d["round"] == h["round"] for d in res["dropped"])   # each drop recorded by id
+    assert {d["client"] % 6 for d in res["dropped"]} == {0, 1, 5}
+    assert {d["reason"].split(": ")[1] for d in res["dropped"]} == {"offline", "no reply within 5 s",
+                                                                      "failed (ClientApp raised)"}
     text = caplog.text
     assert f"node {grid.ids[0]} failed" in text and f"node {grid.ids[1]} sent no reply" in text
     assert f"node {grid.ids[5]} is offline" in text
@@ -200,11 +241,11 @@ def test_flower_server_survives_failing_silent_and_malformed_nodes(ds, tmp_path,
 
 def test_flower_server_resumes_exactly_after_dying(ds, tmp_path):
     cfg = Config(rounds=5, checkpoint_every=1, **SMALL)
-    flower_run(cfg, ds, tmp_path / "full", LocalGrid(kebab(SMALL), 2))
+    flower_run(cfg, tmp_path / "full", LocalGrid(kebab(SMALL), 2))
     with pytest.raises(KeyboardInterrupt):                # dies in round 4 (2 nodes, 2 messages a round)
-        flower_run(cfg, ds, tmp_path / "cut", LocalGrid(kebab(SMALL), 2, crash_after=7))
+        flower_run(cfg, tmp_path / "cut", LocalGrid(kebab(SMALL), 2, crash_after=7))
     assert torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["round"] == 3
-    flower_run(cfg, ds, tmp_path / "cut", LocalGrid(kebab(SMALL), 2), resume=True)
+    flower_run(cfg, tmp_path / "cut", LocalGrid(kebab(SMALL), 2), resume=True)
     assert max_diff(params(tmp_path / "full"), params(tmp_path / "cut")) == 0.0
 
 
@@ -249,3 +290,79 @@ def test_secure_deployment_with_three_supernodes(ds, tmp_path):
     assert max_diff(params(tmp_path / "sim"), params(out)) < 1e-9
     got = json.loads((out / "results.json").read_text())
     assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ref["test"] if k != "users")
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_run_rejoins_and_the_model_equals_a_replay_of_its_drops(ds, tmp_path):
+    """A SuperLink and 3 SuperNodes as processes (TLS, node authentication, loopback). SuperNode 1 is
+    killed (SIGKILL) after round 2 and started again with its key; the run finishes, its clients of
+    the rounds it missed are recorded as dropped, it serves the last rounds again, and the model equals
+    an in-process run that drops exactly the recorded clients."""
+    import time
+    from fortress.flower.deploy import Deployment
+    from fortress.simulate import local_clients
+    rounds = 12
+    with Deployment(tmp_path / "dep", nodes=3) as dep:
+        proc = dep.submit({**kebab({**EXACT, "rounds": rounds}), "round-timeout": 15.0})
+        deadline = time.monotonic() + 300
+        while "round 2:" not in (dep.log.read_text(errors="replace") if dep.log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, dep.log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        dep.kill_node(1)
+        dep.rejoin_node(1)
+        out = dep.wait(proc, timeout=900)
+        procs = [p for _, p in dep.procs.procs]
+    assert all(p.poll() is not None for p in procs)
+    got = json.loads((out / "results.json").read_text())
+    assert got["dropped"] and all(d["client"] % 3 == 1 and d["round"] > 2 for d in got["dropped"])
+    hist = got["history"]
+    assert all(h["dropped"] == sum(d["round"] == h["round"] for d in got["dropped"]) for h in hist)
+    last = max(d["round"] for d in got["dropped"])
+    assert last < rounds and all(h["dropped"] == 0 and h["clients"] == h["sampled"] for h in hist[last:]), \
+        "node 1 did not serve the last rounds again"
+    assert got["test"]["users"] == ds.n_users                                  # and was evaluated again
+    drops: dict[int, list[int]] = {}
+    for d in got["dropped"]:
+        drops.setdefault(d["round"], []).append(d["client"])
+
+    def replay(run_, r, users):
+        return local_clients(run_, r, users[~np.isin(users, drops.get(r + 1, []))])
+    ref = run(Config(rounds=rounds, **EXACT), ds, tmp_path / "replay", progress=False, clients=replay)
+    assert [h["dropped"] for h in ref["history"]] == [h["dropped"] for h in hist]
+    assert max_diff(params(tmp_path / "replay"), params(out)) < 1e-9
+    assert all(abs(got["test"][k] - ref["test"][k]) < 1e-9 for k in ref["test"] if k != "users")
+
+
+@pytest.mark.slow
+def test_a_deployment_under_attack_runs_the_malicious_clients_on_an_attacker_supernode(ds, tmp_path):
+    """3 user SuperNodes + 1 attacker SuperNode (role=attacker, no data) as processes, TLS and node
+    authentication: the same experiment as the in-process attack, through the real transport."""
+    from fortress.flower.deploy import Deployment
+    sets = dict(EXACT, attack="psmu", attack_ratio=0.05, attack_len=6, rounds=2)
+    ref = run(Config(**sets), ds, tmp_path / "sim", progress=False)
+    with Deployment(tmp_path / "dep", nodes=3, attackers=1) as dep:
+        out = dep.run(kebab(sets), timeout=600)
+    log = (tmp_path / "dep" / "flwr-run.log").read_text()
+    assert "3 SuperNodes hosting 300 users and 1 attacker nodes; no data on the server" in log
+    assert "malicious clients sampled on 1 nodes" in log
+    assert (tmp_path / "dep" / "attacker0.log").exists()
+    got = json.loads((out / "results.json").read_text())
+    assert got["attack"]["malicious_uploads"] == ref["attack"]["malicious_uploads"] > 0
+    assert max_diff(params(tmp_path / "sim"), params(out)) < 1e-9
+    assert abs(got["attack"]["ER@10"] - ref["attack"]["ER@10"]) < 1e-9
+
+
+def test_nodes_send_item_counts_only_for_unpopular_targets(ds):
+    """The population a node sends holds ids and counts; the item train counts (the one aggregate of
+    histories) only when the run picks `unpopular` targets; they add up to the data's counts."""
+    for sets, sent in ((dict(SMALL), True), (dict(SMALL, target_pick="random"), False), (dict(SMALL, targets=0), False)):
+        cfg = Config(**sets)
+        grid = LocalGrid(kebab(sets), 3)
+        fed = discover(grid, FlowerOptions(), cfg)
+        assert all(("item-counts" in rep.content["hosted"]) == sent for rep in grid.replies)
+        assert fed.pop.users == ds.n_users and fed.pop.n_items == ds.n_items and fed.pop.nodes == 3
+        assert np.array_equal(fed.pop.eligible, np.sort(np.concatenate(list(fed.hosts.values()))))
+        if sent:
+            assert np.array_equal(fed.pop.item_counts, ds.item_counts())
+        else:
+            assert fed.pop.item_counts is None

@@ -86,3 +86,33 @@ def test_progress_reports_each_batch_of_users():
     done = []
     res = evaluate(toy(), fixed(SCORES), "test", batch=1, progress=done.append)
     assert done == [1, 1] and res["users"] == 2
+
+
+def test_sums_of_user_parts_give_the_metrics_of_all_users():
+    """Federated evaluation: each part (a SuperNode's users) returns sums; their total is the whole evaluation."""
+    from fortress.data import synthetic
+    from fortress.metrics import from_sums, rank_sums, zero_sums
+    ds = synthetic(120, 40, seed=3)
+    table = torch.rand(ds.n_users, ds.n_items + 1, generator=torch.Generator().manual_seed(0))
+    table[:, 7] = table[:, 9] = 0.5                       # ties too
+    scorer = fixed(table.tolist())
+    targets = [3, 17]
+    for split, tg in (("valid", None), ("test", targets)):
+        whole = evaluate(ds, scorer, split, batch=32, targets=tg)
+        parts = [rank_sums(ds, scorer, split, 7, tg, users=np.arange(ds.n_users)[np.arange(ds.n_users) % 3 == p])
+                 for p in range(3)]
+        total = sum(parts, zero_sums(len(tg or [])))
+        assert total.users == whole["users"] == sum(p.users for p in parts) > 0
+        got = from_sums(total, tg)
+        assert got.keys() == whole.keys()
+        for k, v in whole.items():
+            if k == "ER_per_target":
+                assert v.keys() == got[k].keys()
+                assert all(got[k][t][m] == pytest.approx(v[t][m], abs=1e-12) for t in v for m in v[t])
+            else:
+                assert got[k] == pytest.approx(v, abs=1e-12)
+    assert whole["ER@10"] > 0 and got["HR@10"] > 0
+    with pytest.raises(ValueError, match="cannot add"):
+        zero_sums(1) + zero_sums(2)
+    with pytest.raises(ValueError, match="2 targets"):
+        from_sums(zero_sums(1), [1, 2])

@@ -7,7 +7,6 @@ restoring this state and replaying the remaining rounds gives exactly the uninte
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,12 @@ import numpy as np
 import torch
 
 from fortress.config import Config, to_dict
-from fortress.data.dataset import Dataset
 from fortress.errors import InputError
 
 NAME = "checkpoint.pt"
 VERSION = 1
 # keys that may change between the interrupted run and its resumption: they do not touch the model
 MAY_DIFFER = ("rounds", "checkpoint_every", "eval_every", "eval_batch", "threads")
-
-
-def fingerprint(ds: Dataset) -> str:
-    """A short hash of the training data, so a checkpoint is never resumed on other data."""
-    h = hashlib.sha256()
-    for a in (ds.train_ptr, ds.train_items, ds.valid, ds.test):
-        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
-    h.update(str(ds.n_items).encode())
-    return h.hexdigest()[:16]
 
 
 def save(folder: Path, state: dict[str, Any]) -> Path:
@@ -54,8 +43,9 @@ def save(folder: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load(folder: Path, cfg: Config, ds: Dataset) -> dict[str, Any] | None:
-    """The checkpoint in `folder`, checked against this config and data; None if there is none."""
+def load(folder: Path, cfg: Config, data: str) -> dict[str, Any] | None:
+    """The checkpoint in `folder`, checked against this config and the data's fingerprint
+    (`population.fingerprint`); None if there is none."""
     folder = Path(folder)
     for stale in folder.glob(f".{NAME}.*.tmp"):           # a write that a kill interrupted
         stale.unlink()
@@ -74,7 +64,7 @@ def load(folder: Path, cfg: Config, ds: Dataset) -> dict[str, Any] | None:
         k = diff[0]
         raise InputError(f"{path}: cannot resume, {k}={saved.get(k)!r} there but {k}={now[k]!r} now "
                          f"(only {', '.join(MAY_DIFFER)} may change)")
-    if blob["data"] != fingerprint(ds):
+    if blob["data"] != data:
         raise InputError(f"{path}: cannot resume, the checkpoint was made on other data")
     torch.set_rng_state(blob["rng"]["torch"])
     np.random.set_state(blob["rng"]["numpy"])

@@ -45,13 +45,14 @@ def _fraction(text: str) -> float:
 def cmd_run(args: argparse.Namespace) -> int:
     from fortress import config, simulate
     from fortress.data import load_data
+    from fortress.population import hosted
     sets = list(args.set or [])
     if args.format:
         sets.append(f"data_format={args.format}")
     cfg = config.load(args.config, sets)
     simulate.check_out(args.out, cfg, args.resume, args.overwrite)     # before the data load, which can be slow
     ds = load_data(args.data, cfg)
-    simulate.check_data(cfg, ds)
+    simulate.check_data(cfg, hosted(ds))
     if not args.quiet:
         print(f"data: {ds.name}: {ds.n_users} users, {ds.n_items} items, "
               f"{int(ds.stats()['interactions'])} interactions", file=sys.stderr)
@@ -150,12 +151,16 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
     values: dict[str, object] = {k.replace("_", "-"): getattr(cfg, k) for k in given}
     values.update({"data": args.data, "resume": args.resume})
     folder = Path(args.dir)
-    if not args.certs_only:          # the app, the server's output folder and data, checked before any process starts
+    if args.simulation and cfg.attack != "none":
+        raise InputError("--simulation: Flower's simulation gives every virtual node users, so an attack (which "
+                         "runs on an attacker node) needs the deployment: leave out --simulation")
+    if not args.certs_only:          # the app, the server's output folder and the nodes' data, checked before any process starts
         deploy.app_dir()
         from fortress import simulate
         from fortress.data import load_data
         simulate.check_out(folder / "out", cfg, args.resume, args.overwrite)
-        simulate.check_data(cfg, load_data(args.data, cfg))
+        from fortress.population import hosted
+        simulate.check_data(cfg, hosted(load_data(args.data, cfg)))    # what the nodes will load
         if args.overwrite:
             simulate.clear_out(folder / "out")
     if args.certs_only:
@@ -165,10 +170,12 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
               f"and {len(keys)} SuperNode key pairs in {folder / 'keys'}")
         return 0
     kind = "simulation" if args.simulation else ("TLS + SuperNode authentication" if not args.insecure else "insecure")
-    print(f"starting a SuperLink and {args.nodes} {'virtual ' if args.simulation else ''}SuperNodes on 127.0.0.1 "
-          f"({kind}); logs in {folder.resolve()}", file=sys.stderr)
+    attackers = int(cfg.attack != "none")        # the malicious clients run on a SuperNode of their own
+    print(f"starting a SuperLink and {args.nodes} {'virtual ' if args.simulation else ''}SuperNodes"
+          f"{' and an attacker SuperNode' if attackers else ''} on 127.0.0.1 ({kind}); logs in {folder.resolve()}",
+          file=sys.stderr)
     out = deploy.deploy_demo(folder, args.nodes, values, simulation=args.simulation, secure=not args.insecure,
-                             cpus=args.cpus)
+                             cpus=args.cpus, attackers=attackers)
     import json
     from fortress.simulate import summary
     print(summary(json.loads((out / "results.json").read_text())))
@@ -208,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--nodes", type=_at_least(1), default=3,
                      help="SuperNodes (each hosts users u with u %% nodes == its id)")
     dep.add_argument("--dir", default="runs/deploy", help="certificates, keys, logs, and out/ with the results")
-    dep.add_argument("--data", default="synthetic", help="data for the server and every node (as in `run`)")
+    dep.add_argument("--data", default="synthetic", help="data for every node (as in `run`); the server gets none")
     dep.add_argument("--config", help="TOML file of config keys")
     dep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     again = dep.add_mutually_exclusive_group()

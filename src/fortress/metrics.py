@@ -9,6 +9,7 @@ values over those ranks. So a constant scorer gets the chance level, not a perfe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -46,23 +47,54 @@ def history_matrix(ds: Dataset, users: np.ndarray, split: str) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def evaluate(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
-             targets: list[int] | None = None, ks: tuple[int, ...] = KS,
-             progress: Callable[[int], object] | None = None) -> dict[str, float]:
-    """HR@K / NDCG@K over users with a `split` item; with `targets`, ER@K over eligible users.
+@dataclass
+class Sums:
+    """What an evaluation adds up over users, so parts of the users (a SuperNode's) can be scored apart.
 
-    ER@K of a target item t: the share of eligible users (t in none of their train, valid or test
-    items) with t in their top-K at this split. Reported as the mean over targets, plus per target.
+    `hr` / `ndcg` (K,) are summed over the evaluated users; with targets, `er_hits` (T, K) sums each
+    target's hits over its eligible users and `er_users` (T,) counts them. No user-level value.
+    """
+
+    users: int
+    hr: np.ndarray                  # (K,) float64
+    ndcg: np.ndarray                # (K,) float64
+    er_hits: np.ndarray             # (T, K) float64
+    er_users: np.ndarray            # (T,) float64
+
+    def __add__(self, other: "Sums") -> "Sums":
+        if self.hr.shape != other.hr.shape or self.er_hits.shape != other.er_hits.shape:
+            raise ValueError(f"cannot add evaluation sums of shapes {self.er_hits.shape} and {other.er_hits.shape}")
+        return Sums(self.users + other.users, self.hr + other.hr, self.ndcg + other.ndcg,
+                    self.er_hits + other.er_hits, self.er_users + other.er_users)
+
+
+def zero_sums(n_targets: int = 0, ks: tuple[int, ...] = KS) -> Sums:
+    return Sums(0, np.zeros(len(ks)), np.zeros(len(ks)), np.zeros((n_targets, len(ks))), np.zeros(n_targets))
+
+
+def evaluated(ds: Dataset, split: str, users: np.ndarray | None = None) -> np.ndarray:
+    """The users with a `split` item (of `users`, or all), the ones an evaluation scores."""
+    truth = ds.valid if split == "valid" else ds.test
+    everyone = np.flatnonzero(truth > 0)
+    return everyone if users is None else everyone[np.isin(everyone, users)]
+
+
+def rank_sums(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
+              targets: list[int] | None = None, ks: tuple[int, ...] = KS,
+              progress: Callable[[int], object] | None = None, users: np.ndarray | None = None) -> Sums:
+    """Full-ranking sums at `split` over the evaluated users (of `users`, or all); see `from_sums`.
+
     `progress` is called with the number of users of each batch once it is scored (a bar's `update`).
     """
     truth = ds.valid if split == "valid" else ds.test
-    users = np.flatnonzero(truth > 0)
+    users = evaluated(ds, split, users)
     # similar lengths in a batch keep the model's padding (and time) small; sums ignore order
     hist_len = ds.train_len[users] + (split == "test") * (ds.valid[users] > 0)
     users = users[np.argsort(hist_len, kind="stable")]
     disc = _discount_cumsum(ds.n_items + 2)
-    sums = {f"{m}@{k}": 0.0 for m in ("HR", "NDCG") for k in ks}
     tgt = torch.as_tensor(targets or [], dtype=torch.int64)
+    hr = torch.zeros(len(ks), dtype=torch.float64)
+    ndcg = torch.zeros(len(ks), dtype=torch.float64)
     er_hits = torch.zeros(len(tgt), len(ks), dtype=torch.float64)
     er_count = torch.zeros(len(tgt), dtype=torch.float64)
     for start in range(0, len(users), batch):
@@ -77,10 +109,10 @@ def evaluate(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
         scores[rows, t] = target_score                                             # never mask the target
         greater = (scores > target_score[:, None]).sum(1, dtype=torch.int32)
         equal = (scores == target_score[:, None]).sum(1, dtype=torch.int32)
-        for k in ks:
-            hit, ndcg = rank_hits(greater, equal, k, disc)
-            sums[f"HR@{k}"] += float(hit.sum())
-            sums[f"NDCG@{k}"] += float(ndcg.sum())
+        for c, k in enumerate(ks):
+            hit, gain = rank_hits(greater, equal, k, disc)
+            hr[c] += hit.sum()
+            ndcg[c] += gain.sum()
         if len(tgt):
             seen = torch.zeros(len(ub), ds.n_items + 1, dtype=torch.bool)
             seen.scatter_(1, hist, True)
@@ -91,19 +123,39 @@ def evaluate(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
                 s_t = scores[:, item]
                 g = (scores > s_t[:, None]).sum(1, dtype=torch.int32)
                 e = (scores == s_t[:, None]).sum(1, dtype=torch.int32)
-                er_count[j] += float(elig.sum())
+                er_count[j] += elig.sum()
                 for c, k in enumerate(ks):
                     hit, _ = rank_hits(g, e, k, disc)
-                    er_hits[j, c] += float(hit[elig].sum())
+                    er_hits[j, c] += hit[elig].sum()
         if progress is not None:
             progress(len(ub))
-    n = max(1, len(users))
-    out = {key: val / n for key, val in sums.items()}
-    out["users"] = int(len(users))
-    if len(tgt):
-        per = er_hits / er_count.clamp(min=1)[:, None]                              # (T, K)
+    return Sums(int(len(users)), hr.numpy(), ndcg.numpy(), er_hits.numpy(), er_count.numpy())
+
+
+def from_sums(s: Sums, targets: list[int] | None = None, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """HR@K / NDCG@K means over the evaluated users; with `targets`, ER@K (mean over targets, and per target).
+
+    ER@K of a target item t: the share of eligible users (t in none of their train, valid or test
+    items) with t in their top-K at this split.
+    """
+    targets = list(targets or [])
+    if s.hr.shape != (len(ks),) or s.er_hits.shape != (len(targets), len(ks)):
+        raise ValueError(f"evaluation sums of shape {s.er_hits.shape} for {len(targets)} targets and K={ks}")
+    n = max(1, s.users)
+    out: dict = {f"HR@{k}": float(s.hr[c]) / n for c, k in enumerate(ks)}
+    out.update({f"NDCG@{k}": float(s.ndcg[c]) / n for c, k in enumerate(ks)})
+    out["users"] = int(s.users)
+    if targets:
+        per = s.er_hits / np.maximum(s.er_users, 1)[:, None]                         # (T, K)
         for c, k in enumerate(ks):
             out[f"ER@{k}"] = float(per[:, c].mean())
         out["ER_per_target"] = {str(i): {f"ER@{k}": float(per[j, c]) for c, k in enumerate(ks)}
-                                for j, i in enumerate(tgt.tolist())}
+                                for j, i in enumerate(targets)}
     return out
+
+
+def evaluate(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
+             targets: list[int] | None = None, ks: tuple[int, ...] = KS,
+             progress: Callable[[int], object] | None = None) -> dict[str, float]:
+    """HR@K / NDCG@K over users with a `split` item; with `targets`, ER@K over eligible users (`from_sums`)."""
+    return from_sums(rank_sums(ds, scorer, split, batch, targets, ks, progress), targets, ks)

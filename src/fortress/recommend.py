@@ -43,6 +43,9 @@ def recommend(run_dir: str | Path, user: str, k: int = 10, tail: int = 5) -> lis
     user_ids = blob["user_ids"]
     index = {u: i for i, u in enumerate(user_ids)}
     index.update({name: index[uid] for uid, name in blob["user_names"].items() if uid in index})
+    if not user_ids:
+        raise InputError(f"{run_dir}: this model was saved by a server that holds no user data (a Flower deployment); "
+                         "the users' histories live on their SuperNodes")
     if user not in index:
         raise InputError(f"--user {user!r}: not a user of dataset {blob['dataset']} "
                          f"({len(user_ids)} users, e.g. {', '.join(user_ids[:3])})")

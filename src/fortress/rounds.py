@@ -40,6 +40,7 @@ class Collected:
     updates: Updates
     rejected: list[tuple[int, str]] = field(default_factory=list)   # (client id, reason) before `check`
     bytes: int = 0                                                   # one direction, all answering clients
+    dropped: list[tuple[int, str]] = field(default_factory=list)    # (client id, reason): its host never answered
 
 
 def sample_clients(cfg: Config, eligible: np.ndarray, r: int, malicious: np.ndarray | None = None) -> np.ndarray:
@@ -100,7 +101,7 @@ def malicious_step(cfg: Config, model: Model, params: Params, n_items: int, targ
 
 def merge(a: Collected, b: Collected) -> Collected:
     """Two sets of arrivals of one round as one."""
-    return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes)
+    return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped)
 
 
 @dataclass
@@ -114,6 +115,7 @@ class ServerResult:
     weights: torch.Tensor
     rejected: list[tuple[int, str]]
     flagged: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None       # (n,) the aggregated clients' interaction counts, as uploaded
 
 
 def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collected, n_sampled: int,
@@ -145,4 +147,4 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
         for k, t in updates.terms.items():
             ok = torch.isfinite(t)
             info["terms"][k] = float((w[ok] * t[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
-    return ServerResult(info, updates.clients, weights, rejected, flagged)
+    return ServerResult(info, updates.clients, weights, rejected, flagged, updates.weight)

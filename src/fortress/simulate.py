@@ -27,9 +27,10 @@ from fortress.client import eligible_clients
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.errors import InputError
-from fortress.metrics import KS, evaluate
+from fortress.metrics import KS, Scorer, Sums, evaluate, from_sums, rank_sums
 from fortress.models import Model, Params, from_config
 from fortress.objectives import next_item_loss
+from fortress.population import Population, hosted
 from fortress.rounds import (Collected, ServerResult, client_step, malicious_step, merge, sample_clients, server_step,
                             split_sampled)
 from fortress.server import defences
@@ -103,12 +104,29 @@ def training_pairs(ds: Dataset, max_len: int) -> tuple[np.ndarray, list[np.ndarr
     return users, [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
 
 
+# evaluation of a model at a split (with targets: their exposure), as sums over the users scored:
+# in-process over the dataset (`local_evaluator`), under Flower added up from the SuperNodes'
+Evaluator = Callable[[Params, str, "list[int] | None", "Callable[[int], object] | None"], Sums]
+
+
+def local_evaluator(ds: Dataset, scorer_of: Callable[[Params], Scorer], batch: int) -> Evaluator:
+    """Evaluation over every user of `ds`, scored by `scorer_of(params)`."""
+    def sums(params: Params, split: str, targets: list[int] | None = None,
+             progress: Callable[[int], object] | None = None) -> Sums:
+        return rank_sums(ds, scorer_of(params), split, batch, targets, progress=progress)
+    return sums
+
+
 @dataclass
 class Run:
-    """A run in progress: the global model and everything the loop logs."""
+    """A run in progress: the global model and everything the loop logs.
+
+    `ds` is the data where the run holds it (in-process); a server that holds none (Flower) gives
+    `pop`, what its nodes told it, and an `evaluator` that adds up the nodes' evaluation sums.
+    """
 
     cfg: Config
-    ds: Dataset
+    ds: Dataset | None
     model: Model
     params: Params
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -117,21 +135,33 @@ class Run:
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)      # clients whose host did not answer (Flower)
     campaign: attacks.Campaign | None = None      # targets and malicious clients (fedavg)
     defence: Any = None                           # the server's defence (its state goes into model.pt)
+    pop: Population | None = None                 # what the server knows of the users; read off `ds` if None
+    evaluator: Evaluator | None = None            # model -> evaluation sums; over `ds` if None
+
+    def __post_init__(self):
+        if self.pop is None:
+            self.pop = hosted(self.ds)
+        if self.evaluator is None:
+            self.evaluator = local_evaluator(self.ds, lambda p: model_scorer(self.model, p, self.ds), self.cfg.eval_batch)
+
+    def metrics(self, split: str, targets: list[int] | None = None,
+                progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+        """`metrics.from_sums` of the evaluator's sums for the current model."""
+        return from_sums(self.evaluator(self.params, split, targets, progress), targets)
 
     def validate(self, bar: tqdm | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
-        res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "valid", self.cfg.eval_batch,
-                       progress=_evaluating(bar, self.ds, "valid", "validating"))
+        res = self.metrics("valid", progress=_evaluating(bar, self.pop, "valid", "validating"))
         self.eval_seconds += time.perf_counter() - t0
         return res
 
     def exposure(self, round_: int, bar: tqdm | None = None) -> dict[str, float]:
         """ER@K of the targets over eligible test users now, recorded in the campaign's history."""
         t0 = time.perf_counter()
-        res = evaluate(self.ds, model_scorer(self.model, self.params, self.ds), "test", self.cfg.eval_batch,
-                       targets=self.campaign.targets, progress=_evaluating(bar, self.ds, "test", "target exposure"))
+        res = self.metrics("test", self.campaign.targets, _evaluating(bar, self.pop, "test", "target exposure"))
         self.eval_seconds += time.perf_counter() - t0
         return self.campaign.record(round_, res)
 
@@ -177,16 +207,21 @@ def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
     return client_step(run.cfg, run.model, run.ds, run.params, users, r)
 
 
-def defence_log(cfg: Config, res: ServerResult, n_users: int, weight: torch.Tensor,
-                camp: attacks.Campaign | None) -> dict[str, Any]:
+def local_attackers(run: Run, r: int, bad: np.ndarray) -> Collected:
+    """In-process transport of the malicious clients: their attack runs here, on a copy of the broadcast model."""
+    return malicious_step(run.cfg, run.model, run.params, run.pop.n_items, run.campaign.targets, bad, r)
+
+
+def defence_log(cfg: Config, res: ServerResult, n_users: int, camp: attacks.Campaign | None) -> dict[str, Any]:
     """The round's `defence` entry: the defence's own log, the mean weight kept by benign clients, by
-    short benign clients (<= SHORT interactions) and by malicious ones, and whether each target was flagged.
+    short benign clients (<= SHORT interactions, as their uploads say) and by malicious ones, and
+    whether each target was flagged.
 
     Malicious clients are the ids >= n_users (`fortress.updates.Updates`); only the log knows it.
     """
     entry = {"name": cfg.defence, **res.log.get("defence", {})}
     bad = res.clients >= n_users
-    short = ~bad & (weight <= SHORT)
+    short = ~bad & (res.sizes <= SHORT)
     for key, sel in (("weight_benign", ~bad), ("weight_short", short), ("weight_malicious", bad)):
         entry[key] = float(res.weights[sel].double().mean()) if sel.any() else None
     if camp is not None and res.flagged is not None:
@@ -196,11 +231,13 @@ def defence_log(cfg: Config, res: ServerResult, n_users: int, weight: torch.Tens
 
 def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarray,
                     clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
-                    defence=None) -> dict[str, Any]:
+                    defence=None,
+                    attackers: Callable[[Run, int, np.ndarray], Collected] = local_attackers) -> dict[str, Any]:
     """One synchronous round; randomness is drawn from (seed, round) so any round is reproducible.
 
-    `clients` carries the broadcast to the sampled clients and their uploads back: in-process
-    here, Flower messages in `fortress.flower.server_app`. Both then meet the same server step.
+    `clients` carries the broadcast to the sampled benign clients and their uploads back,
+    `attackers` to the sampled malicious ones: in-process here, Flower messages in
+    `fortress.flower.server_app`. All uploads then meet the same server step.
     """
     cfg = run.cfg
     t0 = time.perf_counter()
@@ -211,20 +248,18 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
     got = clients(run, r, users)
     if len(bad):     # malicious clients see only a copy of the broadcast model, like benign ones
         t1 = time.perf_counter()
-        got = merge(got, malicious_step(cfg, run.model, run.params, run.ds.n_items, camp.targets, bad, r))
+        fake = attackers(run, r, bad)
+        got = merge(got, fake)
         camp.seconds += time.perf_counter() - t1
-        camp.uploads += len(bad)
-    res = server_step(cfg, run.params, gopt, got, len(chosen), run.ds.n_items, r, defence)
+        camp.uploads += fake.updates.n
+    res = server_step(cfg, run.params, gopt, got, len(chosen), run.pop.n_items, r, defence)
     run.rejected += [{"round": r + 1, "client": c, "reason": why} for c, why in res.rejected]
+    run.dropped += [{"round": r + 1, "client": c, "reason": why} for c, why in got.dropped]
     if len(bad):
         camp.rejected += sum(1 for c, _ in res.rejected if c in set(bad.tolist()))
     info = dict(res.log)
     if cfg.defence != "none":
-        ids = res.clients.numpy()
-        own = ids < run.ds.n_users                         # malicious ids hold no data
-        weight = torch.zeros(len(ids), dtype=torch.int64)
-        weight[torch.as_tensor(own)] = torch.as_tensor(run.ds.train_len[ids[own]])
-        info["defence"] = defence_log(cfg, res, run.ds.n_users, weight, camp)
+        info["defence"] = defence_log(cfg, res, run.pop.n_users, camp)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
     run.bytes_down.append(got.bytes)
@@ -235,9 +270,9 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
 def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly (see `fortress.checkpoint`)."""
     server = {"global_opt": gopt.state, "defence": defence.state_dict() if defence is not None else {}}
-    return {"round": rounds_done, "config": config_mod.to_dict(run.cfg), "data": checkpoint.fingerprint(run.ds),
+    return {"round": rounds_done, "config": config_mod.to_dict(run.cfg), "data": run.pop.fingerprint,
             "params": run.params, "server": server, "history": run.history,
-            "rejected": run.rejected, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
+            "rejected": run.rejected, "dropped": run.dropped, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
             "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds,
             "attack": run.campaign.state() if run.campaign is not None else None}
 
@@ -249,7 +284,7 @@ def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None)
     gopt.state = blob["server"]["global_opt"]
     if defence is not None:
         defence.load_state_dict(blob["server"].get("defence", {}))
-    run.history, run.rejected = blob["history"], blob["rejected"]
+    run.history, run.rejected, run.dropped = blob["history"], blob["rejected"], blob.get("dropped", [])
     run.bytes_up, run.bytes_down = blob["bytes_up"], blob["bytes_down"]
     run.train_seconds, run.eval_seconds = blob["train_seconds"], blob["eval_seconds"]
     if run.campaign is not None:
@@ -271,25 +306,25 @@ def continue_monitor(cfg: Config, defence) -> None:
 
 def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, resume: bool = False,
                     clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
-                    eligible: np.ndarray | None = None) -> None:
+                    attackers: Callable[[Run, int, np.ndarray], Collected] = local_attackers) -> None:
     cfg = run.cfg
-    eligible = eligible_clients(run.ds) if eligible is None else eligible
+    eligible = run.pop.eligible
     if len(eligible) == 0:
-        raise InputError(f"dataset {run.ds.name}: no client to train federated on (a user with at least 2 "
+        raise InputError(f"dataset {run.pop.name}: no client to train federated on (a user with at least 2 "
                          "train interactions)")
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
-    defence = run.defence = defences.make(cfg, run.ds.n_items)
+    defence = run.defence = defences.make(cfg, run.pop.n_items)
     continue_monitor(cfg, defence)
     start = 0
     if resume and out is not None:
-        blob = checkpoint.load(out, cfg, run.ds)
+        blob = checkpoint.load(out, cfg, run.pop.fingerprint)
         if blob is not None:
             start = restore(run, gopt, blob, defence)
             print(f"resuming from {out / checkpoint.NAME} after round {start}", file=sys.stderr)
             if bar is not None:
                 bar.update(min(start, cfg.rounds))
     for r in range(start, cfg.rounds):
-        entry = federated_round(run, r, gopt, eligible, clients, defence)
+        entry = federated_round(run, r, gopt, eligible, clients, defence, attackers)
         if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
             entry["valid"] = run.validate(bar)
             if run.campaign is not None:
@@ -300,16 +335,16 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
         _progress(bar, entry)
 
 
-def evaluated_users(ds: Dataset, split: str) -> int:
+def evaluated_users(pop: Population, split: str) -> int:
     """Users with a `split` item: those `evaluate` scores at that split."""
-    return int(np.count_nonzero(ds.valid if split == "valid" else ds.test))
+    return pop.n_valid if split == "valid" else pop.n_test
 
 
-def _evaluating(bar: tqdm | None, ds: Dataset, split: str, what: str) -> Callable[[int], None] | None:
+def _evaluating(bar: tqdm | None, pop: Population, split: str, what: str) -> Callable[[int], None] | None:
     """A `progress` for `evaluate` that shows the users scored so far at the end of the training bar."""
     if bar is None or bar.disable:
         return None
-    total, done = evaluated_users(ds, split), 0
+    total, done = evaluated_users(pop, split), 0
 
     def update(n: int) -> None:
         nonlocal done
@@ -334,8 +369,8 @@ def _progress(bar: tqdm | None, entry: dict[str, Any]) -> None:
     bar.update(1)
 
 
-def initial_params(cfg: Config, model: Model, ds: Dataset) -> Params:
-    """Fresh weights for the seed, or the weights of the run named by `init_from` (same data)."""
+def initial_params(cfg: Config, model: Model, ds: Population | Dataset) -> Params:
+    """Fresh weights for the seed, or the weights of the run named by `init_from` (same catalogue)."""
     if not cfg.init_from:
         return model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed), DTYPES[cfg.dtype])
     from fortress.recommend import load_run
@@ -353,21 +388,24 @@ def initial_params(cfg: Config, model: Model, ds: Dataset) -> Params:
     return {k: v.to(DTYPES[cfg.dtype]).clone() for k, v in saved.items()}
 
 
-def save_model(path: Path, cfg: Config, ds: Dataset, params: Params | None, defence=None) -> None:
+def save_model(path: Path, cfg: Config, ds: Dataset | None, params: Params | None, defence=None,
+               pop: Population | None = None) -> None:
     """Weights + config + id maps + the users' known sequences, enough for `fortress recommend`, and the
-    defence's state (so that `init_from` continues it)."""
-    seqs = [ds.full_seq(u) for u in range(ds.n_users)]
-    ptr = np.zeros(ds.n_users + 1, dtype=np.int64)
+    defence's state (so that `init_from` continues it). A server without data (`ds` None) saves the
+    catalogue of `pop` and no user."""
+    seqs = [ds.full_seq(u) for u in range(ds.n_users)] if ds is not None else []
+    ptr = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in seqs], out=ptr[1:])
+    counts = ds.item_counts() if ds is not None else pop.item_counts
     blob = {
         "config": config_mod.to_dict(cfg),
         "params": params,
-        "pop_counts": torch.as_tensor(ds.item_counts()),
-        "user_ids": ds.user_ids, "item_ids": ds.item_ids,
-        "user_names": ds.user_names, "item_names": ds.item_names,
+        "pop_counts": torch.as_tensor(counts if counts is not None else np.zeros(pop.n_items + 1, dtype=np.int64)),
+        "user_ids": ds.user_ids if ds is not None else [], "item_ids": ds.item_ids if ds is not None else pop.item_ids,
+        "user_names": ds.user_names if ds is not None else {}, "item_names": ds.item_names if ds is not None else {},
         "seq_ptr": torch.from_numpy(ptr),
         "seq_items": torch.from_numpy(np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)),
-        "dataset": ds.name,
+        "dataset": ds.name if ds is not None else pop.name,
         "defence": {"name": cfg.defence, "state": defence.state_dict()} if defence is not None else None,
     }
     tmp = path.with_suffix(".tmp")
@@ -375,11 +413,11 @@ def save_model(path: Path, cfg: Config, ds: Dataset, params: Params | None, defe
     os.replace(tmp, path)
 
 
-def check_data(cfg: Config, ds: Dataset) -> None:
+def check_data(cfg: Config, pop: Population) -> None:
     """Refuse a dataset too small to train cfg.mode on or to evaluate, naming it and what is needed."""
-    s = ds.stats()
-    size = f"dataset {ds.name} is too small ({s['users']} users, {s['interactions']} interactions)"
-    if cfg.mode != "pop" and not len(eligible_clients(ds)):
+    s = pop.stats()
+    size = f"dataset {pop.name} is too small ({s['users']} users, {s['interactions']} interactions)"
+    if cfg.mode != "pop" and not len(pop.eligible):
         raise InputError(f"{size}: no user has 2 train interactions; training needs users with at least 2 "
                          "(4 to be evaluated too: leave-one-out holds out the last 2)")
     if not s["users_with_test"]:
@@ -425,17 +463,23 @@ def clear_out(out: str | Path) -> list[Path]:
     return gone
 
 
-def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume: bool = False,
-        clients: Callable[[Run, int, np.ndarray], Collected] = local_clients,
-        eligible: np.ndarray | None = None, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True, resume: bool = False,
+        clients: Callable[[Run, int, np.ndarray], Collected] = local_clients, overwrite: bool = False,
+        pop: Population | None = None, evaluator: Evaluator | None = None,
+        attackers: Callable[[Run, int, np.ndarray], Collected] = local_attackers) -> dict[str, Any]:
     """Train (or count, for pop) per cfg.mode, evaluate valid and test, write results and model.
 
     fedavg and fortress: `resume` continues from out/checkpoint.pt (written every `checkpoint_every`
-    rounds) when there is one; `clients` and `eligible` let the Flower ServerApp put its own
-    transport and its SuperNodes' users in place of the in-process ones. `overwrite` removes an
-    earlier run's files from `out` once the inputs have been checked (`check_out` says when it is needed).
+    rounds) when there is one. The Flower ServerApp passes no data (`ds` None) but `pop`, what its
+    SuperNodes told it, and its own transports: `clients` and `attackers` for a round's benign and
+    malicious clients, `evaluator` for evaluation sums added up over the nodes. `overwrite` removes
+    an earlier run's files from `out` once the inputs have been checked (`check_out` says when it is needed).
     """
-    check_data(cfg, ds)
+    if ds is None and (pop is None or evaluator is None or cfg.mode not in config_mod.FEDERATED):
+        raise InputError(f"mode={cfg.mode}: a run without data needs a federated mode, the hosts' population and "
+                         "an evaluator")
+    pop = pop if pop is not None else hosted(ds, counts=True)
+    check_data(cfg, pop)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -445,10 +489,16 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
     model = from_config(cfg)
     params = None
     if cfg.mode == "pop":
-        run_ = Run(cfg, ds, model, {})
+        run_ = Run(cfg, ds, model, {}, pop=pop, evaluator=local_evaluator(ds, lambda _: pop_scorer(ds), cfg.eval_batch))
     else:
-        params = initial_params(cfg, model, ds)
-        run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, ds.item_counts(), ds.item_ids, ds.n_users))
+        params = initial_params(cfg, model, pop)
+        counts = pop.item_counts
+        if counts is None:             # the hosts send item counts only when targets are picked by popularity
+            if cfg.mode in config_mod.FEDERATED and cfg.targets >= 1 and cfg.target_pick == "unpopular":
+                raise InputError("target_pick=unpopular needs the item train counts, which the hosts did not send")
+            counts = np.zeros(pop.n_items + 1, dtype=np.int64)
+        run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, counts, pop.item_ids, pop.n_users),
+                   pop=pop, evaluator=evaluator)
     if overwrite:              # config, data, init_from and targets are good: only now drop the earlier run
         clear_out(out)
     federated = cfg.mode in config_mod.FEDERATED
@@ -458,19 +508,18 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
     if cfg.mode == "central":
         train_central(run_, bar)
     elif federated:
-        train_federated(run_, bar, out, resume, clients, eligible)
+        train_federated(run_, bar, out, resume, clients, attackers)
     bar.close()
-    scorer = pop_scorer(ds) if cfg.mode == "pop" else model_scorer(model, params, ds)
-    baseline = cfg.mode != "pop"        # the most-popular ranking of the same test users, to compare with
-    n_valid, n_test = evaluated_users(ds, "valid"), evaluated_users(ds, "test")
+    # the most-popular ranking of the same test users, to compare with (needs the data: not on a Flower server)
+    baseline = cfg.mode != "pop" and ds is not None
+    n_valid, n_test = evaluated_users(pop, "valid"), evaluated_users(pop, "test")
     ebar = tqdm(total=n_valid + n_test * (1 + baseline), desc="evaluate valid", unit="user", disable=not progress,
                 dynamic_ncols=True)
     t0 = time.perf_counter()
     camp = run_.campaign
-    valid = evaluate(ds, scorer, "valid", cfg.eval_batch, progress=ebar.update)
+    valid = run_.metrics("valid", progress=ebar.update)
     ebar.set_description("evaluate test")
-    test, er = attacks.split_er(evaluate(ds, scorer, "test", cfg.eval_batch, targets=camp and camp.targets,
-                                         progress=ebar.update))
+    test, er = attacks.split_er(run_.metrics("test", camp and camp.targets, ebar.update))
     final_eval = time.perf_counter() - t0
     popular = None
     if baseline:
@@ -481,7 +530,7 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
     n_steps = max(1, len(run_.history))
     results = {
         "config": config_mod.to_dict(cfg),
-        "dataset": ds.stats(),
+        "dataset": ds.stats() if ds is not None else pop.stats(),
         "history": run_.history,
         "valid": valid,
         "test": test,
@@ -500,12 +549,13 @@ def run(cfg: Config, ds: Dataset, out: str | Path, progress: bool = True, resume
             "down_total": int(sum(run_.bytes_down)),
         },
         "rejected": run_.rejected,
+        "dropped": run_.dropped,
     }
     if camp is not None:
         camp.record(cfg.rounds, {**test, **er})
-        results["attack"] = camp.report(cfg, ds.item_ids, er, cfg.rounds)
+        results["attack"] = camp.report(cfg, pop.item_ids, er, cfg.rounds)
     write_json(out / "results.json", results)
-    save_model(out / "model.pt", cfg, ds, params, run_.defence)
+    save_model(out / "model.pt", cfg, ds, params, run_.defence, pop)
     return results
 
 

@@ -134,13 +134,21 @@ class Processes:
     def __init__(self, folder: Path, env: dict[str, str]):
         self.folder, self.env, self.procs = folder, env, []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "wb")
+    def start(self, name: str, argv: list[str], append: bool = False) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "ab" if append else "wb")
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
                              start_new_session=True)      # its own group: its app subprocesses stop with it
         log.close()
         self.procs.append((name, p))
         return p
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (and its app subprocesses), as a crash would; it is no longer checked or stopped."""
+        for entry in [e for e in self.procs if e[0] == name]:
+            if entry[1].poll() is None:
+                os.killpg(entry[1].pid, signal.SIGKILL)
+            entry[1].wait()
+            self.procs.remove(entry)
 
     def stop(self, timeout: float = 15.0) -> None:
         for _, p in reversed(self.procs):
@@ -190,21 +198,27 @@ class Deployment:
     """SuperLink + SuperNodes on loopback, as separate processes; a context manager that stops them.
 
     Secure by default: TLS on the SuperLink (our own CA) and SuperNode authentication, with every
-    node's public key registered through `flwr supernode register` before the node starts. With
-    `simulation`, a simulation SuperLink (insecure, loopback only) whose Ray backend runs `nodes`
-    virtual SuperNodes on `cpus` CPUs, one CPU per ClientApp, and no SuperNode processes.
+    node's public key registered through `flwr supernode register` before the node starts. `nodes`
+    SuperNodes host the users (partition i of `nodes`); `attackers` more run with role=attacker
+    (the malicious clients of an attack, no data). With `simulation`, a simulation SuperLink
+    (insecure, loopback only) whose Ray backend runs `nodes` virtual SuperNodes on `cpus` CPUs, one
+    CPU per ClientApp, and no SuperNode processes (and no attacker node: every virtual node hosts users).
     """
 
     def __init__(self, folder: Path, nodes: int = 3, secure: bool = True, simulation: bool = False,
-                 cpus: int = 2, app: Path | None = None):
+                 cpus: int = 2, app: Path | None = None, attackers: int = 0):
+        if simulation and attackers:
+            raise InputError("--simulation: Flower's simulation gives every virtual node users, so an attack "
+                             "(which runs on an attacker node) needs the deployment: leave out --simulation")
         self.folder = Path(folder).resolve()
-        self.nodes, self.simulation, self.cpus = nodes, simulation, cpus
+        self.nodes, self.simulation, self.cpus, self.attackers = nodes, simulation, cpus, attackers
         self.secure = secure and not simulation
         self.app = Path(app).resolve() if app else app_dir()
         self.env = flower_env(self.folder / "flwr-home")
         self.procs = Processes(self.folder, self.env)
         self.port = 0
         self.certs: dict[str, Path] = {}
+        self.keys: list[tuple[Path | None, Path | None]] = []
 
     @property
     def address(self) -> str:
@@ -240,41 +254,86 @@ class Deployment:
         wait_port(self.port, self.procs)
         if self.simulation:
             return
-        keys = make_node_keys(self.folder / "keys", self.nodes) if self.secure else [(None, None)] * self.nodes
+        n = self.nodes + self.attackers
+        keys = make_node_keys(self.folder / "keys", n) if self.secure else [(None, None)] * n
+        self.keys = keys
         for i, (priv, pub) in enumerate(keys):
             if pub is not None:
                 _flwr(["supernode", "register", str(pub), "fortress"], self.env, self.folder, f"register node{i}")
-            self.start_supernode(f"supernode{i}", i, priv)
+            if i < self.nodes:
+                self.start_supernode(f"supernode{i}", i, priv)
+            else:
+                self.start_supernode(f"attacker{i - self.nodes}", None, priv)
 
-    def start_supernode(self, name: str, partition: int, private_key: Path | None) -> subprocess.Popen:
-        """A SuperNode hosting partition `partition` of `nodes`, signing with `private_key`."""
+    def start_supernode(self, name: str, partition: int | None, private_key: Path | None,
+                        append: bool = False) -> subprocess.Popen:
+        """A SuperNode hosting partition `partition` of `nodes` (None: an attacker node), signing with `private_key`."""
+        config = (f"partition-id={partition} num-partitions={self.nodes}" if partition is not None
+                  else 'role="attacker"')
         node = [flower_bin("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
-                "--node-config", f"partition-id={partition} num-partitions={self.nodes}"]
+                "--node-config", config]
         if self.secure:
             node += ["--root-certificates", str(self.certs["ca"]), "--auth-supernode-private-key", str(private_key)]
         else:
             node += ["--insecure"]
-        return self.procs.start(name, node)
+        return self.procs.start(name, node, append)
 
     def run(self, run_config: dict[str, object] | None = None, timeout: float = 1800.0) -> Path:
         """`flwr run` the app on this federation, streaming its log to flwr-run.log; returns its output folder."""
-        values = {"out": str(self.folder / "out"), "min-nodes": self.nodes, **(run_config or {})}
+        return self.wait(self.submit(run_config), timeout)
+
+    def submit(self, run_config: dict[str, object] | None = None) -> subprocess.Popen:
+        """Start `flwr run` in the background (its log: flwr-run.log); `wait` for it."""
+        values = {"out": str(self.folder / "out"), "min-nodes": self.nodes + self.attackers, **(run_config or {})}
         argv = [flower_bin("flwr"), "run", str(self.app), "fortress", "--stream", "--run-config", run_config_arg(values)]
         if self.simulation:
             argv += ["--federation-config", f"num-supernodes={self.nodes} client-resources-num-cpus=1 "
                                             f"init-args-num-cpus={self.cpus} init-args-logging-level=\"ERROR\""]
         print("$ " + shlex.join(argv), file=sys.stderr)
         self.procs.check_alive()
-        log = self.folder / "flwr-run.log"
-        t0 = time.time()
-        with open(log, "wb") as f:
-            done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
-                                  timeout=timeout)
-        results = Path(values["out"]) / "results.json"
-        if done.returncode != 0 or not results.exists() or results.stat().st_mtime < t0:
-            text = log.read_text(errors="replace")
-            raise RuntimeError(f"flwr run failed (exit {done.returncode}); last lines of {log}:\n{text[-3000:]}")
-        return Path(values["out"])
+        self.out, self.submitted = Path(values["out"]), time.time()
+        with open(self.log, "wb") as f:
+            return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder)
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "flwr-run.log"
+
+    def wait(self, proc: subprocess.Popen, timeout: float = 1800.0) -> Path:
+        """Wait for a submitted `flwr run`; its output folder, or RuntimeError with the log's tail."""
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = f"killed after {timeout:g} s"
+        results = self.out / "results.json"
+        if code != 0 or not results.exists() or results.stat().st_mtime < self.submitted:
+            text = self.log.read_text(errors="replace")
+            raise RuntimeError(f"flwr run failed (exit {code}); last lines of {self.log}:\n{text[-3000:]}")
+        return self.out
+
+    def kill_node(self, partition: int) -> None:
+        """SIGKILL the SuperNode hosting `partition` (a crash: it does not say goodbye to the SuperLink)."""
+        self.procs.kill(f"supernode{partition}")
+
+    def rejoin_node(self, partition: int, timeout: float = 180.0) -> subprocess.Popen:
+        """Start the SuperNode of `partition` again with its key, so it comes back as the same node.
+
+        The SuperLink refuses to activate a key it still counts online (up to two missed
+        heartbeats, about a minute, after a crash); the node exits then, and is started again.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.start_supernode(f"supernode{partition}", partition, self.keys[partition][0], append=True)
+            try:
+                p.wait(10.0)                             # exited within 10 s: not activated
+            except subprocess.TimeoutExpired:
+                return p
+            self.procs.procs.remove((f"supernode{partition}", p))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"supernode{partition} did not rejoin within {timeout:g} s")
+            time.sleep(5.0)
 
     def stop(self) -> None:
         self.procs.stop()
@@ -282,9 +341,9 @@ class Deployment:
 
 def deploy_demo(folder: Path, nodes: int = 3, run_config: dict[str, object] | None = None,
                 simulation: bool = False, secure: bool = True, cpus: int = 2, app: Path | None = None,
-                timeout: float = 1800.0) -> Path:
+                timeout: float = 1800.0, attackers: int = 0) -> Path:
     """Start the federation, run the app once, stop everything; returns the run's output folder."""
-    with Deployment(folder, nodes, secure, simulation, cpus, app) as d:
+    with Deployment(folder, nodes, secure, simulation, cpus, app, attackers) as d:
         return d.run(run_config, timeout)
 
 
