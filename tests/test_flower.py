@@ -303,7 +303,7 @@ def test_a_node_killed_mid_run_rejoins_and_the_model_equals_a_replay_of_its_drop
     from fortress.simulate import local_clients
     rounds = 12
     with Deployment(tmp_path / "dep", nodes=3) as dep:
-        proc = dep.submit({**kebab({**EXACT, "rounds": rounds}), "round-timeout": 15.0})
+        proc = dep.submit({**kebab({**EXACT, "rounds": rounds}), "round-timeout": 20.0})
         deadline = time.monotonic() + 300
         while "round 2:" not in (dep.log.read_text(errors="replace") if dep.log.exists() else ""):
             assert proc.poll() is None and time.monotonic() < deadline, dep.log.read_text(errors="replace")[-3000:]
@@ -314,7 +314,9 @@ def test_a_node_killed_mid_run_rejoins_and_the_model_equals_a_replay_of_its_drop
         procs = [p for _, p in dep.procs.procs]
     assert all(p.poll() is not None for p in procs)
     got = json.loads((out / "results.json").read_text())
-    assert got["dropped"] and all(d["client"] % 3 == 1 and d["round"] > 2 for d in got["dropped"])
+    # node 1's clients are dropped in the rounds it missed; a slow node may also miss a round before the
+    # kill (each message starts a fresh ClientApp process): whatever was dropped, the replay below must match
+    assert any(d["client"] % 3 == 1 and d["round"] > 2 for d in got["dropped"])
     hist = got["history"]
     assert all(h["dropped"] == sum(d["round"] == h["round"] for d in got["dropped"]) for h in hist)
     last = max(d["round"] for d in got["dropped"])
