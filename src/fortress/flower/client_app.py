@@ -76,11 +76,10 @@ def train(msg: Message, context: Context) -> Message:
     task = msg.content["task"]
     r = int(task["round"])
     users = msg.content["users"]["users"].numpy().astype(np.int64)
-    t0 = time.perf_counter()
-    load_seconds = 0.0
     if role(context.node_config) == "attacker":          # sees the broadcast model and its own ids, nothing else
         n_items = params["item_emb"].shape[0] - 1
         targets = msg.content["targets"]["targets"].numpy().astype(np.int64).tolist()
+        load_seconds, t0 = 0.0, time.perf_counter()
         got = malicious_step(cfg, from_config(cfg), params, n_items, targets, users, r)
     else:
         cfg, part, n_part, ds, load_seconds = _node(context)
