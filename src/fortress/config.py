@@ -117,7 +117,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
     "view_negatives": ("items", "prefixes"),
-    "attack": ("none", "ahum", "psmu", "random", "popular", "boost", "stealth", "ramp", "weight", "adaptive"),
+    "attack": ("none", "ahum", "psmu", "random", "popular", "boost", "stealth", "ramp", "evade", "weight", "adaptive"),
     "defence": ("none", "fortress", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"),
 }
 FEDERATED = ("fedavg", "fortress")      # modes that train in federated rounds
