@@ -20,7 +20,7 @@ class Config:
     seed: int = 0
     init_from: str = ""             # start from the model of a saved run (its folder or model.pt)
     # data
-    data_format: str = "auto"       # auto | seq | table | mind | split
+    data_format: str = "auto"       # auto | seq | table | mind | split | recbole
     kcore: int = 0                  # k-core filter on users and items (0 = off)
     max_len: int = 50               # most recent items a model sees
     synthetic_users: int = 5000
@@ -111,7 +111,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("pop", "central", "fedavg", "fortress"),
     "backbone": ("sasrec", "gru4rec"),
-    "data_format": ("auto", "seq", "table", "mind", "split"),
+    "data_format": ("auto", "seq", "table", "mind", "split", "recbole"),
     "dtype": ("float32", "float64"),
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
