@@ -69,8 +69,10 @@ class Config:
     item_view: bool = True
     temporal: bool = True
     # centralised training
-    epochs: int = 15
+    epochs: int = 15                # the most epochs (with patience: early stopping may end sooner)
     batch_size: int = 128
+    patience: int = 5               # validate every epoch, stop after this many without a better valid NDCG@10 and
+                                    # restore the best epoch's model; 0 = off (validate every eval_every epochs)
     # evaluation
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once
