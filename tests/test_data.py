@@ -198,6 +198,9 @@ def test_recbole_inter_any_column_order_extra_fields_by_time(tmp_path):
     assert ds.data_format == "recbole" and ds.chronological
     assert seqs_by_name(ds) == {"A1": ["B1", "B2", "B9", "B3"], "A2": ["B1"]}    # ties keep file order
     assert split_of(ds, "A1") == ([1, 2], 4, 3)
+    # other field names a table header may use (as `table` reads them) are accepted too
+    other = write(tmp_path / "mm.inter", "userID:token\titemID:token\ttime:float\nA1\tB2\t9\nA1\tB1\t3\n")
+    assert seqs_by_name(load_dataset(other)) == {"A1": ["B1", "B2"]}
 
 
 def test_recbole_inter_without_timestamp_keeps_file_order(tmp_path):
@@ -265,7 +268,8 @@ RECBOLE_ERRORS = [
     # (file, its text, expected substring after "FILE:LINE: ")
     ("h.inter", "user_id\titem_id:token\n1\t2\n", ":1: header field 'user_id' is not name:type"),
     ("h.inter", "user_id:string\titem_id:token\n1\t2\n", ":1: header field 'user_id:string' has type 'string'"),
-    ("h.inter", "user_id:token\titem:token\n1\t2\n", ":1: missing field 'item_id:token' (header has: user_id:token, item:token)"),
+    ("h.inter", "user_id:token\tthing:token\n1\t2\n",
+     ":1: missing field 'item_id:token' (header has: user_id:token, thing:token)"),
     ("h.inter", "user_id:token\titem_id:token_seq\n1\t2\n", ":1: field 'item_id' has type 'token_seq', expected 'item_id:token'"),
     ("h.inter", "user_id:token\titem_id:token\tuser_id:float\n", ":1: header field 'user_id' appears twice"),
     ("h.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\t4\tsoon\n",

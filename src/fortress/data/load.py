@@ -26,7 +26,8 @@ from fortress.errors import InputError, printable
 
 FORMATS = ("auto", "seq", "table", "mind", "split", "recbole")
 
-# Header names (lower-cased, RecBole-style ":type" suffix removed), in order of preference.
+# Header names (lower-cased, RecBole-style ":type" suffix removed), in order of preference; RecBole `.inter`
+# files name them user_id, item_id and timestamp, and these are accepted there too.
 USER_COLUMNS = ("user", "user_id", "userid", "reviewerid", "reviewer_id", "uid")
 ITEM_COLUMNS = ("item", "item_id", "itemid", "asin", "movieid", "movie_id", "iid", "news_id", "newsid")
 TIME_COLUMNS = ("timestamp", "time", "ts", "unixreviewtime", "unix_review_time", "date", "datetime")
@@ -240,7 +241,9 @@ def _by_time(users: list[str], items: list[str], ts: np.ndarray) -> tuple[list[s
 
 def _read_recbole(path: Path, lines: list[str]) -> tuple[list[str], list[str], bool]:
     """A raw RecBole `.inter` table: by timestamp when it has one, else in file order."""
-    users, items, ts = recbole.read_inter(path, lines)
+    names = tuple((default, *aliases) for default, aliases in
+                  ((recbole.USER, USER_COLUMNS), (recbole.ITEM, ITEM_COLUMNS), (recbole.TIME, TIME_COLUMNS)))
+    users, items, ts = recbole.read_inter(path, lines, names)
     if ts is not None:
         return _by_time(users, items, ts)
     seqs: dict[str, list[str]] = {}

@@ -92,22 +92,25 @@ def _rows(path: Path, lines: list[str], need: dict[str, str]):
         yield n, row
 
 
-def read_inter(path: Path, lines: list[str]) -> tuple[list[str], list[str], np.ndarray | None]:
-    """(users, items, timestamps or None) of a raw `.inter` table, in file order; extra fields are ignored."""
+def read_inter(path: Path, lines: list[str], names: tuple[tuple[str, ...], ...] = ((USER,), (ITEM,), (TIME,))
+               ) -> tuple[list[str], list[str], np.ndarray | None]:
+    """(users, items, timestamps or None) of a raw `.inter` table, in file order; extra fields are ignored.
+    `names`: the accepted names of the user, item and (optional) timestamp fields, in order of preference."""
     header = next((line for line in lines if line.strip()), "")
-    timed = any(f.strip().partition(":")[0] == TIME for f in header.split("\t"))
-    need = {USER: "token", ITEM: "token", **({TIME: "float"} if timed else {})}
+    fields = [f.strip().partition(":")[0] for f in header.split("\t")]
+    user, item, time = (next((f for w in wanted for f in fields if f.lower() == w), None) for wanted in names)
+    need = {user or USER: "token", item or ITEM: "token", **({time: "float"} if time else {})}
     users: list[str] = []
     items: list[str] = []
     ts: list[float] = []
     for _, row in _rows(path, lines, need):
-        users.append(row[USER])
-        items.append(row[ITEM])
-        if timed:
-            ts.append(row[TIME])
+        users.append(row[user])
+        items.append(row[item])
+        if time:
+            ts.append(row[time])
     if not users:
         raise InputError(f"{path}: has a header but no rows")
-    return users, items, np.asarray(ts, dtype=np.float64) if timed else None
+    return users, items, np.asarray(ts, dtype=np.float64) if time else None
 
 
 def benchmark_files(folder: Path) -> dict[str, dict[str, Path]]:
