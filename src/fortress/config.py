@@ -69,7 +69,7 @@ class Config:
     item_view: bool = True
     temporal: bool = True
     # centralised training
-    epochs: int = 15                # the most epochs (with patience: early stopping may end sooner)
+    epochs: int = 100               # the most epochs; with patience, early stopping usually ends sooner
     batch_size: int = 128
     patience: int = 5               # validate every epoch, stop after this many without a better valid NDCG@10 and
                                     # restore the best epoch's model; 0 = off (validate every eval_every epochs)
