@@ -144,9 +144,9 @@ def test_data_stats_names_the_detected_format(tmp_path, capsys):
 
 
 def test_data_stats_recbole_inter_and_benchmark(tmp_path, capsys):
-    from fortress.config import CHOICES
+    from fortress.config import Config, override
     from fortress.data.load import FORMATS
-    assert CHOICES["data_format"] == FORMATS        # --format offers every format the loader reads
+    assert [override(Config(), {"data_format": f}).data_format for f in FORMATS] == list(FORMATS)   # all allowed
     inter = tmp_path / "t.inter"
     inter.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t5\t2\n1\t6\t1\n1\t7\t3\n")
     code, out, _ = run_cli(capsys, "data", "stats", str(inter))

@@ -118,55 +118,6 @@ def local_evaluator(ds: Dataset, scorer_of: Callable[[Params], Scorer], batch: i
 
 
 @dataclass
-class Run:
-    """A run in progress: the global model and everything the loop logs.
-
-    `ds` is the data where the run holds it (in-process); a server that holds none (Flower) gives
-    `pop`, what its nodes told it, and an `evaluator` that adds up the nodes' evaluation sums.
-    """
-
-    cfg: Config
-    ds: Dataset | None
-    model: Model
-    params: Params
-    history: list[dict[str, Any]] = field(default_factory=list)
-    eval_seconds: float = 0.0
-    train_seconds: float = 0.0
-    bytes_up: list[int] = field(default_factory=list)
-    bytes_down: list[int] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    dropped: list[dict[str, Any]] = field(default_factory=list)      # clients whose host did not answer (Flower)
-    campaign: attacks.Campaign | None = None      # targets and malicious clients (fedavg)
-    defence: Any = None                           # the server's defence (its state goes into model.pt)
-    pop: Population | None = None                 # what the server knows of the users; read off `ds` if None
-    evaluator: Evaluator | None = None            # model -> evaluation sums; over `ds` if None
-
-    def __post_init__(self):
-        if self.pop is None:
-            self.pop = hosted(self.ds)
-        if self.evaluator is None:
-            self.evaluator = local_evaluator(self.ds, lambda p: model_scorer(self.model, p, self.ds), self.cfg.eval_batch)
-
-    def metrics(self, split: str, targets: list[int] | None = None,
-                progress: Callable[[int], object] | None = None) -> dict[str, Any]:
-        """`metrics.from_sums` of the evaluator's sums for the current model."""
-        return from_sums(self.evaluator(self.params, split, targets, progress), targets)
-
-    def validate(self, bar: tqdm | None = None) -> dict[str, float]:
-        t0 = time.perf_counter()
-        res = self.metrics("valid", progress=_evaluating(bar, self.pop, "valid", "validating"))
-        self.eval_seconds += time.perf_counter() - t0
-        return res
-
-    def exposure(self, round_: int, bar: tqdm | None = None) -> dict[str, float]:
-        """ER@K of the targets over eligible test users now, recorded in the campaign's history."""
-        t0 = time.perf_counter()
-        res = self.metrics("test", self.campaign.targets, _evaluating(bar, self.pop, "test", "target exposure"))
-        self.eval_seconds += time.perf_counter() - t0
-        return self.campaign.record(round_, res)
-
-
-@dataclass
 class EarlyStopping:
     """Validation NDCG@10 after every epoch: keep a copy of the best parameters, stop after `patience`
     validations in a row without a better one, and put the best back at the end (`epochs` is the maximum)."""
@@ -196,16 +147,65 @@ class EarlyStopping:
                 "stopped_early": epochs_run < max_epochs}
 
 
-def train_central(run: Run, bar: tqdm | None = None) -> dict[str, Any] | None:
-    """Ordinary minibatch training with full-softmax cross-entropy and Adam; with `patience`, early stopping
-    (EarlyStopping) and what it did."""
+@dataclass
+class Run:
+    """A run in progress: the global model and everything the loop logs.
+
+    `ds` is the data where the run holds it (in-process); a server that holds none (Flower) gives
+    `pop`, what its nodes told it, and an `evaluator` that adds up the nodes' evaluation sums.
+    """
+
+    cfg: Config
+    ds: Dataset | None
+    model: Model
+    params: Params
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_seconds: float = 0.0
+    train_seconds: float = 0.0
+    bytes_up: list[int] = field(default_factory=list)
+    bytes_down: list[int] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)      # clients whose host did not answer (Flower)
+    campaign: attacks.Campaign | None = None      # targets and malicious clients (fedavg)
+    defence: Any = None                           # the server's defence (its state goes into model.pt)
+    pop: Population | None = None                 # what the server knows of the users; read off `ds` if None
+    evaluator: Evaluator | None = None            # model -> evaluation sums; over `ds` if None
+    early_stopping: dict[str, Any] | None = None  # central training with patience: its best epoch, whether it stopped
+
+    def __post_init__(self):
+        if self.pop is None:
+            self.pop = hosted(self.ds)
+        if self.evaluator is None:
+            self.evaluator = local_evaluator(self.ds, lambda p: model_scorer(self.model, p, self.ds), self.cfg.eval_batch)
+
+    def metrics(self, split: str, targets: list[int] | None = None,
+                progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+        """`metrics.from_sums` of the evaluator's sums for the current model."""
+        return from_sums(self.evaluator(self.params, split, targets, progress), targets)
+
+    def validate(self, bar: tqdm | None = None) -> dict[str, float]:
+        t0 = time.perf_counter()
+        res = self.metrics("valid", progress=_evaluating(bar, self.pop, "valid", "validating"))
+        self.eval_seconds += time.perf_counter() - t0
+        return res
+
+    def exposure(self, round_: int, bar: tqdm | None = None) -> dict[str, float]:
+        """ER@K of the targets over eligible test users now, recorded in the campaign's history."""
+        t0 = time.perf_counter()
+        res = self.metrics("test", self.campaign.targets, _evaluating(bar, self.pop, "test", "target exposure"))
+        self.eval_seconds += time.perf_counter() - t0
+        return self.campaign.record(round_, res)
+
+
+def train_central(run: Run, bar: tqdm | None = None) -> None:
+    """Ordinary minibatch training with full-softmax cross-entropy and Adam."""
     cfg, ds, model = run.cfg, run.ds, run.model
     users, seqs = training_pairs(ds, cfg.max_len)
     for p in run.params.values():
         p.requires_grad_(True)
     opt = torch.optim.Adam(run.params.values(), lr=cfg.central_lr)
     rng = np.random.default_rng(cfg.seed)
-    stopping = EarlyStopping(cfg.patience) if cfg.patience else None
+    stopping = EarlyStopping(cfg.patience) if cfg.patience else None      # what it did goes to run.early_stopping
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         order = rng.permutation(len(users))
@@ -234,7 +234,8 @@ def train_central(run: Run, bar: tqdm | None = None) -> dict[str, Any] | None:
             break
     for p in run.params.values():
         p.requires_grad_(False)
-    return stopping.restore(run.params, len(run.history), cfg.epochs) if stopping is not None else None
+    if stopping is not None:
+        run.early_stopping = stopping.restore(run.params, len(run.history), cfg.epochs)
 
 
 def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
@@ -540,9 +541,8 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
     steps = 0 if cfg.mode == "pop" else cfg.epochs if cfg.mode == "central" else cfg.rounds
     bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if federated else "epoch",
                disable=not progress or steps == 0, dynamic_ncols=True)
-    stopping = None
     if cfg.mode == "central":
-        stopping = train_central(run_, bar)
+        train_central(run_, bar)
     elif federated:
         train_federated(run_, bar, out, resume, clients, attackers)
     bar.close()
@@ -568,7 +568,7 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
         "config": config_mod.to_dict(cfg),
         "dataset": ds.stats() if ds is not None else pop.stats(),
         "history": run_.history,
-        **({"early_stopping": stopping} if stopping else {}),
+        **({"early_stopping": run_.early_stopping} if run_.early_stopping else {}),
         "valid": valid,
         "test": test,
         **({"most_popular": {"test": popular}} if baseline else {}),
