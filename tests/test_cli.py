@@ -141,3 +141,18 @@ def test_data_stats_names_the_detected_format(tmp_path, capsys):
     assert code == 0 and "format         seq (detected" in out
     code, out, _ = run_cli(capsys, "data", "stats", str(seq), "--format", "seq")
     assert code == 0 and "format         seq\n" in out
+
+
+def test_data_stats_recbole_inter_and_benchmark(tmp_path, capsys):
+    from fortress.config import Config, override
+    from fortress.data.load import FORMATS
+    assert [override(Config(), {"data_format": f}).data_format for f in FORMATS] == list(FORMATS)   # all allowed
+    inter = tmp_path / "t.inter"
+    inter.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t5\t2\n1\t6\t1\n1\t7\t3\n")
+    code, out, _ = run_cli(capsys, "data", "stats", str(inter))
+    assert code == 0 and "format         recbole (detected" in out and "interactions   3" in out
+    head = "user_id:token\titem_id_list:token_seq\titem_id:token\r\n"
+    for part, rows in (("train", "1\t5\t6\r\n"), ("valid", "1\t5 6\t7\r\n"), ("test", "1\t5 6 7\t8\r\n")):
+        (tmp_path / f"b.{part}.inter").write_text(head + rows)
+    code, out, _ = run_cli(capsys, "data", "stats", str(tmp_path / "b.test.inter"), "--format", "recbole")
+    assert code == 0 and "format         recbole\n" in out and "interactions   4" in out

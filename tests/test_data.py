@@ -186,6 +186,130 @@ def test_split_folder_rejects_kcore_and_missing_part(tmp_path):
     assert "no test file" in input_error(str(path), path)
 
 
+# --- RecBole atomic files ---------------------------------------------------------------------
+
+def test_recbole_inter_any_column_order_extra_fields_by_time(tmp_path):
+    text = ("rating:float\ttimestamp:float\titem_id:token\tuser_id:token\tlabel:token\r\n"
+            "5\t30\tB3\tA1\tx\r\n4\t10\tB1\tA1\ty\r\n3\t20\tB2\tA1\tz\r\n1\t20\tB9\tA1\tz\r\n"
+            "2\t5\tB1\tA2\tx\r\n")
+    path = write(tmp_path / "shop.inter", text)
+    assert detect_format(path) == "recbole"
+    ds = load_dataset(path)
+    assert ds.data_format == "recbole" and ds.chronological
+    assert seqs_by_name(ds) == {"A1": ["B1", "B2", "B9", "B3"], "A2": ["B1"]}    # ties keep file order
+    assert split_of(ds, "A1") == ([1, 2], 4, 3)
+    # other field names a table header may use (as `table` reads them) are accepted too
+    other = write(tmp_path / "mm.inter", "userID:token\titemID:token\ttime:float\nA1\tB2\t9\nA1\tB1\t3\n")
+    assert seqs_by_name(load_dataset(other)) == {"A1": ["B1", "B2"]}
+
+
+def test_recbole_inter_without_timestamp_keeps_file_order(tmp_path):
+    path = write(tmp_path / "t.inter", "user_id:token\titem_id:token\n1\t30\n1\t10\n1\t20\n2\t10\n")
+    assert seqs_by_name(load_dataset(path)) == {"1": ["30", "10", "20"], "2": ["10"]}
+    # id-sorted lines betray a lost time order, as in sequence text
+    path = write(tmp_path / "s.inter", "user_id:token\titem_id:token\n" + "".join(f"1\t{i}\n" for i in range(1, 6)))
+    with pytest.warns(UserWarning, match="sorted by item id"):
+        assert not load_dataset(path).chronological
+
+
+def test_recbole_inter_in_a_folder_beside_its_entity_files(tmp_path):
+    write(tmp_path / "ml" / "ml.inter", "user_id:token\titem_id:token\n1\t5\n1\t6\n")
+    write(tmp_path / "ml" / "ml.item", "item_id:token\ttitle:token_seq\n5\tA film\n")
+    write(tmp_path / "ml" / "ml.user", "user_id:token\tage:float\n1\t30\n")
+    ds = load_dataset(tmp_path / "ml")
+    assert ds.data_format == "recbole" and seqs_by_name(ds) == {"1": ["5", "6"]}
+
+
+# user 1: 12 10 13 11 | valid 14 | test 15; user 2 (3 items, no train row): 20 | 21 | 22; user 3: train only
+BENCH = {
+    "train": "user_id:token\titem_id_list:token_seq\titem_id:token\r\n"
+             "1\t12 10 13\t11\r\n3\t30\t31\r\n1\t12\t10\r\n1\t12 10\t13\r\n",
+    "valid": "user_id:token\titem_id_list:token_seq\titem_id:token\r\n1\t12 10 13 11\t14\r\n2\t20\t21\r\n",
+    "test": "item_id:token\tuser_id:token\titem_id_list:token_seq\r\n15\t1\t12 10 13 11 14\r\n22\t2\t20 21\r\n",
+}
+
+
+def bench_folder(root: Path, **parts: str) -> Path:
+    for part, text in {**BENCH, **parts}.items():
+        write(root / f"toy.{part}.inter", text)
+    return root
+
+
+def test_recbole_benchmark_rebuilds_sequences_and_keeps_the_split(tmp_path):
+    folder = bench_folder(tmp_path / "toy")
+    assert detect_format(folder) == "recbole"
+    ds = load_dataset(folder)
+    assert ds.name == "toy/toy" and ds.data_format == "recbole"
+    assert seqs_by_name(ds) == {"1": ["12", "10", "13", "11", "14", "15"], "2": ["20", "21", "22"],
+                                "3": ["30", "31"]}
+    assert [ds.item_ids[i] for i in ds.train_seq(ds.user_ids.index("1"))] == ["12", "10", "13", "11"]
+    assert split_of(ds, "2")[1:] == (ds.item_ids.index("21"), ds.item_ids.index("22"))
+    assert split_of(ds, "3")[1:] == (0, 0)
+    # any one of the files names the whole split, and the same sequences as text give the same dataset
+    again = load_dataset(folder / "toy.valid.inter", fmt="recbole")
+    text = load_dataset(write(tmp_path / "toy.txt", "1 12 10 13 11 14 15\n2 20 21 22\n3 30 31\n"))
+    for other in (again, text):
+        assert other.user_ids == ds.user_ids and other.item_ids == ds.item_ids
+        for key in ("train_ptr", "train_items", "valid", "test"):
+            assert np.array_equal(getattr(other, key), getattr(ds, key)), key
+
+
+def test_recbole_benchmark_with_histories_cut_to_a_maximum_length(tmp_path):
+    # RecBole cuts item_id_list to MAX_ITEM_LIST_LENGTH (here 2): the prefix rows still give the whole sequence
+    folder = bench_folder(tmp_path / "cut",
+                          train="user_id:token\titem_id_list:token_seq\titem_id:token\n"
+                                "1\t12\t10\n1\t12 10\t13\n1\t10 13\t11\n",
+                          valid="user_id:token\titem_id_list:token_seq\titem_id:token\n1\t13 11\t14\n",
+                          test="user_id:token\titem_id_list:token_seq\titem_id:token\n1\t11 14\t15\n")
+    assert seqs_by_name(load_dataset(folder)) == {"1": ["12", "10", "13", "11", "14", "15"]}
+
+
+RECBOLE_ERRORS = [
+    # (file, its text, expected substring after "FILE:LINE: ")
+    ("h.inter", "user_id\titem_id:token\n1\t2\n", ":1: header field 'user_id' is not name:type"),
+    ("h.inter", "user_id:string\titem_id:token\n1\t2\n", ":1: header field 'user_id:string' has type 'string'"),
+    ("h.inter", "user_id:token\tthing:token\n1\t2\n",
+     ":1: missing field 'item_id:token' (header has: user_id:token, thing:token)"),
+    ("h.inter", "user_id:token\titem_id:token_seq\n1\t2\n", ":1: field 'item_id' has type 'token_seq', expected 'item_id:token'"),
+    ("h.inter", "user_id:token\titem_id:token\tuser_id:float\n", ":1: header field 'user_id' appears twice"),
+    ("h.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\t4\tsoon\n",
+     ":3: field 'timestamp' value 'soon' is not a finite number"),
+    ("h.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\tnan\n", ":2: field 'timestamp' value 'nan'"),
+    ("h.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\n", ":2: expected 3 tab-separated fields"),
+    ("h.inter", "user_id:token\titem_id:token\n\t2\n", ":2: field 'user_id' is empty"),
+    ("h.inter", "user_id:token\titem_id:token\n", ": has a header but no rows"),
+    ("h.inter", BENCH["valid"], ":1: field 'item_id_list' makes this a RecBole benchmark file"),
+    ("b.train.inter", "user_id:token\titem_id_list:token\titem_id:token\n1\t10\t11\n",
+     ":1: field 'item_id_list' has type 'token', expected 'item_id_list:token_seq'"),
+    ("b.train.inter", "user_id:token\titem_id_list:token_seq\titem_id:token\n1\t10\t11\n1\t10 12\t13\n",
+     ":3: user 1's item_id_list '10 12' does not continue the sequence of the user's earlier rows ('10 11' ends it)"),
+    ("b.valid.inter", "user_id:token\titem_id_list:token_seq\titem_id:token\n1\t12 10 13 9\t14\n",
+     ":2: user 1's item_id_list '12 10 13 9' does not continue the sequence of the user's earlier rows ('12 10 13 11' ends it)"),
+    ("b.test.inter", "user_id:token\titem_id_list:token_seq\titem_id:token\n1\t12 10 13 11 14\t15\n1\t12\t1\n",
+     ":3: user 1 has a second test row (first at line 2)"),
+]
+
+
+@pytest.mark.parametrize("name, text, expect", RECBOLE_ERRORS, ids=[e[2][:40] for e in RECBOLE_ERRORS])
+def test_recbole_bad_files_are_one_line_errors(tmp_path, name, text, expect):
+    if ".train." in name or ".valid." in name or ".test." in name:
+        bench_folder(tmp_path)
+        for old in tmp_path.glob("toy.*"):
+            old.rename(tmp_path / old.name.replace("toy.", "b."))
+    path = write(tmp_path / name, text)
+    assert str(path) + expect in input_error(str(path), path, fmt="recbole" if name == "h.inter" else "auto")
+
+
+def test_recbole_benchmark_folder_errors(tmp_path):
+    folder = bench_folder(tmp_path / "b")
+    assert "kcore=2 cannot be applied to a RecBole benchmark split" in input_error(str(folder), folder, kcore=2)
+    (folder / "toy.test.inter").unlink()
+    assert "the RecBole benchmark split toy has no toy.test.inter" in input_error(str(folder), folder / "toy.train.inter")
+    bench_folder(folder)
+    write(folder / "other.train.inter", BENCH["train"])
+    assert "holds several RecBole benchmark splits (other, toy)" in input_error(str(folder), folder)
+
+
 # --- k-core ------------------------------------------------------------------------------------
 
 def test_kcore_cascades(tmp_path):
@@ -308,6 +432,24 @@ def test_real_amazon_baby_is_not_chronological(shared_data):
         ds = load_dataset(shared_data / "amazon-baby" / "Baby.txt")
     assert (ds.n_users, ds.n_items) == (19_445, 7_050)
     assert not ds.chronological and ds.name == "amazon-baby/Baby.txt"
+
+
+def test_real_amazon_baby_chrono_benchmark_equals_its_sequence_file(shared_data):
+    """The RecBole benchmark files rebuild exactly the sequences and the split of Baby_chrono.txt."""
+    folder = shared_data / "amazon-baby-chrono"
+    bench = load_dataset(resolve("amazon-baby-chrono"))
+    text = load_dataset(folder / "Baby_chrono.txt")
+    assert (bench.data_format, text.data_format) == ("recbole", "seq")
+    assert bench.name == "amazon-baby-chrono/baby"
+    assert bench.user_ids == text.user_ids and bench.item_ids == text.item_ids
+    for key in ("train_ptr", "train_items", "valid", "test"):
+        assert np.array_equal(getattr(bench, key), getattr(text, key)), key
+    s = bench.stats()
+    assert (s["users"], s["items"], s["interactions"], s["users_with_test"]) == (19_445, 7_050, 160_792, 19_445)
+    assert bench.chronological and text.chronological
+    u = bench.user_ids.index("1")        # valid line 3: `1<TAB>5403 1434 2828 0<TAB>5176`, test target 1177
+    assert [bench.item_ids[i] for i in bench.train_seq(u)] == ["5403", "1434", "2828", "0"]
+    assert (bench.item_ids[bench.valid[u]], bench.item_ids[bench.test[u]]) == ("5176", "1177")
 
 
 def test_real_mind_small(shared_data):

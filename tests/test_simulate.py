@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fortress.config import Config
 from fortress.data import load_dataset, resolve, synthetic
-from fortress.simulate import auto_threads, run, summary, torch_threads
+from fortress.simulate import EarlyStopping, auto_threads, run, summary, torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,35 @@ def test_central_learns_far_above_pop(small, tmp_path):
     pop = run(Config(mode="pop", **base), small, tmp_path / "pop", progress=False)
     cen = run(Config(mode="central", epochs=6, central_lr=0.01, **base), small, tmp_path / "cen", progress=False)
     assert cen["test"]["HR@10"] > 2 * pop["test"]["HR@10"], (cen["test"], pop["test"])
+
+
+def test_early_stopping_keeps_the_best_and_counts_patience():
+    stopping = EarlyStopping(patience=3)
+    params = {"w": torch.zeros(2)}
+    stops = []
+    for epoch, ndcg in enumerate([0.1, 0.3, 0.2, 0.3, 0.29], 1):
+        params["w"].fill_(epoch)
+        stops.append(stopping.stop(epoch, {"NDCG@10": ndcg}, params))
+    assert stops == [False, False, False, False, True]      # 0.3 again is no improvement
+    report = stopping.restore(params, 5, 20)
+    assert params["w"].tolist() == [2.0, 2.0]               # epoch 2's parameters, in the caller's dict
+    assert report == {"metric": "valid NDCG@10", "patience": 3, "best_epoch": 2, "best_valid_NDCG@10": 0.3,
+                      "epochs_run": 5, "max_epochs": 20, "stopped_early": True}
+
+
+def test_central_early_stopping_stops_and_restores_the_best_epoch(small, tmp_path):
+    cfg = Config(mode="central", dim=32, max_len=20, epochs=40, patience=2, central_lr=0.01, eval_every=0, threads=1)
+    res = run(cfg, small, tmp_path, progress=False)
+    e = res["early_stopping"]
+    ndcg = [h["valid"]["NDCG@10"] for h in res["history"]]
+    assert len(ndcg) == e["epochs_run"] < 40 and e["stopped_early"]
+    assert e["best_epoch"] == 1 + int(np.argmax(ndcg)) == e["epochs_run"] - 2
+    assert e["best_valid_NDCG@10"] == max(ndcg) > ndcg[-1]
+    assert res["valid"]["NDCG@10"] == max(ndcg)             # the final model is the best epoch's, not the last
+    assert "early stopping: best valid NDCG@10" in summary(res)
+    off = run(Config(mode="central", dim=32, max_len=20, epochs=2, patience=0, eval_every=0, threads=1), small,
+              tmp_path / "off", progress=False)
+    assert "early_stopping" not in off and all("valid" not in h for h in off["history"])
 
 
 def test_runs_are_deterministic_for_a_seed(small, tmp_path):

@@ -20,7 +20,7 @@ class Config:
     seed: int = 0
     init_from: str = ""             # start from the model of a saved run (its folder or model.pt)
     # data
-    data_format: str = "auto"       # auto | seq | table | mind | split
+    data_format: str = "auto"       # auto | seq | table | mind | split | recbole
     kcore: int = 0                  # k-core filter on users and items (0 = off)
     max_len: int = 50               # most recent items a model sees
     synthetic_users: int = 5000
@@ -69,8 +69,10 @@ class Config:
     item_view: bool = True
     temporal: bool = True
     # centralised training
-    epochs: int = 15
+    epochs: int = 100               # the most epochs; with patience, early stopping usually ends sooner
     batch_size: int = 128
+    patience: int = 5               # validate every epoch, stop after this many without a better valid NDCG@10 and
+                                    # restore the best epoch's model; 0 = off (validate every eval_every epochs)
     # evaluation
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once
@@ -111,7 +113,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("pop", "central", "fedavg", "fortress"),
     "backbone": ("sasrec", "gru4rec"),
-    "data_format": ("auto", "seq", "table", "mind", "split"),
+    "data_format": ("auto", "seq", "table", "mind", "split", "recbole"),
     "dtype": ("float32", "float64"),
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),

@@ -118,6 +118,36 @@ def local_evaluator(ds: Dataset, scorer_of: Callable[[Params], Scorer], batch: i
 
 
 @dataclass
+class EarlyStopping:
+    """Validation NDCG@10 after every epoch: keep a copy of the best parameters, stop after `patience`
+    validations in a row without a better one, and put the best back at the end (`epochs` is the maximum)."""
+
+    patience: int
+    best: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0
+    params: Params | None = None
+
+    def stop(self, epoch: int, valid: dict[str, float], params: Params) -> bool:
+        """Record this epoch's validation; True when the run should stop."""
+        if valid["NDCG@10"] > self.best:
+            self.best, self.best_epoch, self.stale = valid["NDCG@10"], epoch, 0
+            self.params = {k: v.detach().clone() for k, v in params.items()}
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self, params: Params, epochs_run: int, max_epochs: int) -> dict[str, Any]:
+        """Copy the best parameters into `params` (in place: callers hold the dict); what happened, for results.json."""
+        with torch.no_grad():
+            for k, v in (self.params or {}).items():
+                params[k].copy_(v)
+        return {"metric": "valid NDCG@10", "patience": self.patience, "best_epoch": self.best_epoch,
+                "best_valid_NDCG@10": self.best, "epochs_run": epochs_run, "max_epochs": max_epochs,
+                "stopped_early": epochs_run < max_epochs}
+
+
+@dataclass
 class Run:
     """A run in progress: the global model and everything the loop logs.
 
@@ -140,6 +170,7 @@ class Run:
     defence: Any = None                           # the server's defence (its state goes into model.pt)
     pop: Population | None = None                 # what the server knows of the users; read off `ds` if None
     evaluator: Evaluator | None = None            # model -> evaluation sums; over `ds` if None
+    early_stopping: dict[str, Any] | None = None  # central training with patience: its best epoch, whether it stopped
 
     def __post_init__(self):
         if self.pop is None:
@@ -174,6 +205,7 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
         p.requires_grad_(True)
     opt = torch.optim.Adam(run.params.values(), lr=cfg.central_lr)
     rng = np.random.default_rng(cfg.seed)
+    stopping = EarlyStopping(cfg.patience) if cfg.patience else None      # what it did goes to run.early_stopping
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         order = rng.permutation(len(users))
@@ -194,12 +226,16 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
         seconds = time.perf_counter() - t0
         run.train_seconds += seconds
         entry = {"epoch": epoch + 1, "loss": total / max(1, count), "seconds": seconds}
-        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+        if stopping is not None or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs):
             entry["valid"] = run.validate(bar)
         run.history.append(entry)
         _progress(bar, entry)
+        if stopping is not None and stopping.stop(epoch + 1, entry["valid"], run.params):
+            break
     for p in run.params.values():
         p.requires_grad_(False)
+    if stopping is not None:
+        run.early_stopping = stopping.restore(run.params, len(run.history), cfg.epochs)
 
 
 def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
@@ -532,6 +568,7 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
         "config": config_mod.to_dict(cfg),
         "dataset": ds.stats() if ds is not None else pop.stats(),
         "history": run_.history,
+        **({"early_stopping": run_.early_stopping} if run_.early_stopping else {}),
         "valid": valid,
         "test": test,
         **({"most_popular": {"test": popular}} if baseline else {}),
@@ -575,6 +612,11 @@ def summary(results: dict[str, Any]) -> str:
     lines = [f"{'split':<{width}} " + " ".join(f"{c:>8}" for c in cols)]
     for name, res in rows:
         lines.append(f"{name:<{width}} " + " ".join(f"{res[c]:>8.4f}" for c in cols))
+    if "early_stopping" in results:
+        e = results["early_stopping"]
+        lines.append(f"early stopping: best valid NDCG@10 {e['best_valid_NDCG@10']:.4f} at epoch {e['best_epoch']} "
+                     f"(restored); {'stopped after' if e['stopped_early'] else 'ran all'} {e['epochs_run']} of "
+                     f"{e['max_epochs']} epochs, patience {e['patience']}")
     t, b = results["timing"], results["bytes"]
     lines.append(f"time: {t['seconds_per_round']:.3f} s/step, eval {t['final_eval_seconds']:.2f} s, "
                  f"peak RSS {t['peak_rss_mb']:.0f} MB; traffic per round: "

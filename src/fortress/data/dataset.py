@@ -26,7 +26,8 @@ class Dataset:
     chronological: bool = True          # False when the source order is not time order
     item_names: dict[str, str] = field(default_factory=dict)   # original id -> readable name (e.g. ASIN)
     user_names: dict[str, str] = field(default_factory=dict)
-    data_format: str = ""               # what it was read as: seq, table, mind, split, synthetic ("" = in memory)
+    data_format: str = ""               # what it was read as: seq, table, mind, split, recbole, synthetic
+                                        # ("" = in memory)
 
     @property
     def n_users(self) -> int:

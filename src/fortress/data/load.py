@@ -1,8 +1,10 @@
-"""Read interaction data (sequence text, csv/tsv tables, MIND behaviors, pre-split folders) into a Dataset.
+"""Read interaction data (sequence text, csv/tsv tables, MIND behaviors, RecBole atomic files, pre-split
+folders) into a Dataset.
 
 Every file problem is raised as a one-line InputError naming the file (and line) and the problem.
-Except for split folders, reading ends the same way: optional k-core, remap of users to 0..U-1
-and items to 1..N in sorted original-id order, then the leave-one-out split of `from_sequences`.
+Except for split folders and RecBole benchmark splits (their split is used as given), reading ends the
+same way: optional k-core, remap of users to 0..U-1 and items to 1..N in sorted original-id order, then
+the leave-one-out split of `from_sequences`.
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fortress.data import recbole
 from fortress.data.dataset import Dataset, from_sequences
 from fortress.errors import InputError, printable
 
-FORMATS = ("auto", "seq", "table", "mind", "split")
+FORMATS = ("auto", "seq", "table", "mind", "split", "recbole")
 
-# Header names (lower-cased, RecBole-style ":type" suffix removed), in order of preference.
+# Header names (lower-cased, RecBole-style ":type" suffix removed), in order of preference; RecBole `.inter`
+# files name them user_id, item_id and timestamp, and these are accepted there too.
 USER_COLUMNS = ("user", "user_id", "userid", "reviewerid", "reviewer_id", "uid")
 ITEM_COLUMNS = ("item", "item_id", "itemid", "asin", "movieid", "movie_id", "iid", "news_id", "newsid")
 TIME_COLUMNS = ("timestamp", "time", "ts", "unixreviewtime", "unix_review_time", "date", "datetime")
@@ -54,10 +58,10 @@ def resolve(spec: str) -> Path:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Guess the format of a file or folder: 'split', 'mind', 'table' or 'seq'."""
+    """Guess the format of a file or folder: 'split', 'recbole', 'mind', 'table' or 'seq'."""
     path = _existing(path)
     if path.is_dir():
-        return "split"
+        return "recbole" if recbole.benchmark_files(path) else "split"
     return _sniff(path, _nonblank(_read_text(path, head=1 << 16).splitlines(), _SNIFF_LINES))
 
 
@@ -68,6 +72,13 @@ def load_dataset(path: str | os.PathLike, fmt: str = "auto", kcore: int = 0) -> 
     if kcore < 0:
         raise InputError(f"kcore={kcore} is out of range; it must be >= 0")
     path = _existing(path)
+    if fmt in ("auto", "recbole"):
+        bench = _benchmark_of(path)
+        if bench is not None:
+            if kcore:
+                raise InputError(f"{path}: kcore={kcore} cannot be applied to a RecBole benchmark split "
+                                 "(the given split must not be altered); use kcore=0")
+            return _load_benchmark(*bench)
     if path.is_dir() and fmt != "split" and not _is_split_folder(path):
         path = _data_file_in(path)
     full = path.resolve()
@@ -86,7 +97,7 @@ def load_dataset(path: str | os.PathLike, fmt: str = "auto", kcore: int = 0) -> 
     lines = text.splitlines()
     if fmt == "auto":
         fmt = _sniff(path, _nonblank(lines, _SNIFF_LINES))
-    reader = {"seq": _read_seq, "table": _read_table_interactions, "mind": _read_mind}[fmt]
+    reader = {"seq": _read_seq, "table": _read_table_interactions, "mind": _read_mind, "recbole": _read_recbole}[fmt]
     users, items, chronological = reader(path, lines)
     ds = _build(f"{full.parent.name}/{full.name}", path, users, items, chronological, kcore)
     ds.data_format = fmt
@@ -147,6 +158,8 @@ def _nonblank(lines: list[str], n: int) -> list[str]:
 def _sniff(path: Path, sample: list[str]) -> str:
     if not sample:
         raise InputError(f"{path}: file is empty")
+    if recbole.is_header(sample[0]):
+        return "recbole"
     cols = [line.split("\t") for line in sample]
     if all(len(c) == 5 for c in cols) and all(_MIND_TIME.fullmatch(c[2].strip()) for c in cols):
         return "mind"
@@ -202,7 +215,7 @@ def _read_seq(path: Path, lines: list[str]) -> tuple[list[str], list[str], bool]
 def _check_chronology(path: Path, seqs) -> bool:
     """Without timestamps, id-sorted lines betray a file that lost its time order."""
     long = [s for s in seqs if len(s) >= 4]
-    if not long:
+    if not long or not all(_is_int(x) for s in long for x in s):     # string ids have no id order to betray
         return True
     n_sorted = 0
     for s in long:
@@ -218,8 +231,25 @@ def _check_chronology(path: Path, seqs) -> bool:
 
 def _read_table_interactions(path: Path, lines: list[str]) -> tuple[list[str], list[str], bool]:
     users, items, ts, _ = _read_table(path, lines)
+    return _by_time(users, items, ts)
+
+
+def _by_time(users: list[str], items: list[str], ts: np.ndarray) -> tuple[list[str], list[str], bool]:
     order = np.argsort(ts, kind="stable")   # stable: equal timestamps keep file order
     return [users[k] for k in order], [items[k] for k in order], True
+
+
+def _read_recbole(path: Path, lines: list[str]) -> tuple[list[str], list[str], bool]:
+    """A raw RecBole `.inter` table: by timestamp when it has one, else in file order."""
+    names = tuple((default, *aliases) for default, aliases in
+                  ((recbole.USER, USER_COLUMNS), (recbole.ITEM, ITEM_COLUMNS), (recbole.TIME, TIME_COLUMNS)))
+    users, items, ts = recbole.read_inter(path, lines, names)
+    if ts is not None:
+        return _by_time(users, items, ts)
+    seqs: dict[str, list[str]] = {}
+    for user, item in zip(users, items):
+        seqs.setdefault(user, []).append(item)
+    return users, items, _check_chronology(path, seqs.values())
 
 
 def _read_table(path: Path, lines: list[str]) -> tuple[list[str], list[str], np.ndarray, list[int]]:
@@ -406,13 +436,61 @@ def _load_split(folder: Path, name: str) -> Dataset:
                    held["test"], True, _names(folder / "imap.json"), _names(folder / "umap.json"))
 
 
+def _benchmark_of(path: Path) -> tuple[Path, str, dict[str, Path]] | None:
+    """(folder, NAME, {part: file}) of the RecBole benchmark split that `path` (its folder or one of its
+    files) holds, or None when it holds none."""
+    if path.is_dir():
+        folder, found = path, recbole.benchmark_files(path)
+        if len(found) > 1:
+            raise InputError(f"{path}: holds several RecBole benchmark splits ({', '.join(found)}); "
+                             "point --data at a file of the one to read")
+        if not found:
+            return None
+        name = next(iter(found))
+    else:
+        match = recbole.BENCHMARK_FILE.fullmatch(path.name)
+        if match is None:
+            return None
+        folder, name = path.parent, match.group(1)
+    files = recbole.benchmark_files(folder)[name]
+    missing = [f"{name}.{part}.inter" for part in recbole.PARTS if part not in files]
+    if missing:
+        raise InputError(f"{folder}: the RecBole benchmark split {name} has no {' or '.join(missing)} "
+                         "(it needs NAME.train.inter, NAME.valid.inter and NAME.test.inter)")
+    return folder, name, files
+
+
+def _load_benchmark(folder: Path, name: str, files: dict[str, Path]) -> Dataset:
+    """A RecBole benchmark split, used as given: each user's rebuilt train sequence, valid and test item."""
+    texts = {part: (file, _read_text(file).splitlines()) for part, file in files.items()}
+    train, valid, test = recbole.read_benchmark(texts)
+    user_vocab = _vocab([*train, *valid, *test])
+    item_vocab = _vocab([*(i for s in train.values() for i in s), *valid.values(), *test.values()])
+    user_ids, _ = _sorted_ids(user_vocab, 0)
+    item_ids, irank = _sorted_ids(item_vocab, 1)
+    seqs = [irank[[item_vocab[i] for i in train.get(u, ())]] for u in user_ids]
+    ptr = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in seqs], out=ptr[1:])
+    held = [np.array([irank[item_vocab[part[u]]] if u in part else 0 for u in user_ids], dtype=np.int64)
+            for part in (valid, test)]
+    full = ([*train.get(u, ()), *([valid[u]] if u in valid else []), *([test[u]] if u in test else [])]
+            for u in user_ids)
+    chronological = _check_chronology(files["train"], full)
+    ds = Dataset(f"{folder.resolve().name}/{name}", len(item_ids), user_ids, [""] + item_ids, ptr,
+                 np.concatenate([np.zeros(0, dtype=np.int64), *seqs]), *held, chronological)
+    ds.data_format = "recbole"
+    return ds
+
+
 def _is_split_folder(folder: Path) -> bool:
     pattern = re.compile(_SPLIT_FILE.format(part="train"))
     return any(pattern.fullmatch(p.name) for p in folder.iterdir())
 
 
 # files in a dataset folder that are documentation or side tables, not interactions
-_NOT_DATA = re.compile(r"(license|provenance|readme|news)\b.*|.*\.(json|md|pdf|pkl|npy)", re.IGNORECASE)
+# (RecBole's .item, .user, .kg, .link and .net files describe the entities of the .inter file)
+_NOT_DATA = re.compile(r"(license|provenance|readme|news)\b.*|.*\.(json|md|pdf|pkl|npy|item|user|kg|link|net)",
+                       re.IGNORECASE)
 
 
 def _data_file_in(folder: Path) -> Path:
