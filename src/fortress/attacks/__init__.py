@@ -26,7 +26,7 @@ import torch
 
 from fortress.attacks import adaptive, ahum, baselines, psmu
 from fortress.attacks.base import Attack, AttackConfig, AttackView
-from fortress.config import FEDERATED, target_list
+from fortress.config import target_list
 from fortress.errors import InputError
 from fortress.models import Model, Params
 from fortress.updates import Updates
@@ -157,7 +157,7 @@ class Campaign:
 
 def campaign(cfg, counts: np.ndarray, item_ids: list[str], n_users: int) -> Campaign | None:
     """Targets and malicious clients of a federated run (None when no targets are tracked)."""
-    if cfg.mode not in FEDERATED or cfg.targets < 1:
+    if cfg.training != "federated" or cfg.targets < 1:
         return None
     targets = pick_targets(counts, item_ids, cfg.target_pick, cfg.targets, cfg.seed)
     bad = malicious_ids(n_users, cfg.attack_ratio) if cfg.attack != "none" else np.zeros(0, dtype=np.int64)
