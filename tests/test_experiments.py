@@ -370,10 +370,11 @@ def test_kill_9_loses_only_cells_in_progress(done, tmp_path):
 
 # ---------------------------------------------------------------- the shipped specs
 
-@pytest.mark.parametrize("name", ["paper.toml", "paper-budget.toml"])
-def test_paper_spec_is_valid(shared_data, tmp_path, name):
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "experiments").glob("*.toml")))
+def test_shipped_specs_are_valid(shared_data, tmp_path, name):
     p = specs.load(ROOT / "experiments" / name, tmp_path)
-    assert {e.section for e in p.entries} >= {"main", "ablation", "sensitivity"}
+    if name.startswith("paper"):
+        assert {e.section for e in p.entries} >= {"main", "ablation", "sensitivity"}
 
 
 @pytest.mark.slow
@@ -408,3 +409,15 @@ def test_smoke_spec_reduced_runs_end_to_end(tmp_path):
     assert all(f"![{f['name']}](figures/{f['name']}.png)" in text for f in table.get("figures", []))
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_slurm_job_script_runs_its_array_task_as_a_shard(tmp_path):
+    spec = spec_file(tmp_path)
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3",
+           "FORTRESS": f"{sys.executable} -m fortress.cli"}
+    res = subprocess.run(["bash", str(ROOT / "experiments" / "slurm.sh"), str(spec), str(tmp_path / "out"), "--dry-run"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    cells = specs.load(spec, tmp_path / "out")
+    listed = re.findall(r"^([a-z]{3}-[0-9a-f]{10}) ", res.stdout, flags=re.M)
+    assert listed == runner.shard(cells, 2, 3) and "(shard 2/3 of 12 cells)" in res.stdout

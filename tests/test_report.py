@@ -119,3 +119,15 @@ def test_sensitivity_figure_shows_seeds_labels_and_no_negative_er():
     for ax, n in ((clean, 8), (er, 12)):                      # every seed's value is a dot
         assert sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)) == n
     plt.close(fig)
+
+
+def test_one_method_under_several_attacks_is_one_attack_per_row():
+    got = {"c0": {"HR@10": 0.3, "NDCG@10": 0.1, "ER@10": 0.0, "ER@5": 0.0},
+           "a0": {"HR@10": 0.2, "NDCG@10": 0.05, "ER@5": 0.5, "ER@10": 0.6},
+           "a1": {"HR@10": 0.4, "NDCG@10": 0.15, "ER@5": 0.7, "ER@10": 0.8}}
+    entries = [Entry("main", "toy", "FedAvg", "none", None, 0, "c0"),
+               Entry("main", "toy", "FedAvg", "ahum", 0.05, 0, "a0"), Entry("main", "toy", "FedAvg", "ahum", 0.05, 1, "a1")]
+    lines = report.grid_tables(entries, got, "", "method").splitlines()
+    assert lines[0] == "| FedAvg: attack | HR@10 | NDCG@10 | ER@5 | ER@10 |"
+    assert lines[2] == "| no attack | 0.3000 (n=1) | 0.1000 (n=1) | 0.0000 (n=1) | 0.0000 (n=1) |"
+    assert lines[3] == "| A-hum 5% | 0.3000 ± 0.1414 | 0.1000 ± 0.0707 | 0.6000 ± 0.1414 | 0.7000 ± 0.1414 |"

@@ -58,12 +58,16 @@ class Column:
     better: str | None              # max | min | None (no best marked)
 
     def header(self) -> str:
-        name = ATTACK_NAMES.get(self.attack, self.attack)
-        if self.ratio is not None:
-            name += f" {self.ratio * 100:g}%"
-        if self.metric in ("HR@10", "NDCG@10"):
-            return self.metric
-        return f"{self.metric.replace(' last', '')} {name}"
+        if self.metric in ("HR@10", "NDCG@10") or self.attack == ANY:
+            return self.metric.replace(" last", "")
+        return f"{self.metric.replace(' last', '')} {attack_name(self.attack, self.ratio)}"
+
+
+ANY = "*"       # a column of every attack: the attack is the row
+
+
+def attack_name(attack: str, ratio: float | None) -> str:
+    return ATTACK_NAMES.get(attack, attack) + (f" {ratio * 100:g}%" if ratio is not None else "")
 
 
 def std(xs) -> float:
@@ -100,9 +104,12 @@ def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], 
 
 
 def grid_tables(entries: list[Entry], got: dict[str, dict[str, float]], er: str, first: str) -> str:
-    """Rows = entries' rows; columns: clean HR@10, NDCG@10 (and ER@10 without attack), ER@5/ER@10 per attack."""
+    """Rows = entries' rows; columns: clean HR@10, NDCG@10 (and ER@10 without attack), ER@5/ER@10 per attack.
+    A table of one row under several attacks is turned round: one attack per row (`attack_rows`)."""
     rows = list(dict.fromkeys(e.row for e in entries))
     attacks = list(dict.fromkeys((e.attack, e.ratio) for e in entries))
+    if len(rows) == 1 and len(attacks) > 1:
+        return attack_rows(entries, got, er, f"{rows[0]}: attack")
     values: dict[tuple[str, Column], list[float]] = defaultdict(list)
     cols: list[Column] = []
     for attack, ratio in attacks:
@@ -119,6 +126,19 @@ def grid_tables(entries: list[Entry], got: dict[str, dict[str, float]], er: str,
                  or c.metric.startswith(("HR", "NDCG"))]
     seeds = len({e.seed for e in entries})
     return table(rows, cols, values, seeds, first)
+
+
+def attack_rows(entries: list[Entry], got: dict[str, dict[str, float]], er: str, first: str) -> str:
+    """One row per attack (and ratio): test HR@10, NDCG@10, ER@5, ER@10 under it; no best marked (the
+    rows are attacks, not rivals)."""
+    names = {(e.attack, e.ratio): attack_name(e.attack, e.ratio) for e in entries}
+    cols = [Column(m, ANY, None, None) for m in ("HR@10", "NDCG@10", f"ER@5{er}", f"ER@10{er}")]
+    values: dict[tuple[str, Column], list[float]] = defaultdict(list)
+    for e in entries:
+        for c in cols:
+            if e.cell in got and c.metric in got[e.cell]:
+                values[names[e.attack, e.ratio], c].append(got[e.cell][c.metric])
+    return table(list(names.values()), cols, values, len({e.seed for e in entries}), first)
 
 
 def sensitivity_figure(key: str, values: list[str], series: dict[str, list[list[float]]], attack: str | None,
@@ -180,7 +200,7 @@ def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Pa
     for (ds, key), es in groups.items():
         values = list(dict.fromkeys(e.value for e in es))
         attacked = next((e for e in es if e.attack != "none"), None)
-        att = attacked and ATTACK_NAMES.get(attacked.attack, attacked.attack) + f" {attacked.ratio * 100:g}%"
+        att = attacked and attack_name(attacked.attack, attacked.ratio)
         names = ["HR@10", "NDCG@10"] + (["ER@10", "ER@10 last"] if att else [])
         series: dict[str, list[list[float]]] = {n: [[] for _ in values] for n in names}
         for e in es:
