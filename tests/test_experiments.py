@@ -121,6 +121,8 @@ def one_line_error(capsys, spec: Path, out: Path) -> str:
     (("[set]", "[[figures]]\nname = \"f\"\ncommand = [\"plot\", \"x\"]\n[set]"), "[[figures]] #1 runs: expected a list"),
     (("[set]", "[[figures]]\nname = \"f\"\ncommand = [\"plot\"]\nruns = [{ method = \"FedAvg\", sed = 1 }]\n[set]"),
      "[[figures]] #1 runs[0]: unknown field 'sed'"),
+    (("[set]", "[[figures]]\nname = \"f\"\ncommand = [\"plot\", \"nope\"]\nruns = [{ method = \"FedAvg\" }]\n[set]"),
+     "figure f: `fortress plot nope` is not a command"),
     (("[grid]", "[grid"), "not valid TOML"),
     (("[grid]", "[grid]\n[grid.x]"), "[grid]: unknown field 'x'"),
 ])

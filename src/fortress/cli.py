@@ -79,8 +79,9 @@ def check_plot_extra(plan) -> None:
 
 def check_figure_commands(plan) -> None:
     """Every [[figures]] command is a `fortress` command of this version: checked before any cell runs."""
+    top = build_parser()
     for cell in plan.cells.values():
-        parser = build_parser()
+        parser = top
         for word in cell.need:
             subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
             if not subs or word not in subs[0].choices:
@@ -231,6 +232,7 @@ def cmd_deploy_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fortress.data.load import FORMATS
     p = Parser(prog="fortress", description="Robust federated sequential recommendation.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -240,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output folder (results.json, model.pt); one that holds a run needs --resume or --overwrite")
     run.add_argument("--config", help="TOML file of config keys")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    run.add_argument("--format", choices=("auto", "seq", "table", "mind", "split"), help="data format")
+    run.add_argument("--format", choices=FORMATS, help="data format")
     run.add_argument("--quiet", action="store_true", help="no progress bar, no data summary on stderr")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -290,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     stats = dsub.add_parser("stats", help="users, items, interactions, density, length percentiles")
     stats.add_argument("path", help="data file or folder, a name in $FORTRESS_DATA, or 'synthetic'")
-    stats.add_argument("--format", default="auto", choices=("auto", "seq", "table", "mind", "split"))
+    stats.add_argument("--format", default="auto", choices=FORMATS)
     stats.add_argument("--kcore", type=_at_least(0), default=0, help="k-core filter on users and items (0 = off)")
     stats.set_defaults(func=cmd_data_stats)
 

@@ -110,7 +110,6 @@ class Config:
 TRAINING = ("pop", "central", "federated")     # most-popular counts, centralised Adam, federated rounds
 CHOICES: dict[str, tuple[str, ...]] = {
     "training": TRAINING,
-    "data_format": ("auto", "seq", "table", "mind", "split"),
     "dtype": ("float32", "float64"),
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
@@ -124,12 +123,14 @@ OLD_MODE = {"pop": {"training": "pop"}, "central": {"training": "central"},
 
 
 def choices() -> dict[str, tuple[str, ...]]:
-    """Allowed values per key; those of backbone, objective, attack and defence come from their registries."""
+    """Allowed values per key; those of data_format, backbone, objective, attack and defence come from their
+    registries."""
     from fortress.attacks import ATTACKS
     from fortress.client import OBJECTIVES
+    from fortress.data.load import FORMATS
     from fortress.models import BACKBONES
     from fortress.server.defences import DEFENCES
-    return {**CHOICES, "backbone": tuple(BACKBONES), "objective": tuple(OBJECTIVES),
+    return {**CHOICES, "data_format": FORMATS, "backbone": tuple(BACKBONES), "objective": tuple(OBJECTIVES),
             "attack": ("none", *ATTACKS), "defence": tuple(DEFENCES)}
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
