@@ -222,6 +222,7 @@ def _validate_attack(cfg: Config) -> None:
     if cfg.attack_ratio > 1:
         raise InputError(f"attack_ratio={cfg.attack_ratio!r} is out of range; it must be in [0, 1]", ("attack_ratio",))
     if cfg.target_pick not in ("unpopular", "random"):
+        from fortress.attacks import target_list
         ids = target_list(cfg.target_pick)
         if not ids:
             raise InputError(f"target_pick={cfg.target_pick!r}: choose unpopular, random, or a "
@@ -234,11 +235,6 @@ def _validate_attack(cfg: Config) -> None:
                          ("attack", "training"))
     if cfg.attack != "none" and cfg.targets < 1:
         raise InputError(f"attack={cfg.attack!r} needs targets >= 1", ("attack", "targets"))
-
-
-def target_list(spec: str) -> list[str]:
-    """Item ids of an explicit `target_pick` ("12,40" or a TOML list "[12, 40]"), as strings."""
-    return [t.strip().strip("'\"") for t in spec.strip("[] ").replace(" ", ",").split(",") if t.strip()]
 
 
 def _parse_values(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -73,6 +73,8 @@ class Entry:
 
 @dataclass
 class Plan:
+    """A checked spec: its cells in run order and the table entries they fill."""
+
     spec: Path
     root: Path
     cells: dict[str, Cell]          # in run order: pretrains, runs, figures
@@ -81,8 +83,6 @@ class Plan:
     er_last: int
     text: str | None = None         # the spec file as read (the runner keeps a copy in DIR/spec.toml)
 
-
-# ---------------------------------------------------------------- spec -> plan
 
 def render(value: Any) -> str:
     """A TOML value as `--set` takes it."""
