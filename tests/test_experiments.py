@@ -306,7 +306,7 @@ def test_report_is_rebuilt_from_the_summaries_alone(done, tmp_path, capsys):
     assert f"## Missing cells\n\n1 of 12 cells have not run yet (or not here): `{cid}`." in text
     assert "(n=1)" in text                                  # the seed that is left stands alone
     summary = json.loads((out / "cells" / cid / "summary.json").read_text())
-    assert summary["versions"].keys() == {"fortress", "torch", "python"} and summary["config"]["seed"] in (0, 1)
+    assert summary["versions"].keys() == {"fortress", "torch", "python", "commit"} and summary["config"]["seed"] in (0, 1)
     assert "--out DIR/cells/" in summary["command"] and str(out) not in json.dumps(summary)
     assert main(["report", str(tmp_path / "nothing")]) == 2 and "no such folder" in capsys.readouterr().err
 
@@ -423,3 +423,13 @@ def test_slurm_job_script_runs_its_array_task_as_a_shard(tmp_path):
     cells = specs.load(spec, tmp_path / "out")
     listed = re.findall(r"^([a-z]{3}-[0-9a-f]{10}) ", res.stdout, flags=re.M)
     assert listed == runner.shard(cells, 2, 3) and "(shard 2/3 of 12 cells)" in res.stdout
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (ROOT / "docs" / "results").glob("*/spec.toml")))
+def test_committed_report_is_rebuilt_from_its_summaries(tmp_path, folder):
+    """Every published grid under docs/results/ (a spec.toml beside cells/*/summary.json) rebuilds its report.md."""
+    import shutil
+    copy = tmp_path / folder
+    shutil.copytree(ROOT / "docs" / "results" / folder, copy)
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.md").read_text() == (ROOT / "docs" / "results" / folder / "report.md").read_text()

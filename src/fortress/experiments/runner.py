@@ -21,6 +21,7 @@ others go on; cells that start from it are marked failed.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+import fortress
 from fortress.errors import InputError
 from fortress.experiments.spec import Cell, Plan
 
@@ -65,13 +67,28 @@ def finished(cell: Cell) -> bool:
     return rec is not None and rec.get("status") == "ok" and cell.made().exists()
 
 
-def versions() -> dict[str, str]:
+@functools.cache
+def versions() -> dict[str, str | None]:
+    """What made the numbers: the versions of fortress, torch and Python, and the git commit of the fortress
+    source when it runs from a checkout (with `+dirty` for uncommitted changes; None from an installed wheel)."""
     def version(name: str) -> str:
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
             return "unknown"
-    return {"fortress": version("fortress"), "torch": version("torch"), "python": platform.python_version()}
+
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", "-C", str(Path(fortress.__file__).parent), *args], capture_output=True,
+                                 text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "."):
+        commit += "+dirty"
+    return {"fortress": version("fortress"), "torch": version("torch"), "python": platform.python_version(),
+            "commit": commit}
 
 
 def summary(cell: Cell, status: str, seconds: float, error: str | None) -> dict[str, Any]:
