@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fortress import bounds
 from fortress.client import eligible_clients, objective, round_chunks, train_round
 from fortress.config import Config, override
 from fortress.data import load_dataset, resolve, synthetic
@@ -94,6 +95,9 @@ def time_defences(ds, cfg: Config, clients: int, rounds: int, names: list[str]) 
     eligible = eligible_clients(ds)
     gopt, keys = GlobalOptimizer(cfg.global_opt, cfg.global_lr), dense_keys(params)
     rules = {n: defences.make(override(cfg, {"defence": n}), ds.n_items) for n in names}
+    for rule in rules.values():         # a warm FORTRESS monitor, so every step runs (the exposure cap waits WARMUP rounds)
+        if hasattr(rule, "rounds"):
+            rule.rounds = bounds.WARMUP
     fed, agg = [], {n: [] for n in names}
     for r in range(1 + rounds):
         t0 = time.perf_counter()

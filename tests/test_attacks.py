@@ -330,3 +330,32 @@ def test_adaptive_shapes_itself_to_the_named_defence(probe):
     u, _, _ = attack_round(probe, "adaptive", 3, defence="median")
     inside = (u.dense >= benign.min(0).values) & (u.dense <= benign.max(0).values)
     assert float(inside.float().mean()) > 0.9                     # inside the benign range per coordinate
+
+
+def test_evade_promotes_after_plausible_histories_and_demotes_after_probe_like_ones(probe):
+    # evade's encoder step (before shaping) raises the target's log-probability after histories
+    # sampled from the model and lowers it after the cap's probe-like sequences; shaped, it stays
+    # under the FORTRESS thresholds like ramp
+    from fortress import bounds
+    from fortress.attacks import adaptive, ahum
+    from fortress.attacks.base import AttackConfig, AttackView
+    from fortress.attacks.psmu import sample_histories
+    from fortress.updates import unflatten
+    data, cfg, model, params, benign, targets, server = probe
+    view = AttackView(model, {k: v.clone() for k, v in params.items()}, data.n_items, torch.as_tensor(targets),
+                      torch.arange(4), AttackConfig.from_config(cfg), (0, 5, 1), 5)
+    step = adaptive.evade_direction(view)
+    keys = [k for k in sorted(params) if k != "item_emb"]
+    moved = {**params, **{k: params[k] + 20 * v for k, v in unflatten(step.dense[0], params, keys).items()}}
+    real = torch.as_tensor(sample_histories(view, np.random.default_rng(9), 64, 6))
+    probe_seqs = bounds.probe_sequences(torch.ones(data.n_items + 1, dtype=torch.float64), 64, cfg.max_len,
+                                        torch.Generator().manual_seed(9))
+    t = torch.as_tensor(targets)
+
+    def lp(p, seqs):
+        return float(ahum.target_logprob(model.last(p, seqs), p["item_emb"], t, p["item_emb"][t]).mean())
+
+    assert lp(moved, real) - lp(params, real) > lp(moved, probe_seqs) - lp(params, probe_seqs)
+    u, both, _ = attack_round(probe, "evade", 6)
+    out = server().aggregate(both, params)
+    assert targets[0] not in out.flagged.tolist() and float(out.weights[-6:].mean()) > 0.9

@@ -135,7 +135,8 @@ def test_l_var_value_and_gradient():
 def test_regularise_turns_suspicious_items_away_and_keeps_lengths():
     table = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [2.7, 1.8], [-5, -5]], dtype=D)
     fc = FortressConfig(popular_frac=0.5, row_clip=1, dense_clip=2, push_frac=0.05, p_flag=1e-3, floor_frac=0.5,
-                        alpha=1, beta=0.0, margin=1.4, knn=1, server_steps=20, server_lr=0.5, max_len=50)
+                        alpha=1, beta=0.0, margin=1.4, knn=1, server_steps=20, server_lr=0.5, probe_users=0,
+                        exposure_cap=10.0, max_len=50)
     before = table.clone()
     popular, suspicious = torch.tensor([1, 2, 3]), torch.tensor([4])
     chord = lambda t: (F.normalize(t[popular], dim=1) - F.normalize(t[4], dim=0)).norm(dim=1)   # noqa: E731
@@ -487,3 +488,74 @@ def test_the_sketch_keeps_cosines():
     again = bounds.sketch(x, 512, torch.Generator().manual_seed(1))
     assert torch.equal(again, bounds.sketch(x, 512, torch.Generator().manual_seed(1)))   # deterministic per draw
     assert bounds.sketch(x[:, :300], 512, torch.Generator().manual_seed(1)).shape == (40, 512)   # P < width
+
+
+# --- the exposure cap -------------------------------------------------------------------------------
+
+def test_shrink_to_cap_is_the_largest_scale_within_the_cap():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 3, generator=g, dtype=D).abs() + 0.1                     # (n, V) positive scores
+    t_out = torch.rand(200, generator=g, dtype=D) + 0.1                          # bars above 0
+    t_in = t_out - 0.05
+    in_top = a > t_out[:, None]
+    cap = torch.tensor([5.0, 50.0, 500.0], dtype=D)
+    s = bounds.shrink_to_cap(a, t_in, t_out, in_top, cap)
+    bar = torch.where(in_top, t_in[:, None], t_out[:, None])
+    reached = lambda f: ((f[None, :] * a) > bar).sum(0)                          # noqa: E731
+    assert (reached(s) <= cap).all()
+    assert (reached((s * 1.01).clamp(max=1)) > cap)[:2].all()                    # any more crosses the cap
+    assert s[2] == 1.0                                                            # a cap above every user: untouched
+
+
+def test_exposure_caps_follow_rates_and_ignore_a_few_outliers():
+    rate = torch.tensor([0.0] + [1.0] * 50 + [4.0] * 50 + [0.01], dtype=D)
+    count = torch.cat([torch.zeros(1, dtype=D), torch.full((50,), 5.0, dtype=D), torch.full((50,), 20.0, dtype=D),
+                       torch.tensor([200.0], dtype=D)])                           # the last item: cold but everywhere
+    cap = bounds.exposure_caps(count, rate, 256, 10.0)
+    assert torch.allclose(cap[1:101], torch.cat([torch.full((50,), 50.0), torch.full((50,), 200.0)]).double())
+    assert float(cap[101]) == pytest.approx(0.5) and count[101] > cap[101]
+
+
+def probe_counts(srv: FortressServer, params, state) -> torch.Tensor:
+    """Each item's probe users with it in their top PROBE_K, for probes drawn from generator state `state`."""
+    srv.probe_gen.set_state(state)
+    rate = srv.rate.clamp(min=max(bounds.rate_floor(float(srv.rate[1:].sum()), srv.n_items, srv.fc.floor_frac), 1e-6))
+    seqs = bounds.probe_sequences(rate, srv.fc.probe_users, srv.model.max_len, srv.probe_gen)
+    s = srv.model.score(params, srv.model.last(params, seqs))
+    s[:, 0] = float("-inf")
+    s.scatter_(1, seqs, float("-inf"))
+    top = s.topk(bounds.PROBE_K, dim=1).indices
+    return torch.zeros(srv.n_items + 1, dtype=D).index_add_(0, top.flatten(), torch.ones(top.numel(), dtype=D))
+
+
+def test_the_exposure_cap_shrinks_a_cold_item_everyone_sees_and_leaves_an_honest_model_alone(benign_rounds):
+    ds, params, rounds = benign_rounds
+    cfg = Config(max_len=20, dim=16, n_neg=16)
+    srv = defences.make(dataclasses.replace(cfg, defence="fortress", server_steps=0), ds.n_items)
+    for u in rounds:                                                # a warm monitor
+        srv.aggregate(u, params)
+    srv.rounds = max(srv.rounds, bounds.WARMUP)
+    p = {k: v.clone() for k, v in params.items()}
+    honest = p["item_emb"].clone()
+    log = srv.cap_exposure(p)
+    assert log["exposure_capped"] <= 0.01 * ds.n_items                # a fresh model: next to nothing capped
+    cold = int(torch.argsort(srv.rate[1:])[0]) + 1
+    state = srv.probe_gen.get_state()
+    # the cold item pointed at where the probe users' representations lie, and made long: everyone's top item
+    seqs = bounds.probe_sequences(srv.rate.clamp(min=1e-3), 256, 20, torch.Generator().manual_seed(1))
+    p["item_emb"][cold] = 50 * F.normalize(srv.model.last(p, seqs).mean(0), dim=0)
+    before = probe_counts(srv, p, state)
+    assert before[cold] > 0.9 * srv.fc.probe_users
+    srv.probe_gen.set_state(state)
+    log = srv.cap_exposure(p)
+    assert cold in log["capped"]
+    after = probe_counts(srv, p, state)
+    rate = srv.rate.clamp(min=max(bounds.rate_floor(float(srv.rate[1:].sum()), srv.n_items, srv.fc.floor_frac), 1e-6))
+    cap = bounds.exposure_caps(before, rate, srv.fc.probe_users, srv.fc.exposure_cap)
+    assert after[cold] <= cap[cold] + 1 and cap[cold] < 0.6 * before[cold]         # 200 items, top 20: a wide cap
+    unchanged = torch.ones(ds.n_items + 1, dtype=torch.bool)
+    unchanged[cold] = False
+    assert (p["item_emb"][unchanged] == honest[unchanged]).float().mean() > 0.98     # only the capped rows move
+    off = defences.make(dataclasses.replace(cfg, defence="fortress", probe_users=0), ds.n_items)
+    off.rounds = bounds.WARMUP
+    assert "exposure_capped" not in off.after_apply(p, off.aggregate(rounds[0], p))     # probe_users=0: no cap

@@ -149,3 +149,58 @@ def coherence_factor(excess: torch.Tensor) -> torch.Tensor:
     """(n,) factor on each encoder contribution: 1 up to one duplicate's worth of excess, then 1 / excess
     (k identical clients then weigh about one client together)."""
     return 1.0 / excess.clamp(min=1.0)
+
+
+# --- exposure on probe users ------------------------------------------------------------------
+# What a promotion is for is exposure: the target in many users' top K. The rules above bound the
+# uploads; this one bounds the outcome. After each update the server scores probe users (random
+# sequences of items drawn by their popularity rates: no user data) and counts each item's share of
+# top-K slots. Honest items earn exposure roughly in proportion to how often clients push them (an
+# item's rate); an item exposed far beyond what its rate buys has its scores shrunk back to its cap.
+PROBE_K = 20          # top-K the exposure is counted in (the largest K reported: caps K = 5 and 10 as well)
+PROBE_LEN = 10        # probe sequences have 1..PROBE_LEN items
+PROBE_MIN_USERS = 3   # an item counts towards the median exposure per rate once this many probe users see it
+
+
+def probe_sequences(rate: torch.Tensor, n: int, max_len: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, L) left-padded sequences of 1..min(PROBE_LEN, max_len) items drawn in proportion to `rate`
+    (N + 1,) (index 0, padding, never drawn)."""
+    L = min(PROBE_LEN, max_len)
+    p = rate.double().clamp(min=0).clone()
+    p[0] = 0.0
+    items = torch.multinomial(p / p.sum(), n * L, replacement=True, generator=gen).view(n, L)
+    lens = torch.randint(1, L + 1, (n,), generator=gen)
+    keep = torch.arange(L)[None, :] >= (L - lens)[:, None]                            # right-aligned
+    return items * keep
+
+
+def exposure_caps(count: torch.Tensor, rate: torch.Tensor, n: int, kappa: float) -> torch.Tensor:
+    """(N + 1,) the most probe users each item may reach: kappa x the median, over items seen by at least
+    PROBE_MIN_USERS probe users, of (users reached / rate), times the item's rate. count (N + 1,) users whose
+    top K holds the item; rate (N + 1,) > 0 (the monitor's rates, floored). A few attacked items cannot move
+    a median over the ~100 exposed ones."""
+    seen = count >= PROBE_MIN_USERS
+    if not bool(seen.any()):
+        return torch.full_like(rate, float(n))
+    per_rate = float((count[seen].double() / rate[seen]).median())
+    return kappa * per_rate * rate
+
+
+def shrink_to_cap(a: torch.Tensor, t_in: torch.Tensor, t_out: torch.Tensor, in_top: torch.Tensor,
+                  cap: torch.Tensor, steps: int = 40) -> torch.Tensor:
+    """(V,) the largest s in [0, 1] such that scaling item v's scores by s leaves it in at most cap[v] probe
+    users' top K. a (n, V) the items' scores; in_top (n, V) whether the item is in the user's top K;
+    t_in / t_out (n,) the user's (K+1)-th / K-th largest score (the bar an item in / out of the top K must
+    stay above). Bisection: the count falls as s falls for users with a > 0 (the ones that matter); s = 0
+    where even a zero score stays above more than cap[v] bars (bars below 0)."""
+    bar = torch.where(in_top, t_in[:, None], t_out[:, None])                           # (n, V)
+
+    def reached(s: torch.Tensor) -> torch.Tensor:
+        return ((s[None, :] * a) > bar).sum(0)
+
+    lo, hi = torch.zeros(a.shape[1], dtype=a.dtype), torch.ones(a.shape[1], dtype=a.dtype)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        ok = reached(mid) <= cap
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return torch.where(reached(torch.ones_like(lo)) <= cap, torch.ones_like(lo), lo)

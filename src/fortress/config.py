@@ -105,6 +105,8 @@ class Config:
     knn: int = 5                    # popular neighbours in L_var
     server_steps: int = 5           # server gradient steps on alpha L_sep + beta L_var per round (when something is flagged)
     server_lr: float = 0.5          # their step size (on unit vectors; each row keeps its length)
+    probe_users: int = 256          # exposure cap: synthetic probe users scored after each round (0 = no cap)
+    exposure_cap: float = 10.0      # an item may reach this many times the median probe exposure its rate buys
 
 
 TRAINING = ("pop", "central", "federated")     # most-popular counts, centralised Adam, federated rounds
@@ -140,7 +142,7 @@ MINIMUM: dict[str, float] = {
     "attack_users": 1, "attack_pool": 1, "knn": 1,
 }
 INT_MAX = 2**31 - 1
-POSITIVE = ("lr", "central_lr", "global_lr", "tau", "attack_scale", "row_clip", "dense_clip", "p_flag", "floor_frac")
+POSITIVE = ("lr", "central_lr", "global_lr", "tau", "attack_scale", "row_clip", "dense_clip", "p_flag", "floor_frac", "exposure_cap")
 
 
 def keys() -> list[str]:

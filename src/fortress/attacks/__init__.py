@@ -38,6 +38,7 @@ ATTACKS: dict[str, Attack] = {
     "boost": baselines.boost_attack,
     "stealth": adaptive.stealth_attack,
     "ramp": adaptive.ramp_attack,
+    "evade": adaptive.evade_attack,
     "weight": adaptive.weight_attack,
     "adaptive": adaptive.adaptive_attack,
 }

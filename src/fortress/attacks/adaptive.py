@@ -29,6 +29,14 @@ targets for mined hard users) is the direction; each attack shapes its size:
 - `ramp` (history building): as `stealth`, but the budget follows the rate its own pushes have
   earned so far (the server's public update rule, replayed from the attack's first round), so the
   target's rate climbs as fast as the rule allows.
+- `evade` (against the exposure cap, FORTRESS step 6): `ramp` with another direction. The cap
+  counts the target's reach over probe users the server draws from item rates (incoherent
+  mixtures of items); real users hold coherent sequences. So instead of A-hum's, the direction is
+  the gradient step that raises the targets' log-probability after EVADE_USERS plausible
+  histories sampled from the model (as PSMU samples them) and lowers it, EVADE_MU as much, after as
+  many probe-like sequences (1..bounds.PROBE_LEN items drawn by the model's mean next-item
+  distribution over those histories, its stand-in for the rates it cannot see): promotion where
+  the attacker hopes real users are, not where the server looks.
 - `weight`: A-hum's upload reporting a weight of WEIGHT_FACTOR x max_len: every weighted mean
   (FedAvg's item rows and encoder, Multi-Krum's average, norm bounding) then follows the
   attackers' deltas (a server that trusts reported weights).
@@ -54,6 +62,7 @@ from fortress.attacks import ahum
 from fortress.attacks.base import AttackView, honest_loss
 from fortress.attacks.psmu import sample_histories
 from fortress.client import chunks_from_sequences, train_round
+from fortress.models import dense_keys
 from fortress.updates import Updates
 
 SIM = 64              # honest users simulated per round for calibration
@@ -62,6 +71,8 @@ SPREAD = 64           # extra random rows (tiny deltas) a stealthy client upload
 SPREAD_SIZE = 1e-3    # their size, relative to the row clip
 WEIGHT_FACTOR = 100   # the weight attack reports WEIGHT_FACTOR x max_len
 Z = 1.0               # Fang et al.: benign standard deviations along the attack's sign
+EVADE_USERS = 64      # evade: plausible histories it promotes the targets after, and probe-like ones it demotes after
+EVADE_MU = 1.0        # evade: weight of the demotion after probe-like sequences
 
 
 def simulate_benign(view: AttackView) -> Updates:
@@ -177,14 +188,48 @@ def push_sizes(budget: float, m: int) -> torch.Tensor:
     return (budget - SAFETY * torch.arange(m, dtype=torch.float64)).clamp(min=0.0, max=SAFETY)
 
 
-def under_fortress(view: AttackView, earn: bool) -> Updates:
-    """A-hum shaped under the FORTRESS rules; `earn` False = assume a cold target (the floor)."""
+def evade_direction(view: AttackView) -> Updates:
+    """Every client's upload: one SGD step at the protocol learning rate on
+    -log p(targets | plausible histories) + EVADE_MU log p(targets | probe-like sequences), with respect
+    to the encoder and the target rows (the same for every client; `spread_encoder` makes them differ)."""
+    rng = np.random.default_rng([*view.seed, 0xE7])
+    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    L = min(bounds.PROBE_LEN, view.cfg.max_len)
+    real = torch.as_tensor(sample_histories(view, rng, EVADE_USERS, max(2, min(view.cfg.fake_len, L))))
+    with torch.no_grad():
+        logits = view.model.score(view.params, view.model.last(view.params, real))
+        logits[:, 0] = float("-inf")
+        pop = logits.softmax(-1).mean(0)                                            # (N+1,)
+    pop[view.targets] = 0.0
+    probe = bounds.probe_sequences(pop.double(), EVADE_USERS, view.cfg.max_len, gen)
+    keys = dense_keys(view.params)
+    p = {k: v.detach().clone().requires_grad_(k in keys) for k, v in view.params.items()}
+    rows = view.params["item_emb"][view.targets].detach().clone().requires_grad_(True)  # (T, d)
+    E = view.params["item_emb"]
+
+    def logp(seqs: torch.Tensor) -> torch.Tensor:
+        h = view.model.last({**p, "item_emb": E}, seqs)
+        return ahum.target_logprob(h, E, view.targets, rows).mean()
+
+    with torch.enable_grad():
+        loss = -logp(real) + EVADE_MU * logp(probe)
+        grads = torch.autograd.grad(loss, [p[k] for k in keys] + [rows])
+    lr, m, T = view.cfg.lr, view.m, len(view.targets)
+    dense = -lr * torch.cat([g.reshape(-1) for g in grads[:-1]])                    # (P,)
+    d_rows = -lr * grads[-1]                                                         # (T, d)
+    return Updates(view.clients, torch.full((m,), float(view.cfg.fake_len), dtype=E.dtype),
+                   dense.expand(m, -1).clone(), torch.arange(m).repeat_interleave(T), view.targets.repeat(m),
+                   d_rows.repeat(m, 1), torch.zeros(m, dtype=E.dtype))
+
+
+def under_fortress(view: AttackView, earn: bool, direction=None) -> Updates:
+    """A-hum (or `direction(view)`) shaped under the FORTRESS rules; `earn` False = assume a cold target."""
     c = view.cfg
     sim = simulate_benign(view)
     c_row, c_dense, floor = fortress_scales(view, sim)
     rate, recent = replay(view, floor, earn)
     row = push_sizes(push_budget(rate, recent, floor, c.p_flag, view.m), view.m) * c_row
-    u = spread_encoder(view, payload(view), coherent_share(sim, view.m))
+    u = spread_encoder(view, (direction or payload)(view), coherent_share(sim, view.m))
     u = shape(u, row, torch.full((view.m,), SAFETY * c_dense, dtype=torch.float64))
     return with_spread(view, u, SPREAD_SIZE * c_row)
 
@@ -197,6 +242,12 @@ def stealth_attack(view: AttackView) -> Updates:
 def ramp_attack(view: AttackView) -> Updates:
     """Stealth whose budget follows the rate its own past pushes have earned."""
     return under_fortress(view, earn=True)
+
+
+def evade_attack(view: AttackView) -> Updates:
+    """`ramp` whose direction promotes the targets after plausible histories and demotes them after
+    probe-like sequences (the exposure cap's probes)."""
+    return under_fortress(view, earn=True, direction=evade_direction)
 
 
 def weight_attack(view: AttackView) -> Updates:
@@ -260,4 +311,4 @@ def adaptive_attack(view: AttackView) -> Updates:
     return payload(view)
 
 
-__all__ = ["stealth_attack", "ramp_attack", "weight_attack", "adaptive_attack", "simulate_benign"]
+__all__ = ["stealth_attack", "ramp_attack", "evade_attack", "weight_attack", "adaptive_attack", "simulate_benign"]

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from fortress import models
 from fortress.errors import InputError
 from fortress.server import robust
 from fortress.server.aggregate import Aggregate, Outcome, fedavg
@@ -61,7 +62,8 @@ def _stateless(name: str) -> Callable[[Any, int], Stateless]:
 
 DEFENCES: dict[str, Callable[[Any, int], Any]] = {
     "none": _stateless("none"),
-    "fortress": lambda cfg, n_items: FortressServer(FortressConfig.from_config(cfg), n_items, cfg.seed),
+    "fortress": lambda cfg, n_items: FortressServer(FortressConfig.from_config(cfg), n_items, cfg.seed,
+                                                    models.from_config(cfg)),
     "median": _stateless("median"),
     "trimmed_mean": _stateless("trimmed_mean"),
     "krum": _stateless("krum"),

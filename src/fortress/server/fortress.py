@@ -47,11 +47,23 @@ Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
    gradient steps on alpha L_sep + beta L_var over the directions of P (the popular_frac items of
    largest rate, without items flagged in the last HORIZON rounds) and S (this round's flagged
    items), every row keeping its length; see `regularise`.
+6. Exposure cap (after the update, every round once the monitor is warm): the rules above bound
+   the uploads, round by round; over hundreds of rounds the shares they let through (a cold item's
+   ~0.4 pushes a round, the coordinated encoder push coherence allows) still add up. What a
+   promotion is for is exposure, so the server also bounds the outcome: it scores `probe_users`
+   synthetic users (sequences of 1..PROBE_LEN items drawn by the monitor's floored rates: no user
+   data, a fresh draw from its own generator each round) and counts each item's probe users with the
+   item in their top PROBE_K. An item may reach `exposure_cap` x (the median over exposed items of
+   probe users reached per unit of rate) x its own rate; an item above that has its row scaled down
+   (one factor in [0, 1], by bisection) until it reaches no more than its cap. Honest items earn
+   exposure about in proportion to their rate (on the converged models of amazon-cell-phones and
+   amazon-baby-chrono the most over-exposed one reaches ~7x the median ratio), so the cap leaves them
+   alone; a cold target in everyone's list is pulled back whatever channel put it there.
 Why sparse benign clients keep their weight: nothing here punishes a small norm, few rows, a low
 weight or disagreement with the consensus; a short client's contributions sit below the medians,
 and it loses weight only for a row of an item that is flagged in that round.
-A round without clipping or flags is exactly FedAvg with weights clamped to [2, max_len + 1].
-The monitor's state (rates, recent masses, flag times, rounds) is saved in checkpoints and in model.pt, so a run
+A round without clipping, flags or capped items is exactly FedAvg with weights clamped to [2, max_len + 1].
+The monitor's state (rates, recent masses, flag times, rounds, generators) is saved in checkpoints and in model.pt, so a run
 with `init_from` continues a defended model's monitor; a cold monitor learns its first rounds
 as normal (see the README's threat-model section).
 """
@@ -66,6 +78,7 @@ import torch.nn.functional as F
 
 from fortress import bounds
 from fortress.errors import InputError
+from fortress.models import Model
 from fortress.server.aggregate import Outcome, fedavg
 from fortress.updates import Updates
 
@@ -74,6 +87,7 @@ WINDOW = bounds.WINDOW
 WARMUP = bounds.WARMUP
 FLAGGED_SPEED = bounds.FLAGGED_SPEED
 MAX_LISTED = 20       # flagged item ids (most pushed first) written to the round log
+PROBE_SEED = 7919     # the probe users' generator is seeded apart from the sketch's
 
 
 @dataclass(frozen=True)
@@ -90,12 +104,15 @@ class FortressConfig:
     knn: int
     server_steps: int
     server_lr: float
+    probe_users: int
+    exposure_cap: float
     max_len: int          # the protocol's max_len: a client trains on at most max_len + 1 items
 
     @classmethod
     def from_config(cls, cfg) -> "FortressConfig":
         return cls(cfg.popular_frac, cfg.row_clip, cfg.dense_clip, cfg.push_frac, cfg.p_flag, cfg.floor_frac,
-                   cfg.alpha, cfg.beta, cfg.margin, cfg.knn, cfg.server_steps, cfg.server_lr, cfg.max_len)
+                   cfg.alpha, cfg.beta, cfg.margin, cfg.knn, cfg.server_steps, cfg.server_lr, cfg.probe_users,
+                   cfg.exposure_cap, cfg.max_len)
 
 
 def top_items(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -168,8 +185,9 @@ class FortressServer:
 
     name = "fortress"
 
-    def __init__(self, fc: FortressConfig, n_items: int, seed: int = 0):
-        self.fc, self.n_items = fc, n_items
+    def __init__(self, fc: FortressConfig, n_items: int, seed: int = 0, model: Model | None = None):
+        self.fc, self.n_items, self.model = fc, n_items, model
+        self.probe_gen = torch.Generator().manual_seed(seed + PROBE_SEED)
         self.rate = torch.zeros(n_items + 1, dtype=torch.float64)                 # push mass per round, running mean
         self.recent = torch.zeros(n_items + 1, dtype=torch.float64)              # push mass kept lately, decayed sum
         self.last_flagged = torch.full((n_items + 1,), -HORIZON - 1, dtype=torch.int64)
@@ -252,15 +270,49 @@ class FortressServer:
     def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
         """Regularise the item table after the round's update (only when something was flagged)."""
         popular, flagged = outcome.popular, outcome.flagged     # P already leaves out this round's flagged items
-        if flagged is None or not len(flagged) or not self.fc.server_steps or popular is None or not len(popular):
-            return {}
+        log: dict[str, Any] = {}
         with torch.no_grad():
-            return regularise(params["item_emb"], popular, flagged, self.fc)
+            if flagged is not None and len(flagged) and self.fc.server_steps and popular is not None and len(popular):
+                log |= regularise(params["item_emb"], popular, flagged, self.fc)
+            if self.model is not None and self.fc.probe_users:
+                log |= self.cap_exposure(params)
+        return log
+
+    def cap_exposure(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """In place: shrink the rows of items whose share of probe users' top PROBE_K exceeds their cap
+        (`bounds.exposure_caps`), so that each reaches at most its cap. The probe users are sequences drawn
+        from the monitor's (floored) rates by the server's own generator, fresh each round."""
+        fc, N, K = self.fc, self.n_items, min(bounds.PROBE_K, self.n_items - 1)
+        if self.rounds < WARMUP or K < 1:
+            return {}
+        rate = self.rate.clamp(min=max(bounds.rate_floor(float(self.rate[1:].sum()), N, fc.floor_frac), 1e-6))
+        seqs = bounds.probe_sequences(rate, fc.probe_users, self.model.max_len, self.probe_gen)    # (n, L)
+        table = params["item_emb"]
+        h = self.model.last(params, seqs)                                                # (n, d)
+        s = self.model.score(params, h)                                                  # (n, N+1)
+        s[:, 0] = float("-inf")
+        s.scatter_(1, seqs, float("-inf"))                                               # a user's own items
+        vals, top = s.topk(K + 1, dim=1)                                                 # (n, K+1)
+        count = torch.zeros(N + 1, dtype=torch.float64).index_add_(
+            0, top[:, :K].flatten(), torch.ones(top[:, :K].numel(), dtype=torch.float64))
+        cap = bounds.exposure_caps(count, rate, fc.probe_users, fc.exposure_cap)
+        over = (count > cap).nonzero().flatten()
+        over = over[over > 0]
+        if not len(over):
+            return {"exposure_capped": 0}
+        a = h @ table[over].T                                                            # (n, V)
+        in_top = (top[:, :K, None] == over[None, None, :]).any(1)                        # (n, V)
+        factor = bounds.shrink_to_cap(a.double(), vals[:, K].double(), vals[:, K - 1].double(), in_top,
+                                      cap[over].floor())
+        table[over] *= factor[:, None].to(table.dtype)
+        worst = torch.argsort(-(count[over] / cap[over]), stable=True)[:MAX_LISTED]
+        return {"exposure_capped": int(len(over)), "capped": over[worst].tolist(),
+                "capped_reach": (count[over[worst]] / fc.probe_users).tolist()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rate": self.rate.clone(), "recent": self.recent.clone(), "last_flagged": self.last_flagged.clone(),
                 "rounds": self.rounds,
-                "sketch_rng": self.gen.get_state()}
+                "sketch_rng": self.gen.get_state(), "probe_rng": self.probe_gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()` (of a checkpoint or of a saved model); an empty state is a cold monitor."""
@@ -276,3 +328,5 @@ class FortressServer:
         self.rounds = int(state["rounds"])
         if "sketch_rng" in state:
             self.gen.set_state(state["sketch_rng"])
+        if "probe_rng" in state:
+            self.probe_gen.set_state(state["probe_rng"])
