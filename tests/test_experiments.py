@@ -246,10 +246,9 @@ def test_records_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
     runner.write_json(path, {"status": "ok"})
 
-    def torn(obj, f, **kw):
-        f.write('{"status": "fa')
-        raise OSError("disk died")
-    monkeypatch.setattr(json, "dump", torn)
+    def died(fd):
+        raise OSError("disk died")                      # after the write, before the rename
+    monkeypatch.setattr(os, "fsync", died)
     with pytest.raises(OSError):
         runner.write_json(path, {"status": "failed"})
     monkeypatch.undo()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fortress.errors import InputError
-from fortress.experiments.runner import SPEC_COPY, SUMMARY, record
+from fortress.experiments.runner import SPEC_COPY, SUMMARY, record, write_text
 from fortress.experiments.spec import Entry, Plan, load
 
 ATTACK_NAMES = {"none": "no attack", "ahum": "A-hum", "psmu": "PSMU", "random": "Random",
@@ -289,9 +289,7 @@ def write(p: Plan) -> Path:
         lines.append(f"| `{cid}` | {_esc(what)} | {rec.get('status', 'not run')} | {secs} | `{_esc(cell.command())}` |")
     path = p.root / "report.md"
     p.root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".report.md.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

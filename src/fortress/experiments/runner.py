@@ -44,14 +44,19 @@ SPEC_COPY = "spec.toml"
 FORK = sys.platform.startswith("linux")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, fsynced, then renamed over `path`."""
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically: a temporary file in the same folder, fsynced, then renamed over `path`
+    (runners sharing DIR may write the same file at once; a reader sees the old or the new one)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def record(cell: Cell) -> dict[str, Any] | None:
@@ -225,9 +230,7 @@ def save_spec(p: Plan) -> None:
     """Keep the spec in DIR/spec.toml, so `fortress report DIR` needs nothing but the folder."""
     path = p.root / SPEC_COPY
     if p.text is not None and not (path.exists() and path.read_text() == p.text):
-        tmp = path.with_name(f".{SPEC_COPY}.{os.getpid()}.tmp")
-        tmp.write_text(p.text)
-        os.replace(tmp, path)
+        write_text(path, p.text)
 
 
 def execute(p: Plan, main: Callable[[list[str]], int], jobs: int = 1, part: tuple[int, int] = (1, 1),
