@@ -303,6 +303,9 @@ def test_report_is_rebuilt_from_the_summaries_alone(done, tmp_path, capsys):
     assert "(1 of 12 cells missing)" in capsys.readouterr().out
     text = (dest / "report.md").read_text()
     assert f"## Missing cells\n\n1 of 12 cells have not run yet (or not here): `{cid}`." in text
+    runs = [r["seconds"] for r in map(json.loads, map(Path.read_text, dest.glob("cells/*/summary.json")))
+            if r["status"] == "ok" and r["kind"] == "run"]
+    assert f"they take about {sum(runs) / len(runs) / 3600:.2g} cell-hours." in text
     assert "(n=1)" in text                                  # the seed that is left stands alone
     summary = json.loads((out / "cells" / cid / "summary.json").read_text())
     assert summary["versions"].keys() == {"fortress", "torch", "python", "commit"} and summary["config"]["seed"] in (0, 1)

@@ -223,6 +223,18 @@ def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Pa
     return lines
 
 
+def cost(p: Plan, recs: dict[str, dict | None], missing: list[str]) -> str:
+    """What the missing cells may cost: per kind of cell (pretrain, run, figure), their number times the mean
+    wall time of the finished cells of that kind; empty when no cell of a missing kind has finished."""
+    hours = 0.0
+    for kind in dict.fromkeys(p.cells[cid].kind for cid in missing):
+        done = [r["seconds"] for cid, r in recs.items() if r and r.get("status") == "ok" and p.cells[cid].kind == kind]
+        if not done:
+            return ""
+        hours += sum(p.cells[cid].kind == kind for cid in missing) * float(np.mean(done)) / 3600
+    return f" At the mean wall time of the finished cells of each kind they take about {hours:.2g} cell-hours."
+
+
 def _esc(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -276,7 +288,8 @@ def write(p: Plan) -> Path:
     missing = [cid for cid in p.cells if recs[cid] is None]
     if missing:
         lines += ["## Missing cells", "", f"{len(missing)} of {len(p.cells)} cells have not run yet (or not here): "
-                  + ", ".join(f"`{cid}`" for cid in missing) + ". Their commands are in the list below.", ""]
+                  + ", ".join(f"`{cid}`" for cid in missing) + ". Their commands are in the list below."
+                  + cost(p, recs, missing), ""]
     lines += ["## Cells", "",
               "Each cell is one command, run from the folder where `fortress experiment` ran, with DIR its `--out` "
               "folder; a cell that starts from a pretrained model (`init_from`) needs that cell's command run first. "
