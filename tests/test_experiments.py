@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fortress.experiments import report, runner
+from fortress.errors import InputError
+from fortress.experiments import runner
 from fortress.experiments import spec as specs
 from fortress.cli import main
 
@@ -435,3 +436,22 @@ def test_committed_report_is_rebuilt_from_its_summaries(tmp_path, folder):
     shutil.copytree(ROOT / "docs" / "results" / folder, copy)
     assert main(["report", str(copy)]) == 0
     assert (copy / "report.md").read_text() == (ROOT / "docs" / "results" / folder / "report.md").read_text()
+
+
+def test_a_cell_is_claimed_by_one_runner_and_broken_locks_are_one_line(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    cell = specs.Cell("run-x", "run", [], tmp_path / "cells" / "run-x", tmp_path / "cells" / "run-x", tmp_path)
+    runner.prepare(tmp_path)
+    mine = runner.claim(cell)
+    assert mine is not None and runner.claim(cell) is None          # held: nobody else gets it
+    os.close(mine)
+    again = runner.claim(cell)
+    assert again is not None                                        # released with its descriptor
+    os.close(again)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(InputError, match="file locks do not work in this folder"):
+        runner.claim(cell)

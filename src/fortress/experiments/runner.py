@@ -210,6 +210,10 @@ def claim(cell: Cell) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as err:          # e.g. NFS without a lock service: shards could run a cell twice
+        os.close(fd)
+        raise InputError(f"{cell.root}: file locks do not work in this folder ({err.strerror or err}); "
+                         "put --out on a file system with working locks (a local disk, NFS v4)") from None
     return fd
 
 
