@@ -145,3 +145,21 @@ def test_data_stats_names_the_detected_format(tmp_path, capsys):
     assert code == 0 and "format         seq (detected" in out
     code, out, _ = run_cli(capsys, "data", "stats", str(seq), "--format", "seq")
     assert code == 0 and "format         seq\n" in out
+
+
+def test_saved_runs_with_the_old_mode_key_still_load(tmp_path, capsys):
+    """results.json / model.pt / checkpoint.pt written before `mode` was split hold mode=...: read as the new keys."""
+    import torch
+    from fortress import config
+    assert run_cli(capsys, "run", "--data", "synthetic", "--out", str(tmp_path), *SMALL, "--set", "rounds=1",
+                   "--set", "clients_per_round=16", "--set", "objective=fortress")[0] == 0
+    blob = torch.load(tmp_path / "model.pt", weights_only=False)
+    old = {k: v for k, v in blob["config"].items() if k not in ("training", "objective")}
+    torch.save({**blob, "config": {"mode": "fortress", **old}}, tmp_path / "model.pt")
+    code, out, err = run_cli(capsys, "recommend", str(tmp_path), "--user", blob["user_ids"][0], "-k", "3")
+    assert code == 0 and "federated/fortress/sasrec" in out, err
+    for mode, training, objective in (("fedavg", "federated", "next_item"), ("fortress", "federated", "fortress"),
+                                      ("central", "central", "next_item"), ("pop", "pop", "next_item")):
+        cfg = config.from_dict({"mode": mode, "seed": 3})
+        assert (cfg.training, cfg.objective, cfg.seed) == (training, objective, 3)
+    assert config.upgrade({"training": "pop"}) == {"training": "pop"}
