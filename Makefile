@@ -9,7 +9,7 @@ export FLWR_DISABLE_UPDATE_CHECK = 1
 
 # The demo's size: under 2 minutes on a busy 2-core machine, and far above the most-popular ranking
 # (README, Set-up). Small rounds learn faster per second than the default 256 clients.
-DEMO := --data synthetic --set mode=fedavg --set clients_per_round=32 --set rounds=480 --set eval_every=60 --set targets=0
+DEMO := --data synthetic --set clients_per_round=32 --set rounds=480 --set eval_every=60 --set targets=0
 
 $(BIN)/fortress: pyproject.toml
 	$(PY) -m venv $(VENV)

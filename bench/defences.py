@@ -1,4 +1,8 @@
-"""Defence grid: HR@10, NDCG@10, ER@5, ER@10 of each server defence under each attack, mean +- std over seeds.
+"""Defence grid of the adaptive-attack pages: HR@10, NDCG@10, ER@5, ER@10 of each server defence under each
+attack, mean +- std over seeds, with the columns docs/results/adaptive.md needs (the data-poisoning floor and
+the verdict against it, the update weight kept per kind of client, the rounds with the target flagged) and
+attack:defence pairs left out (--skip). It runs experiments/adaptive_grid.sh; every other grid is a spec
+file run by `fortress experiment` (the plain defence table of docs/results/defences.md: experiments/defences.toml).
 
     python bench/defences.py --init runs/cell/fedavg-sasrec [--data amazon-cell-phones] [--seeds 0,1,2]
                              [--attacks ahum,psmu] [--ratios 0.01,0.05]
@@ -7,13 +11,13 @@
                              [--out docs/bench/defences.json]
     python bench/defences.py --report --out JSON [--into docs/results/adaptive.md:NAME]
 
-Protocol (as bench/attacks.py, whose helpers it uses): every cell continues a clean FedAvg model
+Protocol: every cell continues a clean FedAvg model
 (`--init`, or per seed a `--pretrain`-round FedAvg run) for `--rounds` rounds:
 `fortress run --data D --out RUNS/{attack}-r{ratio}-{defence}-s{seed} --set init_from=INIT
  --set rounds=R --set attack={attack} --set attack_ratio={ratio} --set defence={defence} --set seed={seed} ...`.
 The seed fixes the targets (the same for every attack and defence), the malicious ids and the
 sampling. A clean block (attack none) gives each defence's accuracy without attack, to compare
-with `none` (the acceptance bound is 2% relative). `--full` adds the full method (mode=fortress,
+with `none` (the acceptance bound is 2% relative). `--full` adds the full method (objective=fortress,
 defence=fortress). Every run is a `fortress run` subprocess with one torch thread, `--jobs` at a
 time; a run whose results.json exists is not run again (resumable).
 """
@@ -22,16 +26,49 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attacks import fortress, mean_std, run_once, shown  # noqa: E402  (bench/attacks.py)
+from fortress.experiments.report import mean_std as report_mean_std
 
-FULL = "fortress+mode"    # the full method: FORTRESS clients (mode=fortress) and the FORTRESS server
+FULL = "fortress+mode"    # the full method: FORTRESS clients (objective=fortress) and the FORTRESS server
+
+
+def fortress(data: str, out: Path, sets: dict) -> list[str]:
+    cmd = [sys.executable, "-m", "fortress.cli", "run", "--data", data, "--out", str(out), "--quiet"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    return cmd
+
+
+def shown(cmd: list[str]) -> str:
+    """The command as a user types it (`fortress` entry point)."""
+    return " ".join(["fortress", *cmd[3:]]).replace(" --quiet", "")
+
+
+def run_once(cmd: list[str], out: Path, log: Path) -> dict:
+    """Run a cell unless its results.json exists (resumable); its results."""
+    res = out / "results.json"
+    if not res.exists():
+        t0 = time.time()
+        with log.open("a") as f:
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code:
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}); see {log}")
+        print(f"  {out.name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return json.loads(res.read_text())
+
+
+def mean_std(xs: list[float]) -> str:
+    """mean ± sample standard deviation over seeds, as in every report; one seed: its value alone."""
+    return report_mean_std(xs, len(xs))
 
 
 def avg(xs: list[float]) -> float:
@@ -41,8 +78,8 @@ def avg(xs: list[float]) -> float:
 
 
 def cell_sets(attack: str, ratio: float, defence: str) -> dict:
-    mode = "fortress" if defence == FULL else "fedavg"
-    sets = {"mode": mode, "attack": attack, "defence": "fortress" if defence == FULL else defence}
+    objective = "fortress" if defence == FULL else "next_item"
+    sets = {"objective": objective, "attack": attack, "defence": "fortress" if defence == FULL else defence}
     if attack != "none":
         sets["attack_ratio"] = ratio
     return sets
@@ -118,7 +155,7 @@ def main() -> None:
     ap.add_argument("--attacks", default="ahum,psmu")
     ap.add_argument("--ratios", default="0.01,0.05")
     ap.add_argument("--defences", default="none,median,trimmed_mean,krum,norm_bound,fortress")
-    ap.add_argument("--full", action="store_true", help="also the full method (mode=fortress, defence=fortress)")
+    ap.add_argument("--full", action="store_true", help="also the full method (objective=fortress, defence=fortress)")
     ap.add_argument("--no-clean", action="store_true", help="skip the attack-free block")
     ap.add_argument("--skip", default="", help="attack:defence pairs not to run, e.g. adaptive:none (= ahum)")
     ap.add_argument("--rounds", type=int, default=100, help="rounds from the clean model")
@@ -155,7 +192,7 @@ def main() -> None:
             init[seed] = args.init
             continue
         pre = runs / f"pretrain-s{seed}"
-        run_once(fortress(args.data, pre, {"mode": "fedavg", "rounds": args.pretrain, "eval_every": 0,
+        run_once(fortress(args.data, pre, {"rounds": args.pretrain, "eval_every": 0,
                                            "seed": seed, **common}), pre, log)
         init[seed] = str(pre)
     skip = {tuple(p.split(":")) for p in args.skip.split(",") if p}

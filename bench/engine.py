@@ -82,7 +82,7 @@ def time_pair(ds, cfgs: list[Config], clients: int, rounds: int, warmup: int = 1
             gopt.apply(params, keys, params["item_emb"], fedavg(updates))
             if r >= warmup:
                 wall[r - warmup, j], cpu[r - warmup, j] = time.perf_counter() - t0, time.process_time() - c0
-    return {"modes": [c.mode for c in cfgs], "seconds_per_round": wall.mean(0).tolist(),
+    return {"modes": [c.objective for c in cfgs], "seconds_per_round": wall.mean(0).tolist(),
             "cpu_seconds_per_round": cpu.mean(0).tolist(), "rounds": rounds}
 
 
@@ -131,7 +131,7 @@ def measure(spec: dict) -> dict:
         ds = load_dataset(resolve(spec["data"]))
     load_s = time.perf_counter() - t0
     row = {"kind": spec["kind"], "data": ds.name, "users": ds.n_users, "items": ds.n_items,
-           "clients": spec.get("clients"), "mode": cfg.mode, "engine": cfg.engine, "chunk_size": cfg.chunk_size,
+           "clients": spec.get("clients"), "mode": cfg.objective, "engine": cfg.engine, "chunk_size": cfg.chunk_size,
            "load_seconds": load_s}
     if spec["kind"] == "eval":
         model = from_config(cfg)
@@ -142,8 +142,8 @@ def measure(spec: dict) -> dict:
     elif spec["kind"] == "defences":
         row.update(time_defences(ds, cfg, spec["clients"], spec["rounds"], spec["defences"]))
     elif spec["kind"] == "fortress":
-        fed = override(cfg, {"mode": "fedavg"})
-        row.update(time_pair(ds, [fed, override(cfg, {"mode": "fortress"})], spec["clients"], spec["rounds"]))
+        fed = override(cfg, {"objective": "next_item"})
+        row.update(time_pair(ds, [fed, override(cfg, {"objective": "fortress"})], spec["clients"], spec["rounds"]))
     else:
         row.update(time_rounds(ds, cfg, spec["clients"], spec["rounds"]))
     row["peak_rss_mb"] = peak_rss_mb()

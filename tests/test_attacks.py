@@ -31,7 +31,7 @@ def ds():
 
 
 def tiny_run(ds, **kw) -> Run:
-    cfg = Config(mode="fedavg", **{**TINY, **kw})
+    cfg = Config(objective="next_item", **{**TINY, **kw})
     model = from_config(cfg)
     return Run(cfg, ds, model, initial_params(cfg, model, ds),
                campaign=attacks.campaign(cfg, ds.item_counts(), ds.item_ids, ds.n_users))
@@ -61,8 +61,8 @@ def test_explicit_targets_use_the_data_ids(ds):
         pick_targets(ds.item_counts(), ds.item_ids, "i7,i999", 2, 0)
     with pytest.raises(InputError, match="set targets=2"):
         override(Config(), {"target_pick": "i7,i12"})
-    with pytest.raises(InputError, match="needs a federated mode"):
-        override(Config(), {"mode": "central", "attack": "psmu"})
+    with pytest.raises(InputError, match="needs training='federated'"):
+        override(Config(), {"training": "central", "attack": "psmu"})
     with pytest.raises(InputError, match="choose one of"):
         override(Config(), {"attack": "sybil"})
 
@@ -173,7 +173,7 @@ def er_runs(tmp_path_factory):
     """The README protocol in small: a clean FedAvg model, then 20 more rounds with no attack,
     A-hum or PSMU (2% malicious clients; same targets, same seed), ER@10 every 2 rounds."""
     data = synthetic(800, 80, seed=0)
-    base = dict(mode="fedavg", dim=16, max_len=10, clients_per_round=48, n_neg=24, threads=1)
+    base = dict(objective="next_item", dim=16, max_len=10, clients_per_round=48, n_neg=24, threads=1)
     out = tmp_path_factory.mktemp("er")
     run(Config(rounds=40, eval_every=0, **base), data, out / "clean", progress=False)
     return {a: run(Config(attack=a, init_from=str(out / "clean"), rounds=20, eval_every=2, attack_ratio=0.02, **base),
@@ -212,7 +212,7 @@ def test_cli_runs_an_attack_and_reports_it(tmp_path, capsys):
 def test_resume_under_attack_continues_exactly(tmp_path, monkeypatch):
     from fortress import checkpoint, simulate
     data = synthetic(300, 60, seed=0)
-    cfg = Config(mode="fedavg", rounds=6, checkpoint_every=2, eval_every=2, attack="psmu", attack_ratio=0.05,
+    cfg = Config(objective="next_item", rounds=6, checkpoint_every=2, eval_every=2, attack="psmu", attack_ratio=0.05,
                  threads=1, **{k: v for k, v in TINY.items() if k != "eval_every"})
     full = run(cfg, data, tmp_path / "full", progress=False)
 
@@ -243,7 +243,7 @@ def probe(tmp_path_factory):
     from fortress.rounds import client_step
     from fortress.server.fortress import FortressConfig, FortressServer
     data = synthetic(2000, 300, seed=0)
-    cfg = Config(mode="fedavg", dim=16, max_len=10, n_neg=32, clients_per_round=64, attack_len=6, attack_users=3,
+    cfg = Config(objective="next_item", dim=16, max_len=10, n_neg=32, clients_per_round=64, attack_len=6, attack_users=3,
                  attack_steps=3, eval_every=0, threads=1, rounds=30, defence="fortress", server_steps=0)
     out = tmp_path_factory.mktemp("probe")
     run(cfg, data, out / "clean", progress=False)

@@ -24,7 +24,7 @@ def run(*args: str) -> list[str]:
     return ["run", "--data", "synthetic", "--out", "{tmp}/o", *TINY, *args]
 
 
-SPEC = '[grid]\nseeds = [0]\n[datasets.synthetic]\n[methods.A]\nmode = "fedavg"\n'
+SPEC = '[grid]\nseeds = [0]\n[datasets.synthetic]\n[methods.A]\nobjective = "next_item"\n'
 
 # (case id, files to write under tmp, argv with {tmp} and {run}, expected substring, folder that must not change)
 CASES = [
@@ -63,7 +63,7 @@ CASES = [
     ("out-is-file", {"o": "not a folder"}, run(), "o: is a file", None),
     ("resume-nothing", {"o/notes.txt": "mine"}, run("--resume"), "--resume: no checkpoint.pt in", "o"),
     ("resume-finished", {"o": RUN}, run("--resume"), "is finished (results.json) and has no checkpoint.pt", "o"),
-    ("resume-pop", {}, run("--resume", "--set", "mode=pop"), "mode=pop writes no checkpoints", None),
+    ("resume-pop", {}, run("--resume", "--set", "training=pop"), "training=pop writes no checkpoints", None),
     ("resume-garbage-checkpoint", {"o/checkpoint.pt": b"garbage"}, run("--resume"),
      "checkpoint.pt: not a readable checkpoint", "o"),
     ("overwrite-bad-value-keeps-run", {"o": RUN}, run("--overwrite", "--set", "lr=nan"), "lr=nan", "o"),

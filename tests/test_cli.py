@@ -1,4 +1,4 @@
-"""The CLI contract: run (all modes), results.json keys, one-line errors, data stats, recommend."""
+"""The CLI contract: run (every kind of training), results.json keys, one-line errors, data stats, recommend."""
 from __future__ import annotations
 
 import json
@@ -28,7 +28,7 @@ def one_line_error(capsys, *argv) -> str:
 
 def test_run_writes_results_and_model(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "run", "--data", "synthetic", "--out", str(tmp_path), *SMALL,
-                           "--set", "mode=fedavg", "--set", "rounds=4", "--set", "clients_per_round=32",
+                           "--set", "objective=next_item", "--set", "rounds=4", "--set", "clients_per_round=32",
                            "--set", "eval_every=2")
     assert code == 0
     res = json.loads((tmp_path / "results.json").read_text())
@@ -44,17 +44,21 @@ def test_run_writes_results_and_model(tmp_path, capsys):
 
 def test_config_file_and_set_precedence(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('mode = "pop"\nseed = 3\n')
+    cfg.write_text('training = "pop"\nseed = 3\n')
     code, _, _ = run_cli(capsys, "run", "--data", "synthetic", "--out", str(tmp_path / "o"), "--config", str(cfg),
                          "--set", "seed=4", *SMALL)
     assert code == 0
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert res["config"]["mode"] == "pop" and res["config"]["seed"] == 4
+    assert res["config"]["training"] == "pop" and res["config"]["seed"] == 4
 
 
 @pytest.mark.parametrize("setting,expect", [
-    ("colour=red", "unknown key 'colour'; known keys: mode, backbone"),
-    ("mode=magic", "mode='magic' is not allowed; choose one of: pop, central, fedavg"),
+    ("colour=red", "unknown key 'colour'; known keys: training, objective, backbone"),
+    ("training=magic", "training='magic' is not allowed; choose one of: pop, central, federated"),
+    ("objective=magic", "objective='magic' is not allowed; choose one of: next_item, fortress"),
+    ("mode=fortress", "--set: mode='fortress': `mode` is now two keys, training and objective; write "
+                      "training=federated objective=fortress"),
+    ("mode=pop", "write training=pop"),
     ("rounds=ten", "rounds='ten': expected an integer"),
     ("lr=-1", "--set: lr=-1.0 is out of range"),
     ("lr=nan", "--set: lr=nan is not a finite number"),
@@ -83,7 +87,7 @@ def test_data_stats_real_dataset(capsys, shared_data):
 
 def test_recommend_top_k_unseen(tmp_path, capsys):
     assert run_cli(capsys, "run", "--data", "synthetic", "--out", str(tmp_path), *SMALL,
-                   "--set", "mode=fedavg", "--set", "rounds=2", "--set", "clients_per_round=16")[0] == 0
+                   "--set", "objective=next_item", "--set", "rounds=2", "--set", "clients_per_round=16")[0] == 0
     import torch
     blob = torch.load(tmp_path / "model.pt", weights_only=False)
     u = 7
@@ -95,7 +99,7 @@ def test_recommend_top_k_unseen(tmp_path, capsys):
     seq = blob["seq_items"][blob["seq_ptr"][u]:blob["seq_ptr"][u + 1]].tolist()
     last = ", ".join(blob["item_ids"][i] for i in seq[-5:])
     assert lines[0] == f"user {blob['user_ids'][u]}: {len(seq)} known items; the last 5, oldest first: {last}"
-    assert "fedavg/sasrec" in lines[1] and lines[2].split() == ["rank", "item", "score"]
+    assert "federated/next_item/sasrec" in lines[1] and lines[2].split() == ["rank", "item", "score"]
     rows = lines[3:]
     assert len(rows) == 5 and [r.split()[0] for r in rows] == ["1", "2", "3", "4", "5"]
     items = [r.split()[1] for r in rows]
@@ -156,3 +160,21 @@ def test_data_stats_recbole_inter_and_benchmark(tmp_path, capsys):
         (tmp_path / f"b.{part}.inter").write_text(head + rows)
     code, out, _ = run_cli(capsys, "data", "stats", str(tmp_path / "b.test.inter"), "--format", "recbole")
     assert code == 0 and "format         recbole\n" in out and "interactions   4" in out
+
+
+def test_saved_runs_with_the_old_mode_key_still_load(tmp_path, capsys):
+    """results.json / model.pt / checkpoint.pt written before `mode` was split hold mode=...: read as the new keys."""
+    import torch
+    from fortress import config
+    assert run_cli(capsys, "run", "--data", "synthetic", "--out", str(tmp_path), *SMALL, "--set", "rounds=1",
+                   "--set", "clients_per_round=16", "--set", "objective=fortress")[0] == 0
+    blob = torch.load(tmp_path / "model.pt", weights_only=False)
+    old = {k: v for k, v in blob["config"].items() if k not in ("training", "objective")}
+    torch.save({**blob, "config": {"mode": "fortress", **old}}, tmp_path / "model.pt")
+    code, out, err = run_cli(capsys, "recommend", str(tmp_path), "--user", blob["user_ids"][0], "-k", "3")
+    assert code == 0 and "federated/fortress/sasrec" in out, err
+    for mode, training, objective in (("fedavg", "federated", "next_item"), ("fortress", "federated", "fortress"),
+                                      ("central", "central", "next_item"), ("pop", "pop", "next_item")):
+        cfg = config.from_dict({"mode": mode, "seed": 3})
+        assert (cfg.training, cfg.objective, cfg.seed) == (training, objective, 3)
+    assert config.upgrade({"training": "pop"}) == {"training": "pop"}

@@ -105,8 +105,8 @@ def test_rules_match_fedavg_when_every_client_agrees():
 def test_unknown_defence_is_a_one_line_error():
     with pytest.raises(InputError, match="defence='krumm' is not allowed; choose one of: none, fortress"):
         config.override(Config(), {"defence": "krumm"})
-    with pytest.raises(InputError, match="needs a federated mode"):
-        config.override(Config(), {"defence": "median", "mode": "central"})
+    with pytest.raises(InputError, match="needs training='federated'"):
+        config.override(Config(), {"defence": "median", "training": "central"})
 
 
 # --- FORTRESS ----------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def defended(tmp_path_factory):
     clean rounds of each; ER@10 every 2 rounds."""
     from fortress.simulate import run
     data = synthetic(3000, 600, seed=0)
-    base = dict(mode="fedavg", dim=16, max_len=10, clients_per_round=64, n_neg=32, threads=1)
+    base = dict(objective="next_item", dim=16, max_len=10, clients_per_round=64, n_neg=32, threads=1)
     out = tmp_path_factory.mktemp("defended")
     run(Config(rounds=40, eval_every=0, defence="fortress", **base), data, out / "clean", progress=False)
     res = {}

@@ -78,7 +78,7 @@ def test_wire_rejects_wrong_dtype_shape_and_names():
         with pytest.raises(BadUpload):
             from_arrays(arrays, 3, 2, torch.float32)
         assert name
-    # the logged loss terms (mode=fortress) travel too
+    # the logged loss terms (objective=fortress) travel too
     u = toy(3)
     u.terms = {"rec": torch.tensor([1.0, 2.0, 3.0]), "temp": torch.tensor([0.1, 0.2, 0.3])}
     back = from_arrays(to_arrays(u), 3, 2, torch.float32)

@@ -65,8 +65,8 @@ def test_pyproject_run_config_lists_every_key_and_converts_once():
         from_run_config({**table, "colour": "red"})
     with pytest.raises(InputError, match="dim=0 is out of range"):
         from_run_config({**table, "dim": 0})
-    with pytest.raises(InputError, match="fedavg"):
-        from_run_config({**table, "mode": "central"})
+    with pytest.raises(InputError, match="the Flower apps run federated training only"):
+        from_run_config({**table, "training": "central"})
 
 
 # ---- the apps in this process: a Grid that hands messages to the real ClientApp ---------------------
@@ -203,11 +203,11 @@ def test_three_nodes_match_the_simulator_with_evaluation_on_the_nodes(ds, tmp_pa
         recommend(tmp_path / "fl", "u0")
 
 
-def test_fortress_mode_runs_through_the_same_apps(ds, tmp_path):
-    """Nothing in the Flower glue is mode-specific: the ClientApp's client_step builds the FORTRESS
+def test_fortress_objective_runs_through_the_same_apps(ds, tmp_path):
+    """Nothing in the Flower glue is objective-specific: the ClientApp's client_step builds the FORTRESS
     objective and its per-user draws, and the loss terms travel back in the reply."""
-    exact = dict(EXACT, mode="fortress")
-    assert from_run_config(kebab(exact))[0].mode == "fortress"
+    exact = dict(EXACT, objective="fortress")
+    assert from_run_config(kebab(exact))[0].objective == "fortress"
     cfg = Config(rounds=2, **exact)
     ref = run(cfg, ds, tmp_path / "sim", progress=False)
     got = flower_run(cfg, tmp_path / "fl", LocalGrid(kebab(exact), 3))

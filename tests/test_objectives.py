@@ -117,7 +117,7 @@ def test_windows_and_temporal_loss():
 @pytest.fixture(scope="module")
 def client():
     """One client's tensors: a 6-item sequence in a sub-table of its 6 items + 5 negatives."""
-    cfg = Config(mode="fortress", dim=8, max_len=8, heads=2, dropout=0.0, dtype="float64",
+    cfg = Config(objective="fortress", dim=8, max_len=8, heads=2, dropout=0.0, dtype="float64",
                  lambda_cl=1.0, lambda_temp=1.0, temp_window=2)
     x = left_pad([1, 2, 3, 4, 5], 7)
     y = left_pad([2, 3, 4, 5, 6], 7)
@@ -222,7 +222,7 @@ def test_views_do_not_push_the_served_state_from_its_own_past(view):
              "noise": torch.zeros(2, 8, dtype=torch.float64)}
 
     def served_cosines(view_negatives):
-        cfg = Config(mode="fortress", dim=8, max_len=3, dtype="float64", lambda_cl=1.0, tau=0.5,
+        cfg = Config(objective="fortress", dim=8, max_len=3, dtype="float64", lambda_cl=1.0, tau=0.5,
                      **{**OFF, view: True}, view_negatives=view_negatives)
         # the view's own gradient: the full loss's minus L_rec's (the logged terms are detached)
         g = (grad(lambda t: fortress_loss(Lookup(), {}, t, x, y, col_mask, draws, cfg)[0])(table)
@@ -253,7 +253,7 @@ def one_round(ds, cfg, engine, chunk_size):
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
 def test_fortress_vmap_matches_loop_and_chunking(backbone):
     ds = synthetic(300, 80, seed=3)
-    cfg = Config(mode="fortress", backbone=backbone, dim=16, max_len=10, n_neg=12, local_epochs=2, lr=0.05,
+    cfg = Config(objective="fortress", backbone=backbone, dim=16, max_len=10, n_neg=12, local_epochs=2, lr=0.05,
                  dropout=0.0, heads=2, dtype="float64", lambda_cl=1.0, lambda_temp=1.0)
     p_vmap, u_vmap = one_round(ds, cfg, "vmap", 8)
     p_loop, u_loop = one_round(ds, cfg, "loop", 8)
@@ -268,7 +268,7 @@ def test_fortress_vmap_matches_loop_and_chunking(backbone):
         assert torch.allclose(u_vmap.terms[k], u_loop.terms[k], atol=1e-9), k
         assert torch.isfinite(u_vmap.terms[k]).all() and (u_vmap.terms[k] >= 0).all()
     # the next-item term is the plain FedAvg loss of the same clients at the broadcast model
-    fed = dataclasses.replace(cfg, mode="fedavg", local_epochs=1)
+    fed = dataclasses.replace(cfg, objective="next_item", local_epochs=1)
     _, u_fed = one_round(ds, fed, "vmap", 8)
     _, u_one = one_round(ds, dataclasses.replace(cfg, local_epochs=1), "vmap", 8)
     assert torch.allclose(u_one.terms["rec"], u_fed.loss, atol=1e-9)
@@ -289,7 +289,7 @@ def test_rec_term_is_fedavgs_logq_corrected_loss(client):
 
 
 def test_draws_are_per_user_streams():
-    cfg = Config(mode="fortress", dim=8, max_len=6, local_epochs=2)
+    cfg = Config(objective="fortress", dim=8, max_len=6, local_epochs=2)
     a = fortress_draws(cfg, 3, np.array([5, 9, 2]))
     b = fortress_draws(cfg, 3, np.array([2, 5]))
     assert a["aug"].shape == (3, 2, 2, 8) and a["noise"].shape == (3, 2, 2, 8)
@@ -301,7 +301,7 @@ def test_draws_are_per_user_streams():
 
 def test_fortress_resume_continues_exactly(tmp_path):
     ds = synthetic(300, 60, seed=0)
-    cfg = Config(mode="fortress", rounds=4, checkpoint_every=2, dim=16, max_len=20, n_neg=16, clients_per_round=24,
+    cfg = Config(objective="fortress", rounds=4, checkpoint_every=2, dim=16, max_len=20, n_neg=16, clients_per_round=24,
                  eval_every=0, threads=1)                                  # dropout 0.2: torch's RNG matters too
     full = run(cfg, ds, tmp_path / "full", progress=False)
     run(dataclasses.replace(cfg, rounds=2), ds, tmp_path / "cut", progress=False)
@@ -315,13 +315,13 @@ def test_fortress_resume_continues_exactly(tmp_path):
 def test_init_from_a_fedavg_run(tmp_path):
     ds = synthetic(300, 60, seed=0)
     base = dict(dim=16, max_len=20, n_neg=16, clients_per_round=24, eval_every=0, threads=1)
-    run(Config(mode="fedavg", rounds=2, **base), ds, tmp_path / "fed", progress=False)
+    run(Config(objective="next_item", rounds=2, **base), ds, tmp_path / "fed", progress=False)
     start = torch.load(tmp_path / "fed" / "model.pt", weights_only=False)["params"]
-    res = run(Config(mode="fortress", rounds=0, init_from=str(tmp_path / "fed"), **base), ds, tmp_path / "f0",
+    res = run(Config(objective="fortress", rounds=0, init_from=str(tmp_path / "fed"), **base), ds, tmp_path / "f0",
               progress=False)
     same = torch.load(tmp_path / "f0" / "model.pt", weights_only=False)["params"]
     assert all(torch.equal(start[k], same[k]) for k in start) and res["history"] == []
-    res = run(Config(mode="fortress", rounds=1, init_from=str(tmp_path / "fed"), **base), ds, tmp_path / "f1",
+    res = run(Config(objective="fortress", rounds=1, init_from=str(tmp_path / "fed"), **base), ds, tmp_path / "f1",
               progress=False)
     assert set(res["history"][0]["terms"]) == {"rec", "seq", "user", "item", "temp"}
 
@@ -330,13 +330,13 @@ def test_init_from_a_fedavg_run(tmp_path):
 def test_short_fortress_run_learns_and_logs_terms(tmp_path):
     ds = synthetic(1500, 150, seed=0)
     base = dict(dim=32, max_len=20, eval_every=0, rounds=60, clients_per_round=64, n_neg=64, threads=1)
-    pop = run(Config(mode="pop", **base), ds, tmp_path / "pop", progress=False)
-    res = run(Config(mode="fortress", **base), ds, tmp_path / "fortress", progress=False)
+    pop = run(Config(training="pop", **base), ds, tmp_path / "pop", progress=False)
+    res = run(Config(objective="fortress", **base), ds, tmp_path / "fortress", progress=False)
     assert res["test"]["HR@10"] > 1.5 * pop["test"]["HR@10"], (res["test"], pop["test"])
     terms = [h["terms"] for h in res["history"]]
     assert all(set(t) == {"rec", "seq", "user", "item", "temp"} for t in terms)
     assert all(np.isfinite(list(t.values())).all() for t in terms)
     assert terms[-1]["rec"] < terms[0]["rec"]
-    gru = run(Config(mode="fortress", backbone="gru4rec", **{**base, "rounds": 2}, seq_view=False),
+    gru = run(Config(objective="fortress", backbone="gru4rec", **{**base, "rounds": 2}, seq_view=False),
               ds, tmp_path / "gru", progress=False)
     assert set(gru["history"][-1]["terms"]) == {"rec", "user", "item", "temp"}

@@ -18,10 +18,10 @@ SMALL = ["--data", "synthetic", "--set", "synthetic_users=300", "--set", "synthe
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    assert main(["run", "--out", str(root / "temporal"), *SMALL, "--set", "mode=fortress"]) == 0
-    assert main(["run", "--out", str(root / "no_temporal"), *SMALL, "--set", "mode=fortress",
+    assert main(["run", "--out", str(root / "temporal"), *SMALL, "--set", "objective=fortress"]) == 0
+    assert main(["run", "--out", str(root / "no_temporal"), *SMALL, "--set", "objective=fortress",
                  "--set", "temporal=false", "--set", "item_view=false"]) == 0
-    assert main(["run", "--out", str(root / "pop"), *SMALL, "--set", "mode=pop"]) == 0
+    assert main(["run", "--out", str(root / "pop"), *SMALL, "--set", "training=pop"]) == 0
     return root
 
 
@@ -56,7 +56,7 @@ def test_plot_and_key_errors_are_one_line(runs, capsys, tmp_path):
                             ("tau=0", "tau=0.0 is out of range"),
                             ("temporal=maybe", "temporal='maybe': expected true or false"),
                             ("temp_window=99", "temp_window=99 must be <= max_len=50")]:
-        assert main(["run", "--data", "synthetic", "--out", str(tmp_path / "o"), "--set", "mode=fortress",
+        assert main(["run", "--data", "synthetic", "--out", str(tmp_path / "o"), "--set", "objective=fortress",
                      "--set", setting]) == 2
         assert expect in capsys.readouterr().err
 

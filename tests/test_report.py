@@ -1,11 +1,11 @@
 """report.md: mean ± std over seeds, best per column, final and last-evaluations ER, sensitivity PNGs, cells."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from fortress import report
-from fortress.experiments import Cell, Entry, Plan, write_json
+from fortress.experiments import report
+from fortress.experiments.runner import write_json
+from fortress.experiments.spec import Cell, Entry, Plan
 
 
 def test_table_marks_best_per_column_and_short_seeds():
@@ -50,15 +50,14 @@ def fake_plan(root: Path) -> Plan:
 
     def cell(cid, hr, er=None, status="ok", error=None):
         c = Cell(cid, "run", ["run", "--data", "synthetic", "--out", str(root / "cells" / cid)],
-                 root / "cells" / cid, root / "cells" / cid, labels=[cid])
+                 root / "cells" / cid, root / "cells" / cid, root, labels=[cid])
         c.folder.mkdir(parents=True)
         res = {"test": {"HR@10": hr, "NDCG@10": hr / 2}}
         if er is not None:
             res["attack"] = {"ER@5": er / 2, "ER@10": er,
                              "history": [{"ER@5": 1.0, "ER@10": 1.0}, {"ER@5": er / 2, "ER@10": er}]}
-        if status == "ok":
-            (c.folder / "results.json").write_text(json.dumps(res))
-        write_json(c.folder / "cell.json", {"status": status, "seconds": 1.5, "error": error})
+        write_json(c.folder / "summary.json", {"status": status, "seconds": 1.5, "error": error,
+                                               **(res if status == "ok" else {})})
         cells[cid] = c
         return cid
 
@@ -99,7 +98,7 @@ def test_report_sections(tmp_path):
     assert "| 0.1 | 0.3000 ± 0.0000 | 0.1500 ± 0.0000 | 0.4000 ± 0.0000 | 0.4000 ± 0.0000 |" in sens
     assert (tmp_path / "figures" / "sensitivity-toy-lambda_cl.png").stat().st_size > 5000
     assert text.count("| ok | 1.5 |") == len(p.cells) - 1 and "| failed | 1.5 |" in text
-    assert "`fortress run --data synthetic --out " in text
+    assert "`fortress run --data synthetic --out DIR/cells/FedAvg-c0`" in text and str(tmp_path) not in text
 
 
 def test_sensitivity_figure_shows_seeds_labels_and_no_negative_er():
@@ -120,3 +119,15 @@ def test_sensitivity_figure_shows_seeds_labels_and_no_negative_er():
     for ax, n in ((clean, 8), (er, 12)):                      # every seed's value is a dot
         assert sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)) == n
     plt.close(fig)
+
+
+def test_one_method_under_several_attacks_is_one_attack_per_row():
+    got = {"c0": {"HR@10": 0.3, "NDCG@10": 0.1, "ER@10": 0.0, "ER@5": 0.0},
+           "a0": {"HR@10": 0.2, "NDCG@10": 0.05, "ER@5": 0.5, "ER@10": 0.6},
+           "a1": {"HR@10": 0.4, "NDCG@10": 0.15, "ER@5": 0.7, "ER@10": 0.8}}
+    entries = [Entry("main", "toy", "FedAvg", "none", None, 0, "c0"),
+               Entry("main", "toy", "FedAvg", "ahum", 0.05, 0, "a0"), Entry("main", "toy", "FedAvg", "ahum", 0.05, 1, "a1")]
+    lines = report.grid_tables(entries, got, "", "method").splitlines()
+    assert lines[0] == "| FedAvg: attack | HR@10 | NDCG@10 | ER@5 | ER@10 |"
+    assert lines[2] == "| no attack | 0.3000 (n=1) | 0.1000 (n=1) | 0.0000 (n=1) | 0.0000 (n=1) |"
+    assert lines[3] == "| A-hum 5% | 0.3000 ± 0.1414 | 0.1000 ± 0.0707 | 0.6000 ± 0.1414 | 0.7000 ± 0.1414 |"

@@ -26,8 +26,8 @@ def test_auto_threads_leaves_busy_cores_to_their_processes():
 
 def test_fedavg_learns_far_above_pop(small, tmp_path):
     base = dict(dim=32, max_len=20, eval_every=0)
-    pop = run(Config(mode="pop", **base), small, tmp_path / "pop", progress=False)
-    fed = run(Config(mode="fedavg", rounds=100, clients_per_round=64, n_neg=64, **base), small,
+    pop = run(Config(training="pop", **base), small, tmp_path / "pop", progress=False)
+    fed = run(Config(objective="next_item", rounds=100, clients_per_round=64, n_neg=64, **base), small,
               tmp_path / "fed", progress=False)
     assert fed["test"]["HR@10"] > 2 * pop["test"]["HR@10"], (fed["test"], pop["test"])
     assert fed["test"]["NDCG@10"] > 2 * pop["test"]["NDCG@10"]
@@ -37,8 +37,8 @@ def test_fedavg_learns_far_above_pop(small, tmp_path):
 
 def test_central_learns_far_above_pop(small, tmp_path):
     base = dict(dim=32, max_len=20, eval_every=0)
-    pop = run(Config(mode="pop", **base), small, tmp_path / "pop", progress=False)
-    cen = run(Config(mode="central", epochs=6, central_lr=0.01, **base), small, tmp_path / "cen", progress=False)
+    pop = run(Config(training="pop", **base), small, tmp_path / "pop", progress=False)
+    cen = run(Config(training="central", epochs=6, central_lr=0.01, **base), small, tmp_path / "cen", progress=False)
     assert cen["test"]["HR@10"] > 2 * pop["test"]["HR@10"], (cen["test"], pop["test"])
 
 
@@ -57,7 +57,7 @@ def test_early_stopping_keeps_the_best_and_counts_patience():
 
 
 def test_central_early_stopping_stops_and_restores_the_best_epoch(small, tmp_path):
-    cfg = Config(mode="central", dim=32, max_len=20, epochs=40, patience=2, central_lr=0.01, eval_every=0, threads=1)
+    cfg = Config(training="central", dim=32, max_len=20, epochs=40, patience=2, central_lr=0.01, eval_every=0, threads=1)
     res = run(cfg, small, tmp_path, progress=False)
     e = res["early_stopping"]
     ndcg = [h["valid"]["NDCG@10"] for h in res["history"]]
@@ -66,13 +66,13 @@ def test_central_early_stopping_stops_and_restores_the_best_epoch(small, tmp_pat
     assert e["best_valid_NDCG@10"] == max(ndcg) > ndcg[-1]
     assert res["valid"]["NDCG@10"] == max(ndcg)             # the final model is the best epoch's, not the last
     assert "early stopping: best valid NDCG@10" in summary(res)
-    off = run(Config(mode="central", dim=32, max_len=20, epochs=2, patience=0, eval_every=0, threads=1), small,
+    off = run(Config(training="central", dim=32, max_len=20, epochs=2, patience=0, eval_every=0, threads=1), small,
               tmp_path / "off", progress=False)
     assert "early_stopping" not in off and all("valid" not in h for h in off["history"])
 
 
 def test_runs_are_deterministic_for_a_seed(small, tmp_path):
-    cfg = Config(mode="fedavg", rounds=3, clients_per_round=32, dim=16, max_len=20, n_neg=32, eval_every=0,
+    cfg = Config(objective="next_item", rounds=3, clients_per_round=32, dim=16, max_len=20, n_neg=32, eval_every=0,
                  threads=1)      # threads=0 follows the load, and the thread count moves the last bits
     a = run(cfg, small, tmp_path / "a", progress=False)
     b = run(cfg, small, tmp_path / "b", progress=False)
@@ -82,7 +82,7 @@ def test_runs_are_deterministic_for_a_seed(small, tmp_path):
 @pytest.mark.slow
 def test_short_run_on_real_data(shared_data, tmp_path):
     ds = load_dataset(resolve("amazon-cell-phones"))
-    cfg = Config(mode="fedavg", rounds=3, clients_per_round=128, eval_every=0)
+    cfg = Config(objective="next_item", rounds=3, clients_per_round=128, eval_every=0)
     res = run(cfg, ds, tmp_path, progress=False)
     assert res["test"]["users"] == 27879
     assert all(0 <= res["test"][k] <= 1 for k in ("HR@10", "NDCG@10"))
@@ -91,7 +91,7 @@ def test_short_run_on_real_data(shared_data, tmp_path):
 
 
 def test_init_from_continues_a_saved_run(small, tmp_path):
-    cfg = Config(mode="fedavg", rounds=2, clients_per_round=32, dim=16, max_len=20, n_neg=32, eval_every=0,
+    cfg = Config(objective="next_item", rounds=2, clients_per_round=32, dim=16, max_len=20, n_neg=32, eval_every=0,
                  threads=1)
     first = run(cfg, small, tmp_path / "a", progress=False)
     zero = run(Config(**{**cfg.__dict__, "rounds": 0, "init_from": str(tmp_path / "a")}), small,

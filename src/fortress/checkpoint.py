@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fortress.config import Config, to_dict
+from fortress.config import Config, to_dict, upgrade
 from fortress.errors import InputError
 
 NAME = "checkpoint.pt"
@@ -58,7 +58,7 @@ def load(folder: Path, cfg: Config, data: str) -> dict[str, Any] | None:
         raise InputError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     if blob.get("version") != VERSION:
         raise InputError(f"{path}: checkpoint version {blob.get('version')!r}, this fortress reads {VERSION}")
-    saved, now = blob["config"], to_dict(cfg)
+    saved, now = upgrade(blob["config"]), to_dict(cfg)
     diff = [k for k in now if k not in MAY_DIFFER and saved.get(k) != now[k]]
     if diff:
         k = diff[0]

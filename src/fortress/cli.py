@@ -1,4 +1,4 @@
-"""`fortress` command line: run, experiment, data stats, recommend, plot."""
+"""`fortress` command line: run, experiment, report, data stats, recommend, plot."""
 from __future__ import annotations
 
 import argparse
@@ -77,29 +77,77 @@ def check_plot_extra(plan) -> None:
                          "matplotlib, which is not installed: pip install 'fortress[plot]'")
 
 
+def check_figure_commands(plan) -> None:
+    """Every [[figures]] command is a `fortress` command of this version: checked before any cell runs."""
+    top = build_parser()
+    for cell in plan.cells.values():
+        parser = top
+        for word in cell.need:
+            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            if not subs or word not in subs[0].choices:
+                raise InputError(f"{plan.spec}: {cell.labels[0]}: `fortress {' '.join(cell.need)}` is not a command")
+            parser = subs[0].choices[word]
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """An argparse type: `i/n` with 1 <= i <= n (a SLURM array: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)."""
+    i, sep, n = text.partition("/")
+    try:
+        part = (int(i), int(n))
+    except ValueError:
+        part = (0, 0)
+    if not sep or not 1 <= part[0] <= part[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected i/n with 1 <= i <= n, e.g. 1/4")
+    return part
+
+
+def _duration(text: str) -> float:
+    """An argparse type: seconds from `90`, `90s`, `45m`, `2h`, `1.5d` or `1h30m`."""
+    import re
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not parts or "".join(a + b for a, b in parts) != text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration such as 2h, 45m, 1h30m or 600 (seconds)")
+    return sum(float(a) * units[b] for a, b in parts)
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from fortress import experiments, report
+    from fortress.experiments import report, runner, spec
     if args.jobs < 1:
         raise InputError(f"--jobs {args.jobs}: must be >= 1")
-    plan = experiments.load(args.spec, args.out)          # the whole spec is checked before anything runs
+    plan = spec.load(args.spec, args.out)                 # the whole spec is checked before anything runs
     check_plot_extra(plan)                                 # ... and what its report needs is installed
+    check_figure_commands(plan)
     if args.dry_run:
+        mine = runner.shard(plan, *args.shard)
         done = 0
-        for cell in plan.cells.values():
-            done += experiments.finished(cell)
-            print(f"{cell.id}  {'finished' if experiments.finished(cell) else 'to run':<8}  {cell.labels[0]}\n"
+        for cid in mine:
+            cell = plan.cells[cid]
+            done += runner.finished(cell)
+            print(f"{cell.id}  {'finished' if runner.finished(cell) else 'to run':<8}  {cell.labels[0]}\n"
                   f"    {cell.command()}")
-        kinds = [c.kind for c in plan.cells.values()]
+        kinds = [plan.cells[cid].kind for cid in mine]
         print(f"{len(kinds)} cells ({kinds.count('pretrain')} pretrain, {kinds.count('run')} runs, "
-              f"{kinds.count('figure')} figures): {done} finished, {len(kinds) - done} to run")
+              f"{kinds.count('figure')} figures): {done} finished, {len(kinds) - done} to run"
+              + (f" (shard {args.shard[0]}/{args.shard[1]} of {len(plan.cells)} cells)" if args.shard[1] > 1 else ""))
         return 0
-    counts = {}
-    if not args.report_only:
-        counts = experiments.execute(plan, args.jobs, progress=not args.quiet)
+    counts = runner.execute(plan, main, args.jobs, args.shard, args.budget, progress=not args.quiet)
     path = report.write(plan)
-    print(f"wrote {path}" + (f" ({counts['ok']} cells ok, {counts['failed']} failed, {counts['skipped']} skipped)"
-                             if counts else ""))
-    return 1 if counts.get("failed") else 0
+    waiting = f", {counts['waiting']} not started (--budget)" if counts["waiting"] else ""
+    print(f"wrote {path} ({counts['ok']} cells ok, {counts['failed']} failed{waiting})")
+    return 1 if counts["failed"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fortress.experiments import report
+    plan = report.rebuild(Path(args.dir))
+    check_plot_extra(plan)
+    path = report.write(plan)
+    if args.publish:
+        path = report.write(report.publish(plan, Path(args.publish)))
+    missing_cells = sum(report.record(c) is None for c in plan.cells.values())
+    print(f"wrote {path}" + (f" ({missing_cells} of {len(plan.cells)} cells missing)" if missing_cells else ""))
+    return 0
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
@@ -207,10 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("spec", help="spec file, e.g. experiments/smoke.toml")
     exp.add_argument("--out", required=True, help="folder for the cells, figures and report.md (re-run to resume)")
     exp.add_argument("--jobs", type=int, default=1, help="cells run in parallel (each its own process)")
+    exp.add_argument("--shard", type=_shard, default=(1, 1), metavar="I/N",
+                     help="run only shard I of N (every N-th cell, and those they start from); shards may share --out")
+    exp.add_argument("--budget", type=_duration, metavar="TIME",
+                     help="start no cell after this long (e.g. 2h, 45m); running cells finish, a re-run resumes")
     exp.add_argument("--dry-run", action="store_true", help="check the spec and list the cells and their commands")
-    exp.add_argument("--report-only", action="store_true", help="only (re)write report.md from the finished cells")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
     exp.set_defaults(func=cmd_experiment)
+
+    rep = sub.add_parser("report", help="(re)write DIR/report.md from the cells' summaries in DIR; list missing cells")
+    rep.add_argument("dir", help="the --out folder of `fortress experiment`, or a folder made by --publish")
+    rep.add_argument("--publish", metavar="DEST",
+                     help="also copy the spec, the summaries and the figures (no models) to DEST, e.g. "
+                          "docs/results/NAME, and write DEST/report.md from them")
+    rep.set_defaults(func=cmd_report)
 
     dep = sub.add_parser("deploy-demo", help="run the Flower app on a local SuperLink + SuperNodes (TLS, node auth)")
     dep.add_argument("--nodes", type=_at_least(1), default=3,

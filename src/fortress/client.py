@@ -133,14 +133,17 @@ def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, 
     return next_item_loss(logits, y, col_mask)
 
 
+OBJECTIVES: dict[str, Callable] = {"next_item": rec_loss, "fortress": fortress_loss}   # the `objective` key
+
+
 def objective(cfg, n_items: int) -> Callable:
     """The loss an honest client minimises under `cfg` (a Config), for a catalogue of n_items.
 
-    fedavg: the next-item loss; fortress: the FORTRESS objective, whose next-item term is the
+    next_item: the next-item loss; fortress: the FORTRESS objective, whose next-item term is the
     same (logQ-corrected when `neg_correction`) sampled softmax.
     """
     n = n_items if cfg.neg_correction else 0
-    if cfg.mode == "fortress":
+    if cfg.objective == "fortress":
         return partial(fortress_loss, cfg=cfg, n_items=n)
     return partial(rec_loss, n_items=n)
 
@@ -152,7 +155,7 @@ def round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> list[Chunk]:
     the same sub-table and the same views wherever it is trained and however it is chunked.
     """
     chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r))
-    if cfg.mode == "fortress":
+    if cfg.objective == "fortress":
         chunks = [replace(c, draws=fortress_draws(cfg, r, c.users.numpy())) for c in chunks]
     return chunks
 

@@ -15,7 +15,8 @@ from fortress.errors import InputError
 @dataclass(frozen=True)
 class Config:
     # what to run
-    mode: str = "fedavg"            # pop | central | fedavg | fortress
+    training: str = "federated"     # pop | central | federated: how the model is trained (TRAINING)
+    objective: str = "next_item"    # next_item | fortress: the loss an honest client minimises (client.OBJECTIVES)
     backbone: str = "sasrec"        # sasrec | gru4rec
     seed: int = 0
     init_from: str = ""             # start from the model of a saved run (its folder or model.pt)
@@ -52,7 +53,7 @@ class Config:
     drop_rate: float = 0.0          # chance that a sampled client never answers (fault injection)
     corrupt_rate: float = 0.0       # chance that an answering client uploads garbage (fault injection)
     checkpoint_every: int = 0       # rounds between atomic checkpoints in the output folder; 0 = off
-    # FORTRESS client objective (mode=fortress): L_rec + lambda_cl (L_seq + L_user + L_item) + lambda_temp L_temp
+    # FORTRESS client objective (objective=fortress): L_rec + lambda_cl (L_seq + L_user + L_item) + lambda_temp L_temp
     lambda_cl: float = 0.02         # weight of the three contrastive views
     lambda_temp: float = 0.01       # weight of the temporal regulariser
     tau: float = 0.5                # InfoNCE temperature (cosine similarity)
@@ -110,19 +111,31 @@ class Config:
     exposure_cap: float = 10.0      # an item may reach this many times the median probe exposure its rate buys
 
 
+TRAINING = ("pop", "central", "federated")     # most-popular counts, centralised Adam, federated rounds
 CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": ("pop", "central", "fedavg", "fortress"),
-    "backbone": ("sasrec", "gru4rec"),
-    "data_format": ("auto", "seq", "table", "mind", "split", "recbole"),
+    "training": TRAINING,
     "dtype": ("float32", "float64"),
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
     "view_negatives": ("items", "prefixes"),
-    "attack": ("none", "ahum", "psmu", "random", "popular", "boost", "stealth", "ramp", "evade", "weight", "adaptive"),
-    "defence": ("none", "fortress", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound"),
 }
-FEDERATED = ("fedavg", "fortress")      # modes that train in federated rounds
+# `mode` named both how we train and the client objective; it is now the two keys above
+OLD_MODE = {"pop": {"training": "pop"}, "central": {"training": "central"},
+            "fedavg": {"training": "federated", "objective": "next_item"},
+            "fortress": {"training": "federated", "objective": "fortress"}}
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values per key; those of data_format, backbone, objective, attack and defence come from their
+    registries."""
+    from fortress.attacks import ATTACKS
+    from fortress.client import OBJECTIVES
+    from fortress.data.load import FORMATS
+    from fortress.models import BACKBONES
+    from fortress.server.defences import DEFENCES
+    return {**CHOICES, "data_format": FORMATS, "backbone": tuple(BACKBONES), "objective": tuple(OBJECTIVES),
+            "attack": ("none", *ATTACKS), "defence": tuple(DEFENCES)}
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
     "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "synthetic_len": 6, "dim": 2, "blocks": 1, "heads": 1,
@@ -172,7 +185,7 @@ def _field_types() -> dict[str, type]:
 
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise InputError naming the key, the value and what is allowed."""
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         value = getattr(cfg, key)
         if value not in allowed:
             raise InputError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}", (key,))
@@ -195,13 +208,14 @@ def validate(cfg: Config) -> Config:
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):
         if getattr(cfg, key) > 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]", (key,))
-    if cfg.mode == "fortress" and cfg.temporal and cfg.temp_window > cfg.max_len:
+    if cfg.objective == "fortress" and cfg.temporal and cfg.temp_window > cfg.max_len:
         raise InputError(f"temp_window={cfg.temp_window} must be <= max_len={cfg.max_len}", ("temp_window", "max_len"))
     if cfg.trim_frac >= 0.5:
         raise InputError(f"trim_frac={cfg.trim_frac!r} is out of range; it must be in [0, 0.5)", ("trim_frac",))
-    if cfg.defence != "none" and cfg.mode not in FEDERATED:
-        raise InputError(f"defence={cfg.defence!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})",
-                         ("defence", "mode"))
+    for key, value in (("defence", cfg.defence), ("objective", cfg.objective)):
+        if value != getattr(Config, key) and cfg.training != "federated":
+            raise InputError(f"{key}={value!r} needs training='federated' (got training={cfg.training!r})",
+                             (key, "training"))
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}", ("dim", "heads"))
     _validate_attack(cfg)
@@ -212,6 +226,7 @@ def _validate_attack(cfg: Config) -> None:
     if cfg.attack_ratio > 1:
         raise InputError(f"attack_ratio={cfg.attack_ratio!r} is out of range; it must be in [0, 1]", ("attack_ratio",))
     if cfg.target_pick not in ("unpopular", "random"):
+        from fortress.attacks import target_list
         ids = target_list(cfg.target_pick)
         if not ids:
             raise InputError(f"target_pick={cfg.target_pick!r}: choose unpopular, random, or a "
@@ -219,16 +234,11 @@ def _validate_attack(cfg: Config) -> None:
         if len(ids) != cfg.targets:
             raise InputError(f"target_pick lists {len(ids)} item(s) but targets={cfg.targets}; "
                              f"set targets={len(ids)}", ("target_pick", "targets"))
-    if cfg.attack != "none" and cfg.mode not in FEDERATED:
-        raise InputError(f"attack={cfg.attack!r} needs a federated mode, fedavg or fortress (got mode={cfg.mode!r})",
-                         ("attack", "mode"))
+    if cfg.attack != "none" and cfg.training != "federated":
+        raise InputError(f"attack={cfg.attack!r} needs training='federated' (got training={cfg.training!r})",
+                         ("attack", "training"))
     if cfg.attack != "none" and cfg.targets < 1:
         raise InputError(f"attack={cfg.attack!r} needs targets >= 1", ("attack", "targets"))
-
-
-def target_list(spec: str) -> list[str]:
-    """Item ids of an explicit `target_pick` ("12,40" or a TOML list "[12, 40]"), as strings."""
-    return [t.strip().strip("'\"") for t in spec.strip("[] ").replace(" ", ",").split(",") if t.strip()]
 
 
 def _parse_values(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -236,6 +246,10 @@ def _parse_values(values: dict[str, Any], source: str) -> dict[str, Any]:
     types = _field_types()
     changes = {}
     for key, raw in values.items():
+        if key == "mode":
+            new = " ".join(f"{k}={v}" for k, v in OLD_MODE.get(str(raw), {"training": "?", "objective": "?"}).items())
+            raise InputError(f"{source}: mode={raw!r}: `mode` is now two keys, training and objective; "
+                             f"write {new}", (key,))
         if key not in types:
             close = difflib.get_close_matches(key, keys(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -315,6 +329,14 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (results.json, model.pt, checkpoint.pt) in today's keys: an old `mode` becomes its two keys."""
+    if "mode" not in values:
+        return values
+    rest = {k: v for k, v in values.items() if k != "mode"}
+    return {**OLD_MODE.get(values["mode"], {"training": values["mode"]}), **rest}
+
+
 def from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a saved config; keys this version does not know are an error, not silently dropped."""
-    return override(Config(), values, source="saved config")
+    return override(Config(), upgrade(values), source="saved config")

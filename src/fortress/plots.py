@@ -49,7 +49,7 @@ def load_runs(run_dirs: list[str | Path], what: str, why_same: str) -> tuple[lis
     blobs = [load_run(r) for r in run_dirs]
     for r, b in zip(run_dirs, blobs):
         if b["params"] is None:
-            raise InputError(f"{r}: a {b['config']['mode']} run has no {what} to plot")
+            raise InputError(f"{r}: a {b['config']['training']} run has no {what} to plot")
         if b["item_ids"] != blobs[0]["item_ids"] or b["user_ids"] != blobs[0]["user_ids"]:
             raise InputError(f"{r}: trained on other data than {run_dirs[0]}; {why_same}")
     return run_dirs, blobs
@@ -74,14 +74,16 @@ def step_length(states: list[torch.Tensor]) -> float:
     return float(steps.mean())
 
 
-MODES = {"fedavg": "FedAvg", "fortress": "FORTRESS clients", "central": "central", "pop": "most popular"}
+TRAINING = {"pop": "most popular", "central": "central"}
+OBJECTIVES = {"next_item": "FedAvg", "fortress": "FORTRESS clients"}
 BACKBONES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec"}
 
 
 def describe(cfg: dict) -> str:
     """A run in words for a figure title: training, backbone, temporal term, defence, attack, seed."""
-    parts = [f"{MODES.get(cfg['mode'], cfg['mode'])}-{BACKBONES.get(cfg['backbone'], cfg['backbone'])}"]
-    if cfg["mode"] == "fortress":
+    how = TRAINING.get(cfg["training"]) or OBJECTIVES.get(cfg["objective"], cfg["objective"])
+    parts = [f"{how}-{BACKBONES.get(cfg['backbone'], cfg['backbone'])}"]
+    if cfg["training"] == "federated" and cfg["objective"] == "fortress":
         on = cfg["temporal"] and cfg["lambda_temp"] > 0
         parts.append(f"temporal term {'on (λ2=' + format(cfg['lambda_temp'], 'g') + ')' if on else 'off'}")
     if cfg.get("defence", "none") != "none":

@@ -22,9 +22,10 @@ def load_run(run_dir: str | Path) -> dict:
         raise InputError(f"{run_dir}: no saved model (no such folder; expected the --out folder of a finished "
                          "`fortress run`)")
     try:
-        return torch.load(path, weights_only=False)
+        blob = torch.load(path, weights_only=False)
     except Exception as err:   # a truncated or foreign file: say which, not a pickle traceback
         raise InputError(f"{path}: cannot read saved model ({type(err).__name__}: {err})") from None
+    return {**blob, "config": config_mod.upgrade(blob["config"])} if isinstance(blob, dict) and "config" in blob else blob
 
 
 def _item(item_ids: list[str], names: dict[str, str], i: int) -> str:
@@ -52,7 +53,7 @@ def recommend(run_dir: str | Path, user: str, k: int = 10, tail: int = 5) -> lis
     u = index[user]
     seq = blob["seq_items"][blob["seq_ptr"][u]:blob["seq_ptr"][u + 1]]
     pop = blob["params"] is None                                 # the popularity baseline: train counts
-    model_name = "pop" if pop else f"{cfg.mode}/{cfg.backbone}"
+    model_name = "pop" if pop else f"{cfg.training}/{cfg.objective}/{cfg.backbone}"
     if pop:
         scores = blob["pop_counts"].to(torch.float64)
     else:

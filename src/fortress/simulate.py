@@ -450,10 +450,10 @@ def save_model(path: Path, cfg: Config, ds: Dataset | None, params: Params | Non
 
 
 def check_data(cfg: Config, pop: Population) -> None:
-    """Refuse a dataset too small to train cfg.mode on or to evaluate, naming it and what is needed."""
+    """Refuse a dataset too small to train cfg.training on or to evaluate, naming it and what is needed."""
     s = pop.stats()
     size = f"dataset {pop.name} is too small ({s['users']} users, {s['interactions']} interactions)"
-    if cfg.mode != "pop" and not len(pop.eligible):
+    if cfg.training != "pop" and not len(pop.eligible):
         raise InputError(f"{size}: no user has 2 train interactions; training needs users with at least 2 "
                          "(4 to be evaluated too: leave-one-out holds out the last 2)")
     if not s["users_with_test"]:
@@ -475,8 +475,8 @@ def check_out(out: str | Path, cfg: Config, resume: bool = False, overwrite: boo
     done = [name for name in FINISHED if (out / name).exists()]
     ckpt = (out / checkpoint.NAME).exists()
     if resume:
-        if cfg.mode not in config_mod.FEDERATED:
-            raise InputError(f"--resume: mode={cfg.mode} writes no checkpoints; only fedavg and fortress runs resume")
+        if cfg.training != "federated":
+            raise InputError(f"--resume: training={cfg.training} writes no checkpoints; only federated runs resume")
         if not ckpt and done:
             raise InputError(f"--resume: the run in {out} is finished ({done[0]}) and has no {checkpoint.NAME} to "
                              "continue from; pass --overwrite to run it again")
@@ -503,7 +503,7 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
         clients: Callable[[Run, int, np.ndarray], Collected] = local_clients, overwrite: bool = False,
         pop: Population | None = None, evaluator: Evaluator | None = None,
         attackers: Callable[[Run, int, np.ndarray], Collected] = local_attackers) -> dict[str, Any]:
-    """Train (or count, for pop) per cfg.mode, evaluate valid and test, write results and model.
+    """Train (or count, for pop) per cfg.training, evaluate valid and test, write results and model.
 
     fedavg and fortress: `resume` continues from out/checkpoint.pt (written every `checkpoint_every`
     rounds) when there is one. The Flower ServerApp passes no data (`ds` None) but `pop`, what its
@@ -511,8 +511,8 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
     malicious clients, `evaluator` for evaluation sums added up over the nodes. `overwrite` removes
     an earlier run's files from `out` once the inputs have been checked (`check_out` says when it is needed).
     """
-    if ds is None and (pop is None or evaluator is None or cfg.mode not in config_mod.FEDERATED):
-        raise InputError(f"mode={cfg.mode}: a run without data needs a federated mode, the hosts' population and "
+    if ds is None and (pop is None or evaluator is None or cfg.training != "federated"):
+        raise InputError(f"training={cfg.training}: a run without data needs federated training, the hosts' population and "
                          "an evaluator")
     pop = pop if pop is not None else hosted(ds, counts=True)
     check_data(cfg, pop)
@@ -524,30 +524,30 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
     setup_torch(cfg)
     model = from_config(cfg)
     params = None
-    if cfg.mode == "pop":
+    if cfg.training == "pop":
         run_ = Run(cfg, ds, model, {}, pop=pop, evaluator=local_evaluator(ds, lambda _: pop_scorer(ds), cfg.eval_batch))
     else:
         params = initial_params(cfg, model, pop)
         counts = pop.item_counts
         if counts is None:             # the hosts send item counts only when targets are picked by popularity
-            if cfg.mode in config_mod.FEDERATED and cfg.targets >= 1 and cfg.target_pick == "unpopular":
+            if cfg.training == "federated" and cfg.targets >= 1 and cfg.target_pick == "unpopular":
                 raise InputError("target_pick=unpopular needs the item train counts, which the hosts did not send")
             counts = np.zeros(pop.n_items + 1, dtype=np.int64)
         run_ = Run(cfg, ds, model, params, campaign=attacks.campaign(cfg, counts, pop.item_ids, pop.n_users),
                    pop=pop, evaluator=evaluator)
     if overwrite:              # config, data, init_from and targets are good: only now drop the earlier run
         clear_out(out)
-    federated = cfg.mode in config_mod.FEDERATED
-    steps = 0 if cfg.mode == "pop" else cfg.epochs if cfg.mode == "central" else cfg.rounds
-    bar = tqdm(total=steps, desc=f"{cfg.mode} {cfg.backbone}", unit="round" if federated else "epoch",
+    federated = cfg.training == "federated"
+    steps = 0 if cfg.training == "pop" else cfg.epochs if cfg.training == "central" else cfg.rounds
+    bar = tqdm(total=steps, desc=f"{cfg.training} {cfg.backbone}", unit="round" if federated else "epoch",
                disable=not progress or steps == 0, dynamic_ncols=True)
-    if cfg.mode == "central":
+    if cfg.training == "central":
         train_central(run_, bar)
     elif federated:
         train_federated(run_, bar, out, resume, clients, attackers)
     bar.close()
     # the most-popular ranking of the same test users, to compare with (needs the data: not on a Flower server)
-    baseline = cfg.mode != "pop" and ds is not None
+    baseline = cfg.training != "pop" and ds is not None
     n_valid, n_test = evaluated_users(pop, "valid"), evaluated_users(pop, "test")
     ebar = tqdm(total=n_valid + n_test * (1 + baseline), desc="evaluate valid", unit="user", disable=not progress,
                 dynamic_ncols=True)

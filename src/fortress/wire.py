@@ -18,7 +18,7 @@ FIELDS: dict[str, tuple[str, int]] = {
     "clients": ("int64", 1), "weight": ("float", 1), "dense": ("float", 2), "rows_client": ("int64", 1),
     "rows_item": ("int64", 1), "rows_delta": ("float", 2), "loss": ("float", 1),
 }
-# optional: the logged parts of the loss (mode=fortress), "term-rec", "term-seq", ..., each (n,) float
+# optional: the logged parts of the loss (objective=fortress), "term-rec", "term-seq", ..., each (n,) float
 TERM_PREFIX = "term-"
 
 

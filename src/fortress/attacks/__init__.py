@@ -26,7 +26,6 @@ import torch
 
 from fortress.attacks import adaptive, ahum, baselines, psmu
 from fortress.attacks.base import Attack, AttackConfig, AttackView
-from fortress.config import FEDERATED, target_list
 from fortress.errors import InputError
 from fortress.models import Model, Params
 from fortress.updates import Updates
@@ -52,6 +51,11 @@ def get(name: str) -> Attack:
     if name not in ATTACKS:
         raise InputError(f"attack={name!r} is not known; choose one of: none, {', '.join(ATTACKS)}")
     return ATTACKS[name]
+
+
+def target_list(spec: str) -> list[str]:
+    """Item ids of an explicit `target_pick` ("12,40" or a TOML list "[12, 40]"), as strings."""
+    return [t.strip().strip("'\"") for t in spec.strip("[] ").replace(" ", ",").split(",") if t.strip()]
 
 
 def pick_targets(counts: np.ndarray, item_ids: list[str], how: str, k: int, seed: int) -> list[int]:
@@ -158,7 +162,7 @@ class Campaign:
 
 def campaign(cfg, counts: np.ndarray, item_ids: list[str], n_users: int) -> Campaign | None:
     """Targets and malicious clients of a federated run (None when no targets are tracked)."""
-    if cfg.mode not in FEDERATED or cfg.targets < 1:
+    if cfg.training != "federated" or cfg.targets < 1:
         return None
     targets = pick_targets(counts, item_ids, cfg.target_pick, cfg.targets, cfg.seed)
     bad = malicious_ids(n_users, cfg.attack_ratio) if cfg.attack != "none" else np.zeros(0, dtype=np.int64)
@@ -171,5 +175,5 @@ def split_er(res: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: v for k, v in res.items() if k not in er}, er
 
 
-__all__ = ["ATTACKS", "AttackView", "AttackConfig", "Campaign", "campaign", "pick_targets", "malicious_ids",
+__all__ = ["ATTACKS", "AttackView", "AttackConfig", "Campaign", "campaign", "pick_targets", "target_list", "malicious_ids",
            "malicious_updates", "split_er"]

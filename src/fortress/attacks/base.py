@@ -121,7 +121,7 @@ def train_fake(view: AttackView, chunks: list[Chunk], loss_fn: Callable) -> Upda
 def honest_loss(view: AttackView) -> Callable:
     """The next-item loss an honest FedAvg client minimises (logQ-corrected or not).
 
-    Under mode=fortress the fake users still train on this loss alone: an attacker chooses its
+    Under objective=fortress the fake users still train on this loss alone: an attacker chooses its
     own local computation, and the upload format is the same.
     """
     return partial(rec_loss, n_items=view.n_items if view.cfg.neg_correction else 0)

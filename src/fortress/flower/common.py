@@ -46,8 +46,8 @@ def from_run_config(run_config: dict[str, Any]) -> tuple[Config, FlowerOptions]:
         else:
             ours[key.replace("-", "_")] = value
     cfg = config_mod.override(Config(), ours, source="[tool.flwr.app.config]")
-    if cfg.mode not in ("fedavg", "fortress"):
-        raise InputError(f"mode={cfg.mode!r}: the Flower apps run federated training only (mode=fedavg or fortress)")
+    if cfg.training != "federated":
+        raise InputError(f"training={cfg.training!r}: the Flower apps run federated training only (training=federated)")
     return cfg, FlowerOptions(**flower)
 
 

@@ -48,7 +48,7 @@ class Federation:
 
 def wants_item_counts(cfg: Config) -> bool:
     """Only `unpopular` targets need the item train counts, the one aggregate of histories a node sends."""
-    return cfg.mode in ("fedavg", "fortress") and cfg.targets >= 1 and cfg.target_pick == "unpopular"
+    return cfg.training == "federated" and cfg.targets >= 1 and cfg.target_pick == "unpopular"
 
 
 def discover(grid: Grid, opts: FlowerOptions, cfg: Config) -> Federation:

@@ -1,6 +1,7 @@
 """DIR/report.md of `fortress experiment`: main and ablation tables, sensitivity plots, figures, cells.
 
-Every number is test-split, mean ± std over the seeds that finished (sample std, ddof 1, also
+Built from the cells' summaries alone (DIR/cells/ID/summary.json, and the figures' PNGs), so a
+folder of committed summaries gives the same report as the folder the cells ran in. Every number is test-split, mean ± std over the seeds that finished (sample std, ddof 1, also
 used by bench/; a single seed shows its value alone; `(n=k)` marks a mean over fewer seeds than
 asked). ER swings from round to round, so each table comes twice: with the final ER@K, and with
 the mean ER@K of the last `er_last` evaluations. Best per column is bold: highest HR/NDCG,
@@ -8,7 +9,8 @@ lowest ER under an attack.
 """
 from __future__ import annotations
 
-import json
+import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from fortress.experiments import Entry, Plan, record
+from fortress.errors import InputError
+from fortress.experiments.runner import SPEC_COPY, SUMMARY, record, write_text
+from fortress.experiments.spec import Entry, Plan, load
 
 ATTACK_NAMES = {"none": "no attack", "ahum": "A-hum", "psmu": "PSMU", "random": "Random",
                 "popular": "Popular", "boost": "Boost"}
@@ -37,12 +41,12 @@ def metrics(results: dict[str, Any], er_last: int) -> dict[str, float]:
 
 
 def load_metrics(p: Plan) -> dict[str, dict[str, float]]:
-    """Metrics of every run cell that finished ok."""
+    """Metrics of every run cell whose summary says ok."""
     out = {}
     for cid, cell in p.cells.items():
         rec = record(cell)
-        if cell.kind != "figure" and rec and rec.get("status") == "ok" and cell.made().exists():
-            out[cid] = metrics(json.loads(cell.made().read_text()), p.er_last)
+        if cell.kind != "figure" and rec and rec.get("status") == "ok":
+            out[cid] = metrics(rec, p.er_last)
     return out
 
 
@@ -54,12 +58,16 @@ class Column:
     better: str | None              # max | min | None (no best marked)
 
     def header(self) -> str:
-        name = ATTACK_NAMES.get(self.attack, self.attack)
-        if self.ratio is not None:
-            name += f" {self.ratio * 100:g}%"
-        if self.metric in ("HR@10", "NDCG@10"):
-            return self.metric
-        return f"{self.metric.replace(' last', '')} {name}"
+        if self.metric in ("HR@10", "NDCG@10") or self.attack == ANY:
+            return self.metric.replace(" last", "")
+        return f"{self.metric.replace(' last', '')} {attack_name(self.attack, self.ratio)}"
+
+
+ANY = "*"       # a column of every attack: the attack is the row
+
+
+def attack_name(attack: str, ratio: float | None) -> str:
+    return ATTACK_NAMES.get(attack, attack) + (f" {ratio * 100:g}%" if ratio is not None else "")
 
 
 def std(xs) -> float:
@@ -96,9 +104,12 @@ def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], 
 
 
 def grid_tables(entries: list[Entry], got: dict[str, dict[str, float]], er: str, first: str) -> str:
-    """Rows = entries' rows; columns: clean HR@10, NDCG@10 (and ER@10 without attack), ER@5/ER@10 per attack."""
+    """Rows = entries' rows; columns: clean HR@10, NDCG@10 (and ER@10 without attack), ER@5/ER@10 per attack.
+    A table of one row under several attacks is turned round: one attack per row (`attack_rows`)."""
     rows = list(dict.fromkeys(e.row for e in entries))
     attacks = list(dict.fromkeys((e.attack, e.ratio) for e in entries))
+    if len(rows) == 1 and len(attacks) > 1:
+        return attack_rows(entries, got, er, f"{rows[0]}: attack")
     values: dict[tuple[str, Column], list[float]] = defaultdict(list)
     cols: list[Column] = []
     for attack, ratio in attacks:
@@ -115,6 +126,19 @@ def grid_tables(entries: list[Entry], got: dict[str, dict[str, float]], er: str,
                  or c.metric.startswith(("HR", "NDCG"))]
     seeds = len({e.seed for e in entries})
     return table(rows, cols, values, seeds, first)
+
+
+def attack_rows(entries: list[Entry], got: dict[str, dict[str, float]], er: str, first: str) -> str:
+    """One row per attack (and ratio): test HR@10, NDCG@10, ER@5, ER@10 under it; no best marked (the
+    rows are attacks, not rivals)."""
+    names = {(e.attack, e.ratio): attack_name(e.attack, e.ratio) for e in entries}
+    cols = [Column(m, ANY, None, None) for m in ("HR@10", "NDCG@10", f"ER@5{er}", f"ER@10{er}")]
+    values: dict[tuple[str, Column], list[float]] = defaultdict(list)
+    for e in entries:
+        for c in cols:
+            if e.cell in got and c.metric in got[e.cell]:
+                values[names[e.attack, e.ratio], c].append(got[e.cell][c.metric])
+    return table(list(names.values()), cols, values, len({e.seed for e in entries}), first)
 
 
 def sensitivity_figure(key: str, values: list[str], series: dict[str, list[list[float]]], attack: str | None,
@@ -159,10 +183,12 @@ def sensitivity_figure(key: str, values: list[str], series: dict[str, list[list[
 
 def sensitivity_plot(path: Path, key: str, values: list[str], series: dict[str, list[list[float]]],
                      attack: str | None, title: str = "") -> Path:
-    """The sensitivity figure as a PNG."""
+    """The sensitivity figure as a PNG (written atomically: runners sharing DIR may draw it at once)."""
     from fortress.plots import pyplot, save
     fig = sensitivity_figure(key, values, series, attack, title or f"Sensitivity to {KEY_NAMES.get(key, key)}")
-    return save(pyplot(), fig, path, 120)
+    tmp = save(pyplot(), fig, path.with_name(f".{path.stem}.{os.getpid()}.png"), 120)
+    os.replace(tmp, path)
+    return path
 
 
 def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Path) -> list[str]:
@@ -174,7 +200,7 @@ def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Pa
     for (ds, key), es in groups.items():
         values = list(dict.fromkeys(e.value for e in es))
         attacked = next((e for e in es if e.attack != "none"), None)
-        att = attacked and ATTACK_NAMES.get(attacked.attack, attacked.attack) + f" {attacked.ratio * 100:g}%"
+        att = attacked and attack_name(attacked.attack, attacked.ratio)
         names = ["HR@10", "NDCG@10"] + (["ER@10", "ER@10 last"] if att else [])
         series: dict[str, list[list[float]]] = {n: [[] for _ in values] for n in names}
         for e in es:
@@ -197,6 +223,18 @@ def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Pa
     return lines
 
 
+def cost(p: Plan, recs: dict[str, dict | None], missing: list[str]) -> str:
+    """What the missing cells may cost: per kind of cell (pretrain, run, figure), their number times the mean
+    wall time of the finished cells of that kind; empty when no cell of a missing kind has finished."""
+    hours = 0.0
+    for kind in dict.fromkeys(p.cells[cid].kind for cid in missing):
+        done = [r["seconds"] for cid, r in recs.items() if r and r.get("status") == "ok" and p.cells[cid].kind == kind]
+        if not done:
+            return ""
+        hours += sum(p.cells[cid].kind == kind for cid in missing) * float(np.mean(done)) / 3600
+    return f" At the mean wall time of the finished cells of each kind they take about {hours:.2g} cell-hours."
+
+
 def _esc(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -208,7 +246,9 @@ def write(p: Plan) -> Path:
     status = defaultdict(int)
     for cid in p.cells:
         status[(recs[cid] or {}).get("status", "not run")] += 1
-    lines = [f"# Experiment report: `{p.spec}`", "",
+    lines = ["# Experiment report", "",
+             f"Spec: [`{SPEC_COPY}`]({SPEC_COPY}) (a copy of the spec file that ran); `fortress report DIR` rebuilds "
+             "this page from it and the cells' summaries (`cells/ID/summary.json`).", "",
              f"{len(p.cells)} cells: " + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ". "
              "Test split; mean ± sample std over seeds (one seed: its value alone; `(n=k)`: only k seeds finished); "
              f"bold = best in its column (highest HR/NDCG, lowest ER under attack). ER@K is given twice: "
@@ -237,7 +277,7 @@ def write(p: Plan) -> Path:
         lines += ["## Figures", ""]
         for name, cid in p.figures.items():
             cell, rec = p.cells[cid], recs[cid] or {}
-            if rec.get("status") == "ok" and cell.made().exists():
+            if rec.get("status") == "ok" and cell.out.exists():
                 lines += [f"### {name}", "", f"![{name}]({cell.out.relative_to(p.root)})", "", f"`{cell.command()}`", ""]
             else:
                 lines += [f"### {name}", "", f"not made: {rec.get('error') or rec.get('status', 'not run yet')}", ""]
@@ -245,9 +285,15 @@ def write(p: Plan) -> Path:
     if failed:
         lines += ["## Failed cells", ""] + [f"- `{cid}` ({'; '.join(p.cells[cid].labels[:2])}): {_esc(r.get('error') or '')}"
                                             for cid, r in failed] + [""]
+    missing = [cid for cid in p.cells if recs[cid] is None]
+    if missing:
+        lines += ["## Missing cells", "", f"{len(missing)} of {len(p.cells)} cells have not run yet (or not here): "
+                  + ", ".join(f"`{cid}`" for cid in missing) + ". Their commands are in the list below."
+                  + cost(p, recs, missing), ""]
     lines += ["## Cells", "",
-              "Each cell is one command, run from the folder where `fortress experiment` ran; a cell that starts "
-              "from a pretrained model (`init_from`) needs that cell's command run first. Wall time in seconds.", "",
+              "Each cell is one command, run from the folder where `fortress experiment` ran, with DIR its `--out` "
+              "folder; a cell that starts from a pretrained model (`init_from`) needs that cell's command run first. "
+              "Wall time in seconds.", "",
               "| cell | for | status | wall s | command |", "|---|---|---|---:|---|"]
     for cid, cell in p.cells.items():
         rec = recs[cid] or {}
@@ -256,7 +302,38 @@ def write(p: Plan) -> Path:
         lines.append(f"| `{cid}` | {_esc(what)} | {rec.get('status', 'not run')} | {secs} | `{_esc(cell.command())}` |")
     path = p.root / "report.md"
     p.root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def rebuild(root: Path) -> Plan:
+    """The plan of an experiment folder, from its copy of the spec (the datasets need not be here)."""
+    spec = root / SPEC_COPY
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder; expected the --out folder of `fortress experiment`")
+    if not spec.is_file():
+        raise InputError(f"{root}: no {SPEC_COPY}; expected the --out folder of `fortress experiment` "
+                         "(which keeps a copy of its spec there) or one made by `fortress report --publish`")
+    return load(spec, root, check_data=False)
+
+
+def publish(p: Plan, dest: Path) -> Plan:
+    """Copy the spec, the cells' summaries and the figures' PNGs (no models, no logs) to `dest`, which
+    may already hold cells of the same spec from other machines; returns the plan of `dest`."""
+    if (dest / SPEC_COPY).is_file() and (dest / SPEC_COPY).read_text() != p.text:
+        raise InputError(f"--publish {dest}: holds the cells of another spec ({dest / SPEC_COPY} differs from "
+                         f"{p.spec}); publish to a new folder")
+    try:
+        (dest / "cells").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--publish {dest}: cannot create the folder ({err.strerror or type(err).__name__})") from None
+    (dest / SPEC_COPY).write_text(p.text or "")
+    for cid, cell in p.cells.items():
+        if record(cell) is None:
+            continue
+        (dest / "cells" / cid).mkdir(exist_ok=True)
+        shutil.copyfile(cell.folder / SUMMARY, dest / "cells" / cid / SUMMARY)
+        if cell.kind == "figure" and cell.out.exists():
+            (dest / "figures").mkdir(exist_ok=True)
+            shutil.copyfile(cell.out, dest / cell.out.relative_to(p.root))
+    return rebuild(dest)

@@ -1,4 +1,4 @@
-"""`fortress experiment SPEC.toml --out DIR`: a grid of runs from a spec file, resumable, in parallel.
+"""A spec file -> cells: parse and check every field, expand the grid, give each cell its id.
 
 A spec (see `experiments/smoke.toml`) names datasets, methods (each a table of config keys, i.e.
 `--set` overrides), attacks x attack ratios x seeds, and optional ablation variants, sensitivity
@@ -9,31 +9,14 @@ sweeps and figures. It expands to *cells*; each cell is one `fortress` command:
   figure    a `fortress plot ...` command over the folders of some runs
 
 A cell's id is a hash of what it computes (its data and the config keys that differ from the
-defaults, and the cell it starts from), so a run needed by several tables runs once, and a
-changed spec re-runs only the cells whose settings changed. Every cell lives in DIR/cells/ID/:
-the run's own output (results.json, model.pt), log.txt, and cell.json, written atomically (tmp
-file + rename) when the cell has ended. A cell whose cell.json says "ok" is finished and skipped
-on the next invocation; anything else (none, failed, killed half-way) is cleared and run again.
-
-Robustness: a lock file keeps a second runner off DIR; each cell is its own process (on Linux a
-fork of the runner, which has already imported torch, so a cell does not pay ~1.5 s of imports;
-elsewhere a `fortress` subprocess), killed by the kernel if the runner dies (PR_SET_PDEATHSIG),
-so a `kill -9` of the runner loses the cells in progress and nothing else. A failing cell is
-recorded with its error line and the others go on; cells that start from it are marked failed.
+defaults, and the cell it starts from), so a run needed by several tables runs once, a changed
+spec re-runs only the cells whose settings changed, and the ids do not depend on the folder.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +31,6 @@ ABLATION_FIELDS = ("method", "variants", "attacks", "attack_ratio", "datasets", 
 SENSITIVITY_FIELDS = ("method", "sweeps", "attack", "attack_ratio", "datasets", "seeds")
 FIGURE_FIELDS = ("name", "command", "args", "runs")
 REF_FIELDS = ("method", "set", "attack", "attack_ratio", "dataset", "seed")
-RECORD = "cell.json"
 
 
 @dataclass
@@ -59,7 +41,8 @@ class Cell:
     kind: str                       # pretrain | run | figure
     argv: list[str]                 # arguments after `fortress` (--out included)
     out: Path                       # what it makes: the run folder (results.json inside) or a PNG
-    folder: Path                    # DIR/cells/ID: log.txt, cell.json (for runs, also their output)
+    folder: Path                    # DIR/cells/ID: log.txt, summary.json (for runs, also their output)
+    root: Path                      # DIR, the experiment's folder
     after: list[str] = field(default_factory=list)   # cells that must have finished first
     labels: list[str] = field(default_factory=list)  # what it is for (a shared cell has several)
     need: tuple[str, ...] = ()      # figure: the `fortress` subcommand it calls
@@ -68,8 +51,10 @@ class Cell:
         return self.out / "results.json" if self.kind != "figure" else self.out
 
     def command(self) -> str:
-        """The standalone command that reproduces this cell (run its `after` cells first)."""
-        return "fortress " + shlex.join(self.argv)
+        """The standalone command that reproduces this cell (run its `after` cells first), with the
+        experiment's folder written DIR, so that it reads the same wherever the cells live."""
+        prefix = f"{self.root}/"
+        return "fortress " + shlex.join(a.replace(prefix, "DIR/") for a in self.argv)
 
 
 @dataclass(frozen=True)
@@ -88,15 +73,16 @@ class Entry:
 
 @dataclass
 class Plan:
+    """A checked spec: its cells in run order and the table entries they fill."""
+
     spec: Path
     root: Path
     cells: dict[str, Cell]          # in run order: pretrains, runs, figures
     entries: list[Entry]
     figures: dict[str, str]         # figure name -> cell id
     er_last: int
+    text: str | None = None         # the spec file as read (the runner keeps a copy in DIR/spec.toml)
 
-
-# ---------------------------------------------------------------- spec -> plan
 
 def render(value: Any) -> str:
     """A TOML value as `--set` takes it."""
@@ -170,7 +156,7 @@ def _dataset_exists(data: str, where: str) -> None:
 class _Spec:
     """A spec being checked and expanded into cells; identical cells are made once."""
 
-    def __init__(self, table: dict[str, Any], spec: Path, root: Path):
+    def __init__(self, table: dict[str, Any], spec: Path, root: Path, check_data: bool):
         self.s, self.root = str(spec), root
         self.cells: dict[str, Cell] = {}
         self.entries: list[Entry] = []
@@ -201,12 +187,13 @@ class _Spec:
             data = t.get("data", name)
             if not isinstance(data, str) or not data:
                 raise InputError(f"{where} data = {data!r}: expected a path, a name in $FORTRESS_DATA, or 'synthetic'")
-            _dataset_exists(data, where)
+            if check_data:
+                _dataset_exists(data, where)
             self.datasets[name] = (data, sets)
 
         raw = table.get("methods")
         if not isinstance(raw, dict) or not raw:
-            raise InputError(f"{s}: no methods; add a table such as [methods.FedAvg-SASRec] with mode = \"fedavg\"")
+            raise InputError(f"{s}: no methods; add a table such as [methods.FedAvg-SASRec] with backbone = \"sasrec\"")
         self.methods = {name: _sets(t, f"{s} [methods.{name}]") for name, t in raw.items()}
 
         self.pretrain, self.inherit = None, None
@@ -225,7 +212,7 @@ class _Spec:
             if not isinstance(a, str):
                 raise InputError(f"{where} = {a!r}: expected an attack name")
             for r in ratios:
-                _resolve({**_attack_sets(a, r), "mode": "fedavg"}, where)
+                _resolve(_attack_sets(a, r), where)
 
     def method(self, name: Any, where: str) -> dict[str, str]:
         if name not in self.methods:
@@ -255,7 +242,7 @@ class _Spec:
                 argv += ["--set", f"{k}={v}"]
             if after:
                 argv += ["--set", f"init_from={self.root / 'cells' / after}"]
-            self.cells[cid] = Cell(cid, kind, argv, out, out, [after] if after else [])
+            self.cells[cid] = Cell(cid, kind, argv, out, out, self.root, [after] if after else [])
         if label not in self.cells[cid].labels:
             self.cells[cid].labels.append(label)
         return cid
@@ -360,8 +347,8 @@ class _Spec:
         png = self.root / "figures" / f"{name}.png"
         cid = _cell_id("figure", {"name": name, "command": command, "runs": runs, "args": args})
         argv = [*command, *(str(self.cells[r].out) for r in runs), *args, "--out", str(png)]
-        self.cells[cid] = Cell(cid, "figure", argv, png, self.root / "cells" / cid, list(dict.fromkeys(runs)),
-                               [f"figure {name}"], tuple(command))
+        self.cells[cid] = Cell(cid, "figure", argv, png, self.root / "cells" / cid, self.root,
+                               list(dict.fromkeys(runs)), [f"figure {name}"], tuple(command))
         self.figures[name] = cid
 
 
@@ -370,15 +357,20 @@ def _cell_id(kind: str, payload: dict[str, Any]) -> str:
     return f"{kind[:3]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def load(spec: str | Path, root: str | Path) -> Plan:
-    """Read and check a spec file; every error is one line naming the file, field and value."""
+def load(spec: str | Path, root: str | Path, check_data: bool = True) -> Plan:
+    """Read and check a spec file; every error is one line naming the file, field and value.
+
+    `check_data=False` skips looking for the datasets (a report is rebuilt from summaries alone)."""
     spec = Path(spec)
-    return plan(config.read_toml(spec, "spec file"), spec, Path(root))
+    table = config.read_toml(spec, "spec file")
+    p = plan(table, spec, Path(root), check_data)
+    p.text = spec.read_text()
+    return p
 
 
-def plan(table: dict[str, Any], spec: Path, root: Path) -> Plan:
+def plan(table: dict[str, Any], spec: Path, root: Path, check_data: bool = True) -> Plan:
     """Expand a parsed spec into cells and report entries, checking all of it before anything runs."""
-    x = _Spec(table, spec, root)
+    x = _Spec(table, spec, root, check_data)
     x.main_grid()
     if "ablation" in table:
         x.ablation(table["ablation"])
@@ -392,229 +384,3 @@ def plan(table: dict[str, Any], spec: Path, root: Path) -> Plan:
     order = {"pretrain": 0, "run": 1, "figure": 2}
     cells = dict(sorted(x.cells.items(), key=lambda kv: order[kv[1].kind]))
     return Plan(spec, root, cells, x.entries, x.figures, x.er_last)
-
-
-# ---------------------------------------------------------------- running cells
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, fsynced, then renamed over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def record(cell: Cell) -> dict[str, Any] | None:
-    """The cell's record if it has ended (ok, failed or skipped), else None."""
-    try:
-        return json.loads((cell.folder / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def finished(cell: Cell) -> bool:
-    rec = record(cell)
-    return rec is not None and rec.get("status") == "ok" and cell.made().exists()
-
-
-def has_command(words: tuple[str, ...]) -> bool:
-    """Whether `fortress WORDS...` exists in this version (figures need commands other issues add)."""
-    import argparse
-    from fortress.cli import build_parser
-    parser = build_parser()
-    for w in words:
-        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        if not subs or w not in subs[0].choices:
-            return False
-        parser = subs[0].choices[w]
-    return True
-
-
-FORK = sys.platform.startswith("linux")
-PARENT_ENV = "FORTRESS_EXPERIMENT_PARENT"
-
-
-def die_with_parent(parent: int) -> None:
-    """Linux: have the kernel SIGKILL this process when the runner dies (kill -9 included)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
-    if os.getppid() != parent:                                          # it died before prctl
-        os._exit(1)
-
-
-class Job:
-    """A cell running in its own process: a fork of the runner (Linux) or a `fortress` subprocess."""
-
-    def __init__(self, cell: Cell, log: Path, keep_fds: tuple[int, ...] = ()):
-        argv = [*cell.argv, "--quiet"] if cell.kind != "figure" else cell.argv
-        self.cell, self.t0, self.proc, self.pid = cell, time.time(), None, 0
-        if not FORK:
-            env = {**os.environ, PARENT_ENV: str(os.getpid())}
-            with open(log, "w") as f:
-                self.proc = subprocess.Popen([sys.executable, "-m", "fortress.experiments", *argv], stdout=f,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-            return
-        parent = os.getpid()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid:
-            self.pid = pid
-            return
-        code = 1
-        try:                                   # the child: never returns into the runner
-            for fd in keep_fds:
-                os.close(fd)                   # the runner's lock stays with the runner
-            signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C: the runner kills its cells
-            die_with_parent(parent)
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            from fortress.cli import main
-            code = main(argv)
-        except SystemExit as err:
-            code = err.code if isinstance(err.code, int) else 1
-        except BaseException:  # noqa: BLE001 - anything a cell raises ends up in its log
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-
-    def poll(self) -> int | None:
-        if self.proc is not None:
-            return self.proc.poll()
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
-        return None if pid == 0 else os.waitstatus_to_exitcode(status)
-
-    def kill(self) -> None:
-        try:
-            if self.proc is not None:
-                self.proc.kill()
-                self.proc.wait()
-            else:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-
-
-def error_line(log: Path, code: int) -> str:
-    """The line that says why a cell failed: its `error:` line, else the last line of the log."""
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        lines = []
-    why = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
-    code_txt = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-    return f"{code_txt}: {why[:300]}" if why else code_txt
-
-
-def lock(root: Path) -> int:
-    """Hold DIR/.lock for this runner; another runner on the same folder is a one-line error."""
-    if root.exists() and not root.is_dir():
-        raise InputError(f"--out {root}: is a file; expected a folder for the cells and report.md")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"--out {root}: cannot create the folder ({err.strerror or type(err).__name__})") from None
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise InputError(f"{root}: another `fortress experiment` is running on this folder") from None
-    return fd
-
-
-def execute(p: Plan, jobs: int = 1, progress: bool = True, log=None) -> dict[str, int]:
-    """Run every unfinished cell, up to `jobs` at once; returns counts of ok / failed / skipped cells.
-
-    On Linux cells are forks of this process: call it from a process that has not run torch
-    operations yet (like the `fortress experiment` command), since torch's thread pools do not
-    survive a fork.
-    """
-    from tqdm import tqdm
-    if FORK:       # import torch and the CLI once here; forked cells inherit them (no torch op has run)
-        import fortress.cli  # noqa: F401
-        import fortress.simulate  # noqa: F401
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    fd = lock(p.root)
-    try:
-        done = {cid for cid, c in p.cells.items() if finished(c)}
-        pending = [c for cid, c in p.cells.items() if cid not in done]
-        kinds = {k: sum(c.kind == k for c in p.cells.values()) for k in ("pretrain", "run", "figure")}
-        log(f"{len(p.cells)} cells ({kinds['pretrain']} pretrain, {kinds['run']} runs, {kinds['figure']} figures): "
-            f"{len(done)} finished earlier, {len(pending)} to run, {jobs} at a time")
-        counts = {"ok": len(done), "failed": 0, "skipped": 0}
-        failed: set[str] = set()
-        running: list[Job] = []
-        tqdm.monitor_interval = 0          # no monitor thread: the runner forks, so it stays single-threaded
-        bar = tqdm(total=len(p.cells), initial=len(done), unit="cell", disable=not progress, dynamic_ncols=True)
-
-        def end(cell: Cell, status: str, seconds: float, error: str | None = None) -> None:
-            cell.folder.mkdir(parents=True, exist_ok=True)
-            write_json(cell.folder / RECORD, {"id": cell.id, "kind": cell.kind, "status": status,
-                                               "seconds": round(seconds, 2), "command": cell.command(),
-                                               "labels": cell.labels, "error": error})
-            counts[status] += 1
-            if status == "ok":
-                done.add(cell.id)
-            else:
-                failed.add(cell.id)
-                bar.write(f"{status} {cell.id} ({cell.labels[0]}): {error}")
-            bar.set_postfix(running=len(running), failed=counts["failed"], refresh=False)
-            bar.update(1)
-
-        try:
-            while pending or running:
-                for cell in list(pending):
-                    if len(running) >= jobs:
-                        break
-                    if any(a in failed for a in cell.after):
-                        pending.remove(cell)
-                        end(cell, "failed", 0.0, f"not run: {next(a for a in cell.after if a in failed)} failed")
-                    elif all(a in done for a in cell.after):
-                        pending.remove(cell)
-                        if cell.need and not has_command(cell.need):
-                            end(cell, "skipped", 0.0, f"`fortress {' '.join(cell.need)}` is not in this version")
-                            continue
-                        if cell.folder.exists():            # what a killed or failed attempt left: cleared
-                            shutil.rmtree(cell.folder)          # here, so the cell's run needs no --overwrite
-                        cell.folder.mkdir(parents=True)
-                        if cell.kind == "figure":
-                            cell.out.unlink(missing_ok=True)    # an older PNG must not pass for this one
-                        cell.out.parent.mkdir(parents=True, exist_ok=True)
-                        running.append(Job(cell, cell.folder / "log.txt", (fd,)))
-                        bar.set_postfix(running=len(running), failed=counts["failed"], refresh=True)
-                ended = [(j, c) for j in running if (c := j.poll()) is not None]
-                for job, code in ended:
-                    running.remove(job)
-                    ok = code == 0 and job.cell.made().exists()
-                    end(job.cell, "ok" if ok else "failed", time.time() - job.t0,
-                        None if ok else error_line(job.cell.folder / "log.txt", code))
-                if not ended:
-                    time.sleep(0.1)
-        finally:
-            for job in running:            # Ctrl-C or an error in the runner: stop the cells, record nothing
-                job.kill()
-            bar.close()
-        return counts
-    finally:
-        os.close(fd)
-
-
-def main(argv: list[str]) -> int:
-    """`python -m fortress.experiments ARGS`: a cell as a subprocess (no fork); the same as `fortress ARGS`."""
-    parent = os.environ.get(PARENT_ENV)
-    if parent:
-        die_with_parent(int(parent))
-    from fortress.cli import main as cli_main
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
