@@ -166,6 +166,21 @@ class Run:
         return self.campaign.record(round_, res)
 
 
+def central_step(model: Model, params: Params, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+    """One Adam step of full-softmax next-item cross-entropy on a batch (B, L + 1) of sequences; its loss."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    h = model.encode(params, x, training=True)                                    # (B, L, d)
+    real = y > 0
+    logits = model.score(params, h[real])                                         # (P, N+1)
+    loss = next_item_loss(logits, y[real])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        params["item_emb"][0] = 0.0
+    return float(loss.detach())
+
+
 def train_central(run: Run, bar: tqdm | None = None) -> None:
     """Ordinary minibatch training with full-softmax cross-entropy and Adam."""
     cfg, ds, model = run.cfg, run.ds, run.model
@@ -180,17 +195,8 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
         total, count = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
             batch = pad_left([seqs[i] for i in order[start:start + cfg.batch_size]])  # (B, L + 1)
-            x, y = batch[:, :-1], batch[:, 1:]
-            h = model.encode(run.params, x, training=True)                            # (B, L, d)
-            real = y > 0
-            logits = model.score(run.params, h[real])                                 # (P, N+1)
-            loss = next_item_loss(logits, y[real])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                run.params["item_emb"][0] = 0.0
-            total, count = total + float(loss.detach()) * len(x), count + len(x)
+            loss = central_step(model, run.params, opt, batch)
+            total, count = total + loss * len(batch), count + len(batch)
         seconds = time.perf_counter() - t0
         run.train_seconds += seconds
         entry = {"epoch": epoch + 1, "loss": total / max(1, count), "seconds": seconds}
