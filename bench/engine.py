@@ -248,10 +248,20 @@ def time_cli(ds, cfg: Config, rounds: int) -> dict:
             "final_eval_seconds": res["timing"]["final_eval_seconds"]}
 
 
+def setup_process() -> bool:
+    """What `fortress run` does to the process besides threads (the code under test may predate it)."""
+    try:
+        from fortress.simulate import keep_freed_memory
+    except ImportError:
+        return False
+    return keep_freed_memory()
+
+
 def measure(spec: dict) -> dict:
     """One row, run inside a fresh subprocess."""
     cfg = override(Config(), {**spec["config"], "threads": spec["threads"]})
     torch.set_num_threads(spec["threads"])
+    tuned = setup_process()
     m = machine()
     if spec["kind"] == "machine":
         return {"kind": "machine", "threads": torch.get_num_threads(), "machine": m}
@@ -260,7 +270,7 @@ def measure(spec: dict) -> dict:
           else load_dataset(resolve(spec["data"])))
     row = {"kind": spec["kind"], "code": spec.get("code", "this"), "data": ds.name, "users": ds.n_users,
            "items": ds.n_items, "clients": spec.get("clients"), "threads": torch.get_num_threads(),
-           "load_seconds": time.perf_counter() - t0, "machine": m}
+           "load_seconds": time.perf_counter() - t0, "machine": m, "allocator_kept": tuned}
     kind = spec["kind"]
     if kind == "pair":
         names = spec["modes"]
@@ -355,6 +365,7 @@ def profile(args) -> None:
     """Per-op CPU profile (torch.profiler, self time) of one FedAvg and one FORTRESS round."""
     from torch.profiler import ProfilerActivity, profile as tprofile
     torch.set_num_threads(args.threads)
+    setup_process()
     ds = load_dataset(resolve(args.data))
     for mode in ("fedavg", "fortress"):
         cfg = override(Config(), {"mode": mode, "threads": args.threads})

@@ -8,6 +8,8 @@ Every run writes `results.json` and `model.pt` into its output folder.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import resource
@@ -66,9 +68,27 @@ def torch_threads(threads: int) -> int:
     return auto_threads(cores, load)
 
 
+def keep_freed_memory(top: int = 32 << 20, trim: int = 256 << 20) -> bool:
+    """Let glibc serve tensors up to `top` bytes from its heap and keep up to `trim` freed bytes for reuse.
+
+    By default glibc hands each allocation above ~128 kB-32 MB straight to the kernel (mmap) and
+    back (munmap) when freed, so every large temporary of a round (sub-tables, their gradients,
+    uploads) is faulted in page by page again; that took about a third of a FedAvg round's client
+    step at one thread (docs/results/engine.md). Returns whether it applied (glibc only).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, top)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+
+
 def setup_torch(cfg: Config) -> None:
     torch.set_num_threads(torch_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
+    keep_freed_memory()
 
 
 def peak_rss_mb() -> float:
@@ -209,8 +229,8 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
 
 
 def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
-    """In-process transport: every sampled client trains here, vectorised."""
-    return client_step(run.cfg, run.model, run.ds, run.params, users, r)
+    """In-process transport: every sampled client trains here, vectorised, chunk by chunk as the server reads."""
+    return client_step(run.cfg, run.model, run.ds, run.params, users, r, stream=True)
 
 
 def local_attackers(run: Run, r: int, bad: np.ndarray) -> Collected:
