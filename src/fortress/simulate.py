@@ -105,18 +105,40 @@ def pad_left(seqs: list[np.ndarray], length: int | None = None) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def model_scorer(model: Model, params: Params, ds: Dataset):
-    """Scores of every item for users at a split, from their last max_len history items."""
+@dataclass
+class ModelScorer:
+    """Scores of every item for users at a split, from their last max_len history items.
+
+    Also `represent` + `score`, so that an evaluation encodes many users at once and scores them
+    in smaller blocks (metrics.rank_sums).
+    """
+
+    model: Model
+    params: Params
+    ds: Dataset
+
     @torch.no_grad()
-    def scores(users: np.ndarray, split: str) -> torch.Tensor:
-        seqs = pad_left([ds.history(int(u), split)[-model.max_len:] for u in users])
-        return model.score(params, model.last(params, seqs))                       # (B, N+1)
-    return scores
+    def represent(self, users: np.ndarray, split: str, group: int = 256) -> torch.Tensor:
+        """(B, d), encoded `group` users at a time, each group padded to its own longest history."""
+        hists = [self.ds.history(int(u), split)[-self.model.max_len:] for u in users]
+        return torch.cat([self.model.last(self.params, pad_left(hists[a:a + group]))
+                          for a in range(0, len(hists), group)])                   # (B, d)
+
+    @torch.no_grad()
+    def score(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.score(self.params, h)                                    # (B, N+1)
+
+    def __call__(self, users: np.ndarray, split: str) -> torch.Tensor:
+        return self.score(self.represent(users, split))
+
+
+def model_scorer(model: Model, params: Params, ds: Dataset) -> ModelScorer:
+    return ModelScorer(model, params, ds)
 
 
 def pop_scorer(ds: Dataset):
     counts = torch.as_tensor(ds.item_counts(), dtype=torch.float32)   # exact below 2**24
-    return lambda users, split: counts.expand(len(users), -1)
+    return lambda users, split: counts.repeat(len(users), 1)
 
 
 def training_pairs(ds: Dataset, max_len: int) -> tuple[np.ndarray, list[np.ndarray]]:
