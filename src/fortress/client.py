@@ -45,6 +45,13 @@ class Chunk:
     def n(self) -> int:
         return len(self.users)
 
+    def to(self, device: torch.device) -> "Chunk":
+        """The chunk's tensors on `device`."""
+        if self.items.device == device:
+            return self
+        return Chunk(*(t.to(device) for t in (self.users, self.weight, self.items, self.x, self.y)),
+                     None if self.draws is None else {k: d.to(device) for k, d in self.draws.items()})
+
 
 def eligible_clients(ds: Dataset) -> np.ndarray:
     """Users with at least one (input, next item) pair to train on."""
@@ -256,6 +263,7 @@ def _train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str, pa
     """Dense changes {k: (n, ...)}, sub-table changes (n, S, d), losses (n,) and terms of one chunk's clients."""
     keys = dense_keys(params)
     dense = {k: params[k] for k in keys}
+    chunk = chunk.to(params["item_emb"].device)
     n, S = chunk.items.shape
     table = params["item_emb"].index_select(0, chunk.items.reshape(-1)).view(n, S, -1)   # (n, S, d)
     col_mask = chunk.items > 0                                                  # (n, S)
@@ -287,12 +295,14 @@ def train_round(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
     rows of a client's real sub-table slots, slot order), so no upload is copied twice.
     """
     keys = dense_keys(params)
-    dtype, d = params["item_emb"].dtype, params["item_emb"].shape[1]
+    dtype, d, dev = params["item_emb"].dtype, params["item_emb"].shape[1], params["item_emb"].device
     P = sum(params[k].numel() for k in keys)
+    chunks = [c.to(dev) for c in chunks]
     real = [c.items > 0 for c in chunks]                                        # (n, S) each
     n, M = sum(c.n for c in chunks), sum(int(r.sum()) for r in real)
-    dense, rows = torch.empty(n, P, dtype=dtype), torch.empty(M, d, dtype=dtype)
-    rows_client, rows_item = torch.empty(M, dtype=torch.int64), torch.empty(M, dtype=torch.int64)
+    dense, rows = torch.empty(n, P, dtype=dtype, device=dev), torch.empty(M, d, dtype=dtype, device=dev)
+    rows_client = torch.empty(M, dtype=torch.int64, device=dev)
+    rows_item = torch.empty(M, dtype=torch.int64, device=dev)
     losses, parts, a, b = [], [], 0, 0
     for c, r in zip(chunks, real):
         d_dense, d_table, loss, terms = _train(model, loss_fn, epochs, lr, opt, params, c, engine)
@@ -306,7 +316,7 @@ def train_round(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
         parts.append(terms)
         a, b = a + c.n, b + m
     names = sorted({k for t in parts for k in t})
-    terms = {k: torch.cat([t[k] if k in t else torch.full((c.n,), float("nan"), dtype=dtype)
+    terms = {k: torch.cat([t[k] if k in t else torch.full((c.n,), float("nan"), dtype=dtype, device=dev)
                            for t, c in zip(parts, chunks)]) for k in names}
     return Updates(torch.cat([c.users for c in chunks]), torch.cat([c.weight for c in chunks]).to(dtype), dense,
                    rows_client, rows_item, rows, torch.cat(losses), terms)

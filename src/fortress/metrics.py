@@ -43,7 +43,7 @@ SCORE_BLOCK = 128
 
 def _masked(scores: torch.Tensor, hist: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`scores` (B, N+1) with history and padding set to -inf in place, the target never; target scores (B,)."""
-    rows = torch.arange(len(t))
+    rows = torch.arange(len(t), device=scores.device)
     target_score = scores[rows, t].clone()
     scores.scatter_(1, hist, float("-inf"))
     scores[:, 0] = float("-inf")
@@ -133,16 +133,18 @@ def rank_sums(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
     er_count = torch.zeros(len(tgt), dtype=torch.float64)
 
     def er_sums(scores: torch.Tensor, ub: np.ndarray, hist: torch.Tensor) -> None:
-        rows = torch.arange(len(ub))
-        seen = torch.zeros(len(ub), ds.n_items + 1, dtype=torch.bool)
+        dev = scores.device
+        rows = torch.arange(len(ub), device=dev)
+        seen = torch.zeros(len(ub), ds.n_items + 1, dtype=torch.bool, device=dev)
         seen.scatter_(1, hist, True)
-        seen[rows, torch.as_tensor(ds.valid[ub])] = True
-        seen[rows, torch.as_tensor(ds.test[ub])] = True
+        seen[rows, torch.as_tensor(ds.valid[ub], device=dev)] = True
+        seen[rows, torch.as_tensor(ds.test[ub], device=dev)] = True
         for j, item in enumerate(tgt.tolist()):
             elig = ~seen[:, item]                                                  # (B,)
             s_t = scores[:, item]
             g = (scores > s_t[:, None]).sum(1, dtype=torch.int32)
             e = (scores == s_t[:, None]).sum(1, dtype=torch.int32)
+            g, e, elig = g.cpu(), e.cpu(), elig.cpu()
             er_count[j] += elig.sum()
             for c, k in enumerate(ks):
                 hit, _ = rank_hits(g, e, k, disc)
@@ -158,9 +160,10 @@ def rank_sums(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
 
             def fresh() -> torch.Tensor:
                 return scorer.score(h[a:a + SCORE_BLOCK]) if h is not None else scorer(blk, split)
-            t = torch.as_tensor(truth[blk], dtype=torch.int64)                     # (b,)
-            hist = history_matrix(ds, blk, split)                                  # (b, H)
-            scores, target_score = _masked(fresh() if h is not None else whole[a:a + SCORE_BLOCK], hist, t)
+            scores = fresh() if h is not None else whole[a:a + SCORE_BLOCK]
+            t = torch.as_tensor(truth[blk], dtype=torch.int64, device=scores.device)  # (b,)
+            hist = history_matrix(ds, blk, split).to(scores.device)                # (b, H)
+            scores, target_score = _masked(scores, hist, t)
             if len(tgt):
                 er_sums(scores, blk, hist)
             counted = _greater_equal(scores, target_score)
@@ -168,7 +171,7 @@ def rank_sums(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
                 scores, target_score = _masked(fresh(), hist, t)
                 counted = ((scores > target_score[:, None]).sum(1, dtype=torch.int32),
                            (scores == target_score[:, None]).sum(1, dtype=torch.int32))
-            greater, equal = counted
+            greater, equal = (x.cpu() for x in counted)
             for c, k in enumerate(ks):
                 hit, gain = rank_hits(greater, equal, k, disc)
                 hr[c] += hit.sum()

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from fortress import attacks, faults
+from fortress import attacks, faults, memory
 from fortress.client import iter_round_chunks, objective, round_bytes, round_chunks, train_round
 from fortress.config import Config
 from fortress.data.dataset import Dataset
@@ -40,16 +40,20 @@ class Stream:
 
     In-process rounds train chunk by chunk as `server_step` reads them, so that FedAvg holds one
     chunk of uploads at a time rather than the round's: memory does not grow with the clients.
-    `n` counts the clients read so far.
+    Between parts, the heap's free pages go back to the kernel once resident memory is `slack_mb`
+    above what it was when reading began (`memory.release_above`). `n` counts the clients read so far.
     """
 
-    def __init__(self, parts: Iterable[Updates]):
-        self._parts, self.n = parts, 0
+    def __init__(self, parts: Iterable[Updates], slack_mb: float = 512):
+        self._parts, self.n, self.slack_mb = parts, 0, slack_mb
 
     def __iter__(self) -> Iterator[Updates]:
+        budget = memory.rss_mb() + self.slack_mb
         for u in self._parts:
             self.n += u.n
             yield u
+            del u
+            memory.release_above(budget)
 
 
 def parts(u: "Updates | Stream") -> Iterable[Updates]:
@@ -171,17 +175,19 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
     """
     size = dense_size(params)
     if defence is None:
-        total = FedAvgSum(size, cfg.dim, n_items, params["item_emb"].dtype)
+        total = FedAvgSum(size, cfg.dim, n_items, params["item_emb"].dtype, params["item_emb"].device)
         kept, rejected = [], list(got.rejected)
         for part in parts(got.updates):
             part, bad = check(part, n_items, size, cfg.dim, cfg.max_update_norm)
             rejected += bad
             total.add(part)
-            kept.append(Updates(part.clients, part.weight, part.dense[:, :0], part.rows_client[:0],
-                                part.rows_item[:0], part.rows_delta[:0], part.loss, part.terms))
+            # what the log needs of each client; new empty tensors, as a view would keep the part's uploads alive
+            none = empty(0, cfg.dim, part.dense.dtype)
+            kept.append(Updates(part.clients, part.weight, torch.zeros(part.n, 0, dtype=part.dense.dtype),
+                                none.rows_client, none.rows_item, none.rows_delta, part.loss, part.terms))
         updates = concat(kept) if kept else empty(0, cfg.dim, params["item_emb"].dtype)
     else:
-        updates = concat(list(parts(got.updates))) if isinstance(got.updates, Stream) else got.updates
+        updates = concat([u.to(params["item_emb"].device) for u in parts(got.updates)])
         updates, rejected = check(updates, n_items, size, cfg.dim, cfg.max_update_norm)
         rejected = got.rejected + rejected
     for client, why in rejected:
@@ -208,4 +214,4 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
         for k, t in updates.terms.items():
             ok = torch.isfinite(t)
             info["terms"][k] = float((w[ok] * t[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
-    return ServerResult(info, updates.clients, weights, rejected, flagged, updates.weight)
+    return ServerResult(info, updates.clients.cpu(), weights.cpu(), rejected, flagged, updates.weight.cpu())

@@ -8,8 +8,6 @@ Every run writes `results.json` and `model.pt` into its output folder.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import resource
@@ -29,6 +27,7 @@ from fortress.client import eligible_clients
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.errors import InputError
+from fortress.memory import keep_freed_memory
 from fortress.metrics import KS, Scorer, Sums, evaluate, from_sums, rank_sums
 from fortress.models import Model, Params, from_config
 from fortress.objectives import next_item_loss
@@ -68,21 +67,11 @@ def torch_threads(threads: int) -> int:
     return auto_threads(cores, load)
 
 
-def keep_freed_memory(top: int = 32 << 20, trim: int = 256 << 20) -> bool:
-    """Let glibc serve tensors up to `top` bytes from its heap and keep up to `trim` freed bytes for reuse.
-
-    By default glibc hands each allocation above ~128 kB-32 MB straight to the kernel (mmap) and
-    back (munmap) when freed, so every large temporary of a round (sub-tables, their gradients,
-    uploads) is faulted in page by page again; that took about a third of a FedAvg round's client
-    step at one thread (docs/results/engine.md). Returns whether it applied (glibc only).
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, top)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+def torch_device(name: str) -> torch.device:
+    """The device `device=name` means here: auto takes CUDA where there is one (config refuses cuda where not)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def setup_torch(cfg: Config) -> None:
@@ -121,7 +110,8 @@ class ModelScorer:
     def represent(self, users: np.ndarray, split: str, group: int = 256) -> torch.Tensor:
         """(B, d), encoded `group` users at a time, each group padded to its own longest history."""
         hists = [self.ds.history(int(u), split)[-self.model.max_len:] for u in users]
-        return torch.cat([self.model.last(self.params, pad_left(hists[a:a + group]))
+        dev = self.params["item_emb"].device
+        return torch.cat([self.model.last(self.params, pad_left(hists[a:a + group]).to(dev))
                           for a in range(0, len(hists), group)])                   # (B, d)
 
     @torch.no_grad()
@@ -210,6 +200,7 @@ class Run:
 
 def central_step(model: Model, params: Params, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
     """One Adam step of full-softmax next-item cross-entropy on a batch (B, L + 1) of sequences; its loss."""
+    batch = batch.to(params["item_emb"].device)
     x, y = batch[:, :-1], batch[:, 1:]
     h = model.encode(params, x, training=True)                                    # (B, L, d)
     real = y > 0
@@ -317,9 +308,10 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
 
 def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly (see `fortress.checkpoint`)."""
-    server = {"global_opt": gopt.state, "defence": defence.state_dict() if defence is not None else {}}
+    server = {"global_opt": {k: v.cpu() for k, v in gopt.state.items()},
+              "defence": defence.state_dict() if defence is not None else {}}
     return {"round": rounds_done, "config": config_mod.to_dict(run.cfg), "data": run.pop.fingerprint,
-            "params": run.params, "server": server, "history": run.history,
+            "params": {k: v.cpu() for k, v in run.params.items()}, "server": server, "history": run.history,
             "rejected": run.rejected, "dropped": run.dropped, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
             "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds,
             "attack": run.campaign.state() if run.campaign is not None else None}
@@ -327,9 +319,10 @@ def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None
 
 def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None) -> int:
     """Load a checkpoint into the run; returns the number of rounds already done."""
+    dev = run.params["item_emb"].device
     for k, v in blob["params"].items():
-        run.params[k] = v
-    gopt.state = blob["server"]["global_opt"]
+        run.params[k] = v.to(dev)
+    gopt.state = {k: v.to(dev) if k != "step" else v for k, v in blob["server"]["global_opt"].items()}
     if defence is not None:
         defence.load_state_dict(blob["server"].get("defence", {}))
     run.history, run.rejected, run.dropped = blob["history"], blob["rejected"], blob.get("dropped", [])
@@ -447,7 +440,7 @@ def save_model(path: Path, cfg: Config, ds: Dataset | None, params: Params | Non
     counts = ds.item_counts() if ds is not None else pop.item_counts
     blob = {
         "config": config_mod.to_dict(cfg),
-        "params": params,
+        "params": None if params is None else {k: v.cpu() for k, v in params.items()},
         "pop_counts": torch.as_tensor(counts if counts is not None else np.zeros(pop.n_items + 1, dtype=np.int64)),
         "user_ids": ds.user_ids if ds is not None else [], "item_ids": ds.item_ids if ds is not None else pop.item_ids,
         "user_names": ds.user_names if ds is not None else {}, "item_names": ds.item_names if ds is not None else {},
@@ -539,7 +532,7 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
     if cfg.mode == "pop":
         run_ = Run(cfg, ds, model, {}, pop=pop, evaluator=local_evaluator(ds, lambda _: pop_scorer(ds), cfg.eval_batch))
     else:
-        params = initial_params(cfg, model, pop)
+        params = {k: v.to(torch_device(cfg.device)) for k, v in initial_params(cfg, model, pop).items()}
         counts = pop.item_counts
         if counts is None:             # the hosts send item counts only when targets are picked by popularity
             if cfg.mode in config_mod.FEDERATED and cfg.targets >= 1 and cfg.target_pick == "unpopular":

@@ -47,6 +47,14 @@ class Updates:
     def n(self) -> int:
         return len(self.clients)
 
+    def to(self, device: torch.device | str) -> "Updates":
+        """The same uploads on `device` (themselves when already there)."""
+        if self.dense.device == torch.device(device):
+            return self
+        return Updates(*(t.to(device) for t in (self.clients, self.weight, self.dense, self.rows_client,
+                                                 self.rows_item, self.rows_delta, self.loss)),
+                       {k: t.to(device) for k, t in self.terms.items()})
+
     def select(self, keep: torch.Tensor) -> "Updates":
         """The clients where keep (n,) bool is True, with rows re-indexed."""
         new_pos = torch.cumsum(keep.long(), 0) - 1                               # (n,)
@@ -78,7 +86,9 @@ def norms(u: Updates) -> torch.Tensor:
 
 
 def concat(parts: list[Updates]) -> Updates:
-    """One Updates of all parts; a loss term some parts do not log is NaN for their clients."""
+    """One Updates of all parts (on the first one's device); a loss term some parts do not log is NaN for
+    their clients."""
+    parts = [u.to(parts[0].dense.device) for u in parts]
     offsets = torch.tensor([0] + [u.n for u in parts[:-1]]).cumsum(0)
     names = sorted({k for u in parts for k in u.terms})
     terms = {k: torch.cat([u.terms[k] if k in u.terms else torch.full_like(u.loss, float("nan"))
@@ -137,7 +147,7 @@ def check(u: Updates, n_items: int, dense_size: int, dim: int,
             reasons.setdefault(i, f"update norm {float(size[i]):.3g} exceeds max_update_norm={max_norm:g}")
     if not reasons:
         return u, []
-    keep = torch.ones(n, dtype=torch.bool)
+    keep = torch.ones(n, dtype=torch.bool, device=u.dense.device)
     keep[list(reasons)] = False
     rejected = [(int(u.clients[i]), r) for i, r in sorted(reasons.items())]
     return u.select(keep), rejected

@@ -59,6 +59,7 @@ class FedAvgSum:
     def add(self, u: Updates, client_weight: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
             dense_scale: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> "FedAvgSum":
         """Add a part's clients (the arguments as in `fedavg`)."""
+        u = u.to(self.dense.device)
         w = u.weight if client_weight is None else u.weight * client_weight            # (n,)
         self.total += w.sum()
         coef = w if dense_scale is None else w * dense_scale                           # (n,)
@@ -110,7 +111,7 @@ class GlobalOptimizer:
         st = self.state
         if not st:
             st["step"] = torch.zeros((), dtype=torch.float64)
-            st["row_step"] = torch.zeros(table.shape[0], dtype=torch.float64)
+            st["row_step"] = torch.zeros(table.shape[0], dtype=torch.float64, device=table.device)
             for k in keys:
                 st[f"m.{k}"], st[f"v.{k}"] = torch.zeros_like(dense[k]), torch.zeros_like(dense[k])
             st["m.item_emb"], st["v.item_emb"] = torch.zeros_like(table), torch.zeros_like(table)

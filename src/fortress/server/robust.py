@@ -43,7 +43,7 @@ def row_groups(rows_item: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
     groups = []
     for c in counts.unique().tolist():
         sel = counts == c
-        idx = starts[sel][:, None] + torch.arange(c)                                   # (R, c)
+        idx = starts[sel][:, None] + torch.arange(c, device=rows_item.device)          # (R, c)
         groups.append((items[sel], order[idx]))
     return groups
 
@@ -53,8 +53,9 @@ def rowwise(u: Updates, rule: Rule) -> tuple[Aggregate, torch.Tensor]:
     P, d = u.dense.shape[1], u.rows_delta.shape[1]
     dense, used = rule(u.dense[None], u.weight[None])                                  # (1, P), (1, n)
     got = used[0].double() * P                                                         # (n,) coordinates used
-    total = torch.full((u.n,), float(P), dtype=torch.float64)
-    total.index_add_(0, u.rows_client, torch.full((len(u.rows_client),), float(d), dtype=torch.float64))
+    dev = u.dense.device
+    total = torch.full((u.n,), float(P), dtype=torch.float64, device=dev)
+    total.index_add_(0, u.rows_client, torch.full((len(u.rows_client),), float(d), dtype=torch.float64, device=dev))
     items, deltas = [], []
     for group_items, idx in row_groups(u.rows_item):
         owner = u.rows_client[idx]                                                     # (R, c)
@@ -62,7 +63,7 @@ def rowwise(u: Updates, rule: Rule) -> tuple[Aggregate, torch.Tensor]:
         items.append(group_items)
         deltas.append(agg)
         got.index_add_(0, owner.flatten(), used.flatten().double() * d)
-    rows_item = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64)
+    rows_item = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64, device=dev)
     rows_delta = torch.cat(deltas) if deltas else u.rows_delta[:0]
     return Aggregate(dense[0], rows_item, rows_delta), (got / total).to(u.weight.dtype)
 
@@ -70,8 +71,8 @@ def rowwise(u: Updates, rule: Rule) -> tuple[Aggregate, torch.Tensor]:
 def _used_from(idx: torch.Tensor, share: float, c: int) -> torch.Tensor:
     """(R, k, D) contributor index of each used value -> (R, c) share of each contributor's D coordinates used."""
     R, _, D = idx.shape
-    counts = torch.zeros(R, c, dtype=torch.float64).scatter_add_(
-        1, idx.reshape(R, -1), torch.full((R, idx[0].numel()), share, dtype=torch.float64))
+    counts = torch.zeros(R, c, dtype=torch.float64, device=idx.device).scatter_add_(
+        1, idx.reshape(R, -1), torch.full((R, idx[0].numel()), share, dtype=torch.float64, device=idx.device))
     return counts / D
 
 
@@ -100,9 +101,9 @@ def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
     """Krum score of each contributor: sum of squared distances to its c - f - 2 nearest others (R, c)."""
     c = x.shape[1]
     if c == 1:
-        return torch.zeros(x.shape[0], 1, dtype=x.dtype)
+        return torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
     d2 = torch.cdist(x.double(), x.double()).pow(2)                                    # (R, c, c)
-    d2 = d2 + torch.diag(torch.full((c,), float("inf"), dtype=d2.dtype))               # not oneself
+    d2 = d2 + torch.diag(torch.full((c,), float("inf"), dtype=d2.dtype, device=d2.device))   # not oneself
     k = min(c - 1, max(1, c - f - 2))
     return d2.topk(k, dim=2, largest=False).values.sum(2).to(x.dtype)
 
