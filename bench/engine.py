@@ -23,8 +23,10 @@ at the sgemm rate and its bytes at the copy bandwidth (a roofline); ratio = time
   catalogue), and the federated/central throughput in trained interactions per second.
 - `cli`: `simulate.run` as `fortress run` does it (sampling, chunks, upload checks, aggregation,
   apply; `timing` of results.json): the median steady round, the first round, the final evaluation.
-- `scale`: a synthetic federation of 1,000,000 users x 100,000 items at `--scale` clients a round
-  (peak RSS of the whole process).
+- `scale`: a synthetic federation of 1,000,000 users x 100,000 items at `--scale` clients a round, the
+  first round as `fortress run` makes it (streamed FedAvg); peak RSS of the whole process and its
+  RSS before the round (the dataset). `rulescale`: the same with `--rule-scale-rules` (robust rules
+  that hold every upload) at `--rule-scale` clients.
 `--baseline DIR` runs the fedavg/fortress, loop, eval and cli rows a second time on the code in
 DIR/src (e.g. `git worktree add /tmp/base main`), in the same bench run, for before/after ratios.
 """
@@ -376,8 +378,10 @@ def table(rows: list[dict]) -> tuple[list[str], dict]:
             summary[f"{tag}:cli"] = {"round": r["rounds_after_first"]["median"], "first": r["first_round"],
                                      "final_eval": r["final_eval_seconds"]}
         elif k == "scale":
-            lines.append(f"{'scale 1M x 100k, ' + str(r['clients']) + ' clients':<40} {tag:<8} "
-                         f"{r['seconds']['min']:>8.3f} / {r['seconds']['median']:>7.3f} {'':>34} {r['peak_rss_mb']:>7.0f}")
+            rule = "" if r.get("defence", "none") == "none" else f" {r['defence']}"
+            lines.append(f"{'scale 1M x 100k, ' + str(r['clients']) + ' clients' + rule:<40} {tag:<8} "
+                         f"{r['seconds']['min']:>8.3f} / {r['seconds']['median']:>7.3f} {'':>34} {r['peak_rss_mb']:>7.0f}"
+                         f"  (RSS before the first round {r['rss_before_rounds_mb']:.0f} MB)")
     return lines, summary
 
 
@@ -418,6 +422,9 @@ def main() -> None:
     ap.add_argument("--central-batches", type=int, default=30)
     ap.add_argument("--cli-rounds", type=int, default=8)
     ap.add_argument("--scale", default="256,1024,4096", help="clients per round of the scale rows ('' = none)")
+    ap.add_argument("--rule-scale", default="256,1024,4096",
+                    help="clients per round of the robust rules' memory rows on the same synthetic federation")
+    ap.add_argument("--rule-scale-rules", default="median,krum")
     ap.add_argument("--rows", default="pair,loop,defences,eval,central,cli,scale")
     ap.add_argument("--defences", default="none,fortress,median,trimmed_mean,krum,multi_krum,norm_bound")
     ap.add_argument("--baseline", help="a checkout whose src/ the pair, loop, eval and cli rows also run on")
@@ -450,7 +457,10 @@ def main() -> None:
             "central": [{"kind": "central", "batches": args.central_batches}],
             "cli": [{"kind": "cli", "rounds": args.cli_rounds}],
             "scale": [{"kind": "scale", "data": "synthetic", "users": 1_000_000, "items": 100_000, "clients": c,
-                       "rounds": 3} for c in (int(c) for c in args.scale.split(",") if c)],
+                       "rounds": 0} for c in (int(c) for c in args.scale.split(",") if c)],
+            "rulescale": [{"kind": "scale", "data": "synthetic", "users": 1_000_000, "items": 100_000, "clients": c,
+                           "rounds": 0, "config": {**base, "defence": rule}}
+                          for rule in args.rule_scale_rules.split(",") for c in (int(c) for c in args.rule_scale.split(",") if c)],
         }[g]
         for spec in specs:
             for src in (codes if g in ("pair", "loop", "eval", "cli") else [None]):

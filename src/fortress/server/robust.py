@@ -48,21 +48,39 @@ def row_groups(rows_item: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
     return groups
 
 
-def rowwise(u: Updates, rule: Rule) -> tuple[Aggregate, torch.Tensor]:
-    """Apply `rule` to the encoder over all clients and to each item row over its uploaders."""
+# values a rule sees at once (a block of item rows, or of encoder coordinates for a coordinate-wise rule):
+# bounds its temporaries (a sort holds the values and their int64 indices), not the uploads themselves
+BLOCK = 1 << 22
+
+
+def rowwise(u: Updates, rule: Rule, coordinatewise: bool = False) -> tuple[Aggregate, torch.Tensor]:
+    """Apply `rule` to the encoder over all clients and to each item row over its uploaders.
+
+    Item rows go to the rule a block at a time (rows are independent under every rule); with
+    `coordinatewise` (median, trimmed mean) so do blocks of encoder coordinates. Either way the
+    round's uploads are all held: these rules compare every client with every other.
+    """
     P, d = u.dense.shape[1], u.rows_delta.shape[1]
-    dense, used = rule(u.dense[None], u.weight[None])                                  # (1, P), (1, n)
-    got = used[0].double() * P                                                         # (n,) coordinates used
     dev = u.dense.device
+    step = P if not coordinatewise else max(1, BLOCK // max(1, u.n))
+    blocks, used = [], torch.zeros(1, u.n, dtype=torch.float64, device=dev)
+    for a in range(0, P, step):
+        agg, used_b = rule(u.dense[None, :, a:a + step], u.weight[None])              # (1, D), (1, n)
+        blocks.append(agg)
+        used += used_b.double() * (agg.shape[1] / P)
+    dense = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]                     # (1, P)
+    got = used[0] * P                                                                  # (n,) coordinates used
     total = torch.full((u.n,), float(P), dtype=torch.float64, device=dev)
     total.index_add_(0, u.rows_client, torch.full((len(u.rows_client),), float(d), dtype=torch.float64, device=dev))
     items, deltas = [], []
     for group_items, idx in row_groups(u.rows_item):
-        owner = u.rows_client[idx]                                                     # (R, c)
-        agg, used = rule(u.rows_delta[idx], u.weight[owner])                           # (R, d), (R, c)
-        items.append(group_items)
-        deltas.append(agg)
-        got.index_add_(0, owner.flatten(), used.flatten().double() * d)
+        rows = max(1, BLOCK // (idx.shape[1] * d))
+        for a in range(0, len(idx), rows):
+            owner = u.rows_client[idx[a:a + rows]]                                     # (R, c)
+            agg, used_r = rule(u.rows_delta[idx[a:a + rows]], u.weight[owner])         # (R, d), (R, c)
+            items.append(group_items[a:a + rows])
+            deltas.append(agg)
+            got.index_add_(0, owner.flatten(), used_r.flatten().double() * d)
     rows_item = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64, device=dev)
     rows_delta = torch.cat(deltas) if deltas else u.rows_delta[:0]
     return Aggregate(dense[0], rows_item, rows_delta), (got / total).to(u.weight.dtype)
@@ -125,11 +143,11 @@ def krum_rule(frac: float, multi: bool) -> Rule:
 
 
 def median(u: Updates) -> tuple[Aggregate, torch.Tensor]:
-    return rowwise(u, median_rule)
+    return rowwise(u, median_rule, coordinatewise=True)
 
 
 def trimmed_mean(u: Updates, frac: float) -> tuple[Aggregate, torch.Tensor]:
-    return rowwise(u, trimmed_mean_rule(frac))
+    return rowwise(u, trimmed_mean_rule(frac), coordinatewise=True)
 
 
 def krum(u: Updates, frac: float) -> tuple[Aggregate, torch.Tensor]:
