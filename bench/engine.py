@@ -457,7 +457,7 @@ def main() -> None:
             "central": [{"kind": "central", "batches": args.central_batches}],
             "cli": [{"kind": "cli", "rounds": args.cli_rounds}],
             "scale": [{"kind": "scale", "data": "synthetic", "users": 1_000_000, "items": 100_000, "clients": c,
-                       "rounds": 0} for c in (int(c) for c in args.scale.split(",") if c)],
+                       "rounds": 1} for c in (int(c) for c in args.scale.split(",") if c)],
             "rulescale": [{"kind": "scale", "data": "synthetic", "users": 1_000_000, "items": 100_000, "clients": c,
                            "rounds": 0, "config": {**base, "defence": rule}}
                           for rule in args.rule_scale_rules.split(",") for c in (int(c) for c in args.rule_scale.split(",") if c)],

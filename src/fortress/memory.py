@@ -44,16 +44,26 @@ def rss_mb() -> float:
         return 0.0
 
 
-def release_above(mb: float) -> bool:
-    """Return the heap's free pages to the kernel when resident memory exceeds `mb` (glibc's malloc_trim).
+_floor = 0.0       # resident memory after the last trim (or when first asked): about what is live
+
+
+def release_above(slack_mb: float) -> bool:
+    """Return the heap's free pages to the kernel (glibc's malloc_trim) when resident memory is more than
+    `slack_mb` above what was live at the last trim; True when it trimmed.
 
     Freed temporaries of varying sizes leave free holes inside glibc's heap that it never gives
     back by itself, so a round of many chunks grows resident memory with its clients although
     the live tensors do not grow (measured: 8,192 clients, 1.2 GB resident, 0.5 GB after a trim).
-    Trimming costs page faults when the memory is used again, hence only above a budget.
+    Trimming costs page faults when the memory is used again, hence only above the slack; the
+    reference is what was live after a trim, so the slack does not ratchet up round after round.
     """
+    global _floor
     libc = _c()
-    if not libc or rss_mb() <= mb:
+    now = rss_mb()
+    if not _floor:
+        _floor = now
+    if not libc or now <= _floor + slack_mb:
         return False
     libc.malloc_trim(0)
+    _floor = rss_mb()
     return True

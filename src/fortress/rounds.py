@@ -41,19 +41,19 @@ class Stream:
     In-process rounds train chunk by chunk as `server_step` reads them, so that FedAvg holds one
     chunk of uploads at a time rather than the round's: memory does not grow with the clients.
     Between parts, the heap's free pages go back to the kernel once resident memory is `slack_mb`
-    above what it was when reading began (`memory.release_above`). `n` counts the clients read so far.
+    above what was live (`memory.release_above`). `n` counts the clients read so far.
     """
 
     def __init__(self, parts: Iterable[Updates], slack_mb: float = 512):
         self._parts, self.n, self.slack_mb = parts, 0, slack_mb
 
     def __iter__(self) -> Iterator[Updates]:
-        budget = memory.rss_mb() + self.slack_mb
+        memory.release_above(self.slack_mb)
         for u in self._parts:
             self.n += u.n
             yield u
             del u
-            memory.release_above(budget)
+            memory.release_above(self.slack_mb)
 
 
 def parts(u: "Updates | Stream") -> Iterable[Updates]:
