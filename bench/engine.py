@@ -272,7 +272,7 @@ def time_cli_rounds(ds, cfg: Config, rounds: int) -> dict:
     for r in range(max(1, 1 + rounds) if rounds else 1):
         t0 = time.perf_counter()
         users = sample_clients(cfg, eligible, r)
-        got = client_step(cfg, model, ds, params, users, r, stream=True)
+        got = client_step(cfg, model, ds, params, users, r, stream=defence is None)     # as simulate.local_clients
         res = server_step(cfg, params, gopt, got, len(users), ds.n_items, r, defence)
         if r or not rounds:                  # rounds 0: the first round is the one timed
             sec.append(time.perf_counter() - t0)

@@ -242,8 +242,9 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
 
 
 def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
-    """In-process transport: every sampled client trains here, vectorised, chunk by chunk as the server reads."""
-    return client_step(run.cfg, run.model, run.ds, run.params, users, r, stream=True)
+    """In-process transport: every sampled client trains here, vectorised; under FedAvg chunk by chunk as the
+    server reads them (a defence reads all uploads at once: they are then written once, into one tensor)."""
+    return client_step(run.cfg, run.model, run.ds, run.params, users, r, stream=run.cfg.defence == "none")
 
 
 def local_attackers(run: Run, r: int, bad: np.ndarray) -> Collected:
