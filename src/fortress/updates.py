@@ -78,10 +78,18 @@ def empty(dense_size: int, dim: int, dtype: torch.dtype) -> Updates:
                    torch.zeros(0, dim, dtype=dtype), torch.zeros(0, dtype=dtype))
 
 
-def norms(u: Updates) -> torch.Tensor:
-    """(n,) L2 norm of each client's whole update: its encoder delta and all its item rows."""
-    sq = (u.dense.double() ** 2).sum(1)                                         # (n,)
-    sq.index_add_(0, u.rows_client, (u.rows_delta.double() ** 2).sum(1))
+def norms(u: Updates, dense_norm: torch.Tensor | None = None, row_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) L2 norm (float64) of each client's whole update: its encoder delta and all its item rows.
+
+    From the L2 norms of each encoder delta (n,) and item row (M,) (computed here unless given):
+    one fused reduction per row, instead of squaring a float64 copy of every upload (40x slower).
+    """
+    if dense_norm is None:
+        dense_norm = torch.linalg.vector_norm(u.dense, dim=1)                   # (n,)
+    if row_norm is None:
+        row_norm = torch.linalg.vector_norm(u.rows_delta, dim=1)                # (M,)
+    sq = dense_norm.double() ** 2
+    sq.index_add_(0, u.rows_client, row_norm.double() ** 2)
     return sq.sqrt()
 
 
@@ -123,10 +131,16 @@ def check(u: Updates, n_items: int, dense_size: int, dim: int,
     if not (len(u.rows_client) == len(u.rows_item) == len(u.rows_delta)):
         raise ValueError("item-row updates: rows_client, rows_item and rows_delta differ in length")
     reasons: dict[int, str] = {}
-    bad = ~torch.isfinite(u.dense).all(1)
+    # a row's norm is finite unless the row holds a NaN/Inf (or its norm overflows float32): only those
+    # rows are looked at entry by entry
+    dense_norm = torch.linalg.vector_norm(u.dense, dim=1)                       # (n,)
+    row_norm = torch.linalg.vector_norm(u.rows_delta, dim=1)                    # (M,)
+    bad = ~torch.isfinite(dense_norm)
+    bad[bad.clone()] = ~torch.isfinite(u.dense[bad]).all(1)
     for i in bad.nonzero().flatten().tolist():
         reasons[i] = "NaN/Inf in encoder update"
-    bad_rows = ~torch.isfinite(u.rows_delta).all(1)
+    bad_rows = ~torch.isfinite(row_norm)
+    bad_rows[bad_rows.clone()] = ~torch.isfinite(u.rows_delta[bad_rows]).all(1)
     for i in u.rows_client[bad_rows].unique().tolist():
         reasons.setdefault(i, "NaN/Inf in item-row update")
     out_of_range = (u.rows_item < 1) | (u.rows_item > n_items)
@@ -142,7 +156,7 @@ def check(u: Updates, n_items: int, dense_size: int, dim: int,
     for i in bad_w.nonzero().flatten().tolist():
         reasons.setdefault(i, "weight is negative or not finite")
     if max_norm > 0:
-        size = norms(u)
+        size = norms(u, dense_norm, row_norm)
         for i in (size > max_norm).nonzero().flatten().tolist():
             reasons.setdefault(i, f"update norm {float(size[i]):.3g} exceeds max_update_norm={max_norm:g}")
     if not reasons:
