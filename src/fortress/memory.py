@@ -24,8 +24,8 @@ def keep_freed_memory(top: int = 32 << 20, trim: int = 256 << 20) -> bool:
 
     By default glibc hands each allocation above ~128 kB-32 MB straight to the kernel (mmap) and
     back (munmap) when freed, so every large temporary of a round (sub-tables, their gradients,
-    uploads) is faulted in page by page again; that took about a third of a FedAvg round's client
-    step at one thread (docs/results/engine.md). Returns whether it applied (glibc only).
+    uploads) is faulted in page by page again (its cost: docs/results/engine.md). Returns whether it
+    applied (glibc only).
     """
     libc = _c()
     if not libc:
@@ -53,8 +53,7 @@ def release_above(slack_mb: float) -> bool:
 
     Freed temporaries of varying sizes leave free holes inside glibc's heap that it never gives
     back by itself, so a round of many chunks grows resident memory with its clients although
-    the live tensors do not grow (measured: 8,192 clients, 1.2 GB resident, 0.5 GB after a trim).
-    Trimming costs page faults when the memory is used again, hence only above the slack; the
+    the live tensors do not grow (docs/results/engine.md). Trimming costs page faults when the memory is used again, hence only above the slack; the
     reference is what was live after a trim, so the slack does not ratchet up round after round.
     """
     global _floor
