@@ -178,3 +178,23 @@ def test_saved_runs_with_the_old_mode_key_still_load(tmp_path, capsys):
         cfg = config.from_dict({"mode": mode, "seed": 3})
         assert (cfg.training, cfg.objective, cfg.seed) == (training, objective, 3)
     assert config.upgrade({"training": "pop"}) == {"training": "pop"}
+
+
+def test_device_cuda_is_a_one_line_error_without_cuda(tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    msg = one_line_error(capsys, "run", "--data", "synthetic", "--out", str(tmp_path), "--set", "device=cuda")
+    assert "device='cuda': CUDA is not available here" in msg
+
+
+def test_device_auto_runs_on_the_cpu_here(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from fortress.simulate import torch_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert torch_device("auto") == torch.device("cpu") and torch_device("cpu") == torch.device("cpu")
+    code, _, _ = run_cli(capsys, "run", "--data", "synthetic", "--out", str(tmp_path), *SMALL,
+                         "--set", "rounds=2", "--set", "clients_per_round=16", "--set", "device=auto",
+                         "--set", "defence=median")
+    assert code == 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["device"] == "auto"

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fortress.client import build_chunks, eligible_clients, objective, train_round
+from fortress import client
+from fortress.client import (build_chunks, eligible_clients, length_buckets, objective, round_chunks,
+                             train_round)
 from fortress.config import Config
 from fortress.data import synthetic
 from fortress.models import dense_keys, from_config
@@ -51,6 +53,35 @@ def test_chunking_does_not_change_the_round(ds):
     b, _ = one_round(ds, cfg, "vmap", chunk_size=40)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-9), k
+
+
+def test_length_buckets_hand_case():
+    lengths = np.array([1, 1, 2, 2, 2, 3, 9, 10])
+    # padding within 2 positions a chunk, at most 4 clients: [1 1 2 2] (pad 2), [2 3] (pad 1), [9 10] (pad 1)
+    assert [(s.start, s.stop) for s in length_buckets(lengths, 4, overhead=2)] == [(0, 4), (4, 6), (6, 8)]
+    assert [(s.start, s.stop) for s in length_buckets(lengths, 4, overhead=10 ** 9)] == [(0, 4), (4, 8)]
+    assert [(s.start, s.stop) for s in length_buckets(lengths, 8, overhead=0)] == [(0, 2), (2, 5), (5, 6), (6, 7), (7, 8)]
+    assert length_buckets(np.array([], dtype=int), 4) == []
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fortress"])
+def test_length_bucketing_gives_the_same_updates(ds, mode, monkeypatch):
+    """Chunks by length (each padded to its own longest) or fixed chunks of 16: the same uploads."""
+    cfg = Config(objective={"fedavg": "next_item", "fortress": "fortress"}[mode], dim=16, max_len=10, n_neg=12, dropout=0.0, chunk_size=16, dtype="float64")
+    model = from_config(cfg)
+    params = model.init(ds.n_items, torch.Generator().manual_seed(0), torch.float64)
+    users = np.random.default_rng(1).choice(eligible_clients(ds), 40, replace=False)
+
+    def uploads():
+        return train_round(model, objective(cfg, ds.n_items), 1, cfg.lr, "sgd", params,
+                           round_chunks(ds, cfg, users, 0))
+    monkeypatch.setattr(client, "CHUNK_OVERHEAD", 0)          # a chunk per distinct length (most padding saved)
+    a = uploads()
+    monkeypatch.setattr(client, "CHUNK_OVERHEAD", 10 ** 9)    # fixed chunks of 16 clients by length order
+    b = uploads()
+    assert torch.equal(a.clients, b.clients) and torch.equal(a.rows_item, b.rows_item)
+    for k in ("dense", "rows_delta", "loss"):
+        assert torch.allclose(getattr(a, k), getattr(b, k), atol=1e-9, rtol=0), k
 
 
 def test_sub_tables_hold_own_items_and_distinct_negatives(ds):

@@ -559,3 +559,25 @@ def test_the_exposure_cap_shrinks_a_cold_item_everyone_sees_and_leaves_an_honest
     off = defences.make(dataclasses.replace(cfg, defence="fortress", probe_users=0), ds.n_items)
     off.rounds = bounds.WARMUP
     assert "exposure_capped" not in off.after_apply(p, off.aggregate(rounds[0], p))     # probe_users=0: no cap
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum"])
+def test_blocked_rules_equal_the_whole_round_at_once(rule, monkeypatch):
+    """Item rows and (coordinate-wise rules) encoder coordinates in small blocks: the same aggregate and weights."""
+    g = torch.Generator().manual_seed(0)
+    n, P, d = 9, 23, 4
+    rows_client = torch.arange(n).repeat_interleave(3)                               # 3 rows each
+    rows_item = torch.randint(1, 6, (3 * n,), generator=g)
+    rows_item = rows_item + 6 * torch.arange(3).repeat(n)                           # distinct per client
+    u = Updates(torch.arange(n), torch.rand(n, generator=g) + 0.5, torch.randn(n, P, generator=g, dtype=torch.float64),
+                rows_client, rows_item, torch.randn(3 * n, d, generator=g, dtype=torch.float64),
+                torch.zeros(n, dtype=torch.float64))
+    u.weight = u.weight.double()
+    fn = {"median": robust.median, "trimmed_mean": lambda x: robust.trimmed_mean(x, 0.2),
+          "krum": lambda x: robust.krum(x, 0.2)}[rule]
+    whole, w_whole = fn(u)
+    monkeypatch.setattr(robust, "BLOCK", 5)
+    part, w_part = fn(u)
+    assert torch.equal(whole.rows_item, part.rows_item)
+    assert torch.allclose(whole.dense, part.dense) and torch.allclose(whole.rows_delta, part.rows_delta)
+    assert torch.allclose(w_whole, w_part)

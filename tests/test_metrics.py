@@ -116,3 +116,16 @@ def test_sums_of_user_parts_give_the_metrics_of_all_users():
         zero_sums(1) + zero_sums(2)
     with pytest.raises(ValueError, match="2 targets"):
         from_sums(zero_sums(1), [1, 2])
+
+
+def test_greater_equal_from_signs_matches_comparisons():
+    from fortress.metrics import _greater_equal
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (40, 30), generator=g).float()                 # many ties
+    scores[:, :3] = float("-inf")                                               # masked items
+    target = scores[torch.arange(40), 10].clone()
+    want = ((scores > target[:, None]).sum(1), (scores == target[:, None]).sum(1))
+    got = _greater_equal(scores.clone(), target)
+    assert torch.equal(got[0], want[0].int()) and torch.equal(got[1], want[1].int())
+    scores[5, 7] = float("nan")
+    assert _greater_equal(scores.clone(), target) is None                       # rank_sums then compares

@@ -52,3 +52,12 @@ def test_sasrec_rejects_sequences_longer_than_max_len():
     m, p = build("sasrec", max_len=4)
     with pytest.raises(ValueError):
         m.encode(p, torch.ones(1, 5, dtype=torch.long))
+
+
+def test_sasrec_last_position_only_equals_the_full_pass():
+    import torch
+    from fortress.models import sasrec
+    p = sasrec.init(30, 16, 8, blocks=2, heads=2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seqs = torch.tensor([[0, 0, 0, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 0, 0, 9], [1, 2, 3, 4, 5, 6, 7, 8]])
+    full = sasrec.encode(p, seqs, heads=2)[:, -1]
+    assert torch.allclose(sasrec.encode(p, seqs, heads=2, last=True)[:, -1], full, atol=1e-12)

@@ -101,3 +101,33 @@ def test_init_from_continues_a_saved_run(small, tmp_path):
     with pytest.raises(InputError, match="does not fit"):
         run(Config(**{**cfg.__dict__, "dim": 8, "init_from": str(tmp_path / "a")}), small, tmp_path / "c",
             progress=False)
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fortress"])
+def test_a_streamed_round_applies_the_same_fedavg(small, mode):
+    """Chunks trained as the server reads them (one chunk of uploads held at a time) or all at once:
+    the same checks (faulty clients included) and the same model after the round."""
+    import torch
+
+    from fortress.client import eligible_clients
+    from fortress.models import from_config
+    from fortress.rounds import client_step, server_step
+    from fortress.server.aggregate import GlobalOptimizer
+    cfg = Config(objective={"fedavg": "next_item", "fortress": "fortress"}[mode], dim=16, max_len=12, n_neg=16, chunk_size=8, dtype="float64", corrupt_rate=0.1,
+                 dropout=0.1)
+    model = from_config(cfg)
+    start = model.init(small.n_items, torch.Generator().manual_seed(0), torch.float64)
+    users = np.random.default_rng(0).choice(eligible_clients(small), 60, replace=False)
+    out = []
+    for stream in (False, True):
+        params = {k: v.clone() for k, v in start.items()}
+        got = client_step(cfg, model, small, params, users, 3, stream=stream)
+        res = server_step(cfg, params, GlobalOptimizer("sgd", 1.0), got, len(users), small.n_items, 3)
+        out.append((params, res, got.bytes))
+    (a, ra, ba), (b, rb, bb) = out
+    assert ra.rejected == rb.rejected and len(ra.rejected) > 0 and ba == bb > 0
+    assert ra.log["clients"] == rb.log["clients"] == len(users) - len(ra.rejected)
+    assert abs(ra.log["loss"] - rb.log["loss"]) < 1e-9
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-12, rtol=0), k
+    assert not torch.equal(a["item_emb"], start["item_emb"])

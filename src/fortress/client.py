@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torch.func import grad_and_value, vmap
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
 from fortress.objectives import fortress_draws, fortress_loss, next_item_loss, sampled_softmax_bias
-from fortress.updates import Updates, concat, flatten
+from fortress.updates import Updates
 
 
 @dataclass
@@ -44,6 +44,13 @@ class Chunk:
     @property
     def n(self) -> int:
         return len(self.users)
+
+    def to(self, device: torch.device) -> "Chunk":
+        """The chunk's tensors on `device`."""
+        if self.items.device == device:
+            return self
+        return Chunk(*(t.to(device) for t in (self.users, self.weight, self.items, self.x, self.y)),
+                     None if self.draws is None else {k: d.to(device) for k, d in self.draws.items()})
 
 
 def eligible_clients(ds: Dataset) -> np.ndarray:
@@ -74,49 +81,89 @@ def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk
     client's own stream `default_rng([*key, user])`: then a client draws the same negatives
     wherever it is trained (in-process, or on whichever Flower SuperNode hosts it).
     """
+    return list(iter_chunks(ds, users, n_neg, max_len, chunk_size, rng, key=key))
+
+
+def iter_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk_size: int,
+                rng: np.random.Generator | None = None, *, key: tuple[int, ...] | None = None) -> Iterator[Chunk]:
+    """`build_chunks` one chunk at a time (with `key`, each chunk's sub-tables are built only when it is reached)."""
     seqs = [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
     weights = [len(ds.train_seq(int(u))) for u in users]
-    return chunks_from_sequences(users, seqs, weights, ds.n_items, n_neg, chunk_size, rng, key=key)
+    return iter_chunks_from_sequences(users, seqs, weights, ds.n_items, n_neg, chunk_size, rng, key=key)
 
 
 def chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: list[float], n_items: int,
                           n_neg: int, chunk_size: int, rng: np.random.Generator | None = None,
                           prefix: np.ndarray | None = None, *, key: tuple[int, ...] | None = None) -> list[Chunk]:
     """Chunks of clients from their sequences; a sub-table holds own items and n_neg negatives.
-
     Used for benign clients (train sequences) and malicious ones (fake sequences). Negatives
     come from `rng` or from each client's stream (see `build_chunks`). `prefix`
     (n, P) puts the same number of chosen items first, at slots 1..P of every client's sub-table
     (an attack's targets and the items it pushes down), so a loss can address them by slot; the
     client's other items follow in sorted order, then the negatives. Chunks are grouped by length.
     """
-    subs = []
-    for i, (u, s) in enumerate(zip(users, seqs)):
-        own = np.unique(s)                                                  # sorted
+    return list(iter_chunks_from_sequences(users, seqs, weights, n_items, n_neg, chunk_size, rng, prefix, key=key))
+
+
+def iter_chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: list[float], n_items: int,
+                               n_neg: int, chunk_size: int, rng: np.random.Generator | None = None,
+                               prefix: np.ndarray | None = None, *,
+                               key: tuple[int, ...] | None = None) -> Iterator[Chunk]:
+    """`chunks_from_sequences` one chunk at a time; with `key` a chunk's sub-tables are built when it is
+    reached, so the memory of the chunks not yet trained does not grow with the clients of a round."""
+    def sub(i: int) -> tuple[np.ndarray, np.ndarray]:
+        own = np.unique(seqs[i])                                            # sorted
         if prefix is not None:
             own = np.concatenate([prefix[i], np.setdiff1d(own, prefix[i])])
-        own_rng = rng if key is None else np.random.default_rng([*key, int(u)])
-        subs.append((own, _negatives(own, n_items, n_neg, own_rng)))
+        own_rng = rng if key is None else np.random.default_rng([*key, int(users[i])])
+        return own, _negatives(own, n_items, n_neg, own_rng)
+
+    # one shared rng draws in user order, whatever the chunks; each client's own stream, when it is reached
+    subs = [sub(i) for i in range(len(users))] if key is None else None
     order = np.argsort([len(s) for s in seqs], kind="stable")
-    chunks = []
-    for start in range(0, len(order), chunk_size):
-        idx = order[start:start + chunk_size]
+    for part in length_buckets(np.array([len(seqs[i]) - 1 for i in order]), chunk_size):
+        idx = order[part]
+        mine = {i: subs[i] if subs is not None else sub(i) for i in idx.tolist()}
         L = max(len(seqs[i]) for i in idx) - 1
-        S = 1 + max(len(subs[i][0]) + len(subs[i][1]) for i in idx)
+        S = 1 + max(len(own) + len(neg) for own, neg in mine.values())
         items = np.zeros((len(idx), S), dtype=np.int64)
         x = np.zeros((len(idx), L), dtype=np.int64)
         y = np.zeros((len(idx), L), dtype=np.int64)
         for row, i in enumerate(idx):
-            own, neg = subs[i]
+            own, neg = mine[i]
             items[row, 1:1 + len(own) + len(neg)] = np.concatenate([own, neg])
             sort = np.argsort(own, kind="stable")
             local = 1 + sort[np.searchsorted(own, seqs[i], sorter=sort)]     # slot of each item
             n = len(local) - 1
             x[row, L - n:], y[row, L - n:] = local[:-1], local[1:]
-        chunks.append(Chunk(torch.as_tensor(users[idx], dtype=torch.int64),
-                            torch.as_tensor([weights[i] for i in idx], dtype=torch.float64),
-                            torch.from_numpy(items), torch.from_numpy(x), torch.from_numpy(y)))
-    return chunks
+        yield Chunk(torch.as_tensor(users[idx], dtype=torch.int64),
+                    torch.as_tensor([weights[i] for i in idx], dtype=torch.float64),
+                    torch.from_numpy(items), torch.from_numpy(x), torch.from_numpy(y))
+
+
+# a chunk's fixed cost (one vmapped step's Python and dispatch overhead) in padded input positions, measured
+# on one core with the default SASRec (docs/results/engine.md): below it, padding is cheaper than another chunk
+CHUNK_OVERHEAD = 384
+
+
+def length_buckets(lengths: np.ndarray, chunk_size: int, overhead: int | None = None) -> list[slice]:
+    """Consecutive groups of clients sorted by input length (ascending), each padded to its longest.
+
+    A group holds at most chunk_size clients and grows while the padding it would carry, positions
+    beyond each client's own length, stays within `overhead`: no client pays for max_len unless
+    a chunk's own cost outweighs its padding.
+    """
+    overhead = CHUNK_OVERHEAD if overhead is None else overhead
+    out, start, total = [], 0, 0
+    for i, L in enumerate(lengths.tolist()):
+        n = i - start
+        if n and (n == chunk_size or (n + 1) * L - (total + L) > overhead):
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += L
+    if len(lengths):
+        out.append(slice(start, len(lengths)))
+    return out
 
 
 def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -154,10 +201,13 @@ def round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> list[Chunk]:
     Negatives and draws come from each client's own (seed, round, user) streams, so a client sees
     the same sub-table and the same views wherever it is trained and however it is chunked.
     """
-    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r))
-    if cfg.objective == "fortress":
-        chunks = [replace(c, draws=fortress_draws(cfg, r, c.users.numpy())) for c in chunks]
-    return chunks
+    return list(iter_round_chunks(ds, cfg, users, r))
+
+
+def iter_round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> Iterator[Chunk]:
+    """`round_chunks` one chunk at a time, each built when it is reached."""
+    for c in iter_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r)):
+        yield replace(c, draws=fortress_draws(cfg, r, c.users.numpy())) if cfg.objective == "fortress" else c
 
 
 def _with_terms(loss_fn: Callable, model: Model, *args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -175,15 +225,23 @@ def local_train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
     the last step and its logged terms. Pure: the broadcast tensors are never modified.
     """
     step = grad_and_value(partial(_with_terms, loss_fn, model), argnums=(0, 1), has_aux=True)
+    if opt == "sgd":        # the change itself is summed: one step's is exactly -lr g, with no (p - lr g) - p
+        change = None
+        for t in range(1, epochs + 1):
+            extra = () if draws is None else ({k: d[t - 1] for k, d in draws.items()},)
+            at = (dense, table) if change is None else ({k: dense[k] + change[0][k] for k in dense}, table + change[1])
+            (g_dense, g_table), (loss, terms) = step(at[0], at[1], x, y, col_mask, *extra)
+            if change is None:
+                change = ({k: -lr * g for k, g in g_dense.items()}, -lr * g_table)
+            else:
+                change = ({k: change[0][k] - lr * g_dense[k] for k in dense}, change[1] - lr * g_table)
+        return change[0], change[1], loss, terms
     params = (dict(dense), table)
     m = v = None
     for t in range(1, epochs + 1):
         extra = () if draws is None else ({k: d[t - 1] for k, d in draws.items()},)
         (g_dense, g_table), (loss, terms) = step(params[0], params[1], x, y, col_mask, *extra)
         grads = (g_dense, g_table)
-        if opt == "sgd":
-            params = ({k: params[0][k] - lr * g_dense[k] for k in dense}, params[1] - lr * g_table)
-            continue
         # Adam (b1 0.9, b2 0.999), written out so that it vectorises with the rest
         if m is None:
             m = ({k: torch.zeros_like(g) for k, g in g_dense.items()}, torch.zeros_like(g_table))
@@ -203,27 +261,19 @@ def local_train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
     return {k: params[0][k] - dense[k] for k in dense}, params[1] - table, loss, terms
 
 
-def _to_updates(chunk: Chunk, keys: list[str], d_dense: Params, d_table: torch.Tensor,
-                loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> Updates:
-    real = chunk.items > 0                                                      # (n, S)
-    rows_client = real.nonzero()[:, 0]
-    return Updates(chunk.users, chunk.weight.to(d_table.dtype), flatten(d_dense, keys, batched=True),
-                   rows_client, chunk.items[real], d_table[real], loss, terms)
-
-
-def train_chunk(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,
-                params: Params, chunk: Chunk, engine: str = "vmap") -> Updates:
-    """Local training of one chunk of clients from the broadcast `params`; returns their uploads."""
+def _train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str, params: Params, chunk: Chunk,
+           engine: str) -> tuple[Params, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Dense changes {k: (n, ...)}, sub-table changes (n, S, d), losses (n,) and terms of one chunk's clients."""
     keys = dense_keys(params)
     dense = {k: params[k] for k in keys}
-    table = params["item_emb"][chunk.items]                                     # (n, S, d)
+    chunk = chunk.to(params["item_emb"].device)
+    n, S = chunk.items.shape
+    table = params["item_emb"].index_select(0, chunk.items.reshape(-1)).view(n, S, -1)   # (n, S, d)
     col_mask = chunk.items > 0                                                  # (n, S)
     fn = partial(local_train, model, loss_fn, epochs, lr, opt)
     if engine == "vmap":
-        d_dense, d_table, loss, terms = vmap(fn, in_dims=(None, 0, 0, 0, 0, None if chunk.draws is None else 0),
-                                             randomness="different")(
+        return vmap(fn, in_dims=(None, 0, 0, 0, 0, None if chunk.draws is None else 0), randomness="different")(
             dense, table, chunk.x, chunk.y, col_mask, chunk.draws)
-        return _to_updates(chunk, keys, d_dense, d_table, loss, terms)
     # reference: one client at a time on its own unpadded tensors
     outs = []
     for i in range(chunk.n):
@@ -237,12 +287,42 @@ def train_chunk(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
     d_dense = {k: torch.stack([o[0][k] for o in outs]) for k in keys}
     loss = torch.stack([o[2] for o in outs])
     terms = {k: torch.stack([o[3][k] for o in outs]) for k in outs[0][3]}
-    return _to_updates(chunk, keys, d_dense, d_table, loss, terms)
+    return d_dense, d_table, loss, terms
 
 
 def train_round(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str,
                 params: Params, chunks: list[Chunk], engine: str = "vmap") -> Updates:
-    return concat([train_chunk(model, loss_fn, epochs, lr, opt, params, c, engine) for c in chunks])
+    """Local training of the chunks' clients from the broadcast `params`; their uploads, in chunk order.
+
+    Each chunk's results are written straight into the round's preallocated upload tensors (the
+    rows of a client's real sub-table slots, slot order), so no upload is copied twice.
+    """
+    keys = dense_keys(params)
+    dtype, d, dev = params["item_emb"].dtype, params["item_emb"].shape[1], params["item_emb"].device
+    P = sum(params[k].numel() for k in keys)
+    chunks = [c.to(dev) for c in chunks]
+    real = [c.items > 0 for c in chunks]                                        # (n, S) each
+    n, M = sum(c.n for c in chunks), sum(int(r.sum()) for r in real)
+    dense, rows = torch.empty(n, P, dtype=dtype, device=dev), torch.empty(M, d, dtype=dtype, device=dev)
+    rows_client = torch.empty(M, dtype=torch.int64, device=dev)
+    rows_item = torch.empty(M, dtype=torch.int64, device=dev)
+    losses, parts, a, b = [], [], 0, 0
+    for c, r in zip(chunks, real):
+        d_dense, d_table, loss, terms = _train(model, loss_fn, epochs, lr, opt, params, c, engine)
+        torch.cat([d_dense[k].reshape(c.n, -1) for k in keys], dim=1, out=dense[a:a + c.n])
+        flat = r.reshape(-1).nonzero().squeeze(1)                               # (m,) real slots, row-major
+        m = len(flat)
+        torch.index_select(d_table.reshape(-1, d), 0, flat, out=rows[b:b + m])
+        torch.index_select(c.items.reshape(-1), 0, flat, out=rows_item[b:b + m])
+        rows_client[b:b + m] = flat // c.items.shape[1] + a
+        losses.append(loss)
+        parts.append(terms)
+        a, b = a + c.n, b + m
+    names = sorted({k for t in parts for k in t})
+    terms = {k: torch.cat([t[k] if k in t else torch.full((c.n,), float("nan"), dtype=dtype, device=dev)
+                           for t, c in zip(parts, chunks)]) for k in names}
+    return Updates(torch.cat([c.users for c in chunks]), torch.cat([c.weight for c in chunks]).to(dtype), dense,
+                   rows_client, rows_item, rows, torch.cat(losses), terms)
 
 
 def round_bytes(chunks: list[Chunk], dense_size: int, dim: int, float_bytes: int) -> int:

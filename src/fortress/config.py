@@ -78,6 +78,7 @@ class Config:
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once
     threads: int = 0                # torch threads; 0 = the idle cores this process may use (simulate.torch_threads)
+    device: str = "cpu"             # cpu | cuda | auto (cuda where available): where training, evaluation, attacks and defences run
     # poisoning attacks (fedavg; fortress/attacks explains each one and its choices)
     attack: str = "none"            # none | ahum | psmu | random | popular | boost | stealth | ramp | weight | adaptive
     attack_ratio: float = 0.01      # malicious clients as a fraction of benign users (>= 1 client when > 0)
@@ -118,6 +119,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_opt": ("sgd", "adam"),
     "global_opt": ("sgd", "adam"),
     "engine": ("vmap", "loop"),
+    "device": ("cpu", "cuda", "auto"),
     "view_negatives": ("items", "prefixes"),
 }
 # `mode` named both how we train and the client objective; it is now the two keys above
@@ -218,6 +220,11 @@ def validate(cfg: Config) -> Config:
                              (key, "training"))
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}", ("dim", "heads"))
+    if cfg.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise InputError(f"device='cuda': CUDA is not available here (torch {torch.__version__}); "
+                             "use device=cpu, or auto to take CUDA where there is one", ("device",))
     _validate_attack(cfg)
     return cfg
 

@@ -33,7 +33,7 @@ def corrupt(u: Updates, cfg: Config, r: int, n_items: int) -> Updates:
     """Damage the uploads of a `corrupt_rate` share of clients, each in one of KINDS."""
     if cfg.corrupt_rate <= 0 or not u.n:
         return u
-    users = u.clients.numpy()
+    users = u.clients.cpu().numpy()
     bad = np.flatnonzero(draws(cfg, r, users, CORRUPT) < cfg.corrupt_rate)
     if not len(bad):
         return u

@@ -18,7 +18,7 @@ import torch
 from fortress.data.dataset import Dataset
 
 KS = (5, 10, 20)
-Scorer = Callable[[np.ndarray, str], torch.Tensor]   # (users, split) -> (B, n_items + 1) scores
+Scorer = Callable[[np.ndarray, str], torch.Tensor]   # (users, split) -> (B, n_items + 1) new scores, overwritten here
 
 
 def _discount_cumsum(n: int) -> torch.Tensor:
@@ -35,6 +35,40 @@ def rank_hits(greater: torch.Tensor, equal: torch.Tensor, k: int,
     hi = (g + e).clamp(max=k).long()
     lo = g.clamp(max=k).long()
     return hit, (disc[hi] - disc[lo]) / e
+
+
+# users whose scores are counted at once: a (128, N+1) block stays in cache (and below glibc's mmap threshold)
+SCORE_BLOCK = 128
+
+
+def _masked(scores: torch.Tensor, hist: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores` (B, N+1) with history and padding set to -inf in place, the target never; target scores (B,)."""
+    rows = torch.arange(len(t), device=scores.device)
+    target_score = scores[rows, t].clone()
+    scores.scatter_(1, hist, float("-inf"))
+    scores[:, 0] = float("-inf")
+    scores[rows, t] = target_score                                                 # never mask the target
+    return scores, target_score
+
+
+def _greater_equal(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row, the items scoring above and equal to its finite target (B,) each; overwrites `scores` (B, N).
+
+    sign(s - t) is +1, 0 or -1 (s - t == 0 exactly when s == t, for finite t): its sum is
+    greater - less and the sum of its absolute value greater + less; in-place passes over the
+    scores instead of two comparisons that each build a (B, N) mask and sum it. None when a NaN
+    score (whose sign torch makes 0), a +inf one or an infinite target is present (the raw
+    differences then do not sum to a number), where only comparing counts right.
+    """
+    N = scores.shape[1]
+    acc = torch.float64 if N >= 2 ** 24 else scores.dtype                         # sums stay exact integers
+    raw = scores.sub_(target[:, None])                                             # (B, N)
+    if not (torch.isfinite(target).all() and not raw.sum(1).isnan().any()):
+        return None
+    sign = raw.sign_()
+    diff = sign.sum(1, dtype=acc)
+    other = sign.abs_().sum(1, dtype=acc)
+    return ((diff + other) / 2).to(torch.int32), (N - other).to(torch.int32)
 
 
 def history_matrix(ds: Dataset, users: np.ndarray, split: str) -> torch.Tensor:
@@ -97,36 +131,51 @@ def rank_sums(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
     ndcg = torch.zeros(len(ks), dtype=torch.float64)
     er_hits = torch.zeros(len(tgt), len(ks), dtype=torch.float64)
     er_count = torch.zeros(len(tgt), dtype=torch.float64)
+
+    def er_sums(scores: torch.Tensor, ub: np.ndarray, hist: torch.Tensor) -> None:
+        dev = scores.device
+        rows = torch.arange(len(ub), device=dev)
+        seen = torch.zeros(len(ub), ds.n_items + 1, dtype=torch.bool, device=dev)
+        seen.scatter_(1, hist, True)
+        seen[rows, torch.as_tensor(ds.valid[ub], device=dev)] = True
+        seen[rows, torch.as_tensor(ds.test[ub], device=dev)] = True
+        for j, item in enumerate(tgt.tolist()):
+            elig = ~seen[:, item]                                                  # (B,)
+            s_t = scores[:, item]
+            g = (scores > s_t[:, None]).sum(1, dtype=torch.int32)
+            e = (scores == s_t[:, None]).sum(1, dtype=torch.int32)
+            g, e, elig = g.cpu(), e.cpu(), elig.cpu()
+            er_count[j] += elig.sum()
+            for c, k in enumerate(ks):
+                hit, _ = rank_hits(g, e, k, disc)
+                er_hits[j, c] += hit[elig].sum()
+
     for start in range(0, len(users), batch):
         ub = users[start:start + batch]
-        scores = scorer(ub, split).contiguous().clone()                           # (B, N+1)
-        t = torch.as_tensor(truth[ub], dtype=torch.int64)                          # (B,)
-        hist = history_matrix(ds, ub, split)                                        # (B, H)
-        rows = torch.arange(len(ub))
-        target_score = scores[rows, t].clone()
-        scores.scatter_(1, hist, float("-inf"))
-        scores[:, 0] = float("-inf")
-        scores[rows, t] = target_score                                             # never mask the target
-        greater = (scores > target_score[:, None]).sum(1, dtype=torch.int32)
-        equal = (scores == target_score[:, None]).sum(1, dtype=torch.int32)
-        for c, k in enumerate(ks):
-            hit, gain = rank_hits(greater, equal, k, disc)
-            hr[c] += hit.sum()
-            ndcg[c] += gain.sum()
-        if len(tgt):
-            seen = torch.zeros(len(ub), ds.n_items + 1, dtype=torch.bool)
-            seen.scatter_(1, hist, True)
-            seen[rows, torch.as_tensor(ds.valid[ub])] = True
-            seen[rows, torch.as_tensor(ds.test[ub])] = True
-            for j, item in enumerate(tgt.tolist()):
-                elig = ~seen[:, item]                                              # (B,)
-                s_t = scores[:, item]
-                g = (scores > s_t[:, None]).sum(1, dtype=torch.int32)
-                e = (scores == s_t[:, None]).sum(1, dtype=torch.int32)
-                er_count[j] += elig.sum()
-                for c, k in enumerate(ks):
-                    hit, _ = rank_hits(g, e, k, disc)
-                    er_hits[j, c] += hit[elig].sum()
+        # a scorer with `represent` encodes the batch at once and is scored a block of users at a time
+        h = scorer.represent(ub, split) if hasattr(scorer, "represent") else None     # (B, d)
+        whole = scorer(ub, split) if h is None else None                           # (B, N+1), ours to overwrite
+        for a in range(0, len(ub), SCORE_BLOCK):
+            blk = ub[a:a + SCORE_BLOCK]
+
+            def fresh() -> torch.Tensor:
+                return scorer.score(h[a:a + SCORE_BLOCK]) if h is not None else scorer(blk, split)
+            scores = fresh() if h is not None else whole[a:a + SCORE_BLOCK]
+            t = torch.as_tensor(truth[blk], dtype=torch.int64, device=scores.device)  # (b,)
+            hist = history_matrix(ds, blk, split).to(scores.device)                # (b, H)
+            scores, target_score = _masked(scores, hist, t)
+            if len(tgt):
+                er_sums(scores, blk, hist)
+            counted = _greater_equal(scores, target_score)
+            if counted is None:                   # a NaN or an infinite target: score again and compare
+                scores, target_score = _masked(fresh(), hist, t)
+                counted = ((scores > target_score[:, None]).sum(1, dtype=torch.int32),
+                           (scores == target_score[:, None]).sum(1, dtype=torch.int32))
+            greater, equal = (x.cpu() for x in counted)
+            for c, k in enumerate(ks):
+                hit, gain = rank_hits(greater, equal, k, disc)
+                hr[c] += hit.sum()
+                ndcg[c] += gain.sum()
         if progress is not None:
             progress(len(ub))
     return Sums(int(len(users)), hr.numpy(), ndcg.numpy(), er_hits.numpy(), er_count.numpy())

@@ -17,27 +17,57 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from itertools import chain
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from fortress import attacks, faults
-from fortress.client import objective, round_bytes, round_chunks, train_round
+from fortress import attacks, faults, memory
+from fortress.client import iter_round_chunks, objective, round_bytes, round_chunks, train_round
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
-from fortress.server.aggregate import GlobalOptimizer, fedavg
+from fortress.server.aggregate import FedAvgSum, GlobalOptimizer
 from fortress.updates import Updates, check, concat, empty
 from fortress.wire import from_arrays, to_arrays
 
 log = logging.getLogger("fortress")
 
 
+class Stream:
+    """A round's uploads as parts (chunks of clients) made when they are read, once.
+
+    In-process rounds train chunk by chunk as `server_step` reads them, so that FedAvg holds one
+    chunk of uploads at a time rather than the round's: memory does not grow with the clients.
+    Between parts, the heap's free pages go back to the kernel once resident memory is `slack_mb`
+    above what was live (`memory.release_above`). `n` counts the clients read so far.
+    """
+
+    def __init__(self, parts: Iterable[Updates], slack_mb: float = 512):
+        self._parts, self.n, self.slack_mb = parts, 0, slack_mb
+
+    def __iter__(self) -> Iterator[Updates]:
+        memory.release_above(self.slack_mb)
+        for u in self._parts:
+            self.n += u.n
+            yield u
+            del u
+            memory.release_above(self.slack_mb)
+
+
+def parts(u: "Updates | Stream") -> Iterable[Updates]:
+    return u if isinstance(u, Stream) else [u]
+
+
 @dataclass
 class Collected:
-    """What reached the server in a round: the uploads, transport-level rejections, traffic."""
+    """What reached the server in a round: the uploads, transport-level rejections, traffic.
 
-    updates: Updates
+    A `Stream` of uploads is read once, by `server_step`; `bytes` is complete after that.
+    """
+
+    updates: Updates | Stream
     rejected: list[tuple[int, str]] = field(default_factory=list)   # (client id, reason) before `check`
     bytes: int = 0                                                   # one direction, all answering clients
     dropped: list[tuple[int, str]] = field(default_factory=list)    # (client id, reason): its host never answered
@@ -68,17 +98,32 @@ def dense_size(params: Params) -> int:
 
 
 def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: np.ndarray,
-                r: int) -> Collected:
-    """Local training of the sampled `users` held here, from the broadcast `params`."""
+                r: int, stream: bool = False) -> Collected:
+    """Local training of the sampled `users` held here, from the broadcast `params`.
+
+    With `stream`, the uploads are a `Stream`: each chunk is built and trained when the server
+    reads it (the same chunks, in the same order, so the same uploads).
+    """
     users = faults.answering(cfg, r, np.asarray(users, dtype=np.int64))
     if not len(users):
         return Collected(empty(dense_size(params), cfg.dim, params["item_emb"].dtype))
     torch.manual_seed(cfg.seed * 1_000_003 + r)                # dropout masks of this round
-    chunks = round_chunks(ds, cfg, users, r)                   # sub-tables (+ fortress draws) per user
-    updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, cfg.engine)
-    updates = faults.corrupt(updates, cfg, r, ds.n_items)
-    nbytes = round_bytes(chunks, dense_size(params), cfg.dim, params["item_emb"].element_size())
-    return Collected(updates, [], nbytes)
+    got = Collected(empty(0, 0, params["item_emb"].dtype))
+    loss_fn, size, fbytes = objective(cfg, ds.n_items), dense_size(params), params["item_emb"].element_size()
+
+    def trained() -> Iterator[Updates]:
+        for chunk in iter_round_chunks(ds, cfg, users, r):    # sub-tables (+ fortress draws) per user
+            u = train_round(model, loss_fn, cfg.local_epochs, cfg.lr, cfg.client_opt, params, [chunk], cfg.engine)
+            got.bytes += round_bytes([chunk], size, cfg.dim, fbytes)
+            yield faults.corrupt(u, cfg, r, ds.n_items)
+    if stream:
+        got.updates = Stream(trained())
+        return got
+    chunks = round_chunks(ds, cfg, users, r)
+    updates = train_round(model, loss_fn, cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, cfg.engine)
+    got.updates = faults.corrupt(updates, cfg, r, ds.n_items)
+    got.bytes = round_bytes(chunks, size, cfg.dim, fbytes)
+    return got
 
 
 def upload_bytes(u: Updates) -> int:
@@ -100,7 +145,10 @@ def malicious_step(cfg: Config, model: Model, params: Params, n_items: int, targ
 
 
 def merge(a: Collected, b: Collected) -> Collected:
-    """Two sets of arrivals of one round as one."""
+    """Two sets of arrivals of one round as one (a `Stream` stays one, read after the other's uploads)."""
+    if isinstance(a.updates, Stream) or isinstance(b.updates, Stream):
+        both = Stream(chain(parts(a.updates), parts(b.updates)))
+        return Collected(both, a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped)
     return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped)
 
 
@@ -120,13 +168,32 @@ class ServerResult:
 
 def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collected, n_sampled: int,
                 n_items: int, r: int, defence=None) -> ServerResult:
-    """Check, aggregate (with `defence`; FedAvg if None) and apply a round's uploads."""
-    updates, rejected = check(got.updates, n_items, dense_size(params), cfg.dim, cfg.max_update_norm)
-    rejected = got.rejected + rejected
+    """Check, aggregate (with `defence`; FedAvg if None) and apply a round's uploads.
+
+    FedAvg reads the uploads part by part (`Stream`), checking each part and adding it to running
+    sums; a defence gets them all at once (its rules compare clients with each other).
+    """
+    size = dense_size(params)
+    if defence is None:
+        total = FedAvgSum(size, cfg.dim, n_items, params["item_emb"].dtype, params["item_emb"].device)
+        kept, rejected = [], list(got.rejected)
+        for part in parts(got.updates):
+            part, bad = check(part, n_items, size, cfg.dim, cfg.max_update_norm)
+            rejected += bad
+            total.add(part)
+            # what the log needs of each client; new empty tensors, as a view would keep the part's uploads alive
+            none = empty(0, cfg.dim, part.dense.dtype)
+            kept.append(Updates(part.clients, part.weight, torch.zeros(part.n, 0, dtype=part.dense.dtype),
+                                none.rows_client, none.rows_item, none.rows_delta, part.loss, part.terms))
+        updates = concat(kept) if kept else empty(0, cfg.dim, params["item_emb"].dtype)
+    else:
+        updates = concat([u.to(params["item_emb"].device) for u in parts(got.updates)])
+        updates, rejected = check(updates, n_items, size, cfg.dim, cfg.max_update_norm)
+        rejected = got.rejected + rejected
     for client, why in rejected:
         log.warning("round %d: rejected client %d: %s", r + 1, client, why)
     info = {"clients": int(updates.n), "sampled": int(n_sampled), "rejected": len(rejected),
-            "dropped": int(n_sampled - got.updates.n - len(got.rejected))}
+            "dropped": int(n_sampled - updates.n - len(rejected))}
     need = cfg.min_answered * n_sampled
     weights, flagged = torch.ones(updates.n), None
     if updates.n == 0 or updates.n < need:
@@ -134,7 +201,7 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
         log.warning("round %d: skipped, %s", r + 1, info["skipped"])
         weights = torch.zeros(updates.n)
     elif defence is None:
-        gopt.apply(params, dense_keys(params), params["item_emb"], fedavg(updates))
+        gopt.apply(params, dense_keys(params), params["item_emb"], total.result())
     else:
         outcome = defence.aggregate(updates, params)
         gopt.apply(params, dense_keys(params), params["item_emb"], outcome.aggregate)
@@ -147,4 +214,4 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
         for k, t in updates.terms.items():
             ok = torch.isfinite(t)
             info["terms"][k] = float((w[ok] * t[ok]).sum() / w[ok].sum()) if ok.any() else float("nan")
-    return ServerResult(info, updates.clients, weights, rejected, flagged, updates.weight)
+    return ServerResult(info, updates.clients.cpu(), weights.cpu(), rejected, flagged, updates.weight.cpu())

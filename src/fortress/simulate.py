@@ -27,6 +27,7 @@ from fortress.client import eligible_clients
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.errors import InputError
+from fortress.memory import keep_freed_memory
 from fortress.metrics import KS, Scorer, Sums, evaluate, from_sums, rank_sums
 from fortress.models import Model, Params, from_config
 from fortress.objectives import next_item_loss
@@ -66,9 +67,17 @@ def torch_threads(threads: int) -> int:
     return auto_threads(cores, load)
 
 
+def torch_device(name: str) -> torch.device:
+    """The device `device=name` means here: auto takes CUDA where there is one (config refuses cuda where not)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def setup_torch(cfg: Config) -> None:
     torch.set_num_threads(torch_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
+    keep_freed_memory()
 
 
 def peak_rss_mb() -> float:
@@ -85,18 +94,41 @@ def pad_left(seqs: list[np.ndarray], length: int | None = None) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def model_scorer(model: Model, params: Params, ds: Dataset):
-    """Scores of every item for users at a split, from their last max_len history items."""
+@dataclass
+class ModelScorer:
+    """Scores of every item for users at a split, from their last max_len history items.
+
+    Also `represent` + `score`, so that an evaluation encodes many users at once and scores them
+    in smaller blocks (metrics.rank_sums).
+    """
+
+    model: Model
+    params: Params
+    ds: Dataset
+
     @torch.no_grad()
-    def scores(users: np.ndarray, split: str) -> torch.Tensor:
-        seqs = pad_left([ds.history(int(u), split)[-model.max_len:] for u in users])
-        return model.score(params, model.last(params, seqs))                       # (B, N+1)
-    return scores
+    def represent(self, users: np.ndarray, split: str, group: int = 256) -> torch.Tensor:
+        """(B, d), encoded `group` users at a time, each group padded to its own longest history."""
+        hists = [self.ds.history(int(u), split)[-self.model.max_len:] for u in users]
+        dev = self.params["item_emb"].device
+        return torch.cat([self.model.last(self.params, pad_left(hists[a:a + group]).to(dev))
+                          for a in range(0, len(hists), group)])                   # (B, d)
+
+    @torch.no_grad()
+    def score(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.score(self.params, h)                                    # (B, N+1)
+
+    def __call__(self, users: np.ndarray, split: str) -> torch.Tensor:
+        return self.score(self.represent(users, split))
+
+
+def model_scorer(model: Model, params: Params, ds: Dataset) -> ModelScorer:
+    return ModelScorer(model, params, ds)
 
 
 def pop_scorer(ds: Dataset):
     counts = torch.as_tensor(ds.item_counts(), dtype=torch.float32)   # exact below 2**24
-    return lambda users, split: counts.expand(len(users), -1)
+    return lambda users, split: counts.repeat(len(users), 1)
 
 
 def training_pairs(ds: Dataset, max_len: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -197,6 +229,22 @@ class Run:
         return self.campaign.record(round_, res)
 
 
+def central_step(model: Model, params: Params, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+    """One Adam step of full-softmax next-item cross-entropy on a batch (B, L + 1) of sequences; its loss."""
+    batch = batch.to(params["item_emb"].device)
+    x, y = batch[:, :-1], batch[:, 1:]
+    h = model.encode(params, x, training=True)                                    # (B, L, d)
+    real = y > 0
+    logits = model.score(params, h[real])                                         # (P, N+1)
+    loss = next_item_loss(logits, y[real])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        params["item_emb"][0] = 0.0
+    return float(loss.detach())
+
+
 def train_central(run: Run, bar: tqdm | None = None) -> None:
     """Ordinary minibatch training with full-softmax cross-entropy and Adam."""
     cfg, ds, model = run.cfg, run.ds, run.model
@@ -212,17 +260,8 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
         total, count = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
             batch = pad_left([seqs[i] for i in order[start:start + cfg.batch_size]])  # (B, L + 1)
-            x, y = batch[:, :-1], batch[:, 1:]
-            h = model.encode(run.params, x, training=True)                            # (B, L, d)
-            real = y > 0
-            logits = model.score(run.params, h[real])                                 # (P, N+1)
-            loss = next_item_loss(logits, y[real])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                run.params["item_emb"][0] = 0.0
-            total, count = total + float(loss.detach()) * len(x), count + len(x)
+            loss = central_step(model, run.params, opt, batch)
+            total, count = total + loss * len(batch), count + len(batch)
         seconds = time.perf_counter() - t0
         run.train_seconds += seconds
         entry = {"epoch": epoch + 1, "loss": total / max(1, count), "seconds": seconds}
@@ -239,8 +278,9 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
 
 
 def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
-    """In-process transport: every sampled client trains here, vectorised."""
-    return client_step(run.cfg, run.model, run.ds, run.params, users, r)
+    """In-process transport: every sampled client trains here, vectorised; under FedAvg chunk by chunk as the
+    server reads them (a defence reads all uploads at once: they are then written once, into one tensor)."""
+    return client_step(run.cfg, run.model, run.ds, run.params, users, r, stream=run.cfg.defence == "none")
 
 
 def local_attackers(run: Run, r: int, bad: np.ndarray) -> Collected:
@@ -305,9 +345,10 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
 
 def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly (see `fortress.checkpoint`)."""
-    server = {"global_opt": gopt.state, "defence": defence.state_dict() if defence is not None else {}}
+    server = {"global_opt": {k: v.cpu() for k, v in gopt.state.items()},
+              "defence": defence.state_dict() if defence is not None else {}}
     return {"round": rounds_done, "config": config_mod.to_dict(run.cfg), "data": run.pop.fingerprint,
-            "params": run.params, "server": server, "history": run.history,
+            "params": {k: v.cpu() for k, v in run.params.items()}, "server": server, "history": run.history,
             "rejected": run.rejected, "dropped": run.dropped, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
             "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds,
             "attack": run.campaign.state() if run.campaign is not None else None}
@@ -315,9 +356,10 @@ def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None
 
 def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None) -> int:
     """Load a checkpoint into the run; returns the number of rounds already done."""
+    dev = run.params["item_emb"].device
     for k, v in blob["params"].items():
-        run.params[k] = v
-    gopt.state = blob["server"]["global_opt"]
+        run.params[k] = v.to(dev)
+    gopt.state = {k: v.to(dev) if k != "step" else v for k, v in blob["server"]["global_opt"].items()}
     if defence is not None:
         defence.load_state_dict(blob["server"].get("defence", {}))
     run.history, run.rejected, run.dropped = blob["history"], blob["rejected"], blob.get("dropped", [])
@@ -435,7 +477,7 @@ def save_model(path: Path, cfg: Config, ds: Dataset | None, params: Params | Non
     counts = ds.item_counts() if ds is not None else pop.item_counts
     blob = {
         "config": config_mod.to_dict(cfg),
-        "params": params,
+        "params": None if params is None else {k: v.cpu() for k, v in params.items()},
         "pop_counts": torch.as_tensor(counts if counts is not None else np.zeros(pop.n_items + 1, dtype=np.int64)),
         "user_ids": ds.user_ids if ds is not None else [], "item_ids": ds.item_ids if ds is not None else pop.item_ids,
         "user_names": ds.user_names if ds is not None else {}, "item_names": ds.item_names if ds is not None else {},
@@ -527,7 +569,7 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
     if cfg.training == "pop":
         run_ = Run(cfg, ds, model, {}, pop=pop, evaluator=local_evaluator(ds, lambda _: pop_scorer(ds), cfg.eval_batch))
     else:
-        params = initial_params(cfg, model, pop)
+        params = {k: v.to(torch_device(cfg.device)) for k, v in initial_params(cfg, model, pop).items()}
         counts = pop.item_counts
         if counts is None:             # the hosts send item counts only when targets are picked by popularity
             if cfg.training == "federated" and cfg.targets >= 1 and cfg.target_pick == "unpopular":

@@ -47,6 +47,14 @@ class Updates:
     def n(self) -> int:
         return len(self.clients)
 
+    def to(self, device: torch.device | str) -> "Updates":
+        """The same uploads on `device` (themselves when already there)."""
+        if self.dense.device == torch.device(device):
+            return self
+        return Updates(*(t.to(device) for t in (self.clients, self.weight, self.dense, self.rows_client,
+                                                 self.rows_item, self.rows_delta, self.loss)),
+                       {k: t.to(device) for k, t in self.terms.items()})
+
     def select(self, keep: torch.Tensor) -> "Updates":
         """The clients where keep (n,) bool is True, with rows re-indexed."""
         new_pos = torch.cumsum(keep.long(), 0) - 1                               # (n,)
@@ -70,15 +78,25 @@ def empty(dense_size: int, dim: int, dtype: torch.dtype) -> Updates:
                    torch.zeros(0, dim, dtype=dtype), torch.zeros(0, dtype=dtype))
 
 
-def norms(u: Updates) -> torch.Tensor:
-    """(n,) L2 norm of each client's whole update: its encoder delta and all its item rows."""
-    sq = (u.dense.double() ** 2).sum(1)                                         # (n,)
-    sq.index_add_(0, u.rows_client, (u.rows_delta.double() ** 2).sum(1))
+def norms(u: Updates, dense_norm: torch.Tensor | None = None, row_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) L2 norm (float64) of each client's whole update: its encoder delta and all its item rows.
+
+    From the L2 norms of each encoder delta (n,) and item row (M,) (computed here unless given):
+    one fused reduction per row, instead of squaring a float64 copy of every upload (40x slower).
+    """
+    if dense_norm is None:
+        dense_norm = torch.linalg.vector_norm(u.dense, dim=1)                   # (n,)
+    if row_norm is None:
+        row_norm = torch.linalg.vector_norm(u.rows_delta, dim=1)                # (M,)
+    sq = dense_norm.double() ** 2
+    sq.index_add_(0, u.rows_client, row_norm.double() ** 2)
     return sq.sqrt()
 
 
 def concat(parts: list[Updates]) -> Updates:
-    """One Updates of all parts; a loss term some parts do not log is NaN for their clients."""
+    """One Updates of all parts (on the first one's device); a loss term some parts do not log is NaN for
+    their clients."""
+    parts = [u.to(parts[0].dense.device) for u in parts]
     offsets = torch.tensor([0] + [u.n for u in parts[:-1]]).cumsum(0)
     names = sorted({k for u in parts for k in u.terms})
     terms = {k: torch.cat([u.terms[k] if k in u.terms else torch.full_like(u.loss, float("nan"))
@@ -113,10 +131,16 @@ def check(u: Updates, n_items: int, dense_size: int, dim: int,
     if not (len(u.rows_client) == len(u.rows_item) == len(u.rows_delta)):
         raise ValueError("item-row updates: rows_client, rows_item and rows_delta differ in length")
     reasons: dict[int, str] = {}
-    bad = ~torch.isfinite(u.dense).all(1)
+    # a row's norm is finite unless the row holds a NaN/Inf (or its norm overflows float32): only those
+    # rows are looked at entry by entry
+    dense_norm = torch.linalg.vector_norm(u.dense, dim=1)                       # (n,)
+    row_norm = torch.linalg.vector_norm(u.rows_delta, dim=1)                    # (M,)
+    bad = ~torch.isfinite(dense_norm)
+    bad[bad.clone()] = ~torch.isfinite(u.dense[bad]).all(1)
     for i in bad.nonzero().flatten().tolist():
         reasons[i] = "NaN/Inf in encoder update"
-    bad_rows = ~torch.isfinite(u.rows_delta).all(1)
+    bad_rows = ~torch.isfinite(row_norm)
+    bad_rows[bad_rows.clone()] = ~torch.isfinite(u.rows_delta[bad_rows]).all(1)
     for i in u.rows_client[bad_rows].unique().tolist():
         reasons.setdefault(i, "NaN/Inf in item-row update")
     out_of_range = (u.rows_item < 1) | (u.rows_item > n_items)
@@ -132,12 +156,12 @@ def check(u: Updates, n_items: int, dense_size: int, dim: int,
     for i in bad_w.nonzero().flatten().tolist():
         reasons.setdefault(i, "weight is negative or not finite")
     if max_norm > 0:
-        size = norms(u)
+        size = norms(u, dense_norm, row_norm)
         for i in (size > max_norm).nonzero().flatten().tolist():
             reasons.setdefault(i, f"update norm {float(size[i]):.3g} exceeds max_update_norm={max_norm:g}")
     if not reasons:
         return u, []
-    keep = torch.ones(n, dtype=torch.bool)
+    keep = torch.ones(n, dtype=torch.bool, device=u.dense.device)
     keep[list(reasons)] = False
     rejected = [(int(u.clients[i]), r) for i, r in sorted(reasons.items())]
     return u.select(keep), rejected

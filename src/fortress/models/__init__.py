@@ -44,6 +44,8 @@ class Model:
 
     def last(self, p: Params, seqs: torch.Tensor) -> torch.Tensor:
         """Representation after the last item, used to score the next one: (B, L) -> (B, d)."""
+        if self.backbone == "sasrec":         # its final block need only attend from the last position
+            return self.module.encode(p, seqs, self.heads, self.dropout, False, last=True)[:, -1]
         return self.encode(p, seqs)[:, -1]
 
     score = staticmethod(score)

@@ -40,20 +40,29 @@ def init(n_items: int, dim: int, max_len: int, blocks: int = 2, heads: int = 1,
 
 
 def _attention(p: Params, b: int, x: torch.Tensor, allowed: torch.Tensor, heads: int,
-               dropout: float, training: bool) -> torch.Tensor:
+               dropout: float, training: bool, last: bool = False) -> torch.Tensor:
+    """Self-attention output at every position (B, L, d), or with `last` at the last one only (B, 1, d)."""
     B, L, d = x.shape
-    q, k, v = (x @ p[f"b{b}.qkv.w"] + p[f"b{b}.qkv.b"]).split(d, dim=-1)        # 3 x (B, L, d)
-    q, k, v = (t.reshape(B, L, heads, d // heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, dh)
-    att = q @ k.transpose(-1, -2) / math.sqrt(d // heads)                      # (B, H, L, L)
-    att = att.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+    w, bias = p[f"b{b}.qkv.w"], p[f"b{b}.qkv.b"]
+    if last:                         # keys and values of every position, the query of the last
+        k, v = (x @ w[:, d:] + bias[d:]).split(d, dim=-1)                       # 2 x (B, L, d)
+        q = x[:, -1:] @ w[:, :d] + bias[:d]                                     # (B, 1, d)
+    else:
+        q, k, v = (x @ w + bias).split(d, dim=-1)                               # 3 x (B, L, d)
+    Q = q.shape[1]
+    q = q.reshape(B, Q, heads, d // heads).transpose(1, 2)                      # (B, H, Q, dh)
+    k, v = (t.reshape(B, L, heads, d // heads).transpose(1, 2) for t in (k, v))  # (B, H, L, dh)
+    att = q @ k.transpose(-1, -2) / math.sqrt(d // heads)                      # (B, H, Q, L)
+    att = att.masked_fill(~allowed[:, None, L - Q:], float("-inf")).softmax(-1)
     att = F.dropout(att, dropout, training)
-    y = (att @ v).transpose(1, 2).reshape(B, L, d)                              # (B, L, d)
+    y = (att @ v).transpose(1, 2).reshape(B, Q, d)                              # (B, Q, d)
     return y @ p[f"b{b}.out.w"] + p[f"b{b}.out.b"]
 
 
 def encode(p: Params, seqs: torch.Tensor, heads: int = 1, dropout: float = 0.0,
-           training: bool = False) -> torch.Tensor:
-    """Hidden state at every position: seqs (B, L) left-padded ids -> (B, L, d)."""
+           training: bool = False, last: bool = False) -> torch.Tensor:
+    """Hidden state at every position: seqs (B, L) left-padded ids -> (B, L, d); with `last`, (B, 1, d)
+    at the last position only (the final block then attends from, and transforms, that one position)."""
     B, L = seqs.shape
     max_len, d = p["pos_emb"].shape
     if L > max_len:
@@ -67,7 +76,9 @@ def encode(p: Params, seqs: torch.Tensor, heads: int = 1, dropout: float = 0.0,
     allowed = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=seqs.device)  # (B, L, L)
     for b in range(blocks):
         h = F.layer_norm(x, (d,), p[f"b{b}.ln1.w"], p[f"b{b}.ln1.b"])
-        x = x + F.dropout(_attention(p, b, h, allowed, heads, dropout, training), dropout, training)
+        one = last and b == blocks - 1
+        att = _attention(p, b, h, allowed, heads, dropout, training, one)
+        x = (x[:, -1:] if one else x) + F.dropout(att, dropout, training)           # (B, L or 1, d)
         h = F.layer_norm(x, (d,), p[f"b{b}.ln2.w"], p[f"b{b}.ln2.b"])
         h = F.relu(h @ p[f"b{b}.ff1.w"] + p[f"b{b}.ff1.b"]) @ p[f"b{b}.ff2.w"] + p[f"b{b}.ff2.b"]
         x = x + F.dropout(h, dropout, training)

@@ -37,6 +37,47 @@ class Outcome:
     popular: torch.Tensor | None = None     # (P,) item ids of the popular set
 
 
+# uploaded rows weighted and summed per block: the weighted copy of a block stays in cache, and a
+# round's M x d rows are never copied whole
+ROW_BLOCK = 8192
+
+
+class FedAvgSum:
+    """Running sums of a FedAvg aggregate, fed one part of a round's uploads at a time (`add`).
+
+    Memory is the dense numerator (P,) and, per catalogue item, a row numerator (d,) and a
+    denominator: bounded by the model, whatever the number of clients. `fedavg` is one `add`.
+    """
+
+    def __init__(self, dense_size: int, dim: int, n_items: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.dense = torch.zeros(dense_size, dtype=dtype, device=device)                # (P,)
+        self.total = torch.zeros((), dtype=dtype, device=device)
+        self.num = torch.zeros(n_items + 1, dim, dtype=dtype, device=device)            # (N+1, d)
+        self.den = torch.zeros(n_items + 1, dtype=dtype, device=device)                 # (N+1,)
+
+    def add(self, u: Updates, client_weight: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
+            dense_scale: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> "FedAvgSum":
+        """Add a part's clients (the arguments as in `fedavg`)."""
+        u = u.to(self.dense.device)
+        w = u.weight if client_weight is None else u.weight * client_weight            # (n,)
+        self.total += w.sum()
+        coef = w if dense_scale is None else w * dense_scale                           # (n,)
+        self.dense += coef @ u.dense                                                   # (P,)
+        rw = w[u.rows_client] if row_weight is None else u.weight[u.rows_client] * row_weight  # (M,)
+        rc = rw if row_scale is None else rw * row_scale                               # (M,)
+        for s in range(0, len(rc), ROW_BLOCK):
+            e = s + ROW_BLOCK
+            self.num.index_add_(0, u.rows_item[s:e], rc[s:e, None] * u.rows_delta[s:e])
+        self.den.index_add_(0, u.rows_item, rw)
+        return self
+
+    def result(self) -> Aggregate:
+        items = (self.den > 0).nonzero().squeeze(1)                                    # (R,) sorted
+        return Aggregate(self.dense / self.total.clamp(min=1e-12), items,
+                         self.num[items] / self.den[items, None])
+
+
 def fedavg(u: Updates, client_weight: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
            dense_scale: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> Aggregate:
     """Weighted mean of dense deltas; per-item weighted mean of row deltas over their uploaders.
@@ -46,18 +87,9 @@ def fedavg(u: Updates, client_weight: torch.Tensor | None = None, row_weight: to
     average instead of its client's client_weight. dense_scale (n,) and row_scale (M,) multiply
     the deltas themselves (the numerators only), e.g. a defence's clipping.
     """
-    w = u.weight if client_weight is None else u.weight * client_weight                # (n,)
-    total = w.sum()
-    coef = w if dense_scale is None else w * dense_scale                               # (n,)
-    dense = (coef @ u.dense) / total.clamp(min=1e-12)                                  # (P,)
-    items, inv = torch.unique(u.rows_item, return_inverse=True)                        # (R,), (M,)
-    rw = w[u.rows_client] if row_weight is None else u.weight[u.rows_client] * row_weight  # (M,)
-    rc = rw if row_scale is None else rw * row_scale                                   # (M,)
-    num = torch.zeros(len(items), u.rows_delta.shape[1], dtype=u.rows_delta.dtype)
-    num.index_add_(0, inv, rc[:, None] * u.rows_delta)                                 # (R, d)
-    den = torch.zeros(len(items), dtype=u.rows_delta.dtype).index_add_(0, inv, rw)     # (R,)
-    keep = den > 0
-    return Aggregate(dense, items[keep], num[keep] / den[keep, None])
+    n_items = int(u.rows_item.max()) if len(u.rows_item) else 0
+    return FedAvgSum(u.dense.shape[1], u.rows_delta.shape[1], n_items, u.rows_delta.dtype, u.dense.device).add(
+        u, client_weight, row_weight, dense_scale, row_scale).result()
 
 
 class GlobalOptimizer:
@@ -79,7 +111,7 @@ class GlobalOptimizer:
         st = self.state
         if not st:
             st["step"] = torch.zeros((), dtype=torch.float64)
-            st["row_step"] = torch.zeros(table.shape[0], dtype=torch.float64)
+            st["row_step"] = torch.zeros(table.shape[0], dtype=torch.float64, device=table.device)
             for k in keys:
                 st[f"m.{k}"], st[f"v.{k}"] = torch.zeros_like(dense[k]), torch.zeros_like(dense[k])
             st["m.item_emb"], st["v.item_emb"] = torch.zeros_like(table), torch.zeros_like(table)

@@ -43,26 +43,45 @@ def row_groups(rows_item: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
     groups = []
     for c in counts.unique().tolist():
         sel = counts == c
-        idx = starts[sel][:, None] + torch.arange(c)                                   # (R, c)
+        idx = starts[sel][:, None] + torch.arange(c, device=rows_item.device)          # (R, c)
         groups.append((items[sel], order[idx]))
     return groups
 
 
-def rowwise(u: Updates, rule: Rule) -> tuple[Aggregate, torch.Tensor]:
-    """Apply `rule` to the encoder over all clients and to each item row over its uploaders."""
+# values a rule sees at once (a block of item rows, or of encoder coordinates for a coordinate-wise rule):
+# bounds its temporaries (a sort holds the values and their int64 indices), not the uploads themselves
+BLOCK = 1 << 22
+
+
+def rowwise(u: Updates, rule: Rule, coordinatewise: bool = False) -> tuple[Aggregate, torch.Tensor]:
+    """Apply `rule` to the encoder over all clients and to each item row over its uploaders.
+
+    Item rows go to the rule a block at a time (rows are independent under every rule); with
+    `coordinatewise` (median, trimmed mean) so do blocks of encoder coordinates. Either way the
+    round's uploads are all held: these rules compare every client with every other.
+    """
     P, d = u.dense.shape[1], u.rows_delta.shape[1]
-    dense, used = rule(u.dense[None], u.weight[None])                                  # (1, P), (1, n)
-    got = used[0].double() * P                                                         # (n,) coordinates used
-    total = torch.full((u.n,), float(P), dtype=torch.float64)
-    total.index_add_(0, u.rows_client, torch.full((len(u.rows_client),), float(d), dtype=torch.float64))
+    dev = u.dense.device
+    step = P if not coordinatewise else max(1, BLOCK // max(1, u.n))
+    blocks, used = [], torch.zeros(1, u.n, dtype=torch.float64, device=dev)
+    for a in range(0, P, step):
+        agg, used_b = rule(u.dense[None, :, a:a + step], u.weight[None])              # (1, D), (1, n)
+        blocks.append(agg)
+        used += used_b.double() * (agg.shape[1] / P)
+    dense = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]                     # (1, P)
+    got = used[0] * P                                                                  # (n,) coordinates used
+    total = torch.full((u.n,), float(P), dtype=torch.float64, device=dev)
+    total.index_add_(0, u.rows_client, torch.full((len(u.rows_client),), float(d), dtype=torch.float64, device=dev))
     items, deltas = [], []
     for group_items, idx in row_groups(u.rows_item):
-        owner = u.rows_client[idx]                                                     # (R, c)
-        agg, used = rule(u.rows_delta[idx], u.weight[owner])                           # (R, d), (R, c)
-        items.append(group_items)
-        deltas.append(agg)
-        got.index_add_(0, owner.flatten(), used.flatten().double() * d)
-    rows_item = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64)
+        rows = max(1, BLOCK // (idx.shape[1] * d))
+        for a in range(0, len(idx), rows):
+            owner = u.rows_client[idx[a:a + rows]]                                     # (R, c)
+            agg, used_r = rule(u.rows_delta[idx[a:a + rows]], u.weight[owner])         # (R, d), (R, c)
+            items.append(group_items[a:a + rows])
+            deltas.append(agg)
+            got.index_add_(0, owner.flatten(), used_r.flatten().double() * d)
+    rows_item = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64, device=dev)
     rows_delta = torch.cat(deltas) if deltas else u.rows_delta[:0]
     return Aggregate(dense[0], rows_item, rows_delta), (got / total).to(u.weight.dtype)
 
@@ -70,8 +89,8 @@ def rowwise(u: Updates, rule: Rule) -> tuple[Aggregate, torch.Tensor]:
 def _used_from(idx: torch.Tensor, share: float, c: int) -> torch.Tensor:
     """(R, k, D) contributor index of each used value -> (R, c) share of each contributor's D coordinates used."""
     R, _, D = idx.shape
-    counts = torch.zeros(R, c, dtype=torch.float64).scatter_add_(
-        1, idx.reshape(R, -1), torch.full((R, idx[0].numel()), share, dtype=torch.float64))
+    counts = torch.zeros(R, c, dtype=torch.float64, device=idx.device).scatter_add_(
+        1, idx.reshape(R, -1), torch.full((R, idx[0].numel()), share, dtype=torch.float64, device=idx.device))
     return counts / D
 
 
@@ -100,9 +119,9 @@ def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
     """Krum score of each contributor: sum of squared distances to its c - f - 2 nearest others (R, c)."""
     c = x.shape[1]
     if c == 1:
-        return torch.zeros(x.shape[0], 1, dtype=x.dtype)
+        return torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
     d2 = torch.cdist(x.double(), x.double()).pow(2)                                    # (R, c, c)
-    d2 = d2 + torch.diag(torch.full((c,), float("inf"), dtype=d2.dtype))               # not oneself
+    d2 = d2 + torch.diag(torch.full((c,), float("inf"), dtype=d2.dtype, device=d2.device))   # not oneself
     k = min(c - 1, max(1, c - f - 2))
     return d2.topk(k, dim=2, largest=False).values.sum(2).to(x.dtype)
 
@@ -124,11 +143,11 @@ def krum_rule(frac: float, multi: bool) -> Rule:
 
 
 def median(u: Updates) -> tuple[Aggregate, torch.Tensor]:
-    return rowwise(u, median_rule)
+    return rowwise(u, median_rule, coordinatewise=True)
 
 
 def trimmed_mean(u: Updates, frac: float) -> tuple[Aggregate, torch.Tensor]:
-    return rowwise(u, trimmed_mean_rule(frac))
+    return rowwise(u, trimmed_mean_rule(frac), coordinatewise=True)
 
 
 def krum(u: Updates, frac: float) -> tuple[Aggregate, torch.Tensor]:
