@@ -25,6 +25,7 @@ from fortress.data import load_data
 from fortress.metrics import evaluate
 from fortress.models import from_config
 from fortress.server import defences
+from fortress.server.fortress import probe_top
 from fortress.simulate import model_scorer
 
 
@@ -46,16 +47,11 @@ def main() -> None:
     results = json.loads((Path(args.run) / "results.json").read_text())
     targets = results.get("attack", {}).get("target_index") or []
 
-    rate = srv.rate.clamp(min=max(bounds.rate_floor(float(srv.rate[1:].sum()), ds.n_items, cfg.floor_frac), 1e-6))
+    rate = srv.floored_rate()
     seqs = bounds.probe_sequences(rate, args.probes, cfg.max_len, torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
-        s = model.score(params, model.last(params, seqs))
-    s[:, 0] = float("-inf")
-    s.scatter_(1, seqs, float("-inf"))
-    top10 = s.topk(10, dim=1).indices
-    top = s.topk(bounds.PROBE_K, dim=1).indices
-    count = torch.zeros(ds.n_items + 1, dtype=torch.float64).index_add_(
-        0, top.flatten(), torch.ones(top.numel(), dtype=torch.float64))
+        _, _, top, count = probe_top(model, params, seqs, bounds.PROBE_K)
+    top10 = top[:, :10]
     seen = count >= bounds.PROBE_MIN_USERS
     ratio = (count[seen] / rate[seen]) / (count[seen] / rate[seen]).median()
     q = torch.quantile(ratio, torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)).tolist()

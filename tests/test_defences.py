@@ -16,7 +16,7 @@ from fortress.errors import InputError
 from fortress.models import from_config
 from fortress.server import defences, robust
 from fortress.server.aggregate import fedavg
-from fortress.server.fortress import FortressConfig, FortressServer, l_sep, l_var, neighbours, regularise
+from fortress.server.fortress import FortressConfig, FortressServer, l_sep, l_var, neighbours, probe_top, regularise
 from fortress.updates import Updates, concat
 
 D = torch.float64
@@ -519,13 +519,8 @@ def test_exposure_caps_follow_rates_and_ignore_a_few_outliers():
 def probe_counts(srv: FortressServer, params, state) -> torch.Tensor:
     """Each item's probe users with it in their top PROBE_K, for probes drawn from generator state `state`."""
     srv.probe_gen.set_state(state)
-    rate = srv.rate.clamp(min=max(bounds.rate_floor(float(srv.rate[1:].sum()), srv.n_items, srv.fc.floor_frac), 1e-6))
-    seqs = bounds.probe_sequences(rate, srv.fc.probe_users, srv.model.max_len, srv.probe_gen)
-    s = srv.model.score(params, srv.model.last(params, seqs))
-    s[:, 0] = float("-inf")
-    s.scatter_(1, seqs, float("-inf"))
-    top = s.topk(bounds.PROBE_K, dim=1).indices
-    return torch.zeros(srv.n_items + 1, dtype=D).index_add_(0, top.flatten(), torch.ones(top.numel(), dtype=D))
+    seqs = bounds.probe_sequences(srv.floored_rate(), srv.fc.probe_users, srv.model.max_len, srv.probe_gen)
+    return probe_top(srv.model, params, seqs, bounds.PROBE_K)[3]
 
 
 def test_the_exposure_cap_shrinks_a_cold_item_everyone_sees_and_leaves_an_honest_model_alone(benign_rounds):
@@ -550,8 +545,7 @@ def test_the_exposure_cap_shrinks_a_cold_item_everyone_sees_and_leaves_an_honest
     log = srv.cap_exposure(p)
     assert cold in log["capped"]
     after = probe_counts(srv, p, state)
-    rate = srv.rate.clamp(min=max(bounds.rate_floor(float(srv.rate[1:].sum()), srv.n_items, srv.fc.floor_frac), 1e-6))
-    cap = bounds.exposure_caps(before, rate, srv.fc.probe_users, srv.fc.exposure_cap)
+    cap = bounds.exposure_caps(before, srv.floored_rate(), srv.fc.probe_users, srv.fc.exposure_cap)
     assert after[cold] <= cap[cold] + 1 and cap[cold] < 0.6 * before[cold]         # 200 items, top 20: a wide cap
     unchanged = torch.ones(ds.n_items + 1, dtype=torch.bool)
     unchanged[cold] = False

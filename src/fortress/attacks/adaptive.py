@@ -203,7 +203,7 @@ def evade_direction(view: AttackView) -> Updates:
     pop[view.targets] = 0.0
     probe = bounds.probe_sequences(pop.double(), EVADE_USERS, view.cfg.max_len, gen)
     keys = dense_keys(view.params)
-    p = {k: v.detach().clone().requires_grad_(k in keys) for k, v in view.params.items()}
+    p = {k: view.params[k].detach().clone().requires_grad_(True) for k in keys}
     rows = view.params["item_emb"][view.targets].detach().clone().requires_grad_(True)  # (T, d)
     E = view.params["item_emb"]
 

@@ -181,6 +181,19 @@ def regularise(table: torch.Tensor, popular: torch.Tensor, suspicious: torch.Ten
     return {"reg_loss_before": first, "reg_loss_after": float(loss(z))}
 
 
+def probe_top(model: Model, params: dict[str, torch.Tensor], seqs: torch.Tensor, k: int):
+    """Probe users' top k + 1 over the catalogue, their own items and padding left out:
+    (h (n, d), scores (n, k + 1), items (n, k + 1), count (N + 1,) float64 users with each item in their top k)."""
+    h = model.last(params, seqs)                                                         # (n, d)
+    s = model.score(params, h)                                                           # (n, N+1)
+    s[:, 0] = float("-inf")
+    s.scatter_(1, seqs, float("-inf"))                                                   # a user's own items
+    vals, top = s.topk(k + 1, dim=1)                                                     # (n, k+1)
+    count = torch.zeros(s.shape[1], dtype=torch.float64).index_add_(
+        0, top[:, :k].flatten(), torch.ones(top[:, :k].numel(), dtype=torch.float64))
+    return h, vals, top, count
+
+
 class FortressServer:
     """The FORTRESS defence for one run: the monitor's state across rounds plus the per-round rule."""
 
@@ -269,7 +282,7 @@ class FortressServer:
         return bounds.coherence_factor(excess.double()), b
 
     def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
-        """Regularise the item table after the round's update (only when something was flagged)."""
+        """After the round's update: regularise the item table (when something was flagged), then cap exposure."""
         popular, flagged = outcome.popular, outcome.flagged     # P already leaves out this round's flagged items
         log: dict[str, Any] = {}
         with torch.no_grad():
@@ -283,19 +296,13 @@ class FortressServer:
         """In place: shrink the rows of items whose share of probe users' top PROBE_K exceeds their cap
         (`bounds.exposure_caps`), so that each reaches at most its cap. The probe users are sequences drawn
         from the monitor's (floored) rates by the server's own generator, fresh each round."""
-        fc, N, K = self.fc, self.n_items, min(bounds.PROBE_K, self.n_items - 1)
+        fc, K = self.fc, min(bounds.PROBE_K, self.n_items - 1)
         if self.rounds < WARMUP or K < 1:
             return {}
-        rate = self.rate.clamp(min=max(bounds.rate_floor(float(self.rate[1:].sum()), N, fc.floor_frac), 1e-6))
+        rate = self.floored_rate()
         seqs = bounds.probe_sequences(rate, fc.probe_users, self.model.max_len, self.probe_gen)    # (n, L)
         table = params["item_emb"]
-        h = self.model.last(params, seqs)                                                # (n, d)
-        s = self.model.score(params, h)                                                  # (n, N+1)
-        s[:, 0] = float("-inf")
-        s.scatter_(1, seqs, float("-inf"))                                               # a user's own items
-        vals, top = s.topk(K + 1, dim=1)                                                 # (n, K+1)
-        count = torch.zeros(N + 1, dtype=torch.float64).index_add_(
-            0, top[:, :K].flatten(), torch.ones(top[:, :K].numel(), dtype=torch.float64))
+        h, vals, top, count = probe_top(self.model, params, seqs, K)
         cap = bounds.exposure_caps(count, rate, fc.probe_users, fc.exposure_cap)
         over = (count > cap).nonzero().flatten()
         over = over[over > 0]
@@ -309,6 +316,11 @@ class FortressServer:
         worst = torch.argsort(-(count[over] / cap[over]), stable=True)[:MAX_LISTED]
         return {"exposure_capped": int(len(over)), "capped": over[worst].tolist(),
                 "capped_reach": (count[over[worst]] / fc.probe_users).tolist()}
+
+    def floored_rate(self) -> torch.Tensor:
+        """(N + 1,) the items' rates, at least the warm monitor's floor (`bounds.rate_floor` of their sum) and 1e-6."""
+        total = float(self.rate[1:].sum())
+        return self.rate.clamp(min=max(bounds.rate_floor(total, self.n_items, self.fc.floor_frac), 1e-6))
 
     def state_dict(self) -> dict[str, Any]:
         return {"rate": self.rate.clone(), "recent": self.recent.clone(), "last_flagged": self.last_flagged.clone(),
