@@ -17,7 +17,12 @@ at the sgemm rate and its bytes at the copy bandwidth (a roofline); ratio = time
   machine hits both alike; min and median over the rounds after one warm-up.
 - `loop`: the per-client reference engine on the same FedAvg rounds.
 - `defences`: each server rule's aggregation (`aggregate` + `after_apply`) of the same 256 uploads;
-  its limit is reading the uploads once at the copy bandwidth.
+  its limit is reading the uploads once at the copy bandwidth. In the same loop, the FedAvg round (client
+  step + FedAvg + apply) and each rule's added share of it, per round (median).
+- `defround`: whole rounds as `fortress run` makes them without a defence and with `defence=fortress`,
+  alternating on the same state; FORTRESS's added share of the round (median of the paired rounds).
+  Both rows start from a fresh model, and with `--defence-init RUN` also from a saved defended run's model
+  and monitor (the steady state of a long training; a fresh monitor flags almost every item).
 - `eval`: full-ranking validation of every user; FLOPs counted over the whole evaluation.
 - `central`: the first `--central-batches` steps of a central epoch (full softmax over the
   catalogue), and the federated/central throughput in trained interactions per second.
@@ -183,24 +188,43 @@ def time_rounds(ds, cfgs: list[Config], clients: int, rounds: int, with_work: bo
     return out
 
 
-def time_defences(ds, cfg: Config, clients: int, rounds: int, names: list[str]) -> dict:
-    """Each defence's aggregation (`aggregate` + `after_apply` on a copy of the model) of the same uploads."""
+def start_from(ds, cfg: Config, model, init: str | None, rules: dict):
+    """Parameters to time on: a fresh model (FORTRESS monitors set warm, so every step runs; their rates
+    start at zero, a transient in which every item is new), or a saved defended run's model and monitor
+    state (`--defence-init RUN`: the steady state of a long training)."""
+    if not init:
+        for rule in rules.values():
+            if hasattr(rule, "rounds"):
+                rule.rounds = bounds.WARMUP
+        return model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
+    blob = torch.load(Path(init) / "model.pt", weights_only=False)
+    for rule in rules.values():
+        if hasattr(rule, "load_state_dict") and (blob.get("defence") or {}).get("name") == rule.name:
+            rule.load_state_dict(blob["defence"]["state"])
+    return {k: v.clone() for k, v in blob["params"].items()}
+
+
+def time_defences(ds, cfg: Config, clients: int, rounds: int, names: list[str], init: str | None = None) -> dict:
+    """Each defence's aggregation (`aggregate` + `after_apply` on a copy of the model) of the same uploads,
+    and in the same loop the FedAvg round they are added to (client step + FedAvg + apply): each rule's
+    added share of a round is (its time - FedAvg's) / the round's time, per round."""
     from fortress.server import defences
     model = from_config(cfg)
-    params = model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
+    rules = {n: defences.make(override(cfg, {"defence": n}), ds.n_items) for n in names}
+    params = start_from(ds, cfg, model, init, rules)
     eligible = eligible_clients(ds)
     gopt, keys = GlobalOptimizer(cfg.global_opt, cfg.global_lr), dense_keys(params)
-    rules = {n: defences.make(override(cfg, {"defence": n}), ds.n_items) for n in names}
-    for rule in rules.values():         # a warm FORTRESS monitor, so every step runs (the exposure cap waits WARMUP rounds)
-        if hasattr(rule, "rounds"):
-            rule.rounds = bounds.WARMUP
-    agg, nbytes = {n: [] for n in names}, []
+    agg, nbytes, round_s = {n: [] for n in names}, [], []
     for r in range(1 + rounds):
         users = np.random.default_rng([cfg.seed, r]).choice(eligible, size=clients, replace=False)
+        t0 = time.perf_counter()
         updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params,
                               round_chunks(ds, cfg, users, r), cfg.engine)
         copy = {k: v.clone() for k, v in params.items()}
+        t1 = time.perf_counter()
         gopt.apply(params, keys, params["item_emb"], fedavg(updates))
+        if r:
+            round_s.append(time.perf_counter() - t1 + (t1 - t0))
         for n, rule in rules.items():
             t0 = time.perf_counter()
             rule.after_apply(copy, rule.aggregate(updates, copy))
@@ -208,7 +232,39 @@ def time_defences(ds, cfg: Config, clients: int, rounds: int, names: list[str]) 
                 agg[n].append(time.perf_counter() - t0)
         if r:
             nbytes.append(updates.dense.numel() * 4 + updates.rows_delta.numel() * 4 + len(updates.rows_item) * 16)
-    return {"defences": {n: stats(v) for n, v in agg.items()}, "bytes": float(np.mean(nbytes))}
+    out = {"defences": {n: stats(v) for n, v in agg.items()}, "bytes": float(np.mean(nbytes)),
+           "fedavg_round": stats(round_s), "init": init or "fresh"}
+    if "none" in agg:
+        out["added_share"] = {n: float(np.median((np.array(v) - np.array(agg["none"])) / np.array(round_s)))
+                              for n, v in agg.items() if n != "none"}
+    return out
+
+
+def time_defence_rounds(ds, cfg: Config, rounds: int, init: str | None = None) -> dict:
+    """Whole rounds as `fortress run` makes them (as `time_cli_rounds`), without a defence and with
+    `defence=fortress`, on the same state each round (the defended model goes on), the two in alternating
+    order so that load on a shared machine hits both alike; the added share per round, median."""
+    from fortress.rounds import client_step, sample_clients, server_step
+    from fortress.server import defences
+    model = from_config(cfg)
+    fortress = defences.make(override(cfg, {"defence": "fortress"}), ds.n_items)
+    params = start_from(ds, cfg, model, init, {"fortress": fortress})
+    gopt, eligible = GlobalOptimizer(cfg.global_opt, cfg.global_lr), eligible_clients(ds)
+    sec: dict[str, list[float]] = {"none": [], "fortress": []}
+    for r in range(1 + rounds):
+        snapshot = {k: v.clone() for k, v in params.items()}
+        for name in (("none", "fortress") if r % 2 else ("fortress", "none")):
+            p = params if name == "fortress" else {k: v.clone() for k, v in snapshot.items()}
+            rule = fortress if name == "fortress" else None
+            t0 = time.perf_counter()
+            users = sample_clients(cfg, eligible, r)
+            got = client_step(cfg, model, ds, p, users, r, stream=rule is None)
+            server_step(cfg, p, gopt, got, len(users), ds.n_items, r, rule)
+            if r:
+                sec[name].append(time.perf_counter() - t0)
+    added = (np.array(sec["fortress"]) - np.array(sec["none"])) / np.array(sec["none"])
+    return {"seconds": {n: stats(v) for n, v in sec.items()}, "added_share": float(np.median(added)),
+            "init": init or "fresh"}
 
 
 def eval_flops(ds, model, params) -> float:
@@ -319,7 +375,9 @@ def measure(spec: dict) -> dict:
         row.update(seconds=stats(sec), users_evaluated=res["users"], flops=eval_flops(ds, model, params),
                    hr10=res["HR@10"])
     elif kind == "defences":
-        row.update(time_defences(ds, cfg, spec["clients"], spec["rounds"], spec["defences"]))
+        row.update(time_defences(ds, cfg, spec["clients"], spec["rounds"], spec["defences"], spec.get("init")))
+    elif kind == "defence_round":
+        row.update(time_defence_rounds(ds, cfg, spec["rounds"], spec.get("init")))
     elif kind == "central":
         row.update(time_central(ds, override(cfg, {"training": "central"}), spec["batches"]))
     elif kind == "cli":
@@ -367,8 +425,20 @@ def table(rows: list[dict]) -> tuple[list[str], dict]:
                                                   "ratio": v["seconds"]["min"] / lim,
                                                   "interactions_per_s": v.get("interactions", 0) / v["seconds"]["min"]}
         elif k == "defences":
+            start = "fresh model" if r["init"] == "fresh" else "from " + Path(r["init"]).name
+            fr = r["fedavg_round"]
+            lines.append(f"{'fedavg round (' + start + ')':<40} {tag:<8} {fr['min']:>8.3f} / {fr['median']:>7.3f}")
             for name, v in r["defences"].items():
                 line(f"  {name} aggregation", r, v, 0.0, r["bytes"])
+            for name, share in r.get("added_share", {}).items():
+                lines.append(f"  {name} adds {100 * share:.1f}% to the FedAvg round ({start}; median over rounds)")
+                summary[f"{tag}:{name}:added:{r['init']}"] = share
+        elif k == "defence_round":
+            start = "fresh model" if r["init"] == "fresh" else "from " + Path(r["init"]).name
+            for name, v in r["seconds"].items():
+                lines.append(f"{'cli round, defence=' + name:<40} {tag:<8} {v['min']:>8.3f} / {v['median']:>7.3f}")
+            lines.append(f"  fortress adds {100 * r['added_share']:.1f}% to the whole round ({start}; paired, median)")
+            summary[f"{tag}:fortress:round_added:{r['init']}"] = r["added_share"]
         elif k == "eval":
             lim = line(f"eval, {r['users_evaluated']} users x {r['items']} items", r, r["seconds"], r["flops"], 0.0)
             summary[f"{tag}:eval"] = {"seconds": r["seconds"]["min"], "limit": lim}
@@ -431,8 +501,10 @@ def main() -> None:
     ap.add_argument("--rule-scale", default="256,1024,4096",
                     help="clients per round of the robust rules' memory rows on the same synthetic federation")
     ap.add_argument("--rule-scale-rules", default="median,krum")
-    ap.add_argument("--rows", default="pair,loop,defences,eval,central,cli,scale")
+    ap.add_argument("--rows", default="pair,loop,defences,defround,eval,central,cli,scale")
     ap.add_argument("--defences", default="none,fortress,median,trimmed_mean,krum,multi_krum,norm_bound")
+    ap.add_argument("--defence-init", metavar="RUN",
+                    help="the defences and defround rows also start from this defended run's model and monitor")
     ap.add_argument("--baseline", help="a checkout whose src/ the pair, loop, eval and cli rows also run on")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--out", default="docs/bench/engine.json")
@@ -448,6 +520,7 @@ def main() -> None:
         return
     base = dict(s.split("=", 1) for s in args.set)
     groups = args.rows.split(",")
+    inits = [None] + ([args.defence_init] if args.defence_init else [])
     common = {"data": args.data, "threads": args.threads, "config": base}
     codes = [None] + ([args.baseline] if args.baseline else [])
     rows = []
@@ -458,7 +531,9 @@ def main() -> None:
             "loop": [{"kind": "pair", "modes": ["fedavg"], "clients": 256, "rounds": args.loop_rounds,
                       "config": {**base, "engine": "loop"}}],
             "defences": [{"kind": "defences", "clients": 256, "rounds": args.rounds,
-                          "defences": args.defences.split(",")}],
+                          "defences": args.defences.split(","), "init": init} for init in inits],
+            "defround": [{"kind": "defence_round", "clients": 256, "rounds": args.cli_rounds, "init": init}
+                         for init in inits],
             "eval": [{"kind": "eval", "repeats": args.eval_repeats}],
             "central": [{"kind": "central", "batches": args.central_batches}],
             "cli": [{"kind": "cli", "rounds": args.cli_rounds}],

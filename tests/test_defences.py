@@ -575,3 +575,29 @@ def test_blocked_rules_equal_the_whole_round_at_once(rule, monkeypatch):
     assert torch.equal(whole.rows_item, part.rows_item)
     assert torch.allclose(whole.dense, part.dense) and torch.allclose(whole.rows_delta, part.rows_delta)
     assert torch.allclose(w_whole, w_part)
+
+
+def test_selection_quantile_is_torch_quantile_to_the_bit():
+    """bounds.quantile (two selections) gives torch.quantile's value exactly, ties and both dtypes included."""
+    g = torch.Generator().manual_seed(0)
+    for t in range(60):
+        n = int(torch.randint(3, 90, (1,), generator=g))
+        x = torch.randn(n * n, generator=g, dtype=torch.float64 if t % 2 else torch.float32)
+        if t % 3 == 0:
+            x = (x * 2).round()                                  # many ties
+        for q in (0.0, 0.5, 0.9, 0.95, 0.99, 1.0):
+            assert torch.equal(bounds.quantile(x, q), x.quantile(q)), (n, x.dtype, q)
+
+
+def test_probe_top_in_blocks_is_the_whole_pass(monkeypatch):
+    """Scoring probe users in blocks (to keep each block's scores in cache) changes nothing."""
+    import fortress.server.fortress as fortress_server
+    cfg = Config(dim=16, max_len=10)
+    model = from_config(cfg)
+    params = model.init(300, torch.Generator().manual_seed(1))
+    seqs = bounds.probe_sequences(torch.ones(301, dtype=torch.float64), 150, cfg.max_len, torch.Generator().manual_seed(2))
+    blocked = probe_top(model, params, seqs, 20)
+    monkeypatch.setattr(fortress_server, "PROBE_BLOCK", 10_000)
+    whole = probe_top(model, params, seqs, 20)
+    for a, b in zip(blocked, whole):
+        assert torch.equal(a, b)

@@ -136,12 +136,22 @@ def sketch(x: torch.Tensor, width: int, gen: torch.Generator) -> torch.Tensor:
     return y * s2
 
 
+def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """`x.quantile(q)` of a 1-D tensor (linear interpolation, the same value to the bit) by one or two
+    selections instead of a sort: O(n) for the 65k pairwise cosines of a round."""
+    rank = torch.tensor(q, dtype=x.dtype) * (x.numel() - 1)        # as torch.quantile computes it
+    lo, hi = int(rank), int(torch.ceil(rank))
+    below = x.kthvalue(lo + 1).values
+    above = below if hi == lo else x.kthvalue(hi + 1).values
+    return below.lerp(above, rank - lo)
+
+
 def coherence(cos: torch.Tensor, q: float) -> tuple[torch.Tensor, float]:
     """Each client's coherence excess x_c = sum over other clients of max(0, cos - b), b the q-quantile of
     the round's pairwise cosines (a minority of pairs cannot move it). cos (n, n) -> ((n,), b)."""
     n = cos.shape[0]
     off = ~torch.eye(n, dtype=torch.bool)
-    b = float(cos[off].quantile(q)) if n > 2 else 1.0
+    b = float(quantile(cos[off], q)) if n > 2 else 1.0
     return ((cos - b).clamp(min=0) * off).sum(1), b
 
 

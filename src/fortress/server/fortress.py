@@ -89,6 +89,7 @@ WARMUP = bounds.WARMUP
 FLAGGED_SPEED = bounds.FLAGGED_SPEED
 MAX_LISTED = 20       # flagged item ids (most pushed first) written to the round log
 PROBE_SEED = 7919     # the probe users' generator is seeded apart from the sketch's
+PROBE_BLOCK = 64      # probe users scored together (a block's 64 x N scores fit in cache for its top k)
 
 
 @dataclass(frozen=True)
@@ -185,11 +186,16 @@ def probe_top(model: Model, params: dict[str, torch.Tensor], seqs: torch.Tensor,
     """Probe users' top k + 1 over the catalogue, their own items and padding left out:
     (h (n, d), scores (n, k + 1), items (n, k + 1), count (N + 1,) float64 users with each item in their top k)."""
     h = model.last(params, seqs)                                                         # (n, d)
-    s = model.score(params, h)                                                           # (n, N+1)
-    s[:, 0] = float("-inf")
-    s.scatter_(1, seqs, float("-inf"))                                                   # a user's own items
-    vals, top = s.topk(k + 1, dim=1)                                                     # (n, k+1)
-    count = torch.zeros(s.shape[1], dtype=torch.float64).index_add_(
+    vals, top = [], []
+    for i in range(0, len(h), PROBE_BLOCK):        # blocks of users: each block's scores stay in cache for its top k
+        s = model.score(params, h[i:i + PROBE_BLOCK])                                    # (b, N+1)
+        s[:, 0] = float("-inf")
+        s.scatter_(1, seqs[i:i + PROBE_BLOCK], float("-inf"))                            # a user's own items
+        v, t = s.topk(k + 1, dim=1)                                                      # (b, k+1)
+        vals.append(v)
+        top.append(t)
+    vals, top = torch.cat(vals), torch.cat(top)
+    count = torch.zeros(params["item_emb"].shape[0], dtype=torch.float64).index_add_(
         0, top[:, :k].flatten(), torch.ones(top[:, :k].numel(), dtype=torch.float64))
     return h, vals, top, count
 
