@@ -80,8 +80,10 @@ def surprising(mass: torch.Tensor, rate: torch.Tensor, p_flag: float) -> torch.T
     regularised incomplete gamma function so that it is defined for fractional mass (a count of pushers
     when every push is whole). mass (N,) float, rate (N,) float64 > 0."""
     m = mass.double()
-    tail = torch.special.gammainc(m.clamp(min=1.0), rate)          # P(X >= m) for X ~ Poisson(rate)
-    return (m >= 2) & (tail < p_flag)
+    out = m >= 2
+    idx = out.nonzero().flatten()                                  # the tail only where it can flag
+    out[idx] = torch.special.gammainc(m[idx], rate[idx]) < p_flag   # P(X >= m) for X ~ Poisson(rate)
+    return out
 
 
 def allowance(rate: torch.Tensor, p_flag: float, cap: float) -> torch.Tensor:

@@ -128,10 +128,10 @@ def retained(u: Updates, w_eff: torch.Tensor, row_norm: torch.Tensor, row_kept: 
              dense_norm: torch.Tensor, dense_kept: torch.Tensor) -> torch.Tensor:
     """(n,) ||kept contributions|| / ||FedAvg contributions (reported weight x delta)|| of each client."""
     scale = (u.weight.double() / w_eff)                                                 # reported / effective
-    raw = (dense_norm * scale) ** 2
-    raw = raw.index_add(0, u.rows_client, (row_norm * scale[u.rows_client]) ** 2)
-    kept = (dense_norm * dense_kept) ** 2
-    kept = kept.index_add(0, u.rows_client, (row_norm * row_kept) ** 2)
+    both = torch.stack([(dense_norm * scale) ** 2, (dense_norm * dense_kept) ** 2], 1)   # (n, 2) raw, kept
+    both.index_add_(0, u.rows_client, torch.stack([(row_norm * scale[u.rows_client]) ** 2,
+                                                   (row_norm * row_kept) ** 2], 1))     # one pass over the rows
+    raw, kept = both[:, 0], both[:, 1]
     return torch.where(raw > 0, (kept / raw.clamp(min=1e-300)).sqrt(), torch.ones_like(raw)).clamp(max=1.0)
 
 
