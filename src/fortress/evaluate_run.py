@@ -16,12 +16,13 @@ import torch
 from fortress import config as config_mod
 from fortress.data import Dataset, load_data
 from fortress.errors import InputError, printable
+from fortress.experiments.runner import STRATA
 from fortress.metrics import KS, evaluate
 from fortress.models import from_config
 from fortress.recommend import load_run
 from fortress.simulate import model_scorer, pop_scorer, torch_threads, write_json
 
-OUT_NAME = "strata.json"
+OUT_NAME = STRATA              # so that `fortress report` finds it in an experiment's cell
 METRICS = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in KS)
 
 
@@ -80,8 +81,8 @@ def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("test",), data:
     torch.set_num_threads(torch_threads(threads))
     pop = blob["params"] is None
     scorer = pop_scorer(ds) if pop else model_scorer(from_config(cfg), blob["params"], ds)
-    out: dict[str, Any] = {"run": str(run_dir), "model": "pop" if pop else f"{cfg.training}/{cfg.objective}/{cfg.backbone}",
-                           "dataset": ds.name, "data": used}
+    model = "pop" if pop else f"{cfg.training}/{cfg.objective}/{cfg.backbone}"
+    out: dict[str, Any] = {"run": str(run_dir), "model": model, "dataset": ds.name, "data": used}
     try:
         saved = json.loads((folder / "results.json").read_text())
     except (OSError, ValueError):

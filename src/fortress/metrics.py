@@ -90,7 +90,7 @@ def history_matrix(ds: Dataset, users: np.ndarray, split: str) -> torch.Tensor:
 
 
 HISTORY_CUTS = (5, 20)     # train interactions of the user: <= 5, 6-20, > 20
-HEAD_SHARE = 0.2           # popular / cold items: the most / least popular that together hold this share of train interactions
+HEAD_SHARE = 0.2           # popular / cold: the most / least popular items holding this share of train interactions
 
 
 @dataclass(frozen=True)
