@@ -198,3 +198,46 @@ def test_device_auto_runs_on_the_cpu_here(tmp_path, capsys, monkeypatch):
                          "--set", "defence=median")
     assert code == 0
     assert json.loads((tmp_path / "results.json").read_text())["config"]["device"] == "auto"
+
+
+def test_eval_writes_overall_and_strata_of_a_saved_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "run", "--data", "synthetic", "--out", str(run_dir), *SMALL, "--set", "rounds=3",
+                   "--set", "clients_per_round=32", "--set", "eval_every=0", "--set", "threads=1")[0] == 0
+    res = json.loads((run_dir / "results.json").read_text())
+    assert {"history", "popularity"} == set(res["test"]["strata"]) == set(res["valid"]["strata"])
+    code, out, err = run_cli(capsys, "eval", str(run_dir), "--split", "both", "--threads", "1")
+    assert code == 0, err
+    got = json.loads((run_dir / "strata.json").read_text())
+    assert got["test"] == res["test"] and got["valid"] == res["valid"]     # the same numbers as the run's own
+    assert got["differs_from_results_json"] == {"valid": 0.0, "test": 0.0}
+    hist = got["test"]["strata"]["history"]["groups"]
+    assert sum(g["users"] for g in hist.values()) == got["test"]["users"] == 400
+    pop = got["test"]["strata"]["popularity"]
+    assert f"test item cold (<= {pop['cold_max']} in train)" in out and "history 6-20 train items" in out
+    assert "overall test metrics equal those in the run's results.json" in out
+    out_file = tmp_path / "elsewhere" / "s.json"              # --out: the run's folder is left alone
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert run_cli(capsys, "eval", str(run_dir), "--out", str(out_file), "--threads", "1")[0] == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert set(json.loads(out_file.read_text())) >= {"run", "model", "dataset", "test"}
+
+
+def test_eval_finds_a_recbole_benchmark_by_its_folder(tmp_path, capsys, monkeypatch):
+    """A benchmark run names its data FOLDER/NAME: eval looks for the folder in $FORTRESS_DATA."""
+    shared = tmp_path / "shared"
+    head = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    rows = {"train": "1\t5\t6\n2\t7\t5\n3\t6\t8\n", "valid": "1\t5 6\t7\n2\t7 5\t6\n3\t6 8\t5\n",
+            "test": "1\t5 6 7\t8\n2\t7 5 6\t8\n3\t6 8 5\t7\n"}
+    (shared / "toybench").mkdir(parents=True)
+    for part, text in rows.items():
+        (shared / "toybench" / f"b.{part}.inter").write_text(head + text)
+    monkeypatch.setenv("FORTRESS_DATA", str(shared))
+    run_dir = tmp_path / "pop"
+    code, _, err = run_cli(capsys, "run", "--data", "toybench", "--out", str(run_dir), "--set", "training=pop", "--quiet")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "eval", str(run_dir))
+    assert code == 0, err
+    assert json.loads((run_dir / "strata.json").read_text())["data"] == "toybench"
+    msg = one_line_error(capsys, "eval", str(run_dir), "--data", "synthetic")
+    assert "--data synthetic: not the data of the run in" in msg and "catalogue" in msg

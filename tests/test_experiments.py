@@ -455,3 +455,16 @@ def test_a_cell_is_claimed_by_one_runner_and_broken_locks_are_one_line(tmp_path,
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(InputError, match="file locks do not work in this folder"):
         runner.claim(cell)
+
+
+def test_cell_summary_carries_the_strata_of_the_run(tmp_path):
+    """The report is rebuilt from summaries alone: a run's test (and valid) strata go into its summary."""
+    folder = tmp_path / "cells" / "c"
+    folder.mkdir(parents=True)
+    cell = specs.Cell("c", "run", ["run", "--out", str(folder)], folder, folder, tmp_path, labels=["c"])
+    strata = {"history": {"cuts": [5, 20], "groups": {"<=5": {"users": 3, "HR@10": 0.5}}}}
+    runner.write_json(folder / "results.json", {
+        "config": {"seed": 0}, "dataset": {"name": "toy", "users": 3, "items": 5},
+        "valid": {"HR@10": 0.4, "strata": strata}, "test": {"HR@10": 0.5, "strata": strata}, "timing": {}})
+    got = runner.summary(cell, "ok", 1.0, None)
+    assert got["test"]["strata"] == strata and got["valid"]["strata"] == strata

@@ -129,3 +129,80 @@ def test_greater_equal_from_signs_matches_comparisons():
     assert torch.equal(got[0], want[0].int()) and torch.equal(got[1], want[1].int())
     scores[5, 7] = float("nan")
     assert _greater_equal(scores.clone(), target) is None                       # rank_sums then compares
+
+
+def strata_toy():
+    """Users of each history stratum and test items of each popularity stratum (counted in the test below)."""
+    seqs = [np.array([1, 1, 2, 3, 6]),                                        # u0: train 3 items, test 6
+            np.array([1, 1, 1, 2, 2, 3, 4, 5, 4, 1]),                         # u1: train 8, test 1
+            np.array([1] * 10 + [2] * 6 + [3] * 3 + [4] * 2 + [5] + [2, 5]),  # u2: train 22, test 5
+            np.array([1, 2, 3, 4, 5, 2])]                                     # u3: train 4, test 2
+    return from_sequences("strata", seqs, ["a", "b", "c", "d"], [""] + [f"i{i}" for i in range(1, 7)])
+
+
+STRATA_SCORES = [[0, .9, .8, .7, .1, .2, .5],     # u0: candidates 4, 5, 6 -> target 6 first
+                 [0, .3, .9, .9, .9, .9, .5],     # u1: candidates 1 (target, repeated), 6 -> second
+                 [0, .9, .9, .9, .9, .6, .5],     # u2: candidates 5 (target), 6 -> first
+                 [0, .9, .3, .9, .9, .9, .5]]     # u3: candidates 2 (target), 6 -> second
+
+
+def test_popularity_cuts_hold_a_fifth_of_train_interactions_at_each_end():
+    from fortress.metrics import popularity_cuts
+    ds = strata_toy()
+    # train counts: item 1: 16, 2: 10, 3: 5, 4: 4, 5: 2, 6: 0 (37 in all; a fifth is 7.4)
+    assert ds.item_counts().tolist() == [0, 16, 10, 5, 4, 2, 0]
+    # least popular: 6, 5, 4 hold 6 < 7.4, with 3 they hold 11 -> cold <= 5; item 1 alone holds 16 -> popular >= 16
+    assert popularity_cuts(ds.item_counts()) == (5, 16)
+    # items of one count stay together: ten items of count 1 and one of 10 -> cold takes all ten ones
+    assert popularity_cuts(np.array([0] + [1] * 10 + [10])) == (1, 10)
+
+
+def test_strata_count_hits_per_history_length_and_target_popularity():
+    res = evaluate(strata_toy(), fixed(STRATA_SCORES), "test", ks=(1, 2), by_strata=True)
+    # hits at 1: u0 yes, u1 no, u2 yes, u3 no; at 2 all hit, u1 and u3 at rank 1 (gain 1/log2(3))
+    assert res["users"] == 4 and res["HR@1"] == 0.5 and res["HR@2"] == 1.0
+    st = res["strata"]
+    hist, pop = st["history"]["groups"], st["popularity"]["groups"]
+    assert st["history"]["cuts"] == [5, 20]
+    assert (st["popularity"]["cold_max"], st["popularity"]["popular_min"]) == (5, 16)
+    # history: <=5 = u0 (3 items), u3 (4); 6-20 = u1 (8); >20 = u2 (22)
+    assert {k: g["users"] for k, g in hist.items()} == {"<=5": 2, "6-20": 1, ">20": 1}
+    assert (hist["<=5"]["HR@1"], hist["6-20"]["HR@1"], hist[">20"]["HR@1"]) == (0.5, 0.0, 1.0)
+    assert hist["<=5"]["NDCG@2"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    # test items: u0 6 (0 in train) and u2 5 (2): cold; u3 2 (10): mid; u1 1 (16): popular
+    assert {k: g["users"] for k, g in pop.items()} == {"cold": 2, "mid": 1, "popular": 1}
+    assert (pop["cold"]["HR@1"], pop["mid"]["HR@1"], pop["popular"]["HR@1"]) == (1.0, 0.0, 0.0)
+    assert pop["popular"]["NDCG@2"] == pytest.approx(1 / math.log2(3))
+
+
+def test_strata_leave_the_overall_metrics_bit_identical():
+    from fortress.data import synthetic
+    ds = synthetic(300, 60, seed=3)
+    table = torch.rand(ds.n_users, ds.n_items + 1, generator=torch.Generator().manual_seed(0))
+    scorer = fixed(table.tolist())
+    for split in ("valid", "test"):
+        plain = evaluate(ds, scorer, split, batch=50, targets=[3])
+        with_strata = evaluate(ds, scorer, split, batch=50, targets=[3], by_strata=True)
+        st = with_strata.pop("strata")
+        assert with_strata == plain
+        for name in ("history", "popularity"):            # every evaluated user is in one stratum of each
+            groups = st[name]["groups"].values()
+            assert sum(g["users"] for g in groups) == plain["users"]
+            assert sum(g["users"] * g["HR@10"] for g in groups) == pytest.approx(plain["users"] * plain["HR@10"])
+
+
+def test_strata_sums_of_user_parts_add_up():
+    from fortress.data import synthetic
+    from fortress.metrics import from_sums, rank_sums, strata, zero_sums
+    ds = synthetic(120, 40, seed=3)
+    scorer = fixed(torch.rand(ds.n_users, ds.n_items + 1, generator=torch.Generator().manual_seed(1)).tolist())
+    groups = strata(ds, "test")
+    whole = evaluate(ds, scorer, "test", batch=32, by_strata=True)
+    parts = [rank_sums(ds, scorer, "test", 7, users=np.flatnonzero(np.arange(ds.n_users) % 3 == p), groups=groups)
+             for p in range(3)]
+    got = from_sums(parts[0] + parts[1] + parts[2], groups=groups)
+    for name, st in whole["strata"].items():
+        for k, g in st["groups"].items():
+            assert got["strata"][name]["groups"][k] == pytest.approx(g, abs=1e-12)
+    with pytest.raises(ValueError, match="cannot add"):
+        parts[0] + zero_sums()                            # sums with strata and without do not mix

@@ -131,3 +131,53 @@ def test_one_method_under_several_attacks_is_one_attack_per_row():
     assert lines[0] == "| FedAvg: attack | HR@10 | NDCG@10 | ER@5 | ER@10 |"
     assert lines[2] == "| no attack | 0.3000 (n=1) | 0.1000 (n=1) | 0.0000 (n=1) | 0.0000 (n=1) |"
     assert lines[3] == "| A-hum 5% | 0.3000 ± 0.1414 | 0.1000 ± 0.0707 | 0.6000 ± 0.1414 | 0.7000 ± 0.1414 |"
+
+
+def strata_of(hr: float, cold: float) -> dict:
+    """A run's test metrics with strata, as `fortress run` / `fortress eval` write them (HR@10 only matters here)."""
+    def group(users, h):
+        return {"users": users, "HR@10": h, "NDCG@10": h / 2}
+    return {"HR@10": hr, "NDCG@10": hr / 2, "users": 100, "strata": {
+        "history": {"by": "the user's train interactions", "cuts": [5, 20],
+                    "groups": {"<=5": group(70, hr), "6-20": group(25, hr), ">20": group(5, hr)}},
+        "popularity": {"by": "the test item's train interactions", "head_share": 0.2, "cold_max": 8, "popular_min": 79,
+                       "groups": {"cold": group(30, cold), "mid": group(50, hr), "popular": group(20, hr)}}}}
+
+
+def test_report_stratified_table_from_summaries_and_strata_json(tmp_path, monkeypatch):
+    """Strata in a summary (a run that wrote them) or in the cell's strata.json (`fortress eval` of an older cell);
+    a cell with neither is left out of the stratified table; a published folder gives the same table."""
+    import json
+    runs = (("FedAvg", 0, "summary", 0.30, 0.02), ("FedAvg", 1, "eval", 0.32, 0.04),
+            ("FORTRESS", 0, "summary", 0.33, 0.10), ("FORTRESS", 1, None, 0.35, 0.0))
+
+    def plan(root: Path) -> Plan:
+        cells = {f"{m}-{seed}": Cell(f"{m}-{seed}", "run", ["run", "--out", str(root / "cells" / f"{m}-{seed}")],
+                                     root / "cells" / f"{m}-{seed}", root / "cells" / f"{m}-{seed}", root,
+                                     labels=[f"{m}-{seed}"]) for m, seed, *_ in runs}
+        entries = [Entry("main", "toy", m, "none", None, seed, f"{m}-{seed}") for m, seed, *_ in runs]
+        return Plan(Path("spec.toml"), root, cells, entries, {}, er_last=1, text="[grid]\n")
+    p = plan(tmp_path / "exp")
+    for m, seed, where, hr, cold in runs:
+        c = p.cells[f"{m}-{seed}"]
+        c.folder.mkdir(parents=True)
+        test = strata_of(hr, cold)
+        if where == "eval":
+            write_json(c.folder / "strata.json", {"run": str(c.folder), "test": test})
+        if where != "summary":
+            test = {k: v for k, v in test.items() if k != "strata"}
+        write_json(c.folder / "summary.json", {"status": "ok", "seconds": 1.0, "test": test})
+    text = report.write(p).read_text()
+    hr = text.split("### toy: test HR@10 by stratum")[1].split("###")[0]
+    assert ("| method | all (100 users) | history <=5 (70 users) | history 6-20 (25 users) | history >20 (5 users) | "
+            "cold (30 users) | mid (50 users) | popular (20 users) |") in hr
+    assert "| FedAvg | 0.3100 ± 0.0141 |" in hr and "| 0.0300 ± 0.0141 |" in hr      # seed 1 from strata.json
+    assert "| FORTRESS | **0.3300 (n=1)** |" in hr and "**0.1000 (n=1)**" in hr      # seed 1 has no strata
+    assert "20%: cold <= 8, popular >= 79" in text and "### toy: test NDCG@10 by stratum" in text
+    monkeypatch.setattr(report, "rebuild", plan)                # the published folder's plan (no real spec here)
+    published = report.publish(p, tmp_path / "pub")
+    assert (tmp_path / "pub" / "cells" / "FedAvg-1" / "strata.json").is_file()
+    assert json.loads((tmp_path / "pub" / "cells" / "FedAvg-0" / "summary.json").read_text())["test"]["strata"]
+    again = report.write(published).read_text()
+    assert again.split("## Main table by stratum")[1].split("## Cells")[0] == \
+        text.split("## Main table by stratum")[1].split("## Cells")[0]

@@ -1,4 +1,4 @@
-"""`fortress` command line: run, experiment, report, data stats, recommend, plot."""
+"""`fortress` command line: run, experiment, report, data stats, recommend, eval, plot."""
 from __future__ import annotations
 
 import argparse
@@ -165,6 +165,23 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fortress import evaluate_run
+    splits = ("valid", "test") if args.split == "both" else (args.split,)
+    result = evaluate_run.evaluate_run(args.run_dir, splits, args.data, args.threads)
+    path = evaluate_run.write(result, args.out or Path(args.run_dir) / evaluate_run.OUT_NAME)
+    for split in splits:
+        for line in evaluate_run.table(result, split):
+            print(line)
+        diff = result.get("differs_from_results_json", {}).get(split)
+        if diff is not None:
+            print(f"overall {split} metrics {'equal' if diff == 0 else f'differ by up to {diff:.1e} from'} "
+                  "those in the run's results.json")
+        print()
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_plot_trajectories(args: argparse.Namespace) -> int:
     from fortress.plots import trajectories
     out = args.out or str(Path(args.run_dirs[0]) / "trajectories.png")
@@ -301,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--user", required=True, help="user id as in the data (or its readable name)")
     rec.add_argument("-k", type=int, default=10)
     rec.set_defaults(func=cmd_recommend)
+
+    ev = sub.add_parser("eval", help="evaluate a saved run again: HR/NDCG@K overall and by history length and "
+                                     "target popularity (writes RUN_DIR/strata.json)")
+    ev.add_argument("run_dir", help="output folder of `fortress run`")
+    ev.add_argument("--split", choices=("test", "valid", "both"), default="test", help="split to evaluate")
+    ev.add_argument("--data", help="the run's data (default: the dataset the run names, looked up as `run --data` does)")
+    ev.add_argument("--out", help="JSON file (or a folder, for its strata.json) to write; default RUN_DIR/strata.json")
+    ev.add_argument("--threads", type=_at_least(0), default=0, help="torch threads (0: as threads=0 of `run`)")
+    ev.set_defaults(func=cmd_eval)
 
     plot = sub.add_parser("plot", help="figures from saved runs")
     psub = plot.add_subparsers(dest="plot_command", metavar="COMMAND", required=True)

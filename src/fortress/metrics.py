@@ -6,11 +6,19 @@ occurs earlier in the history (repeat consumption, as in MIND). Ties are broken 
 random *in expectation*: a target whose score ties with e - 1 other items at g items behind
 better ones is equally likely to sit at each rank g..g+e-1, and HR/NDCG are the exact expected
 values over those ranks. So a constant scorer gets the chance level, not a perfect score.
+
+Strata (`strata`, `Strata`): the same pass can also sum HR/NDCG per group of users, by the user's
+train-history length (the number of their train interactions: <= 5, 6-20, > 20) and by the
+popularity of the held-out item (its train interaction count): `popular` are the most popular
+items that together hold 20% of all train interactions, `cold` the least popular that together
+hold 20% (items never seen in train included), `mid` the rest. The rule is on the catalogue's
+interaction mass, not on the evaluated users, so the strata mean the same on any data and split;
+the counts that cut them are reported with the numbers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -81,12 +89,63 @@ def history_matrix(ds: Dataset, users: np.ndarray, split: str) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+HISTORY_CUTS = (5, 20)     # train interactions of the user: <= 5, 6-20, > 20
+HEAD_SHARE = 0.2           # popular / cold: the most / least popular items holding this share of train interactions
+
+
+@dataclass(frozen=True)
+class Strata:
+    """Groups of users an evaluation also reports apart, at one split.
+
+    `groups` names the G groups, (stratification, stratum), e.g. ("history", "<=5"); `labels`
+    (n_users, S) gives each user's group (an index into `groups`) in each of the S
+    stratifications; `cuts` says, per stratification, what it is by and the cut points used.
+    """
+
+    groups: tuple[tuple[str, str], ...]
+    labels: np.ndarray              # (n_users, S) int64
+    cuts: dict[str, dict]
+
+
+def popularity_cuts(counts: np.ndarray, share: float = HEAD_SHARE) -> tuple[int, int]:
+    """(cold_max, popular_min) train counts: items with count >= popular_min are the fewest most popular
+    that together hold at least `share` of the train interactions, items with count <= cold_max the
+    fewest least popular that do. Items of one count never fall on both sides of a cut."""
+    c = np.asarray(counts[1:], dtype=np.int64)                                    # padding is no item
+    values, inverse = np.unique(c, return_inverse=True)                           # ascending
+    mass = np.bincount(inverse, weights=c, minlength=len(values))                 # interactions per count value
+    need = share * float(c.sum())
+    at_most = np.cumsum(mass)                                                      # held by items with count <= v
+    at_least = at_most[-1] - at_most + mass                                        # held by items with count >= v
+    return int(values[np.argmax(at_most >= need)]), int(values[at_least >= need].max())
+
+
+def strata(ds: Dataset, split: str) -> Strata:
+    """History-length and target-popularity strata of the users at `split` (module docstring)."""
+    truth = ds.valid if split == "valid" else ds.test
+    lo, hi = HISTORY_CUTS
+    length = ds.train_len                                                          # (n_users,)
+    history = (length > lo).astype(np.int64) + (length > hi)                       # 0, 1, 2
+    counts = ds.item_counts()
+    cold_max, popular_min = popularity_cuts(counts)
+    of_target = counts[truth]                                                      # (n_users,) 0 where no target
+    popularity = np.where(of_target >= popular_min, 2, np.where(of_target <= cold_max, 0, 1))
+    groups = (("history", f"<={lo}"), ("history", f"{lo + 1}-{hi}"), ("history", f">{hi}"),
+              ("popularity", "cold"), ("popularity", "mid"), ("popularity", "popular"))
+    cuts = {"history": {"by": "the user's train interactions", "cuts": list(HISTORY_CUTS)},
+            "popularity": {"by": f"the {split} item's train interactions", "head_share": HEAD_SHARE,
+                           "cold_max": cold_max, "popular_min": popular_min}}
+    return Strata(groups, np.stack([history, 3 + popularity], axis=1), cuts)
+
+
 @dataclass
 class Sums:
     """What an evaluation adds up over users, so parts of the users (a SuperNode's) can be scored apart.
 
     `hr` / `ndcg` (K,) are summed over the evaluated users; with targets, `er_hits` (T, K) sums each
-    target's hits over its eligible users and `er_users` (T,) counts them. No user-level value.
+    target's hits over its eligible users and `er_users` (T,) counts them; with strata,
+    `group_users` (G,) counts the evaluated users of each group and `group_hr` / `group_ndcg` (G, K)
+    sum theirs. No user-level value.
     """
 
     users: int
@@ -94,12 +153,24 @@ class Sums:
     ndcg: np.ndarray                # (K,) float64
     er_hits: np.ndarray             # (T, K) float64
     er_users: np.ndarray            # (T,) float64
+    group_users: np.ndarray | None = None   # (G,) float64; None: no strata (G = 0)
+    group_hr: np.ndarray | None = None      # (G, K) float64
+    group_ndcg: np.ndarray | None = None    # (G, K) float64
+
+    def __post_init__(self):
+        if self.group_users is None:
+            self.group_users = np.zeros(0)
+            self.group_hr = np.zeros((0, len(self.hr)))
+            self.group_ndcg = np.zeros((0, len(self.hr)))
 
     def __add__(self, other: "Sums") -> "Sums":
-        if self.hr.shape != other.hr.shape or self.er_hits.shape != other.er_hits.shape:
-            raise ValueError(f"cannot add evaluation sums of shapes {self.er_hits.shape} and {other.er_hits.shape}")
+        if (self.hr.shape != other.hr.shape or self.er_hits.shape != other.er_hits.shape
+                or self.group_hr.shape != other.group_hr.shape):
+            raise ValueError(f"cannot add evaluation sums of shapes {self.er_hits.shape} and {other.er_hits.shape} "
+                             f"(strata {self.group_hr.shape} and {other.group_hr.shape})")
         return Sums(self.users + other.users, self.hr + other.hr, self.ndcg + other.ndcg,
-                    self.er_hits + other.er_hits, self.er_users + other.er_users)
+                    self.er_hits + other.er_hits, self.er_users + other.er_users, self.group_users + other.group_users,
+                    self.group_hr + other.group_hr, self.group_ndcg + other.group_ndcg)
 
 
 def zero_sums(n_targets: int = 0, ks: tuple[int, ...] = KS) -> Sums:
@@ -115,10 +186,12 @@ def evaluated(ds: Dataset, split: str, users: np.ndarray | None = None) -> np.nd
 
 def rank_sums(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
               targets: list[int] | None = None, ks: tuple[int, ...] = KS,
-              progress: Callable[[int], object] | None = None, users: np.ndarray | None = None) -> Sums:
+              progress: Callable[[int], object] | None = None, users: np.ndarray | None = None,
+              groups: Strata | None = None) -> Sums:
     """Full-ranking sums at `split` over the evaluated users (of `users`, or all); see `from_sums`.
 
-    `progress` is called with the number of users of each batch once it is scored (a bar's `update`).
+    `progress` is called with the number of users of each batch once it is scored (a bar's `update`);
+    with `groups` (`strata(ds, split)`) each group's sums are added up in the same pass.
     """
     truth = ds.valid if split == "valid" else ds.test
     users = evaluated(ds, split, users)
@@ -131,6 +204,10 @@ def rank_sums(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
     ndcg = torch.zeros(len(ks), dtype=torch.float64)
     er_hits = torch.zeros(len(tgt), len(ks), dtype=torch.float64)
     er_count = torch.zeros(len(tgt), dtype=torch.float64)
+    n_groups = len(groups.groups) if groups is not None else 0
+    g_users = torch.zeros(n_groups, dtype=torch.float64)
+    g_hr = torch.zeros(n_groups, len(ks), dtype=torch.float64)
+    g_ndcg = torch.zeros(n_groups, len(ks), dtype=torch.float64)
 
     def er_sums(scores: torch.Tensor, ub: np.ndarray, hist: torch.Tensor) -> None:
         dev = scores.device
@@ -172,17 +249,26 @@ def rank_sums(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
                 counted = ((scores > target_score[:, None]).sum(1, dtype=torch.int32),
                            (scores == target_score[:, None]).sum(1, dtype=torch.int32))
             greater, equal = (x.cpu() for x in counted)
+            label = torch.from_numpy(groups.labels[blk]) if groups is not None else None    # (b, S)
             for c, k in enumerate(ks):
                 hit, gain = rank_hits(greater, equal, k, disc)
                 hr[c] += hit.sum()
                 ndcg[c] += gain.sum()
+                for col in range(label.shape[1] if label is not None else 0):       # the same hits, by group
+                    g_hr[:, c].index_add_(0, label[:, col], hit)
+                    g_ndcg[:, c].index_add_(0, label[:, col], gain)
+            for col in range(label.shape[1] if label is not None else 0):
+                g_users.index_add_(0, label[:, col], torch.ones(len(blk), dtype=torch.float64))
         if progress is not None:
             progress(len(ub))
-    return Sums(int(len(users)), hr.numpy(), ndcg.numpy(), er_hits.numpy(), er_count.numpy())
+    return Sums(int(len(users)), hr.numpy(), ndcg.numpy(), er_hits.numpy(), er_count.numpy(),
+                *((g_users.numpy(), g_hr.numpy(), g_ndcg.numpy()) if groups is not None else ()))
 
 
-def from_sums(s: Sums, targets: list[int] | None = None, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """HR@K / NDCG@K means over the evaluated users; with `targets`, ER@K (mean over targets, and per target).
+def from_sums(s: Sums, targets: list[int] | None = None, ks: tuple[int, ...] = KS,
+              groups: Strata | None = None) -> dict[str, Any]:
+    """HR@K / NDCG@K means over the evaluated users; with `targets`, ER@K (mean over targets, and per target);
+    with `groups` (those the sums were added up by), `strata`: each group's means and users, and the cuts.
 
     ER@K of a target item t: the share of eligible users (t in none of their train, valid or test
     items) with t in their top-K at this split.
@@ -190,6 +276,8 @@ def from_sums(s: Sums, targets: list[int] | None = None, ks: tuple[int, ...] = K
     targets = list(targets or [])
     if s.hr.shape != (len(ks),) or s.er_hits.shape != (len(targets), len(ks)):
         raise ValueError(f"evaluation sums of shape {s.er_hits.shape} for {len(targets)} targets and K={ks}")
+    if groups is not None and s.group_hr.shape != (len(groups.groups), len(ks)):
+        raise ValueError(f"evaluation sums of {len(s.group_users)} groups for {len(groups.groups)} strata")
     n = max(1, s.users)
     out: dict = {f"HR@{k}": float(s.hr[c]) / n for c, k in enumerate(ks)}
     out.update({f"NDCG@{k}": float(s.ndcg[c]) / n for c, k in enumerate(ks)})
@@ -200,11 +288,20 @@ def from_sums(s: Sums, targets: list[int] | None = None, ks: tuple[int, ...] = K
             out[f"ER@{k}"] = float(per[:, c].mean())
         out["ER_per_target"] = {str(i): {f"ER@{k}": float(per[j, c]) for c, k in enumerate(ks)}
                                 for j, i in enumerate(targets)}
+    if groups is not None:
+        out["strata"] = {name: {**cut, "groups": {}} for name, cut in groups.cuts.items()}
+        for g, (name, stratum) in enumerate(groups.groups):
+            n = max(1.0, float(s.group_users[g]))
+            out["strata"][name]["groups"][stratum] = {
+                "users": int(s.group_users[g]), **{f"HR@{k}": float(s.group_hr[g, c]) / n for c, k in enumerate(ks)},
+                **{f"NDCG@{k}": float(s.group_ndcg[g, c]) / n for c, k in enumerate(ks)}}
     return out
 
 
 def evaluate(ds: Dataset, scorer: Scorer, split: str, batch: int = 2048,
              targets: list[int] | None = None, ks: tuple[int, ...] = KS,
-             progress: Callable[[int], object] | None = None) -> dict[str, float]:
-    """HR@K / NDCG@K over users with a `split` item; with `targets`, ER@K over eligible users (`from_sums`)."""
-    return from_sums(rank_sums(ds, scorer, split, batch, targets, ks, progress), targets, ks)
+             progress: Callable[[int], object] | None = None, by_strata: bool = False) -> dict[str, Any]:
+    """HR@K / NDCG@K over users with a `split` item; with `targets`, ER@K over eligible users; with `by_strata`,
+    the same per stratum (`from_sums`)."""
+    groups = strata(ds, split) if by_strata else None
+    return from_sums(rank_sums(ds, scorer, split, batch, targets, ks, progress, groups=groups), targets, ks, groups)

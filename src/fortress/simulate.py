@@ -28,7 +28,7 @@ from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.errors import InputError
 from fortress.memory import keep_freed_memory
-from fortress.metrics import KS, Scorer, Sums, evaluate, from_sums, rank_sums
+from fortress.metrics import KS, Scorer, Strata, Sums, evaluate, from_sums, rank_sums, strata
 from fortress.models import Model, Params, from_config
 from fortress.objectives import next_item_loss
 from fortress.population import Population, hosted
@@ -136,16 +136,16 @@ def training_pairs(ds: Dataset, max_len: int) -> tuple[np.ndarray, list[np.ndarr
     return users, [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
 
 
-# evaluation of a model at a split (with targets: their exposure), as sums over the users scored:
-# in-process over the dataset (`local_evaluator`), under Flower added up from the SuperNodes'
-Evaluator = Callable[[Params, str, "list[int] | None", "Callable[[int], object] | None"], Sums]
+# evaluation of a model at a split (with targets: their exposure; with strata: by group of users), as sums over
+# the users scored: in-process over the dataset (`local_evaluator`), under Flower added up from the SuperNodes'
+Evaluator = Callable[[Params, str, "list[int] | None", "Callable[[int], object] | None", "Strata | None"], Sums]
 
 
 def local_evaluator(ds: Dataset, scorer_of: Callable[[Params], Scorer], batch: int) -> Evaluator:
     """Evaluation over every user of `ds`, scored by `scorer_of(params)`."""
     def sums(params: Params, split: str, targets: list[int] | None = None,
-             progress: Callable[[int], object] | None = None) -> Sums:
-        return rank_sums(ds, scorer_of(params), split, batch, targets, progress=progress)
+             progress: Callable[[int], object] | None = None, groups: Strata | None = None) -> Sums:
+        return rank_sums(ds, scorer_of(params), split, batch, targets, progress=progress, groups=groups)
     return sums
 
 
@@ -211,9 +211,9 @@ class Run:
             self.evaluator = local_evaluator(self.ds, lambda p: model_scorer(self.model, p, self.ds), self.cfg.eval_batch)
 
     def metrics(self, split: str, targets: list[int] | None = None,
-                progress: Callable[[int], object] | None = None) -> dict[str, Any]:
-        """`metrics.from_sums` of the evaluator's sums for the current model."""
-        return from_sums(self.evaluator(self.params, split, targets, progress), targets)
+                progress: Callable[[int], object] | None = None, groups: Strata | None = None) -> dict[str, Any]:
+        """`metrics.from_sums` of the evaluator's sums for the current model (by `groups` too, when given)."""
+        return from_sums(self.evaluator(self.params, split, targets, progress, groups), targets, groups=groups)
 
     def validate(self, bar: tqdm | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -595,14 +595,16 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
                 dynamic_ncols=True)
     t0 = time.perf_counter()
     camp = run_.campaign
-    valid = run_.metrics("valid", progress=ebar.update)
+    # by history length and target popularity too, in the same pass (a server without the data has no strata)
+    groups = {split: strata(ds, split) for split in ("valid", "test")} if ds is not None else {}
+    valid = run_.metrics("valid", progress=ebar.update, groups=groups.get("valid"))
     ebar.set_description("evaluate test")
-    test, er = attacks.split_er(run_.metrics("test", camp and camp.targets, ebar.update))
+    test, er = attacks.split_er(run_.metrics("test", camp and camp.targets, ebar.update, groups.get("test")))
     final_eval = time.perf_counter() - t0
     popular = None
     if baseline:
         ebar.set_description("evaluate most popular")
-        popular = evaluate(ds, pop_scorer(ds), "test", cfg.eval_batch, progress=ebar.update)
+        popular = evaluate(ds, pop_scorer(ds), "test", cfg.eval_batch, progress=ebar.update, by_strata=True)
     ebar.set_description("evaluated")
     ebar.close()
     n_steps = max(1, len(run_.history))

@@ -5,10 +5,13 @@ folder of committed summaries gives the same report as the folder the cells ran 
 used by bench/; a single seed shows its value alone; `(n=k)` marks a mean over fewer seeds than
 asked). ER swings from round to round, so each table comes twice: with the final ER@K, and with
 the mean ER@K of the last `er_last` evaluations. Best per column is bold: highest HR/NDCG,
-lowest ER under an attack.
+lowest ER under an attack. Clean runs (no attack) whose results carry strata (HR/NDCG@10 by the
+user's train-history length and by the test item's popularity; `fortress run` writes them, and
+`fortress eval` adds them to a cell made before, as cells/ID/strata.json) get stratified tables too.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections import defaultdict
@@ -19,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fortress.errors import InputError
-from fortress.experiments.runner import SPEC_COPY, SUMMARY, record, write_text
+from fortress.experiments.runner import SPEC_COPY, STRATA, SUMMARY, record, write_text
 from fortress.experiments.spec import Entry, Plan, load
 
 ATTACK_NAMES = {"none": "no attack", "ahum": "A-hum", "psmu": "PSMU", "random": "Random",
@@ -139,6 +142,66 @@ def attack_rows(entries: list[Entry], got: dict[str, dict[str, float]], er: str,
             if e.cell in got and c.metric in got[e.cell]:
                 values[names[e.attack, e.ratio], c].append(got[e.cell][c.metric])
     return table(list(names.values()), cols, values, len({e.seed for e in entries}), first)
+
+
+def stratified(cell, rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A run cell's test metrics with their `strata`: from its summary (a run that wrote them), else from the
+    strata.json `fortress eval` left in its folder; None when neither has them."""
+    test = (rec or {}).get("test") or {}
+    if test.get("strata"):
+        return test
+    try:
+        test = json.loads((cell.folder / STRATA).read_text())["test"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return test if isinstance(test, dict) and test.get("strata") else None
+
+
+def stratum_name(name: str, stratum: str) -> str:
+    return f"history {stratum}" if name == "history" else stratum
+
+
+def strata_tables(entries: list[Entry], got: dict[str, dict[str, Any]], first: str) -> list[str]:
+    """Per dataset, test HR@10 and NDCG@10 of the clean runs overall and per stratum (mean ± std over seeds,
+    users per stratum in the header), and the cut points; runs without strata are left out."""
+    lines: list[str] = []
+    clean = [e for e in entries if e.attack == "none" and e.cell in got]
+    for ds in dict.fromkeys(e.dataset for e in clean):
+        es = [e for e in clean if e.dataset == ds]
+        rows = list(dict.fromkeys(e.row for e in es))
+        seeds = len({e.seed for e in entries if e.dataset == ds})
+        groups = list(dict.fromkeys((name, s) for e in es for name, st in got[e.cell]["strata"].items()
+                                    for s in st["groups"]))
+        users: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for e in es:
+            users["all", ""].add(int(got[e.cell]["users"]))
+            for name, s in groups:
+                g = got[e.cell]["strata"].get(name, {}).get("groups", {}).get(s)
+                if g:
+                    users[name, s].add(int(g["users"]))
+
+        def n(key: tuple[str, str]) -> str:
+            return "/".join(f"{u:,}" for u in sorted(users[key]))
+        for metric in ("HR@10", "NDCG@10"):
+            cols = {key: Column(f"{stratum_name(*key) if key[0] != 'all' else 'all'} ({n(key)} users)", ANY, None, "max")
+                    for key in [("all", ""), *groups]}
+            values: dict[tuple[str, Column], list[float]] = defaultdict(list)
+            for e in es:
+                res = got[e.cell]
+                values[e.row, cols["all", ""]].append(float(res[metric]))
+                for name, s in groups:
+                    g = res["strata"].get(name, {}).get("groups", {}).get(s)
+                    if g:
+                        values[e.row, cols[name, s]].append(float(g[metric]))
+            lines += [f"### {ds}: test {metric} by stratum", "", table(rows, list(cols.values()), values, seeds, first),
+                      ""]
+        stratas = [got[e.cell]["strata"] for e in es]
+        cuts = sorted({(st["popularity"]["cold_max"], st["popularity"]["popular_min"], st["popularity"]["head_share"])
+                       for st in stratas if "popularity" in st})
+        lines += ["History: the user's train interactions. Popularity: the test item's train interactions; cold and "
+                  "popular are the least and the most popular items that together hold a share of them ("
+                  + "; ".join(f"{share:.0%}: cold <= {lo}, popular >= {hi}" for lo, hi, share in cuts) + ").", ""]
+    return lines
 
 
 def sensitivity_figure(key: str, values: list[str], series: dict[str, list[list[float]]], attack: str | None,
@@ -271,6 +334,12 @@ def write(p: Plan) -> Path:
             lines += [f"### {ds}: final ER", "", final, "",
                       f"### {ds}: ER as the mean of the last {p.er_last} evaluations", "",
                       grid_tables(es, got, " last", first), ""]
+    strata = {cid: t for cid, c in p.cells.items() if c.kind != "figure" and (t := stratified(c, recs[cid]))}
+    for title, section, first in (("Main table by stratum", "main", "method"), ("Ablation by stratum", "ablation",
+                                                                                 "variant")):
+        tables = strata_tables(by_section.get(section, []), strata, first)
+        if tables:
+            lines += [f"## {title}", "", "Clean runs (no attack), test split; each column header gives the users in the stratum.", ""] + tables
     if by_section.get("sensitivity"):
         lines += ["## Sensitivity", ""] + sensitivity(by_section["sensitivity"], got, p.root)
     if p.figures:
@@ -318,8 +387,8 @@ def rebuild(root: Path) -> Plan:
 
 
 def publish(p: Plan, dest: Path) -> Plan:
-    """Copy the spec, the cells' summaries and the figures' PNGs (no models, no logs) to `dest`, which
-    may already hold cells of the same spec from other machines; returns the plan of `dest`."""
+    """Copy the spec, the cells' summaries (and strata.json) and the figures' PNGs (no models, no logs) to `dest`,
+    which may already hold cells of the same spec from other machines; returns the plan of `dest`."""
     if (dest / SPEC_COPY).is_file() and (dest / SPEC_COPY).read_text() != p.text:
         raise InputError(f"--publish {dest}: holds the cells of another spec ({dest / SPEC_COPY} differs from "
                          f"{p.spec}); publish to a new folder")
@@ -333,6 +402,8 @@ def publish(p: Plan, dest: Path) -> Plan:
             continue
         (dest / "cells" / cid).mkdir(exist_ok=True)
         shutil.copyfile(cell.folder / SUMMARY, dest / "cells" / cid / SUMMARY)
+        if (cell.folder / STRATA).is_file():            # `fortress eval` of a cell that ran before strata
+            shutil.copyfile(cell.folder / STRATA, dest / "cells" / cid / STRATA)
         if cell.kind == "figure" and cell.out.exists():
             (dest / "figures").mkdir(exist_ok=True)
             shutil.copyfile(cell.out, dest / cell.out.relative_to(p.root))

@@ -40,6 +40,7 @@ from fortress.errors import InputError
 from fortress.experiments.spec import Cell, Plan
 
 SUMMARY = "summary.json"
+STRATA = "strata.json"          # what `fortress eval` writes into a run's folder: its metrics by stratum
 SPEC_COPY = "spec.toml"
 FORK = sys.platform.startswith("linux")
 

@@ -25,7 +25,7 @@ from fortress import simulate
 from fortress.config import Config
 from fortress.errors import InputError
 from fortress.flower.common import FlowerOptions, from_run_config, read_population, read_sums, resolve_out
-from fortress.metrics import Sums, zero_sums
+from fortress.metrics import Strata, Sums, zero_sums
 from fortress.models import Params
 from fortress.population import Population, combine
 from fortress.rounds import Collected, dense_size
@@ -172,8 +172,14 @@ class FlowerClients:
               f"{node_seconds[0]:.2f} s training, {node_seconds[1]:.2f} s loading data", flush=True)
         return Collected(updates, rejected, nbytes, dropped)
 
-    def evaluate(self, params: Params, split: str, targets: list[int] | None = None, progress=None) -> Sums:
-        """Every hosting node scores its own users; the server adds their sums (`metrics.from_sums` does the rest)."""
+    def evaluate(self, params: Params, split: str, targets: list[int] | None = None, progress=None,
+                 groups: Strata | None = None) -> Sums:
+        """Every hosting node scores its own users; the server adds their sums (`metrics.from_sums` does the rest).
+
+        No strata: their cut points (item train counts) are the whole federation's, which no node holds.
+        """
+        if groups is not None:
+            raise ValueError("a federated evaluation on the nodes cannot be stratified")
         t0 = time.perf_counter()
         targets = list(targets or [])
         model = _model(params)
