@@ -95,8 +95,10 @@ def norms(u: Updates, dense_norm: torch.Tensor | None = None, row_norm: torch.Te
 
 def concat(parts: list[Updates]) -> Updates:
     """One Updates of all parts (on the first one's device); a loss term some parts do not log is NaN for
-    their clients."""
+    their clients. A single part is returned as it is (no copy of a whole round's uploads)."""
     parts = [u.to(parts[0].dense.device) for u in parts]
+    if len(parts) == 1:
+        return parts[0]
     offsets = torch.tensor([0] + [u.n for u in parts[:-1]]).cumsum(0)
     names = sorted({k for u in parts for k in u.terms})
     terms = {k: torch.cat([u.terms[k] if k in u.terms else torch.full_like(u.loss, float("nan"))
