@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fortress.config import Config
+from fortress.config import Config, override
+from fortress.objectives import nt_xent
 from fortress.data import load_dataset, resolve, synthetic
 from fortress.simulate import EarlyStopping, auto_threads, run, summary, torch_threads
 
@@ -69,6 +70,26 @@ def test_central_early_stopping_stops_and_restores_the_best_epoch(small, tmp_pat
     off = run(Config(training="central", dim=32, max_len=20, epochs=2, patience=0, eval_every=0, threads=1), small,
               tmp_path / "off", progress=False)
     assert "early_stopping" not in off and all("valid" not in h for h in off["history"])
+
+
+def test_cl4srec_is_the_in_batch_softmax_and_trains_deterministically(small, tmp_path):
+    """nt_xent against its definition (each view's positive its pair, the other 2B - 2 views its negatives),
+    and central training with objective=cl4srec: deterministic for a seed, above most-popular."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64)
+    z, want = torch.cat([a, b]), 0.0
+    for i in range(10):
+        others = [j for j in range(10) if j != i]
+        logits = torch.stack([z[i] @ z[j] / 0.7 for j in others])
+        want -= float(logits[others.index((i + 5) % 10)] - logits.logsumexp(0)) / 10
+    assert abs(float(nt_xent(a, b, 0.7)) - want) < 1e-12
+    cfg = Config(training="central", objective="cl4srec", dim=32, max_len=20, epochs=3, patience=0, central_lr=0.01,
+                 eval_every=0, threads=1)
+    one, two = (run(cfg, small, tmp_path / k, progress=False) for k in ("a", "b"))
+    assert one["test"] == two["test"] and [h["loss"] for h in one["history"]] == [h["loss"] for h in two["history"]]
+    plain = run(override(cfg, {"objective": "next_item"}), small, tmp_path / "plain", progress=False)
+    assert one["history"][0]["loss"] > plain["history"][0]["loss"]            # the contrastive term is in the loss
+    assert one["test"]["HR@10"] > one["most_popular"]["test"]["HR@10"], (one["test"], one["most_popular"])
 
 
 def test_runs_are_deterministic_for_a_seed(small, tmp_path):

@@ -16,7 +16,8 @@ from fortress.errors import InputError
 class Config:
     # what to run
     training: str = "federated"     # pop | central | federated: how the model is trained (TRAINING)
-    objective: str = "next_item"    # next_item | fortress: the loss an honest client minimises (client.OBJECTIVES)
+    objective: str = "next_item"    # next_item | fortress: the loss an honest client minimises (client.OBJECTIVES);
+                                    # cl4srec: the centralised contrastive reference (training=central only)
     backbone: str = "sasrec"        # sasrec | gru4rec
     seed: int = 0
     init_from: str = ""             # start from the model of a saved run (its folder or model.pt)
@@ -72,6 +73,8 @@ class Config:
     # centralised training
     epochs: int = 100               # the most epochs; with patience, early stopping usually ends sooner
     batch_size: int = 128
+    cl4srec_lambda: float = 0.1     # objective=cl4srec: weight of the contrastive term (CL4SRec / RecBole default)
+    cl4srec_tau: float = 1.0        # objective=cl4srec: temperature of its in-batch softmax (dot product)
     patience: int = 5               # validate every epoch, stop after this many without a better valid NDCG@10 and
                                     # restore the best epoch's model; 0 = off (validate every eval_every epochs)
     # evaluation
@@ -122,6 +125,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("cpu", "cuda", "auto"),
     "view_negatives": ("items", "prefixes"),
 }
+CENTRAL_OBJECTIVES = ("cl4srec",)   # objectives of central training only (simulate.train_central)
+
 # `mode` named both how we train and the client objective; it is now the two keys above
 OLD_MODE = {"pop": {"training": "pop"}, "central": {"training": "central"},
             "fedavg": {"training": "federated", "objective": "next_item"},
@@ -136,7 +141,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from fortress.data.load import FORMATS
     from fortress.models import BACKBONES
     from fortress.server.defences import DEFENCES
-    return {**CHOICES, "data_format": FORMATS, "backbone": tuple(BACKBONES), "objective": tuple(OBJECTIVES),
+    return {**CHOICES, "data_format": FORMATS, "backbone": tuple(BACKBONES), "objective": tuple(OBJECTIVES) + CENTRAL_OBJECTIVES,
             "attack": ("none", *ATTACKS), "defence": tuple(DEFENCES)}
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
@@ -146,7 +151,7 @@ MINIMUM: dict[str, float] = {
     "attack_users": 1, "attack_pool": 1, "knn": 1,
 }
 INT_MAX = 2**31 - 1
-POSITIVE = ("lr", "central_lr", "global_lr", "tau", "attack_scale", "row_clip", "dense_clip", "p_flag", "floor_frac", "exposure_cap")
+POSITIVE = ("lr", "central_lr", "global_lr", "tau", "cl4srec_tau", "attack_scale", "row_clip", "dense_clip", "p_flag", "floor_frac", "exposure_cap")
 
 
 def keys() -> list[str]:
@@ -214,7 +219,13 @@ def validate(cfg: Config) -> Config:
         raise InputError(f"temp_window={cfg.temp_window} must be <= max_len={cfg.max_len}", ("temp_window", "max_len"))
     if cfg.trim_frac >= 0.5:
         raise InputError(f"trim_frac={cfg.trim_frac!r} is out of range; it must be in [0, 0.5)", ("trim_frac",))
+    if cfg.objective in CENTRAL_OBJECTIVES and cfg.training != "central":
+        raise InputError(f"objective={cfg.objective!r} contrasts the users of a batch with each other, which no "
+                         f"federated client can; it needs training='central' (got training={cfg.training!r})",
+                         ("objective", "training"))
     for key, value in (("defence", cfg.defence), ("objective", cfg.objective)):
+        if value in CENTRAL_OBJECTIVES:
+            continue
         if value != getattr(Config, key) and cfg.training != "federated":
             raise InputError(f"{key}={value!r} needs training='federated' (got training={cfg.training!r})",
                              (key, "training"))

@@ -269,3 +269,30 @@ def fortress_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch
     cl = sum(terms[k] for k in ("seq", "user", "item") if k in terms)
     loss = l_rec + cfg.lambda_cl * cl + cfg.lambda_temp * terms.get("temp", 0.0)
     return loss, {k: v.detach() for k, v in terms.items()}
+
+
+# ---- CL4SRec: the centralised contrastive reference ----
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """CL4SRec's contrastive loss of the two views' states a, b (B, d) of a batch: each view's positive
+    is the other view of its sequence, its negatives the other 2B - 2 views (other users: what a
+    federated client never holds); dot-product similarity over tau, as in RecBole's CL4SRec."""
+    z = torch.cat([a, b])                                                         # (2B, d)
+    sim = (z @ z.T / tau).fill_diagonal_(float("-inf"))                          # (2B, 2B) without self
+    B = a.shape[0]
+    pair = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)     # (2B,)
+    return F.cross_entropy(sim, pair)
+
+
+def cl4srec_loss(model: "Model", params: "Params", x: torch.Tensor, u: torch.Tensor, cfg: "Config") -> torch.Tensor:
+    """CL4SRec's term (Xie et al., ICDE 2022) of a central batch x (B, L) of left-padded sequences: two
+    augmentations of every sequence (crop / mask / reorder, `augment`; u (B, 2, 2 + L) their draws), the
+    encoder's last state of each, `nt_xent`. The mask token reads an extra all-zero row."""
+    n, d = params["item_emb"].shape
+    view = {**params, "item_emb": torch.cat([params["item_emb"], params["item_emb"].new_zeros(1, d)])}
+
+    def one(seq: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        return augment(seq, draws, cfg.crop_ratio, cfg.mask_ratio, cfg.reorder_ratio, n)
+    views = [torch.vmap(one)(x, u[:, k]) for k in range(2)]                      # 2 x (B, L)
+    z = [model.encode(view, v, training=True)[:, -1] for v in views]             # 2 x (B, d)
+    return nt_xent(z[0], z[1], cfg.cl4srec_tau)

@@ -30,7 +30,7 @@ from fortress.errors import InputError
 from fortress.memory import keep_freed_memory
 from fortress.metrics import KS, Scorer, Strata, Sums, evaluate, from_sums, rank_sums, strata
 from fortress.models import Model, Params, from_config
-from fortress.objectives import next_item_loss
+from fortress.objectives import cl4srec_loss, next_item_loss
 from fortress.population import Population, hosted
 from fortress.rounds import (Collected, ServerResult, client_step, malicious_step, merge, sample_clients, server_step,
                             split_sampled)
@@ -229,14 +229,18 @@ class Run:
         return self.campaign.record(round_, res)
 
 
-def central_step(model: Model, params: Params, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
-    """One Adam step of full-softmax next-item cross-entropy on a batch (B, L + 1) of sequences; its loss."""
+def central_step(model: Model, params: Params, opt: torch.optim.Optimizer, batch: torch.Tensor,
+                 contrast: Callable[[Params, torch.Tensor], torch.Tensor] | None = None) -> float:
+    """One Adam step of full-softmax next-item cross-entropy on a batch (B, L + 1) of sequences (plus
+    `contrast(params, inputs)`, CL4SRec's weighted term, when given); its loss."""
     batch = batch.to(params["item_emb"].device)
     x, y = batch[:, :-1], batch[:, 1:]
     h = model.encode(params, x, training=True)                                    # (B, L, d)
     real = y > 0
     logits = model.score(params, h[real])                                         # (P, N+1)
     loss = next_item_loss(logits, y[real])
+    if contrast is not None:
+        loss = loss + contrast(params, x)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -254,13 +258,20 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
     opt = torch.optim.Adam(run.params.values(), lr=cfg.central_lr)
     rng = np.random.default_rng(cfg.seed)
     stopping = EarlyStopping(cfg.patience) if cfg.patience else None      # what it did goes to run.early_stopping
+    contrast = None
+    if cfg.objective == "cl4srec":         # views drawn from their own stream, so the batches' order stays the same
+        views = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 4)
+
+        def contrast(p: Params, x: torch.Tensor) -> torch.Tensor:
+            u = torch.rand(x.shape[0], 2, 2 + x.shape[1], generator=views, dtype=torch.float64).to(x.device)
+            return cfg.cl4srec_lambda * cl4srec_loss(model, p, x, u, cfg)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         order = rng.permutation(len(users))
         total, count = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
             batch = pad_left([seqs[i] for i in order[start:start + cfg.batch_size]])  # (B, L + 1)
-            loss = central_step(model, run.params, opt, batch)
+            loss = central_step(model, run.params, opt, batch, contrast)
             total, count = total + loss * len(batch), count + len(batch)
         seconds = time.perf_counter() - t0
         run.train_seconds += seconds
