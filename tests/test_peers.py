@@ -223,3 +223,44 @@ def test_peer_runs_are_deterministic_and_resume_exactly(tmp_path, method):
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=False)["params"] for d in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["defence"] for h in resumed["history"]] == [h["defence"] for h in full["history"]]
+
+
+def reference_gap_statistics(metric: np.ndarray, refs: np.ndarray, attackers_per_round: int):
+    """A transcription of the reference code's `GapStatistics` and its use in `agg.UNION.agg`
+    (github.com/yflyl613/FedRec), with Lloyd's k-means from the extremes in place of kmeans++ and the
+    reference sets given instead of drawn from its cache: (two clusters?, dropped clients)."""
+    def kmeans(x, k):
+        c = np.array([x.mean()]) if k == 1 else np.array([x.min(), x.max()])
+        for _ in range(100):
+            lab = np.abs(x[:, None] - c[None]).argmin(1)
+            c = np.array([x[lab == j].mean() for j in range(k)])
+        return lab, ((x - c[lab]) ** 2).sum()
+    z = (metric - metric.min()) / (metric.max() - metric.min())
+    gap, s = [], []
+    for k in (1, 2):
+        lab, v = kmeans(z, k)
+        if k == 2:
+            labels = lab
+        vkb = np.log([kmeans(r, k)[1] for r in refs])
+        gap.append(vkb.mean() - np.log(v))
+        s.append(vkb.std() * np.sqrt((1 + len(refs)) / len(refs)))
+    more = gap[0] < gap[1] - s[1]
+    idx = {0: np.flatnonzero(labels == 0), 1: np.flatnonzero(labels == 1)}
+    abnormal = 0 if len(idx[0]) < len(idx[1]) else 1
+    dropped = idx[abnormal] if more or len(idx[abnormal]) <= attackers_per_round else np.array([], dtype=int)
+    return bool(more), sorted(dropped.tolist())
+
+
+@pytest.mark.parametrize("case", ["outliers", "one_cluster", "small_side"])
+def test_gap_filter_reproduces_the_reference_code_on_small_rounds(case):
+    g = np.random.default_rng(0)
+    metric = {"outliers": np.r_[1 + 0.01 * g.standard_normal(40), 0.6 + 0.01 * g.standard_normal(4)],
+              "one_cluster": 1 + 0.01 * g.standard_normal(44),
+              "small_side": np.r_[1 + 0.01 * g.standard_normal(43), 1.08]}[case]   # dropped by the size rule alone
+    f = 2
+    gen = torch.Generator().manual_seed(7)
+    refs = torch.rand(50, len(metric), generator=torch.Generator().manual_seed(7), dtype=D).numpy()
+    drop, log = gap_filter(torch.tensor(metric), 50, f, gen)
+    more, dropped = reference_gap_statistics(metric, refs, f)
+    assert log["two_clusters"] == more and np.flatnonzero(drop.numpy()).tolist() == dropped
+    assert dropped == {"outliers": [40, 41, 42, 43], "one_cluster": [], "small_side": [43]}[case]

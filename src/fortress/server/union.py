@@ -30,7 +30,9 @@ What the paper and its code leave open, and our choices:
   normalise (uniformity on the hypersphere, as the client term);
 - items are sampled without replacement (the reference: with), so no pair is an item with itself;
 - the two clusters of 1-D data are found exactly (the best split of the sorted values) instead of
-  k-means++ with a tolerance; the reference distribution is drawn afresh each round from the
+  k-means++ with a tolerance (on data near the decision boundary k-means can stop in a local optimum
+  and split differently; tests/test_peers.py checks the decisions against a transcription of the
+  reference's rule on small rounds); the reference distribution is drawn afresh each round from the
   server's generator (the reference draws 50 of 10,000 cached sets from an unseeded generator);
 - the size rule: the reference drops the smaller cluster when it holds at most the *true* number of
   attackers in the round (0 in clean runs); a server does not know that, so we use the assumed share
