@@ -274,6 +274,24 @@ def test_fortress_vmap_matches_loop_and_chunking(backbone):
     assert torch.allclose(u_one.terms["rec"], u_fed.loss, atol=1e-9)
 
 
+def test_union_vmap_matches_loop_and_chunking():
+    """UNION's client objective (objectives.union_loss) in both engines and any chunking: the same uploads."""
+    ds = synthetic(200, 60, seed=3)
+    cfg = Config(objective="union", dim=8, max_len=8, n_neg=12, local_epochs=2, lr=0.05, dropout=0.0,
+                 dtype="float64", union_negatives=5)
+    p_vmap, u_vmap = one_round(ds, cfg, "vmap", 8)
+    p_loop, u_loop = one_round(ds, cfg, "loop", 8)
+    p_chunk, _ = one_round(ds, cfg, "vmap", 5)
+    for k in p_vmap:
+        assert torch.allclose(p_vmap[k], p_loop[k], atol=1e-9, rtol=0), k
+        assert torch.allclose(p_vmap[k], p_chunk[k], atol=1e-9, rtol=0), k
+    assert set(u_vmap.terms) == {"rec", "union"} and (u_vmap.terms["union"] > 0).all()
+    assert torch.allclose(u_vmap.terms["union"], u_loop.terms["union"], atol=1e-9)
+    # the term moves only rows of the sub-table (the upload is FedAvg's), and it does move them
+    _, u_fed = one_round(ds, dataclasses.replace(cfg, objective="next_item"), "vmap", 8)
+    assert torch.equal(u_fed.rows_item, u_vmap.rows_item) and not torch.allclose(u_fed.rows_delta, u_vmap.rows_delta)
+
+
 def test_rec_term_is_fedavgs_logq_corrected_loss(client):
     cfg, x, y, col_mask, draws = client
     model = from_config(cfg)

@@ -26,7 +26,8 @@ from torch.func import grad_and_value, vmap
 
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
-from fortress.objectives import fortress_draws, fortress_loss, next_item_loss, sampled_softmax_bias
+from fortress.objectives import (fortress_draws, fortress_loss, next_item_loss, sampled_softmax_bias, union_draws,
+                                 union_loss)
 from fortress.updates import Updates
 
 
@@ -180,23 +181,26 @@ def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, 
     return next_item_loss(logits, y, col_mask)
 
 
-OBJECTIVES: dict[str, Callable] = {"next_item": rec_loss, "fortress": fortress_loss}   # the `objective` key
+# the `objective` key: the loss an honest client minimises, and the per-client draws it needs (if any)
+OBJECTIVES: dict[str, Callable] = {"next_item": rec_loss, "fortress": fortress_loss, "union": union_loss}
+DRAWS: dict[str, Callable] = {"fortress": fortress_draws, "union": union_draws}
 
 
 def objective(cfg, n_items: int) -> Callable:
     """The loss an honest client minimises under `cfg` (a Config), for a catalogue of n_items.
 
-    next_item: the next-item loss; fortress: the FORTRESS objective, whose next-item term is the
-    same (logQ-corrected when `neg_correction`) sampled softmax.
+    next_item: the next-item loss; fortress: the FORTRESS objective; union: UNION's client objective
+    (objectives.union_loss). Each one's next-item term is the same (logQ-corrected when
+    `neg_correction`) sampled softmax.
     """
     n = n_items if cfg.neg_correction else 0
-    if cfg.objective == "fortress":
-        return partial(fortress_loss, cfg=cfg, n_items=n)
-    return partial(rec_loss, n_items=n)
+    if cfg.objective == "next_item":
+        return partial(rec_loss, n_items=n)
+    return partial(OBJECTIVES[cfg.objective], cfg=cfg, n_items=n)
 
 
 def round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> list[Chunk]:
-    """Round r's chunks of `users`, with the per-client draws the objective needs (fortress).
+    """Round r's chunks of `users`, with the per-client draws the objective needs (fortress, union).
 
     Negatives and draws come from each client's own (seed, round, user) streams, so a client sees
     the same sub-table and the same views wherever it is trained and however it is chunked.
@@ -206,8 +210,9 @@ def round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> list[Chunk]:
 
 def iter_round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> Iterator[Chunk]:
     """`round_chunks` one chunk at a time, each built when it is reached."""
+    draws = DRAWS.get(cfg.objective)
     for c in iter_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r)):
-        yield replace(c, draws=fortress_draws(cfg, r, c.users.numpy())) if cfg.objective == "fortress" else c
+        yield c if draws is None else replace(c, draws=draws(cfg, r, c.users.numpy()))
 
 
 def _with_terms(loss_fn: Callable, model: Model, *args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -16,7 +16,7 @@ from fortress.errors import InputError
 class Config:
     # what to run
     training: str = "federated"     # pop | central | federated: how the model is trained (TRAINING)
-    objective: str = "next_item"    # next_item | fortress: the loss an honest client minimises (client.OBJECTIVES);
+    objective: str = "next_item"    # next_item | fortress | union: the loss an honest client minimises (client.OBJECTIVES);
                                     # cl4srec: the centralised contrastive reference (training=central only)
     backbone: str = "sasrec"        # sasrec | gru4rec
     seed: int = 0
@@ -70,6 +70,10 @@ class Config:
     user_view: bool = True
     item_view: bool = True
     temporal: bool = True
+    # UNION's client term (objective=union; objectives.union_loss): L_rec + union_lambda L_union
+    union_lambda: float = 1.0       # weight of the contrastive item-embedding term
+    union_negatives: int = 15       # negatives per anchor item, drawn from the client's sampled negatives
+    union_tau: float = 0.5          # its temperature (cosine similarity)
     # centralised training
     epochs: int = 100               # the most epochs; with patience, early stopping usually ends sooner
     batch_size: int = 128
@@ -94,10 +98,15 @@ class Config:
     attack_alternatives: int = 20   # psmu: competing items (the fake user's top-K) pushed below the target
     attack_pool: int = 32           # psmu: histories sampled from the model per fake user; the hardest is kept
     # server defence (fedavg; fortress/server/defences.py explains each one)
-    defence: str = "none"           # none | fortress | median | trimmed_mean | krum | multi_krum | norm_bound
+    defence: str = "none"           # none | fortress | median | trimmed_mean | krum | multi_krum | norm_bound | union | hics
     trim_frac: float = 0.1          # trimmed_mean: share of each coordinate's values cut at each end
-    byz_frac: float = 0.1           # krum, multi_krum: assumed share of Byzantine contributors (f = floor(byz_frac n))
+    byz_frac: float = 0.1           # krum, multi_krum, union: assumed share of Byzantine contributors (f = floor(byz_frac n))
     norm_bound: float = 0.0         # norm_bound: clip each client's update to this L2 norm; 0 = the round's median norm
+    union_items: int = 500          # union: items sampled each round to measure each client's uniformity
+    union_refs: int = 50            # union: uniform reference sets of the Gap statistic
+    hics_item_clip: float = 1.0     # hics: clip each row to this x the round's median largest row norm of a client
+    hics_keep: float = 0.1          # hics: share of each client's rows kept (the largest; the rest zeroed)
+    hics_user_clip: float = 1.0     # hics: clip each client's update to this x the round's median norm
     # the FORTRESS server (server/fortress.py): bounded contributions, pusher-count monitor, L_sep + L_var
     popular_frac: float = 0.02      # popular set P: this share of the catalogue with the largest popularity rate
     row_clip: float = 1.0           # clip each row contribution (weight x delta) to row_clip x the round's median largest one
@@ -148,10 +157,11 @@ MINIMUM: dict[str, float] = {
     "max_len": 2, "synthetic_users": 10, "synthetic_items": 10, "synthetic_len": 6, "dim": 2, "blocks": 1, "heads": 1,
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
     "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1, "attack_len": 2,
-    "attack_users": 1, "attack_pool": 1, "knn": 1,
+    "attack_users": 1, "attack_pool": 1, "knn": 1, "union_negatives": 1, "union_items": 2, "union_refs": 2,
 }
 INT_MAX = 2**31 - 1
-POSITIVE = ("lr", "central_lr", "global_lr", "tau", "cl4srec_tau", "attack_scale", "row_clip", "dense_clip", "p_flag", "floor_frac", "exposure_cap")
+POSITIVE = ("lr", "central_lr", "global_lr", "tau", "cl4srec_tau", "attack_scale", "row_clip", "dense_clip", "p_flag",
+            "floor_frac", "exposure_cap", "union_tau", "hics_item_clip", "hics_keep", "hics_user_clip")
 
 
 def keys() -> list[str]:
@@ -209,7 +219,8 @@ def validate(cfg: Config) -> Config:
                 raise InputError(f"{key}={value!r} is out of range; it must be <= {INT_MAX}", (key,))
     if not 0.0 <= cfg.dropout < 1.0:
         raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)", ("dropout",))
-    for key in ("synthetic_taste", "drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac", "push_frac", "p_flag"):
+    for key in ("synthetic_taste", "drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac", "push_frac", "p_flag",
+                "hics_keep"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]", (key,))
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from fortress.config import Config
     from fortress.models import Model, Params
 
-TERMS = ("rec", "seq", "user", "item", "temp")
+TERMS = ("rec", "seq", "user", "item", "temp", "union")   # every logged term of every objective
 
 
 def next_item_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -296,3 +296,85 @@ def cl4srec_loss(model: "Model", params: "Params", x: torch.Tensor, u: torch.Ten
     views = [torch.vmap(one)(x, u[:, k]) for k in range(2)]                      # 2 x (B, L)
     z = [model.encode(view, v, training=True)[:, -1] for v in views]             # 2 x (B, d)
     return nt_xent(z[0], z[1], cfg.cl4srec_tau)
+
+
+# ---- UNION's client term (a peer method) ----
+
+# the fault-injection streams are (seed, round, 1..3, user), FORTRESS's views 4: UNION's draws are apart from them
+UNION_STREAM = 5
+
+
+def union_draws(cfg: "Config", r: int, users: np.ndarray) -> dict[str, torch.Tensor]:
+    """Each user's uniform draws for UNION's term in round r, every local epoch: one positive and
+    `union_negatives` negatives for each of the max_len + 1 anchor positions (right-aligned), from the
+    user's own stream (seed, round, UNION_STREAM, user)."""
+    E, A, K = cfg.local_epochs, cfg.max_len + 1, cfg.union_negatives
+    pos = np.empty((len(users), E, A))
+    neg = np.empty((len(users), E, A, K))
+    for i, u in enumerate(users):
+        rng = np.random.default_rng([cfg.seed, r, UNION_STREAM, int(u)])
+        pos[i] = rng.random((E, A))
+        neg[i] = rng.random((E, A, K))
+    return {"upos": torch.from_numpy(pos), "uneg": torch.from_numpy(neg)}       # (n, E, A), (n, E, A, K)
+
+
+def _kth_true(mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Index of the (k+1)-th True of mask (..., S) for each k (..., m): the first position whose running
+    count of Trues exceeds k (vmappable: no nonzero, no data-dependent shapes)."""
+    count = mask.long().cumsum(-1)                                                # (..., S)
+    return (count[..., None, :] <= k[..., :, None]).sum(-1)                       # (..., m)
+
+
+def union_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               col_mask: torch.Tensor, draws: dict[str, torch.Tensor], cfg: "Config",
+               n_items: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """UNION client loss of one client and its terms: L_rec + union_lambda * L_union.
+
+    Yu et al., "Untargeted Attack against Federated Recommendation Systems via Poisonous Item
+    Embeddings and the Defense", AAAI 2023 (reference code: github.com/yflyl613/FedRec, `Client.update`).
+    L_union is their contrastive item-embedding task, which pulls the item table toward a uniform
+    distribution: for each interaction of the client (the anchor item a), a positive p drawn from the
+    client's other items and K negatives drawn from items it has not interacted with; the loss is the
+    cross-entropy of picking p among {p, n_1..n_K} by cos(e_a, e_c) / union_tau. Only item rows of the
+    client's sub-table are touched, so the upload is FedAvg's (encoder + sub-table rows, same bytes).
+
+    What the paper and its code leave open, and our choice:
+    - where negatives come from: the reference draws K=15 from the whole catalogue; a client of ours
+      holds only its sub-table, so they are drawn (with replacement) from its sampled negatives, the
+      rows it downloads and uploads anyway;
+    - the positive: the reference samples another interaction (possibly the same item again); we draw
+      another *distinct* own item (a client with a single item has no pair and its term is 0);
+    - normalisation and temperature: the public code reads `NORMALIZE` and `TEMP` that its argument
+      parser never defines; we use cosine similarity (uniformity on the hypersphere) and
+      union_tau = 0.5 (the temperature of our other InfoNCE terms);
+    - weight union_lambda = 1 and K = 15 as in the reference's defaults; anchors are the items of the
+      local window (the last max_len + 1), each position once; no dropout on the term.
+    L_rec is FedAvg's next-item loss (`client.rec_loss`, logQ-corrected when n_items > 0).
+    """
+    bias = sampled_softmax_bias(x, y, col_mask, n_items) if n_items else None    # (S,)
+    h = model.encode({**dense, "item_emb": table}, x[None], training=True)[0]    # (L, d)
+    logits = h @ table.T                                                          # (L, S)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    l_rec = next_item_loss(logits, y, col_mask)
+    S = table.shape[0]
+    seq = torch.cat([x, y[-1:]])                                                  # (A,) anchor slots, 0 = padding
+    A = seq.shape[0]
+    pos_u, neg_u = draws["upos"][-A:], draws["uneg"][-A:]                         # (A,), (A, K)
+    own = torch.zeros_like(col_mask).scatter(0, seq, True) & col_mask             # (S,)
+    others = own[None, :] & (torch.arange(S, device=x.device)[None, :] != seq[:, None])   # (A, S)
+    n_others = others.sum(-1)                                                     # (A,)
+    negs = col_mask & ~own                                                        # (S,)
+    n_negs = negs.sum()
+    j = torch.floor(pos_u * n_others).long().clamp(max=(n_others - 1).clamp(min=0))
+    pos = _kth_true(others, j[:, None])[:, 0].clamp(max=S - 1)                   # (A,)
+    jn = torch.floor(neg_u * n_negs).long().clamp(max=(n_negs - 1).clamp(min=0))
+    neg = _kth_true(negs, jn.reshape(-1)).reshape(jn.shape).clamp(max=S - 1)      # (A, K)
+    z = F.normalize(table, dim=-1, eps=1e-12)                                     # (S, d)
+    cand = torch.cat([pos[:, None], neg], 1)                                      # (A, 1 + K)
+    sim = (z[seq][:, None, :] * z[cand]).sum(-1) / cfg.union_tau                  # (A, 1 + K)
+    nll = -sim.log_softmax(-1)[:, 0]                                              # (A,)
+    real = (seq > 0) & (n_others > 0) & (n_negs > 0)
+    l_union = torch.where(real, nll, torch.zeros_like(nll)).sum() / real.sum().clamp(min=1)
+    loss = l_rec + cfg.union_lambda * l_union
+    return loss, {"rec": l_rec.detach(), "union": l_union.detach()}

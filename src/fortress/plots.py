@@ -75,7 +75,7 @@ def step_length(states: list[torch.Tensor]) -> float:
 
 
 TRAINING = {"pop": "most popular", "central": "central"}
-OBJECTIVES = {"next_item": "FedAvg", "fortress": "FORTRESS clients"}
+OBJECTIVES = {"next_item": "FedAvg", "fortress": "FORTRESS clients", "union": "UNION clients"}
 BACKBONES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec"}
 
 

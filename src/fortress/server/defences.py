@@ -4,7 +4,8 @@ A defence turns the round's `Updates` into an `Outcome`: the `Aggregate` for the
 per-client weights (n,) in [0, 1] (how much of each client's update reached the model; 1 = FedAvg)
 and its log; it may keep state across rounds (`state_dict`, saved in checkpoints and in model.pt)
 and touch the model after the update is applied (`after_apply(params, outcome)`).
-`none` is FedAvg; the robust baselines are in `robust.py`, the FORTRESS server in `fortress.py`.
+`none` is FedAvg; the robust baselines are in `robust.py`, the FORTRESS server in `fortress.py`; the peer
+methods' rules in `union.py` (UNION, AAAI 2023) and `hics.py` (the PSMU paper's countermeasure, SIGIR 2023).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from fortress.errors import InputError
 from fortress.server import robust
 from fortress.server.aggregate import Aggregate, Outcome, fedavg
 from fortress.server.fortress import FortressConfig, FortressServer
+from fortress.server.hics import HicsServer
+from fortress.server.union import UnionServer
 from fortress.updates import Updates
 
 Pure = Callable[[Updates, Any], tuple[Aggregate, torch.Tensor]]
@@ -69,6 +72,8 @@ DEFENCES: dict[str, Callable[[Any, int], Any]] = {
     "krum": _stateless("krum"),
     "multi_krum": _stateless("multi_krum"),
     "norm_bound": _stateless("norm_bound"),
+    "union": UnionServer.from_config,
+    "hics": HicsServer.from_config,
 }
 
 
