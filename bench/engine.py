@@ -223,7 +223,7 @@ def time_central(ds, cfg: Config, batches: int) -> dict:
     from fortress.simulate import central_step, pad_left, training_pairs
     model = from_config(cfg)
     params = model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
-    users, seqs = training_pairs(ds, cfg.max_len)
+    users, seqs = training_pairs(ds, cfg.max_len, cfg.whole_history)
     for p in params.values():
         p.requires_grad_(True)
     opt = torch.optim.Adam(params.values(), lr=cfg.central_lr)

@@ -274,6 +274,33 @@ def test_fortress_vmap_matches_loop_and_chunking(backbone):
     assert torch.allclose(u_one.terms["rec"], u_fed.loss, atol=1e-9)
 
 
+@pytest.mark.parametrize("view_negatives", ["items", "prefixes"])
+def test_fortress_views_read_the_last_window(client, view_negatives):
+    """With several windows (whole_history), L_rec is the mean over every window's targets and the sequence,
+    user and temporal views are those of the last window alone; an item only in an earlier window is
+    the client's own, never one of the views' negatives."""
+    cfg, _, _, col_mask, draws = client
+    cfg = dataclasses.replace(cfg, item_view=False, view_negatives=view_negatives)
+    model = from_config(cfg)
+    dense, table = _params(cfg)
+    # windows of the history 9 8 1 2 3 4 5 6 at max_len 5: [9 8 1], [1 2 3 4 5 6]; slots 8, 9 only in the first
+    x = torch.stack([left_pad([9, 8], 5), left_pad([1, 2, 3, 4, 5], 5)])
+    y = torch.stack([left_pad([8, 1], 5), left_pad([2, 3, 4, 5, 6], 5)])
+    loss, terms = fortress_loss(model, dense, table, x, y, col_mask, draws, cfg)
+    alone = col_mask.clone()
+    alone[[8, 9]] = False                   # the last window alone, with slots 8 and 9 kept out of the negatives
+    _, last = fortress_loss(model, dense, table, x[1], y[1], alone, draws, cfg)
+    for k in ("seq", "user", "temp"):
+        assert terms[k].item() == pytest.approx(last[k].item(), rel=1e-12, abs=1e-15), k
+    each = [rec_loss(model, dense, table, x[i], y[i], col_mask) for i in range(2)]
+    assert terms["rec"].item() == pytest.approx(((2 * each[0] + 5 * each[1]) / 7).item(), rel=1e-12)
+    assert terms["rec"].item() == pytest.approx(rec_loss(model, dense, table, x, y, col_mask).item(), rel=1e-12)
+    # one window given as (1, L) is the one-sequence objective
+    one, t1 = fortress_loss(model, dense, table, x[1:], y[1:], col_mask, draws, cfg)
+    ref, t0 = fortress_loss(model, dense, table, x[1], y[1], col_mask, draws, cfg)
+    assert one.item() == ref.item() and all(t1[k].item() == t0[k].item() for k in t0)
+
+
 def test_rec_term_is_fedavgs_logq_corrected_loss(client):
     cfg, x, y, col_mask, draws = client
     model = from_config(cfg)

@@ -24,6 +24,8 @@ class Config:
     data_format: str = "auto"       # auto | seq | table | mind | split | recbole
     kcore: int = 0                  # k-core filter on users and items (0 = off)
     max_len: int = 50               # most recent items a model sees
+    whole_history: bool = True      # train on every train item: each user's whole sequence cut into windows of max_len
+                                    # (client.train_windows); false = only its last max_len + 1 items, as before
     synthetic_users: int = 5000
     synthetic_items: int = 1000
     synthetic_len: int = 9          # mean sequence length of the synthetic data (> 5)
@@ -337,7 +339,11 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def upgrade(values: dict[str, Any]) -> dict[str, Any]:
-    """A saved config (results.json, model.pt, checkpoint.pt) in today's keys: an old `mode` becomes its two keys."""
+    """A saved config (results.json, model.pt, checkpoint.pt) in today's keys: an old `mode` becomes its two keys,
+    and a whole config saved before `whole_history` existed (it has max_len) gets whole_history=false, what it was
+    trained with."""
+    if "max_len" in values and "whole_history" not in values:
+        values = {**values, "whole_history": False}
     if "mode" not in values:
         return values
     rest = {k: v for k, v in values.items() if k != "mode"}
