@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fortress.config import Config
 from fortress.errors import InputError
 from fortress.experiments import runner
 from fortress.experiments import spec as specs
@@ -455,3 +456,12 @@ def test_a_cell_is_claimed_by_one_runner_and_broken_locks_are_one_line(tmp_path,
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(InputError, match="file locks do not work in this folder"):
         runner.claim(cell)
+
+
+def test_cell_ids_count_whole_history_at_its_old_behaviour(tmp_path):
+    """A cell computed before `whole_history` existed (= false) keeps its id; today's default (true) gets new ones."""
+    old = specs.load(spec_file(tmp_path / "a", TINY.replace("[set]\n", "[set]\nwhole_history = false\n")),
+                     tmp_path / "a", check_data=False)
+    new = specs.load(spec_file(tmp_path / "b"), tmp_path / "b", check_data=False)
+    assert len(old.cells) == len(new.cells) > 0 and not set(old.cells) & set(new.cells)
+    assert not specs.ID_BASE.whole_history and specs.ID_BASE == Config(whole_history=False)
