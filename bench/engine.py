@@ -145,11 +145,11 @@ def round_work(chunks, flop_model: FlopModel, dense_size: int, dim: int) -> dict
     """FLOPs of the round's clients (unpadded), the bytes of their uploads, and their trained interactions."""
     flops, rows, tokens, n = 0.0, 0, 0, 0
     for c in chunks:
-        L = (c.x > 0).sum(1).tolist()
+        L = (c.x > 0).sum(-1).reshape(c.n, -1).tolist()      # each client's inputs per window (whole_history)
         S = ((c.items > 0).sum(1) + 1).tolist()
-        flops += sum(flop_model(l, s) for l, s in zip(L, S))
+        flops += sum(flop_model(l, s) for ls, s in zip(L, S) for l in ls if l)   # windows as if apart (an upper bound)
         rows += sum(S) - len(S)
-        tokens += sum(L)
+        tokens += sum(map(sum, L))
         n += c.n
     return {"flops": flops, "bytes": 4 * (n * dense_size + rows * dim), "interactions": tokens}
 
@@ -279,7 +279,7 @@ def time_central(ds, cfg: Config, batches: int) -> dict:
     from fortress.simulate import central_step, pad_left, training_pairs
     model = from_config(cfg)
     params = model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
-    users, seqs = training_pairs(ds, cfg.max_len)
+    users, seqs = training_pairs(ds, cfg.max_len, cfg.whole_history)
     for p in params.values():
         p.requires_grad_(True)
     opt = torch.optim.Adam(params.values(), lr=cfg.central_lr)

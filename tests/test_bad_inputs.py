@@ -48,6 +48,8 @@ CASES = [
     ("set-lr-inf", {}, run("--set", "lr=inf"), "lr=inf is not a finite number", None),
     ("set-no-equals", {}, run("--set", "lr"), "--set 'lr': expected key=value", None),
     ("set-typo", {}, run("--set", "lrr=1"), "unknown key 'lrr' (did you mean 'lr'?)", None),
+    ("set-union-whole-history", {}, run("--set", "objective=union", "--set", "whole_history=true"),
+     "objective='union' reads one window per client", None),
     ("set-cl4srec-federated", {}, run("--set", "objective=cl4srec"),
      "objective='cl4srec' contrasts the users of a batch with each other", None),
     ("set-heads", {}, run("--set", "heads=3"), "--set: dim=64 must be divisible by heads=3", None),

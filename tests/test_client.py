@@ -134,3 +134,93 @@ def test_logq_bias_hand_case():
     bias = sampled_softmax_bias(x, y, col, n_items=20)
     expect = torch.log(torch.tensor((20 - 2) / 3, dtype=torch.float64))
     assert torch.allclose(bias, torch.tensor([0, 0, 0, 1, 1, 1, 0], dtype=torch.float64) * expect)
+
+
+# ---- whole-history training: windows of max_len ----
+
+def test_train_windows_hand_case():
+    seq = np.arange(1, 13)                                          # 12 items: 11 targets
+    wins = client.train_windows(seq, max_len=5)
+    assert [w.tolist() for w in wins] == [[1, 2], [2, 3, 4, 5, 6, 7], [7, 8, 9, 10, 11, 12]]
+    targets = np.concatenate([w[1:] for w in wins])
+    assert targets.tolist() == seq[1:].tolist()                     # every item but the first, once
+    assert [w.tolist() for w in client.train_windows(seq[:11], 5)] == [[1, 2, 3, 4, 5, 6], [6, 7, 8, 9, 10, 11]]
+    assert [w.tolist() for w in client.train_windows(seq, 5, whole_history=False)] == [[7, 8, 9, 10, 11, 12]]
+    for n in (2, 5, 6):                                             # <= max_len + 1 items: one window either way
+        assert [w.tolist() for w in client.train_windows(seq[:n], 5)] == [seq[:n].tolist()]
+
+
+@pytest.fixture(scope="module")
+def long_ds():
+    """Histories of up to ~60 items: several windows each at max_len 6."""
+    return synthetic(200, 60, seed=4, mean_len=20)
+
+
+def test_whole_history_chunks_hold_every_window(long_ds):
+    ds = long_ds
+    users = eligible_clients(ds)[:40]
+    chunks = build_chunks(ds, users, n_neg=10, max_len=6, chunk_size=8, rng=np.random.default_rng(0),
+                          whole_history=True)
+    assert sorted(u for c in chunks for u in c.users.tolist()) == sorted(users.tolist())
+    assert any(c.x.shape[1] > 2 for c in chunks)
+    for chunk in chunks:
+        assert chunk.x.dim() == 3 and chunk.x.shape == chunk.y.shape and chunk.x.shape[2] <= 6
+        for i, u in enumerate(chunk.users.tolist()):
+            seq = ds.train_seq(u)
+            wins = client.train_windows(seq, 6)
+            real = chunk.items[i][chunk.items[i] > 0]
+            assert len(real) == len(set(seq.tolist())) + 10         # own items of the whole history + negatives
+            W = chunk.x.shape[1]
+            assert not (chunk.x[i, :W - len(wins)] > 0).any()      # all-0 windows in front
+            for j, w in enumerate(wins, start=W - len(wins)):
+                x, y = chunk.x[i, j], chunk.y[i, j]
+                assert chunk.items[i][x[x > 0]].tolist() == w[:-1].tolist()
+                assert chunk.items[i][y[y > 0]].tolist() == w[1:].tolist()
+            assert chunk.weight[i] == len(seq)                      # FedAvg weight: all its interactions
+
+
+def test_whole_history_changes_nothing_for_short_histories(ds):
+    """Users with <= max_len + 1 train items: the same inputs (one window) and the same uploads, bit for bit."""
+    cfg = Config(dim=16, max_len=30, n_neg=12, dropout=0.0, dtype="float64")
+    assert ds.train_len.max() <= cfg.max_len + 1
+    model = from_config(cfg)
+    params = model.init(ds.n_items, torch.Generator().manual_seed(0), torch.float64)
+    users = np.random.default_rng(1).choice(eligible_clients(ds), 40, replace=False)
+    old, new = (round_chunks(ds, dataclasses.replace(cfg, whole_history=w), users, 0) for w in (False, True))
+    assert [c.x.shape[1] for c in new] == [1] * len(new)
+    for a, b in zip(old, new):
+        assert torch.equal(a.users, b.users) and torch.equal(a.items, b.items)
+        assert torch.equal(a.x, b.x[:, 0]) and torch.equal(a.y, b.y[:, 0])
+    ua, ub = (train_round(model, objective(cfg, ds.n_items), 1, cfg.lr, "sgd", params, c) for c in (old, new))
+    for k in ("weight", "dense", "rows_item", "rows_delta", "loss"):
+        assert torch.equal(getattr(ua, k), getattr(ub, k)), k
+
+
+@pytest.mark.parametrize("backbone,objective_", [("sasrec", "next_item"), ("gru4rec", "next_item"),
+                                                 ("sasrec", "fortress"), ("gru4rec", "fortress")])
+def test_whole_history_vmap_matches_loop(long_ds, backbone, objective_, monkeypatch):
+    """Several windows per client, float64: the vectorised engine (padded windows, chunks by work) equals the
+    per-client loop on each client's own unpadded windows, for FedAvg's loss and for the FORTRESS objective."""
+    ds = long_ds
+    cfg = Config(backbone=backbone, objective=objective_, dim=8, max_len=6, n_neg=10, local_epochs=2, lr=0.05,
+                 dropout=0.0, heads=2, blocks=1, dtype="float64", lambda_cl=1.0, lambda_temp=1.0, chunk_size=8)
+    model = from_config(cfg)
+    params = model.init(ds.n_items, torch.Generator().manual_seed(0), torch.float64)
+    users = np.random.default_rng(1).choice(eligible_clients(ds), 24, replace=False)
+    assert (ds.train_len[users] > 3 * cfg.max_len + 1).any()            # some clients hold 4+ windows
+
+    def uploads(engine, overhead=client.CHUNK_OVERHEAD):
+        monkeypatch.setattr(client, "CHUNK_OVERHEAD", overhead)
+        return train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, "sgd", params,
+                           round_chunks(ds, cfg, users, 0), engine)
+    v, lp, one = uploads("vmap"), uploads("loop"), uploads("vmap", 10 ** 9)   # one: fixed chunks of 8, more padding
+    for other, tol in ((lp, 1e-9), (one, 1e-9)):
+        order = [other.clients.tolist().index(c) for c in v.clients.tolist()]
+        assert torch.allclose(v.dense, other.dense[order], atol=tol, rtol=0)
+        assert torch.allclose(v.loss, other.loss[order], atol=tol, rtol=0)
+        for k in v.terms:
+            assert torch.allclose(v.terms[k], other.terms[k][order], atol=tol, rtol=0), k
+    assert torch.equal(v.rows_item, lp.rows_item) and torch.allclose(v.rows_delta, lp.rows_delta, atol=1e-9, rtol=0)
+    assert torch.isfinite(v.dense).all() and v.dense.abs().sum() > 0
+    if objective_ == "fortress":
+        assert set(v.terms) == {"rec", "seq", "user", "item", "temp"}

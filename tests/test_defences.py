@@ -157,6 +157,21 @@ def test_effective_weight_and_contributions():
     assert bounds.clip_scales(u, 50, row_clip=1.0, dense_clip=2.0) == (20.0, 20.0)
 
 
+def test_weight_ceiling_with_whole_history_follows_the_uploaded_rows():
+    """Whole-history clients may claim more than max_len + 1 interactions, but no more than their own items
+    (rows beyond the n_neg negatives) show; without whole history the ceiling is max_len + 1 as before."""
+    row = [1.0, 0.0]
+    # n_neg 2, max_len 3: client 0 uploads 3 rows (1 own item), client 1 9 rows (7 own), client 2 8 rows (6 own)
+    rows = [(0, i, row) for i in (1, 2, 3)] + [(1, i, row) for i in range(1, 10)] + [(2, i, row) for i in range(1, 9)]
+    u = updates([[1.0, 0.0]] * 3, rows, weight=[100.0, 7.0, 1e6])
+    assert bounds.weight_ceiling(u, max_len=3) == 4.0
+    assert bounds.effective_weight(u, 3).tolist() == [4.0, 4.0, 4.0]
+    assert bounds.weight_ceiling(u, 3, whole_history=True, n_neg=2).tolist() == [4.0, 7.0, 6.0]
+    assert bounds.effective_weight(u, 3, whole_history=True, n_neg=2).tolist() == [4.0, 7.0, 6.0]   # liars clamped
+    honest = updates([[1.0, 0.0]] * 3, rows, weight=[2.0, 7.0, 5.0])
+    assert bounds.effective_weight(honest, 3, whole_history=True, n_neg=2).tolist() == [2.0, 7.0, 5.0]
+
+
 def test_poisson_surprise_and_allowance_hand_computed():
     rate = torch.tensor([0.05, 0.05, 0.05, 2.0], dtype=D)
     mass = torch.tensor([1.0, 2.0, 3.0, 3.0], dtype=D)

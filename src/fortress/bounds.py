@@ -6,9 +6,15 @@ simulates on the broadcast model to estimate where the thresholds lie. Nothing h
 
 A client's *contribution* to an item row (or to the encoder) is what FedAvg adds to the
 numerator of that average: its effective weight times its delta, v = w_eff x delta. The effective
-weight is the reported weight clamped to what a client can have trained on, [W_MIN, max_len + 1]
-(a client trains on its last max_len + 1 items and needs two of them). Bounding v, not delta,
-makes a reported weight worthless to a liar: a larger weight only enlarges the denominator.
+weight is the reported weight clamped to what a client can have trained on, [W_MIN, ceiling]
+(`weight_ceiling`): a client needs two items, and trains on its last max_len + 1 items, or, with
+whole-history training, on its whole sequence; then the server checks the claim against the
+upload itself: a client uploads a row for each of its own items plus the n_neg negatives it
+samples, so its rows beyond n_neg bound its distinct items, and the ceiling is the larger of that
+and max_len + 1. Bounding v, not delta, makes a reported weight worthless to a liar: a larger
+weight only enlarges the denominator. (Rows beyond n_neg can be padded with rows of zero delta:
+a liar that uploads k extra rows may claim k interactions, which again buys only a larger
+denominator, up to the catalogue size instead of max_len + 1.)
 """
 from __future__ import annotations
 
@@ -23,9 +29,23 @@ FLAGGED_SPEED = 0.1       # afterwards a round in which an item is flagged teach
 WINDOW = 10               # rounds of recent push mass a crowd is also judged over (a decayed sum, decay 1 - 1 / WINDOW)
 
 
-def effective_weight(u: Updates, max_len: int) -> torch.Tensor:
-    """(n,) float64 reported weights clamped to [W_MIN, max_len + 1]."""
-    return u.weight.double().clamp(min=W_MIN, max=max_len + 1)
+def weight_ceiling(u: Updates, max_len: int, whole_history: bool = False, n_neg: int = 0) -> torch.Tensor | float:
+    """The most train interactions a client can claim: max_len + 1 (its last window), or, when clients train
+    on their whole history, (n,) float64 the larger of that and its uploaded rows beyond the n_neg negatives
+    it samples (its own items: a lower bound on its history's length, exact without repeated items)."""
+    if not whole_history:
+        return float(max_len + 1)
+    rows = torch.zeros(u.n, dtype=torch.float64, device=u.rows_client.device).index_add_(
+        0, u.rows_client, torch.ones(len(u.rows_client), dtype=torch.float64, device=u.rows_client.device))
+    return (rows - n_neg).clamp(min=max_len + 1)
+
+
+def effective_weight(u: Updates, max_len: int, whole_history: bool = False, n_neg: int = 0) -> torch.Tensor:
+    """(n,) float64 reported weights clamped to [W_MIN, weight_ceiling]."""
+    ceiling = weight_ceiling(u, max_len, whole_history, n_neg)
+    if isinstance(ceiling, float):
+        return u.weight.double().clamp(min=W_MIN, max=ceiling)
+    return torch.minimum(u.weight.double().clamp(min=W_MIN), ceiling.to(u.weight.device))
 
 
 def row_contrib_norms(u: Updates, w_eff: torch.Tensor) -> torch.Tensor:
@@ -45,13 +65,15 @@ def client_max(values: torch.Tensor, rows_client: torch.Tensor, n: int) -> torch
 
 
 def clip_scales(u: Updates, max_len: int, row_clip: float, dense_clip: float,
-                row_norms: torch.Tensor | None = None, dense_norms: torch.Tensor | None = None) -> tuple[float, float]:
+                row_norms: torch.Tensor | None = None, dense_norms: torch.Tensor | None = None,
+                whole_history: bool = False, n_neg: int = 0) -> tuple[float, float]:
     """(C_row, C_dense): row_clip x the median over clients of their largest row contribution, and
     dense_clip x the median encoder contribution. Medians: a minority cannot move them.
-    row_norms (M,) / dense_norms (n,): the contribution norms when already computed."""
+    row_norms (M,) / dense_norms (n,): the contribution norms when already computed; max_len,
+    whole_history and n_neg as in `effective_weight`."""
     if not u.n:
         return 0.0, 0.0
-    w = effective_weight(u, max_len)
+    w = effective_weight(u, max_len, whole_history, n_neg)
     rn = row_contrib_norms(u, w) if row_norms is None else row_norms
     dn = dense_contrib_norms(u, w) if dense_norms is None else dense_norms
     top = client_max(rn, u.rows_client, u.n)                                            # (n,)

@@ -5,6 +5,11 @@ the item rows it needs — its own items plus `n_neg` negatives sampled uniforml
 the catalogue — trains `local_epochs` full-sequence steps with a fresh optimiser, and uploads the
 change of exactly those parameters. The next-item loss is a softmax over that sub-table.
 
+What a client trains on (`train_windows`): with `whole_history` its whole sequence, cut into
+windows of max_len inputs (each step is one batch of all its windows, so a client stays one
+upload); without, its last max_len + 1 items only. A chunk's inputs are then (n, W, L) windows
+instead of (n, L) sequences, and a loss takes a client's x, y as (L,) or (W, L).
+
 The vectorised engine stacks clients into chunks (sorted by length so each chunk is padded only
 to its own longest sequence) and runs `torch.func.vmap` over `local_train`; the loop engine calls
 the very same `local_train` on each client's unpadded tensors and is the reference it must match.
@@ -38,8 +43,9 @@ class Chunk:
     users: torch.Tensor    # (n,) int64
     weight: torch.Tensor   # (n,) number of train interactions the client holds
     items: torch.Tensor    # (n, S) global item id of each sub-table slot
-    x: torch.Tensor        # (n, L) inputs as sub-table slots, left-padded with 0
-    y: torch.Tensor        # (n, L) next-item targets as sub-table slots, 0 = none
+    x: torch.Tensor        # (n, L) inputs as sub-table slots, left-padded with 0; (n, W, L) with windows,
+                           # oldest first, a client with fewer windows padded by all-0 windows in front
+    y: torch.Tensor        # (n, L) or (n, W, L) next-item targets as sub-table slots, 0 = none
     draws: dict[str, torch.Tensor] | None = None   # per-client (n, epochs, ...) draws for the loss
 
     @property
@@ -59,6 +65,24 @@ def eligible_clients(ds: Dataset) -> np.ndarray:
     return np.flatnonzero(ds.train_len >= 2)
 
 
+def train_windows(seq: np.ndarray, max_len: int, whole_history: bool = True) -> list[np.ndarray]:
+    """What a user trains on: windows of at most max_len + 1 items (max_len inputs, each followed by its
+    target), oldest first.
+
+    Without `whole_history`, the last max_len + 1 items alone. With it, windows cut from the right end
+    so that no target repeats: the last window is the last max_len + 1 items, the one before it ends on
+    that window's first item (its first input, now a target), and so on; every item but the very first
+    is a target exactly once, and only the oldest window can be shorter (>= 2 items). Non-overlapping
+    windows keep the work linear in the history (every prefix as its own example, as RecBole's
+    augmentation does, costs max_len times more) at the price of a short context for the first
+    targets of each window. A sequence of at most max_len + 1 items is one window either way.
+    """
+    if not whole_history or len(seq) <= max_len + 1:
+        return [seq[-(max_len + 1):]]
+    ends = range(len(seq), 1, -max_len)                     # each window's end (exclusive), newest first
+    return [seq[max(0, e - max_len - 1):e] for e in reversed(ends)]
+
+
 def _negatives(own: np.ndarray, n_items: int, n_neg: int, rng: np.random.Generator) -> np.ndarray:
     """n_neg distinct items drawn uniformly from 1..n_items without the client's own items."""
     free = n_items - len(own)
@@ -75,41 +99,52 @@ def _negatives(own: np.ndarray, n_items: int, n_neg: int, rng: np.random.Generat
 
 
 def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk_size: int,
-                 rng: np.random.Generator | None = None, *, key: tuple[int, ...] | None = None) -> list[Chunk]:
-    """Gather each client's last max_len + 1 train items and its sub-table, grouped by length.
+                 rng: np.random.Generator | None = None, *, key: tuple[int, ...] | None = None,
+                 whole_history: bool = False) -> list[Chunk]:
+    """Gather each client's last max_len + 1 train items (with `whole_history`, all its train items in
+    windows of max_len: `train_windows`) and its sub-table, grouped by length.
 
     Negatives come from `rng` in user order, or, given `key` (e.g. (seed, round)), from each
     client's own stream `default_rng([*key, user])`: then a client draws the same negatives
     wherever it is trained (in-process, or on whichever Flower SuperNode hosts it).
     """
-    return list(iter_chunks(ds, users, n_neg, max_len, chunk_size, rng, key=key))
+    return list(iter_chunks(ds, users, n_neg, max_len, chunk_size, rng, key=key, whole_history=whole_history))
 
 
 def iter_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk_size: int,
-                rng: np.random.Generator | None = None, *, key: tuple[int, ...] | None = None) -> Iterator[Chunk]:
+                rng: np.random.Generator | None = None, *, key: tuple[int, ...] | None = None,
+                whole_history: bool = False) -> Iterator[Chunk]:
     """`build_chunks` one chunk at a time (with `key`, each chunk's sub-tables are built only when it is reached)."""
-    seqs = [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
+    if whole_history:
+        seqs = [ds.train_seq(int(u)) for u in users]
+    else:
+        seqs = [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
     weights = [len(ds.train_seq(int(u))) for u in users]
-    return iter_chunks_from_sequences(users, seqs, weights, ds.n_items, n_neg, chunk_size, rng, key=key)
+    return iter_chunks_from_sequences(users, seqs, weights, ds.n_items, n_neg, chunk_size, rng, key=key,
+                                      windows=max_len if whole_history else None)
 
 
 def chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: list[float], n_items: int,
                           n_neg: int, chunk_size: int, rng: np.random.Generator | None = None,
-                          prefix: np.ndarray | None = None, *, key: tuple[int, ...] | None = None) -> list[Chunk]:
+                          prefix: np.ndarray | None = None, *, key: tuple[int, ...] | None = None,
+                          windows: int | None = None) -> list[Chunk]:
     """Chunks of clients from their sequences; a sub-table holds own items and n_neg negatives.
     Used for benign clients (train sequences) and malicious ones (fake sequences). Negatives
     come from `rng` or from each client's stream (see `build_chunks`). `prefix`
     (n, P) puts the same number of chosen items first, at slots 1..P of every client's sub-table
     (an attack's targets and the items it pushes down), so a loss can address them by slot; the
     client's other items follow in sorted order, then the negatives. Chunks are grouped by length.
+    With `windows` (= max_len) each sequence is cut by `train_windows` and a chunk's x, y are
+    (n, W, L); without, each sequence is one (its inputs and targets (n, L)).
     """
-    return list(iter_chunks_from_sequences(users, seqs, weights, n_items, n_neg, chunk_size, rng, prefix, key=key))
+    return list(iter_chunks_from_sequences(users, seqs, weights, n_items, n_neg, chunk_size, rng, prefix, key=key,
+                                           windows=windows))
 
 
 def iter_chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: list[float], n_items: int,
                                n_neg: int, chunk_size: int, rng: np.random.Generator | None = None,
                                prefix: np.ndarray | None = None, *,
-                               key: tuple[int, ...] | None = None) -> Iterator[Chunk]:
+                               key: tuple[int, ...] | None = None, windows: int | None = None) -> Iterator[Chunk]:
     """`chunks_from_sequences` one chunk at a time; with `key` a chunk's sub-tables are built when it is
     reached, so the memory of the chunks not yet trained does not grow with the clients of a round."""
     def sub(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,22 +156,30 @@ def iter_chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weight
 
     # one shared rng draws in user order, whatever the chunks; each client's own stream, when it is reached
     subs = [sub(i) for i in range(len(users))] if key is None else None
+    # sorted by length: a longer sequence has as many windows or more, each as long or longer
     order = np.argsort([len(s) for s in seqs], kind="stable")
-    for part in length_buckets(np.array([len(seqs[i]) - 1 for i in order]), chunk_size):
+    n_win = [1 if windows is None else len(range(len(s), 1, -windows)) for s in seqs]     # train_windows' count
+    L_in = [len(s) - 1 if windows is None else min(len(s) - 1, windows) for s in seqs]    # its longest inputs
+    # bucketed by padded work (windows x length), so that a long history pads no short one
+    for part in length_buckets(np.array([n_win[i] * L_in[i] for i in order]), chunk_size):
         idx = order[part]
         mine = {i: subs[i] if subs is not None else sub(i) for i in idx.tolist()}
-        L = max(len(seqs[i]) for i in idx) - 1
+        L, W = max(L_in[i] for i in idx), max(n_win[i] for i in idx)
         S = 1 + max(len(own) + len(neg) for own, neg in mine.values())
         items = np.zeros((len(idx), S), dtype=np.int64)
-        x = np.zeros((len(idx), L), dtype=np.int64)
-        y = np.zeros((len(idx), L), dtype=np.int64)
+        x = np.zeros((len(idx), W, L), dtype=np.int64)
+        y = np.zeros((len(idx), W, L), dtype=np.int64)
         for row, i in enumerate(idx):
             own, neg = mine[i]
             items[row, 1:1 + len(own) + len(neg)] = np.concatenate([own, neg])
             sort = np.argsort(own, kind="stable")
             local = 1 + sort[np.searchsorted(own, seqs[i], sorter=sort)]     # slot of each item
-            n = len(local) - 1
-            x[row, L - n:], y[row, L - n:] = local[:-1], local[1:]
+            wins = [local] if windows is None else train_windows(local, windows)
+            for j, win in enumerate(wins, start=W - len(wins)):
+                n = len(win) - 1
+                x[row, j, L - n:], y[row, j, L - n:] = win[:-1], win[1:]
+        if windows is None:                       # one sequence per client: (n, L)
+            x, y = x[:, 0].copy(), y[:, 0].copy()
         yield Chunk(torch.as_tensor(users[idx], dtype=torch.int64),
                     torch.as_tensor([weights[i] for i in idx], dtype=torch.float64),
                     torch.from_numpy(items), torch.from_numpy(x), torch.from_numpy(y))
@@ -169,13 +212,15 @@ def length_buckets(lengths: np.ndarray, chunk_size: int, overhead: int | None = 
 
 def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
              col_mask: torch.Tensor, n_items: int = 0) -> torch.Tensor:
-    """Next-item loss of one client: x, y (L,) sub-table slots, table (S, d).
+    """Next-item loss of one client: x, y (L,) or (W, L) windows of sub-table slots, table (S, d); the mean
+    over all its targets.
 
     With n_items (the catalogue size) the sampled negatives get the logQ correction of
     `sampled_softmax_bias`; with 0 the loss is a plain softmax over the sub-table.
     """
-    h = model.encode({**dense, "item_emb": table}, x[None], training=True)[0]   # (L, d)
-    logits = h @ table.T                                                        # (L, S)
+    xs = x.reshape(-1, x.shape[-1])                                             # (W, L)
+    h = model.encode({**dense, "item_emb": table}, xs, training=True)           # (W, L, d)
+    logits = (h @ table.T).reshape(*y.shape, -1)                                # (..., L, S)
     if n_items:
         logits = logits + sampled_softmax_bias(x, y, col_mask, n_items).to(logits.dtype)
     return next_item_loss(logits, y, col_mask)
@@ -211,7 +256,8 @@ def round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> list[Chunk]:
 def iter_round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> Iterator[Chunk]:
     """`round_chunks` one chunk at a time, each built when it is reached."""
     draws = DRAWS.get(cfg.objective)
-    for c in iter_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r)):
+    for c in iter_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r),
+                         whole_history=cfg.whole_history):
         yield c if draws is None else replace(c, draws=draws(cfg, r, c.users.numpy()))
 
 
@@ -224,7 +270,7 @@ def local_train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: st
                 dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                 col_mask: torch.Tensor, draws: dict[str, torch.Tensor] | None = None
                 ) -> tuple[Params, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """`epochs` full-sequence steps of SGD or Adam (fresh state) on one client's data.
+    """`epochs` full-sequence steps of SGD or Adam (fresh state) on one client's data (all its windows).
 
     Returns the change of the dense parameters, the change of the sub-table (S, d), the loss of
     the last step and its logged terms. Pure: the broadcast tensors are never modified.
@@ -279,13 +325,18 @@ def _train(model: Model, loss_fn: Callable, epochs: int, lr: float, opt: str, pa
     if engine == "vmap":
         return vmap(fn, in_dims=(None, 0, 0, 0, 0, None if chunk.draws is None else 0), randomness="different")(
             dense, table, chunk.x, chunk.y, col_mask, chunk.draws)
-    # reference: one client at a time on its own unpadded tensors
+    # reference: one client at a time on its own unpadded tensors (without the all-0 windows in front)
     outs = []
     for i in range(chunk.n):
         S = int(col_mask[i].sum()) + 1
-        L = int((chunk.x[i] > 0).sum())
+        real = chunk.x[i] > 0                                                   # (L,) or (W, L)
+        L = int(real.sum(-1).max())
+        x, y = chunk.x[i][..., -L:], chunk.y[i][..., -L:]
+        if x.dim() == 2:
+            W = int(real.any(-1).sum())
+            x, y = x[-W:], y[-W:]
         draws = None if chunk.draws is None else {k: d[i] for k, d in chunk.draws.items()}
-        outs.append(fn(dense, table[i, :S], chunk.x[i, -L:], chunk.y[i, -L:], col_mask[i, :S], draws))
+        outs.append(fn(dense, table[i, :S], x, y, col_mask[i, :S], draws))
     d_table = torch.zeros_like(table)
     for i, (_, dt, _, _) in enumerate(outs):
         d_table[i, :dt.shape[0]] = dt

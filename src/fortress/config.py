@@ -25,6 +25,8 @@ class Config:
     data_format: str = "auto"       # auto | seq | table | mind | split | recbole
     kcore: int = 0                  # k-core filter on users and items (0 = off)
     max_len: int = 50               # most recent items a model sees
+    whole_history: bool = False     # true: train on every train item, each user's whole sequence cut into windows of
+                                    # max_len (client.train_windows); false: only its last max_len + 1 items (README)
     synthetic_users: int = 5000
     synthetic_items: int = 1000
     synthetic_len: int = 9          # mean sequence length of the synthetic data (> 5)
@@ -230,6 +232,9 @@ def validate(cfg: Config) -> Config:
         raise InputError(f"temp_window={cfg.temp_window} must be <= max_len={cfg.max_len}", ("temp_window", "max_len"))
     if cfg.trim_frac >= 0.5:
         raise InputError(f"trim_frac={cfg.trim_frac!r} is out of range; it must be in [0, 0.5)", ("trim_frac",))
+    if cfg.objective == "union" and cfg.whole_history and cfg.training == "federated":
+        raise InputError("objective='union' reads one window per client; it does not take whole_history=true yet",
+                         ("objective", "whole_history"))
     if cfg.objective in CENTRAL_OBJECTIVES and cfg.training != "central":
         raise InputError(f"objective={cfg.objective!r} contrasts the users of a batch with each other, which no "
                          f"federated client can; it needs training='central' (got training={cfg.training!r})",
@@ -359,7 +364,11 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def upgrade(values: dict[str, Any]) -> dict[str, Any]:
-    """A saved config (results.json, model.pt, checkpoint.pt) in today's keys: an old `mode` becomes its two keys."""
+    """A saved config (results.json, model.pt, checkpoint.pt) in today's keys: an old `mode` becomes its two keys,
+    and a whole config saved before `whole_history` existed (it has max_len) gets whole_history=false, what it was
+    trained with."""
+    if "max_len" in values and "whole_history" not in values:
+        values = {**values, "whole_history": False}
     if "mode" not in values:
         return values
     rest = {k: v for k, v in values.items() if k != "mode"}

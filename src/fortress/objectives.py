@@ -10,7 +10,16 @@ the sampled negatives (`sampled_softmax_bias`, key `neg_correction`). All views 
 et al., "Representation Learning with Contrastive Predictive Coding", 2018; SimCLR, Chen et al.,
 ICML 2020).
 
-Negatives never leave the device. A client holds one sequence x (its last max_len inputs) and no
+A client trains on its sequence's windows (`client.train_windows`: with `whole_history` its whole
+history in windows of max_len inputs, without it the last max_len inputs alone). L_rec covers every
+window; the views below are defined on "the sequence" x, which with several windows is the last
+one: the most recent max_len inputs, the ones the served representation is computed from (so a
+user's views, draws and temporal trajectory are those of its last window whatever the length of
+its history, and a client with one window gets exactly the objective it had before). The item
+view's gradient g is L_rec's, over all windows, and "own items" (the sub-table rows that are not
+negatives) are the items of every window.
+
+Negatives never leave the device. A client holds its own sequence and no
 other user's states, so in-batch negatives (CL4SRec's other users) are out of reach. The sequence
 and user views contrast a pair of views against negatives chosen by `view_negatives`:
 - "items" (default): the rows of the client's sub-table that are not its own items, i.e. the
@@ -85,7 +94,7 @@ def next_item_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 def sampled_softmax_bias(x: torch.Tensor, y: torch.Tensor, col_mask: torch.Tensor,
                          n_items: int) -> torch.Tensor:
-    """logQ correction (S,) for a client's sub-table of own items plus uniform negatives.
+    """logQ correction (S,) for a client's sub-table of own items plus uniform negatives; x, y (L,) or (W, L).
 
     The full softmax sums over the client's own items and the n_items - n_own others; the
     sub-table holds n_neg of those others drawn uniformly, so each stands for
@@ -94,7 +103,8 @@ def sampled_softmax_bias(x: torch.Tensor, y: torch.Tensor, col_mask: torch.Tenso
     far too easy and federated accuracy plateaus early.
     """
     S = col_mask.shape[-1]
-    own = torch.zeros(S, dtype=torch.bool, device=x.device).scatter(0, torch.cat([x, y]), True)
+    seen = torch.cat([x.reshape(-1), y.reshape(-1)])                              # every window's items
+    own = torch.zeros(S, dtype=torch.bool, device=x.device).scatter(0, seen, True)
     own = own & col_mask                                                          # (S,) own items
     neg = col_mask & ~own                                                         # (S,) negatives
     n_own, n_neg = own.sum(), neg.sum()
@@ -216,19 +226,21 @@ def fortress_draws(cfg: "Config", r: int, users: np.ndarray) -> dict[str, torch.
 def fortress_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch.Tensor,
                   y: torch.Tensor, col_mask: torch.Tensor, draws: dict[str, torch.Tensor],
                   cfg: "Config", n_items: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """FORTRESS loss of one client and its terms: x, y (L,) sub-table slots, table (S, d).
+    """FORTRESS loss of one client and its terms: x, y (L,) or (W, L) windows of sub-table slots, table (S, d).
 
-    L_rec is FedAvg's next-item loss (`client.rec_loss`): with n_items, the sampled negatives get
-    the logQ correction of `sampled_softmax_bias`.
+    L_rec is FedAvg's next-item loss (`client.rec_loss`) over all the windows: with n_items, the
+    sampled negatives get the logQ correction of `sampled_softmax_bias`. The other terms read the
+    last window (see the module docstring).
     """
     bias = sampled_softmax_bias(x, y, col_mask, n_items) if n_items else None    # (S,)
+    xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])              # (W, L)
 
     def rec(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = model.encode({**dense, "item_emb": t}, x[None], training=True)[0]  # (L, d)
-        logits = h @ t.T                                                       # (L, S)
+        h = model.encode({**dense, "item_emb": t}, xs, training=True)         # (W, L, d)
+        logits = h @ t.T                                                       # (W, L, S)
         if bias is not None:
             logits = logits + bias.to(logits.dtype)
-        return next_item_loss(logits, y, col_mask), h
+        return next_item_loss(logits, ys, col_mask), h[-1]                     # h of the last window (L, d)
 
     if cfg.item_view:       # one forward pass gives L_rec, h and (by vjp) dL_rec/dtable
         l_rec, pullback, h = vjp(rec, table, has_aux=True)
@@ -236,11 +248,12 @@ def fortress_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch
     else:
         l_rec, h = rec(table)
     terms = {"rec": l_rec}
+    x, y = xs[-1], ys[-1]                                                         # the views' window (L,)
     # the views' negatives are constants (see the module docstring for the choice)
-    if cfg.view_negatives == "items":    # sampled rows: the sub-table without the client's own items
-        own = torch.zeros_like(col_mask).scatter(0, torch.cat([x, y]), True)      # (S,)
+    if cfg.view_negatives == "items":    # sampled rows: the sub-table without the client's own items (all windows')
+        own = torch.zeros_like(col_mask).scatter(0, torch.cat([xs.reshape(-1), ys.reshape(-1)]), True)  # (S,)
         negatives, neg_real = table.detach(), col_mask & ~own                     # (S, d), (S,)
-    else:                                # the client's own earlier prefix states
+    else:                                # the client's own earlier prefix states (the last window's)
         negatives, neg_real = h[:-1].detach(), x[:-1] > 0                         # (L - 1, d), (L - 1,)
     # views and windows are built from x's positions and read a small table of x's rows (+ a zero
     # mask row): the same embeddings as the sub-table, at a fraction of its gather/scatter cost

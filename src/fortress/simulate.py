@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from fortress import attacks, checkpoint
 from fortress import config as config_mod
-from fortress.client import eligible_clients
+from fortress.client import eligible_clients, train_windows
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.errors import InputError
@@ -131,9 +131,11 @@ def pop_scorer(ds: Dataset):
     return lambda users, split: counts.repeat(len(users), 1)
 
 
-def training_pairs(ds: Dataset, max_len: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def training_pairs(ds: Dataset, max_len: int, whole_history: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Central training's examples: each eligible user's windows (`train_windows`) and, per window, its user."""
     users = eligible_clients(ds)
-    return users, [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
+    wins = [train_windows(ds.train_seq(int(u)), max_len, whole_history) for u in users]
+    return np.repeat(users, [len(w) for w in wins]), [s for w in wins for s in w]
 
 
 # evaluation of a model at a split (with targets: their exposure; with strata: by group of users), as sums over
@@ -252,7 +254,7 @@ def central_step(model: Model, params: Params, opt: torch.optim.Optimizer, batch
 def train_central(run: Run, bar: tqdm | None = None) -> None:
     """Ordinary minibatch training with full-softmax cross-entropy and Adam."""
     cfg, ds, model = run.cfg, run.ds, run.model
-    users, seqs = training_pairs(ds, cfg.max_len)
+    users, seqs = training_pairs(ds, cfg.max_len, cfg.whole_history)     # every window is an example
     for p in run.params.values():
         p.requires_grad_(True)
     opt = torch.optim.Adam(run.params.values(), lr=cfg.central_lr)

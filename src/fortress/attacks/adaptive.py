@@ -148,8 +148,9 @@ def spread_encoder(view: AttackView, u: Updates, alpha: float) -> Updates:
 def fortress_scales(view: AttackView, sim: Updates) -> tuple[float, float, float]:
     """(C_row, C_dense, rate floor) the FORTRESS rules would set on a round like the simulated one."""
     c = view.cfg
-    c_row, c_dense = bounds.clip_scales(sim, c.max_len, c.row_clip, c.dense_clip)
-    w = bounds.effective_weight(sim, c.max_len)
+    w = bounds.effective_weight(sim, c.max_len, c.whole_history, c.n_neg)
+    c_row, c_dense = bounds.clip_scales(sim, c.max_len, c.row_clip, c.dense_clip, whole_history=c.whole_history,
+                                        n_neg=c.n_neg)
     equiv = bounds.push_equivalents(bounds.row_contrib_norms(sim, w), c_row)
     per_client = float(equiv.sum()) / max(1, sim.n)
     floor = bounds.rate_floor(per_client * c.clients_per_round, view.n_items, c.floor_frac)

@@ -50,6 +50,7 @@ class AttackConfig:
     engine: str
     neg_correction: bool  # whether honest clients logQ-correct their sampled negatives
     max_len: int          # the protocol's max_len
+    whole_history: bool   # whether clients train on their whole history (the server's weight ceiling follows)
     defence: str          # the server's rule and its keys (public: adaptive attacks read them)
     norm_bound: float
     row_clip: float
@@ -62,7 +63,7 @@ class AttackConfig:
     def from_config(cls, cfg) -> "AttackConfig":
         return cls(cfg.attack_scale, cfg.attack_len, cfg.attack_users, cfg.attack_steps,
                    cfg.attack_alternatives, cfg.attack_pool, cfg.lr, cfg.local_epochs, cfg.client_opt, cfg.n_neg,
-                   cfg.clients_per_round, cfg.chunk_size, cfg.engine, cfg.neg_correction, cfg.max_len, cfg.defence,
+                   cfg.clients_per_round, cfg.chunk_size, cfg.engine, cfg.neg_correction, cfg.max_len, cfg.whole_history, cfg.defence,
                    cfg.norm_bound, cfg.row_clip, cfg.dense_clip, cfg.push_frac, cfg.p_flag, cfg.floor_frac)
 
 

@@ -9,7 +9,7 @@ sweeps and figures. It expands to *cells*; each cell is one `fortress` command:
   figure    a `fortress plot ...` command over the folders of some runs
 
 A cell's id is a hash of what it computes (its data and the config keys that differ from the
-defaults, and the cell it starts from), so a run needed by several tables runs once, a changed
+defaults, `ID_BASE`, and the cell it starts from), so a run needed by several tables runs once, a changed
 spec re-runs only the cells whose settings changed, and the ids do not depend on the folder.
 """
 from __future__ import annotations
@@ -25,6 +25,10 @@ from fortress import config
 from fortress.config import Config
 from fortress.errors import InputError
 
+# the defaults cell ids are taken against: a key added later with a default that changes what a run computes
+# counts at its old behaviour, so a cell computed before the key keeps its id and one computed with the new
+# default gets a new one (whole_history: runs before it trained on the last window only)
+ID_BASE = Config(whole_history=False)
 SECTIONS = ("grid", "set", "datasets", "methods", "pretrain", "ablation", "sensitivity", "figures")
 GRID_FIELDS = ("seeds", "attacks", "attack_ratios", "er_last")
 ABLATION_FIELDS = ("method", "variants", "attacks", "attack_ratio", "datasets", "seeds")
@@ -232,7 +236,7 @@ class _Spec:
     # -- cells
     def _add(self, kind: str, data: str, sets: dict[str, str], after: str | None, label: str) -> str:
         cfg = _resolve(sets, f"{self.s}: cell '{label}'")
-        default = config.to_dict(Config())
+        default = config.to_dict(ID_BASE)
         changed = {k: v for k, v in config.to_dict(cfg).items() if v != default[k]}
         cid = _cell_id(kind, {"data": data, "config": changed, "after": after})
         if cid not in self.cells:

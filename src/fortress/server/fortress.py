@@ -9,7 +9,9 @@ sudden crowd of new fans of an item is seen and slowed down.
 
 Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
 1. Bounded contributions (`fortress.bounds`). A client's contribution to an item row or to the
-   encoder is w_eff x delta, w_eff the reported weight clamped to [2, max_len + 1]. Each row
+   encoder is w_eff x delta, w_eff the reported weight clamped to [2, ceiling], the ceiling what the
+   client can have trained on (`bounds.weight_ceiling`: max_len + 1, or with whole-history
+   training the larger of that and its uploaded rows beyond n_neg). Each row
    contribution is clipped to C_row = row_clip x the round's median over clients of their largest
    row contribution (the push an ordinary client gives its own next item), the encoder
    contribution to C_dense = dense_clip x the round's median. The averages divide by the sum of
@@ -63,7 +65,7 @@ Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
 Why sparse benign clients keep their weight: nothing here punishes a small norm, few rows, a low
 weight or disagreement with the consensus; a short client's contributions sit below the medians,
 and it loses weight only for a row of an item that is flagged in that round.
-A round without clipping, flags or capped items is exactly FedAvg with weights clamped to [2, max_len + 1].
+A round without clipping, flags or capped items is exactly FedAvg with weights clamped to [2, ceiling].
 The monitor's state (rates, recent masses, flag times, rounds, generators) is saved in checkpoints and in model.pt, so a run
 with `init_from` continues a defended model's monitor; a cold monitor learns its first rounds
 as normal (see the README's threat-model section).
@@ -108,13 +110,15 @@ class FortressConfig:
     server_lr: float
     probe_users: int
     exposure_cap: float
-    max_len: int          # the protocol's max_len: a client trains on at most max_len + 1 items
+    max_len: int          # the protocol's max_len: a client trains on at most max_len + 1 items, or
+    whole_history: bool = False   # with whole-history training on all of them (bounds.weight_ceiling)
+    n_neg: int = 0                # the negatives each client samples (rows of its upload that are not its own)
 
     @classmethod
     def from_config(cls, cfg) -> "FortressConfig":
         return cls(cfg.popular_frac, cfg.row_clip, cfg.dense_clip, cfg.push_frac, cfg.p_flag, cfg.floor_frac,
                    cfg.alpha, cfg.beta, cfg.margin, cfg.knn, cfg.server_steps, cfg.server_lr, cfg.probe_users,
-                   cfg.exposure_cap, cfg.max_len)
+                   cfg.exposure_cap, cfg.max_len, cfg.whole_history, cfg.n_neg)
 
 
 def top_items(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -220,10 +224,11 @@ class FortressServer:
 
     def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> Outcome:
         fc, N = self.fc, self.n_items
-        w = bounds.effective_weight(u, fc.max_len)                                      # (n,)
+        w = bounds.effective_weight(u, fc.max_len, fc.whole_history, fc.n_neg)         # (n,)
         row_norm = bounds.row_contrib_norms(u, w)                                       # (M,)
         dense_norm = bounds.dense_contrib_norms(u, w)                                   # (n,)
-        c_row, c_dense = bounds.clip_scales(u, fc.max_len, fc.row_clip, fc.dense_clip, row_norm, dense_norm)
+        c_row, c_dense = bounds.clip_scales(u, fc.max_len, fc.row_clip, fc.dense_clip, row_norm, dense_norm,
+                                            fc.whole_history, fc.n_neg)
         row_clip = (c_row / row_norm.clamp(min=1e-300)).clamp(max=1.0)                  # (M,)
         dense_clip = (c_dense / dense_norm.clamp(min=1e-300)).clamp(max=1.0)            # (n,)
         equiv = bounds.push_equivalents(row_norm, c_row)                                # (M,) in [0, 1]
