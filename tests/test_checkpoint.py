@@ -49,6 +49,25 @@ def test_resume_continues_exactly(ds, tmp_path, global_opt):
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
 
 
+def test_federated_early_stopping_restores_the_best_round_and_resumes_exactly(ds, tmp_path):
+    """fed_patience: validation every eval_every rounds (and at the last), stop after fed_patience without a
+    better valid NDCG@10, the best round's model restored; a resumed run stops and restores alike."""
+    cfg = Config(**{**SMALL, "eval_every": 1}, rounds=30, fed_patience=2, checkpoint_every=1)
+    full = run(cfg, ds, tmp_path / "full", progress=False)
+    e = full["early_stopping"]
+    ndcg = {i + 1: h["valid"]["NDCG@10"] for i, h in enumerate(full["history"]) if "valid" in h}
+    assert e["stopped_early"] and e["rounds_run"] == len(full["history"]) < 30
+    assert e["best_round"] == max(ndcg, key=ndcg.get) == e["rounds_run"] - 2
+    assert full["valid"]["NDCG@10"] == e["best_valid_NDCG@10"] == max(ndcg.values())   # the final model: the best round's
+    cut = e["rounds_run"] - 1                        # interrupted one round before it would stop
+    run(dataclasses.replace(cfg, rounds=cut), ds, tmp_path / "cut", progress=False)
+    resumed = run(cfg, ds, tmp_path / "cut", progress=False, resume=True)
+    assert resumed["test"] == full["test"] and resumed["early_stopping"] == e
+    assert same_model(params(tmp_path / "full"), params(tmp_path / "cut"))
+    off = run(dataclasses.replace(cfg, fed_patience=0, rounds=3), ds, tmp_path / "off", progress=False)
+    assert "early_stopping" not in off and "valid" not in off["history"][-1]
+
+
 def test_resume_refuses_other_settings_or_data(ds, tmp_path):
     cfg = Config(rounds=2, checkpoint_every=1, **SMALL)
     run(cfg, ds, tmp_path, progress=False)

@@ -83,6 +83,8 @@ class Config:
     cl4srec_tau: float = 1.0        # objective=cl4srec: temperature of its in-batch softmax (dot product)
     patience: int = 5               # validate every epoch, stop after this many without a better valid NDCG@10 and
                                     # restore the best epoch's model; 0 = off (validate every eval_every epochs)
+    fed_patience: int = 0           # federated: stop after this many validations (every eval_every rounds) without a
+                                    # better valid NDCG@10 and restore the best one's model; 0 = off (all rounds)
     # evaluation
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once

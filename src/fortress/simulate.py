@@ -153,8 +153,9 @@ def local_evaluator(ds: Dataset, scorer_of: Callable[[Params], Scorer], batch: i
 
 @dataclass
 class EarlyStopping:
-    """Validation NDCG@10 after every epoch: keep a copy of the best parameters, stop after `patience`
-    validations in a row without a better one, and put the best back at the end (`epochs` is the maximum)."""
+    """Validation NDCG@10 after every epoch (central) or every `eval_every` rounds (federated, `fed_patience`):
+    keep a copy of the best parameters, stop after `patience` validations in a row without a better one,
+    and put the best back at the end (`epochs` / `rounds` is the maximum)."""
 
     patience: int
     best: float = -1.0
@@ -171,14 +172,28 @@ class EarlyStopping:
             self.stale += 1
         return self.stale >= self.patience
 
-    def restore(self, params: Params, epochs_run: int, max_epochs: int) -> dict[str, Any]:
-        """Copy the best parameters into `params` (in place: callers hold the dict); what happened, for results.json."""
+    def restore(self, params: Params, epochs_run: int, max_epochs: int, unit: str = "epoch") -> dict[str, Any]:
+        """Copy the best parameters into `params` (in place: callers hold the dict); what happened, for results.json
+        (`unit`: epoch or round)."""
         with torch.no_grad():
             for k, v in (self.params or {}).items():
                 params[k].copy_(v)
-        return {"metric": "valid NDCG@10", "patience": self.patience, "best_epoch": self.best_epoch,
-                "best_valid_NDCG@10": self.best, "epochs_run": epochs_run, "max_epochs": max_epochs,
+        return {"metric": "valid NDCG@10", "patience": self.patience, f"best_{unit}": self.best_epoch,
+                "best_valid_NDCG@10": self.best, f"{unit}s_run": epochs_run, f"max_{unit}s": max_epochs,
                 "stopped_early": epochs_run < max_epochs}
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
+                "params": {k: v.cpu() for k, v in (self.params or {}).items()} or None}
+
+    def load(self, state: dict[str, Any] | None, device) -> None:
+        if state:
+            self.best, self.best_epoch, self.stale = state["best"], state["best_epoch"], state["stale"]
+            self.params = {k: v.to(device) for k, v in state["params"].items()} if state["params"] else None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stale >= self.patience
 
 
 @dataclass
@@ -204,7 +219,8 @@ class Run:
     defence: Any = None                           # the server's defence (its state goes into model.pt)
     pop: Population | None = None                 # what the server knows of the users; read off `ds` if None
     evaluator: Evaluator | None = None            # model -> evaluation sums; over `ds` if None
-    early_stopping: dict[str, Any] | None = None  # central training with patience: its best epoch, whether it stopped
+    early_stopping: dict[str, Any] | None = None  # with patience / fed_patience: its best epoch / round, whether it stopped
+    stopping: EarlyStopping | None = None         # federated early stopping in progress (fed_patience)
 
     def __post_init__(self):
         if self.pop is None:
@@ -364,7 +380,8 @@ def server_state(run: Run, gopt: GlobalOptimizer, rounds_done: int, defence=None
             "params": {k: v.cpu() for k, v in run.params.items()}, "server": server, "history": run.history,
             "rejected": run.rejected, "dropped": run.dropped, "bytes_up": run.bytes_up, "bytes_down": run.bytes_down,
             "train_seconds": run.train_seconds, "eval_seconds": run.eval_seconds,
-            "attack": run.campaign.state() if run.campaign is not None else None}
+            "attack": run.campaign.state() if run.campaign is not None else None,
+            "early_stopping": run.stopping.state() if run.stopping is not None else None}
 
 
 def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None) -> int:
@@ -380,6 +397,8 @@ def restore(run: Run, gopt: GlobalOptimizer, blob: dict[str, Any], defence=None)
     run.train_seconds, run.eval_seconds = blob["train_seconds"], blob["eval_seconds"]
     if run.campaign is not None:
         run.campaign.restore(blob.get("attack"))
+    if run.stopping is not None:
+        run.stopping.load(blob.get("early_stopping"), dev)
     return int(blob["round"])
 
 
@@ -406,6 +425,7 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
     defence = run.defence = defences.make(cfg, run.pop.n_items)
     continue_monitor(cfg, defence)
+    stopping = run.stopping = EarlyStopping(cfg.fed_patience) if cfg.fed_patience and cfg.eval_every else None
     start = 0
     if resume and out is not None:
         blob = checkpoint.load(out, cfg, run.pop.fingerprint)
@@ -414,16 +434,22 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
             print(f"resuming from {out / checkpoint.NAME} after round {start}", file=sys.stderr)
             if bar is not None:
                 bar.update(min(start, cfg.rounds))
-    for r in range(start, cfg.rounds):
+    for r in range(start, cfg.rounds if stopping is None or not stopping.stopped else start):
         entry = federated_round(run, r, gopt, eligible, clients, defence, attackers)
-        if cfg.eval_every and (r + 1) % cfg.eval_every == 0 and r + 1 < cfg.rounds:
-            entry["valid"] = run.validate(bar)
-            if run.campaign is not None:
+        last = r + 1 == cfg.rounds
+        if cfg.eval_every and (((r + 1) % cfg.eval_every == 0 and not last) or (last and stopping is not None)):
+            entry["valid"] = run.validate(bar)       # with early stopping the last round is judged too
+            if run.campaign is not None and not last:
                 entry["ER"] = run.exposure(r + 1, bar)
         run.history.append(entry)
-        if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
+        stop = stopping is not None and "valid" in entry and stopping.stop(r + 1, entry["valid"], run.params)
+        if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or last or stop):
             checkpoint.save(out, server_state(run, gopt, r + 1, defence))
         _progress(bar, entry)
+        if stop:
+            break
+    if stopping is not None:      # the final evaluation (and model.pt) is the best validated round's model
+        run.early_stopping = stopping.restore(run.params, len(run.history), cfg.rounds, unit="round")
 
 
 def evaluated_users(pop: Population, split: str) -> int:
@@ -671,9 +697,10 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(f"{name:<{width}} " + " ".join(f"{res[c]:>8.4f}" for c in cols))
     if "early_stopping" in results:
         e = results["early_stopping"]
-        lines.append(f"early stopping: best valid NDCG@10 {e['best_valid_NDCG@10']:.4f} at epoch {e['best_epoch']} "
-                     f"(restored); {'stopped after' if e['stopped_early'] else 'ran all'} {e['epochs_run']} of "
-                     f"{e['max_epochs']} epochs, patience {e['patience']}")
+        unit = "round" if "best_round" in e else "epoch"
+        lines.append(f"early stopping: best valid NDCG@10 {e['best_valid_NDCG@10']:.4f} at {unit} {e[f'best_{unit}']} "
+                     f"(restored); {'stopped after' if e['stopped_early'] else 'ran all'} {e[f'{unit}s_run']} of "
+                     f"{e[f'max_{unit}s']} {unit}s, patience {e['patience']}")
     t, b = results["timing"], results["bytes"]
     lines.append(f"time: {t['seconds_per_round']:.3f} s/step, eval {t['final_eval_seconds']:.2f} s, "
                  f"peak RSS {t['peak_rss_mb']:.0f} MB; traffic per round: "
