@@ -37,6 +37,19 @@ class Outcome:
     popular: torch.Tensor | None = None     # (P,) item ids of the popular set
 
 
+class NoState:
+    """The defence interface's state and after-update steps for a rule that has neither."""
+
+    def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 # uploaded rows weighted and summed per block: the weighted copy of a block stays in cache, and a
 # round's M x d rows are never copied whole
 ROW_BLOCK = 8192

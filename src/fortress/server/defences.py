@@ -16,7 +16,7 @@ import torch
 from fortress import models
 from fortress.errors import InputError
 from fortress.server import robust
-from fortress.server.aggregate import Aggregate, Outcome, fedavg
+from fortress.server.aggregate import Aggregate, NoState, Outcome, fedavg
 from fortress.server.fortress import FortressConfig, FortressServer
 from fortress.server.hics import HicsServer
 from fortress.server.union import UnionServer
@@ -39,7 +39,7 @@ PURE: dict[str, Pure] = {
 }
 
 
-class Stateless:
+class Stateless(NoState):
     """A pure aggregation rule behind the defence interface (no state, nothing after the update)."""
 
     def __init__(self, name: str, rule: Pure, cfg):
@@ -48,15 +48,6 @@ class Stateless:
     def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> Outcome:
         agg, weights = self.rule(u, self.cfg)
         return Outcome(agg, weights)
-
-    def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def _stateless(name: str) -> Callable[[Any, int], Stateless]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fortress.server.aggregate import Outcome, fedavg
+from fortress.server.aggregate import NoState, Outcome, fedavg
 from fortress.updates import Updates
 
 
@@ -73,7 +73,7 @@ def hics(u: Updates, item_clip: float, keep: float, user_clip: float) -> tuple[U
     return out, share.clamp(0.0, 1.0).to(u.weight.dtype), log
 
 
-class HicsServer:
+class HicsServer(NoState):
     """`defence=hics`: hierarchical clipping (item rows, then users) with sparsified rows, then FedAvg."""
 
     name = "hics"
@@ -88,13 +88,4 @@ class HicsServer:
     def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> Outcome:
         out, share, log = hics(u, self.item_clip, self.keep, self.user_clip)
         return Outcome(fedavg(out), share, log)
-
-    def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
