@@ -217,14 +217,13 @@ def time_defences(ds, cfg: Config, clients: int, rounds: int, names: list[str], 
     agg, nbytes, round_s = {n: [] for n in names}, [], []
     for r in range(1 + rounds):
         users = np.random.default_rng([cfg.seed, r]).choice(eligible, size=clients, replace=False)
+        copy = {k: v.clone() for k, v in params.items()}      # the rules' copy of the broadcast model (untimed)
         t0 = time.perf_counter()
         updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params,
                               round_chunks(ds, cfg, users, r), cfg.engine)
-        copy = {k: v.clone() for k, v in params.items()}
-        t1 = time.perf_counter()
         gopt.apply(params, keys, params["item_emb"], fedavg(updates))
         if r:
-            round_s.append(time.perf_counter() - t1 + (t1 - t0))
+            round_s.append(time.perf_counter() - t0)
         for n, rule in rules.items():
             t0 = time.perf_counter()
             rule.after_apply(copy, rule.aggregate(updates, copy))
@@ -244,24 +243,20 @@ def time_defence_rounds(ds, cfg: Config, rounds: int, init: str | None = None) -
     """Whole rounds as `fortress run` makes them (as `time_cli_rounds`), without a defence and with
     `defence=fortress`, on the same state each round (the defended model goes on), the two in alternating
     order so that load on a shared machine hits both alike; the added share per round, median."""
-    from fortress.rounds import client_step, sample_clients, server_step
     from fortress.server import defences
     model = from_config(cfg)
     fortress = defences.make(override(cfg, {"defence": "fortress"}), ds.n_items)
     params = start_from(ds, cfg, model, init, {"fortress": fortress})
-    gopt, eligible = GlobalOptimizer(cfg.global_opt, cfg.global_lr), eligible_clients(ds)
+    eligible = eligible_clients(ds)
+    gopts = {n: GlobalOptimizer(cfg.global_opt, cfg.global_lr) for n in ("none", "fortress")}
     sec: dict[str, list[float]] = {"none": [], "fortress": []}
     for r in range(1 + rounds):
-        snapshot = {k: v.clone() for k, v in params.items()}
+        undefended = {k: v.clone() for k, v in params.items()}        # the FedAvg round's copy of this state
         for name in (("none", "fortress") if r % 2 else ("fortress", "none")):
-            p = params if name == "fortress" else {k: v.clone() for k, v in snapshot.items()}
-            rule = fortress if name == "fortress" else None
-            t0 = time.perf_counter()
-            users = sample_clients(cfg, eligible, r)
-            got = client_step(cfg, model, ds, p, users, r, stream=rule is None)
-            server_step(cfg, p, gopt, got, len(users), ds.n_items, r, rule)
+            p, rule = (params, fortress) if name == "fortress" else (undefended, None)
+            seconds, _ = cli_round(cfg, model, ds, p, gopts[name], eligible, r, rule)
             if r:
-                sec[name].append(time.perf_counter() - t0)
+                sec[name].append(seconds)
     added = (np.array(sec["fortress"]) - np.array(sec["none"])) / np.array(sec["none"])
     return {"seconds": {n: stats(v) for n, v in sec.items()}, "added_share": float(np.median(added)),
             "init": init or "fresh"}
@@ -321,10 +316,21 @@ def setup_process() -> bool:
     return keep_freed_memory()
 
 
-def time_cli_rounds(ds, cfg: Config, rounds: int) -> dict:
-    """Rounds as `fortress run` makes them in-process (sample, streamed client step, checks, FedAvg or the
-    defence, apply); seconds per round after one warm-up, and the RSS before the first round."""
+def cli_round(cfg: Config, model, ds, params, gopt, eligible, r: int, defence=None):
+    """One round as `fortress run` makes it in-process (sample, client step, streamed without a defence as
+    in simulate.local_clients, checks, FedAvg or the defence, apply): (seconds, the server's result)."""
     from fortress.rounds import client_step, sample_clients, server_step
+    t0 = time.perf_counter()
+    users = sample_clients(cfg, eligible, r)
+    got = client_step(cfg, model, ds, params, users, r, stream=defence is None)
+    res = server_step(cfg, params, gopt, got, len(users), ds.n_items, r, defence)
+    assert res.log["clients"] == len(users), res.log
+    return time.perf_counter() - t0, res
+
+
+def time_cli_rounds(ds, cfg: Config, rounds: int) -> dict:
+    """Rounds as `fortress run` makes them in-process (`cli_round`); seconds per round after one warm-up, and
+    the RSS before the first round."""
     from fortress.server import defences
     model = from_config(cfg)
     params = model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
@@ -332,13 +338,9 @@ def time_cli_rounds(ds, cfg: Config, rounds: int) -> dict:
     defence = None if cfg.defence == "none" else defences.make(cfg, ds.n_items)
     rss0, sec = peak_rss_mb(), []
     for r in range(max(1, 1 + rounds) if rounds else 1):
-        t0 = time.perf_counter()
-        users = sample_clients(cfg, eligible, r)
-        got = client_step(cfg, model, ds, params, users, r, stream=defence is None)     # as simulate.local_clients
-        res = server_step(cfg, params, gopt, got, len(users), ds.n_items, r, defence)
+        seconds, _ = cli_round(cfg, model, ds, params, gopt, eligible, r, defence)
         if r or not rounds:                  # rounds 0: the first round is the one timed
-            sec.append(time.perf_counter() - t0)
-        assert res.log["clients"] == len(users), res.log
+            sec.append(seconds)
     return {"seconds": stats(sec), "rss_before_rounds_mb": rss0, "defence": cfg.defence}
 
 

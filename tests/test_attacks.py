@@ -20,6 +20,7 @@ from fortress.server.aggregate import GlobalOptimizer
 from fortress.rounds import sample_clients, split_sampled
 from fortress.simulate import Run, federated_round, initial_params, run
 from fortress.updates import check
+from conftest import same_saved_model
 
 TINY = dict(dim=16, max_len=10, n_neg=16, clients_per_round=32, attack_len=6, attack_users=3, attack_steps=3,
             attack_alternatives=5, eval_every=0)
@@ -226,8 +227,7 @@ def test_resume_under_attack_continues_exactly(tmp_path, monkeypatch):
     state = torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["attack"]
     assert state["targets"] == full["attack"]["target_index"] and len(state["malicious"]) == 15
     resumed = run(cfg, data, tmp_path / "cut", progress=False, resume=True)
-    a, b = (torch.load(p / "model.pt", weights_only=False)["params"] for p in (tmp_path / "full", tmp_path / "cut"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_saved_model(tmp_path / "full", tmp_path / "cut")
     drop = ("seconds", "seconds_per_round")
     assert {k: v for k, v in resumed["attack"].items() if k not in drop} == \
         {k: v for k, v in full["attack"].items() if k not in drop}

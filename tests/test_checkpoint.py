@@ -17,6 +17,7 @@ from fortress.data import synthetic
 from fortress.errors import InputError
 from fortress.population import fingerprint
 from fortress.simulate import run
+from conftest import interrupt_and_resume, same_saved_model
 
 SMALL = dict(dim=16, max_len=20, n_neg=16, clients_per_round=24, eval_every=0, threads=1,
              synthetic_users=300, synthetic_items=60)
@@ -27,24 +28,13 @@ def ds():
     return synthetic(300, 60, seed=0)
 
 
-def params(folder):
-    return torch.load(folder / "model.pt", weights_only=False)["params"]
-
-
-def same_model(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize("global_opt", ["sgd", "adam"])
 def test_resume_continues_exactly(ds, tmp_path, global_opt):
     cfg = Config(rounds=6, checkpoint_every=2, global_opt=global_opt, global_lr=0.05 if global_opt == "adam" else 1.0,
                  drop_rate=0.2, **SMALL)
     full = run(cfg, ds, tmp_path / "full", progress=False)
-    # an interrupted run: the same settings, stopped after round 4 (its last checkpoint)
-    run(dataclasses.replace(cfg, rounds=4), ds, tmp_path / "cut", progress=False)
-    assert torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["round"] == 4
-    resumed = run(cfg, ds, tmp_path / "cut", progress=False, resume=True)
-    assert same_model(params(tmp_path / "full"), params(tmp_path / "cut"))
+    resumed = interrupt_and_resume(cfg, ds, tmp_path / "cut", 4)     # the same settings, stopped after round 4
+    assert same_saved_model(tmp_path / "full", tmp_path / "cut")
     assert resumed["test"] == full["test"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
 
@@ -59,11 +49,9 @@ def test_federated_early_stopping_restores_the_best_round_and_resumes_exactly(ds
     assert e["stopped_early"] and e["rounds_run"] == len(full["history"]) < 30
     assert e["best_round"] == max(ndcg, key=ndcg.get) == e["rounds_run"] - 2
     assert full["valid"]["NDCG@10"] == e["best_valid_NDCG@10"] == max(ndcg.values())   # the final model: the best round's
-    cut = e["rounds_run"] - 1                        # interrupted one round before it would stop
-    run(dataclasses.replace(cfg, rounds=cut), ds, tmp_path / "cut", progress=False)
-    resumed = run(cfg, ds, tmp_path / "cut", progress=False, resume=True)
+    resumed = interrupt_and_resume(cfg, ds, tmp_path / "cut", e["rounds_run"] - 1)   # one round before it would stop
     assert resumed["test"] == full["test"] and resumed["early_stopping"] == e
-    assert same_model(params(tmp_path / "full"), params(tmp_path / "cut"))
+    assert same_saved_model(tmp_path / "full", tmp_path / "cut")
     off = run(dataclasses.replace(cfg, fed_patience=0, rounds=3), ds, tmp_path / "off", progress=False)
     assert "early_stopping" not in off and "valid" not in off["history"][-1]
 
@@ -120,7 +108,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_model(ds, tmp_path):
     assert "resuming from" in again.stderr
     assert torch.load(ckpt, weights_only=False)["round"] == rounds
     full = run(Config(rounds=rounds, **SMALL), ds, tmp_path / "full", progress=False)
-    assert same_model(params(cut), params(tmp_path / "full"))
+    assert same_saved_model(cut, tmp_path / "full")
     import json
     resumed = json.loads((cut / "results.json").read_text())
     assert resumed["test"] == full["test"] and len(resumed["history"]) == rounds

@@ -13,11 +13,11 @@ from fortress.client import eligible_clients, objective, rec_loss, round_chunks,
 from fortress.config import Config
 from fortress.data import synthetic
 from fortress.models import dense_keys, from_config
-from fortress import checkpoint
 from fortress.objectives import (augment, crop, fortress_draws, fortress_loss, info_nce, mask, reorder,
                                  temporal_loss, windows)
 from fortress.server.aggregate import GlobalOptimizer, fedavg
 from fortress.simulate import run
+from conftest import interrupt_and_resume, same_saved_model
 
 OFF = dict(seq_view=False, user_view=False, item_view=False, temporal=False)
 
@@ -349,11 +349,8 @@ def test_fortress_resume_continues_exactly(tmp_path):
     cfg = Config(objective="fortress", rounds=4, checkpoint_every=2, dim=16, max_len=20, n_neg=16, clients_per_round=24,
                  eval_every=0, threads=1)                                  # dropout 0.2: torch's RNG matters too
     full = run(cfg, ds, tmp_path / "full", progress=False)
-    run(dataclasses.replace(cfg, rounds=2), ds, tmp_path / "cut", progress=False)
-    assert torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["round"] == 2
-    resumed = run(cfg, ds, tmp_path / "cut", progress=False, resume=True)
-    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=False)["params"] for d in ("full", "cut"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = interrupt_and_resume(cfg, ds, tmp_path / "cut", 2)
+    assert same_saved_model(tmp_path / "full", tmp_path / "cut")
     assert [h["terms"] for h in resumed["history"]] == [h["terms"] for h in full["history"]]
 
 

@@ -1,8 +1,6 @@
 """The peer methods: UNION's client term and Gap-statistics filter, the PSMU paper's HiCS rule."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ from fortress.server.aggregate import fedavg
 from fortress.server.hics import hics, rank_in_client
 from fortress.server.union import gap_filter, two_means_1d, uniformity
 from fortress.updates import Updates
+from conftest import interrupt_and_resume, same_saved_model
 
 D = torch.float64
 
@@ -210,18 +209,14 @@ def test_peer_keys_are_validated(values, expect):
 @pytest.mark.parametrize("method", [{"objective": "union", "defence": "union"}, {"defence": "hics"}])
 def test_peer_runs_are_deterministic_and_resume_exactly(tmp_path, method):
     """Under attack, the same seed gives the same model; cut at round 2 and resumed, bit for bit."""
-    from fortress import checkpoint
     from fortress.data import synthetic
     from fortress.simulate import run
     ds = synthetic(200, 50, seed=0)
     cfg = Config(rounds=3, checkpoint_every=2, dim=8, max_len=10, n_neg=12, clients_per_round=16, eval_every=0,
                  threads=1, attack="ahum", attack_ratio=0.05, attack_steps=3, union_items=20, **method)
     full = run(cfg, ds, tmp_path / "full", progress=False)
-    run(dataclasses.replace(cfg, rounds=2), ds, tmp_path / "cut", progress=False)
-    assert torch.load(tmp_path / "cut" / checkpoint.NAME, weights_only=False)["round"] == 2
-    resumed = run(cfg, ds, tmp_path / "cut", progress=False, resume=True)
-    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=False)["params"] for d in ("full", "cut"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = interrupt_and_resume(cfg, ds, tmp_path / "cut", 2)
+    assert same_saved_model(tmp_path / "full", tmp_path / "cut")
     assert [h["defence"] for h in resumed["history"]] == [h["defence"] for h in full["history"]]
 
 

@@ -170,7 +170,7 @@ class EarlyStopping:
             self.params = {k: v.detach().clone() for k, v in params.items()}
         else:
             self.stale += 1
-        return self.stale >= self.patience
+        return self.stopped
 
     def restore(self, params: Params, epochs_run: int, max_epochs: int, unit: str = "epoch") -> dict[str, Any]:
         """Copy the best parameters into `params` (in place: callers hold the dict); what happened, for results.json
@@ -267,6 +267,17 @@ def central_step(model: Model, params: Params, opt: torch.optim.Optimizer, batch
     return float(loss.detach())
 
 
+def cl4srec_term(cfg: Config, model: Model) -> Callable[[Params, torch.Tensor], torch.Tensor]:
+    """`central_step`'s contrast for objective=cl4srec: its weighted term of a batch's inputs. The views are
+    drawn from their own stream, so the batches' order stays that of plain central training."""
+    views = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 4)
+
+    def contrast(p: Params, x: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(x.shape[0], 2, 2 + x.shape[1], generator=views, dtype=torch.float64).to(x.device)
+        return cfg.cl4srec_lambda * cl4srec_loss(model, p, x, u, cfg)
+    return contrast
+
+
 def train_central(run: Run, bar: tqdm | None = None) -> None:
     """Ordinary minibatch training with full-softmax cross-entropy and Adam."""
     cfg, ds, model = run.cfg, run.ds, run.model
@@ -276,13 +287,7 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
     opt = torch.optim.Adam(run.params.values(), lr=cfg.central_lr)
     rng = np.random.default_rng(cfg.seed)
     stopping = EarlyStopping(cfg.patience) if cfg.patience else None      # what it did goes to run.early_stopping
-    contrast = None
-    if cfg.objective == "cl4srec":         # views drawn from their own stream, so the batches' order stays the same
-        views = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 4)
-
-        def contrast(p: Params, x: torch.Tensor) -> torch.Tensor:
-            u = torch.rand(x.shape[0], 2, 2 + x.shape[1], generator=views, dtype=torch.float64).to(x.device)
-            return cfg.cl4srec_lambda * cl4srec_loss(model, p, x, u, cfg)
+    contrast = cl4srec_term(cfg, model) if cfg.objective == "cl4srec" else None
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         order = rng.permutation(len(users))
@@ -434,7 +439,8 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
             print(f"resuming from {out / checkpoint.NAME} after round {start}", file=sys.stderr)
             if bar is not None:
                 bar.update(min(start, cfg.rounds))
-    for r in range(start, cfg.rounds if stopping is None or not stopping.stopped else start):
+    end = start if stopping is not None and stopping.stopped else cfg.rounds     # a resumed run that had stopped
+    for r in range(start, end):
         entry = federated_round(run, r, gopt, eligible, clients, defence, attackers)
         last = r + 1 == cfg.rounds
         if cfg.eval_every and (((r + 1) % cfg.eval_every == 0 and not last) or (last and stopping is not None)):
