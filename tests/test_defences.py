@@ -593,7 +593,7 @@ def test_blocked_rules_equal_the_whole_round_at_once(rule, monkeypatch):
 
 
 def test_selection_quantile_is_torch_quantile_to_the_bit():
-    """bounds.quantile (two selections) gives torch.quantile's value exactly, ties and both dtypes included."""
+    """bounds.quantile (a selection and a pass) gives torch.quantile's value exactly, ties and both dtypes included."""
     g = torch.Generator().manual_seed(0)
     for t in range(60):
         n = int(torch.randint(3, 90, (1,), generator=g))
@@ -602,6 +602,28 @@ def test_selection_quantile_is_torch_quantile_to_the_bit():
             x = (x * 2).round()                                  # many ties
         for q in (0.0, 0.5, 0.9, 0.95, 0.99, 1.0):
             assert torch.equal(bounds.quantile(x, q), x.quantile(q)), (n, x.dtype, q)
+
+
+def test_top_items_by_selection_is_the_stable_sort():
+    """top_items (a selection, then ties to the smaller id) picks what a stable sort of the scores picks,
+    ties, -inf (items kept out of P) and k beyond the catalogue included."""
+    from fortress.server.fortress import top_items
+    g = torch.Generator().manual_seed(0)
+    for t in range(300):
+        n, k = int(torch.randint(1, 60, (1,), generator=g)), int(torch.randint(0, 70, (1,), generator=g))
+        s = torch.randint(0, 5, (n,), generator=g).double() if t % 5 else torch.rand(n, generator=g, dtype=torch.float64)
+        if t % 3 == 0:
+            s[torch.rand(n, generator=g) < 0.3] = float("-inf")
+        want = (torch.argsort(-s[1:], stable=True)[:min(k, n - 1)] + 1).sort().values
+        assert torch.equal(top_items(s, k), want), (s, k)
+
+
+def test_sketch_norms_in_one_pass():
+    """The sketch's pass also gives the rows' norms, the same as a separate norm, and the same sketch."""
+    x = torch.randn(21, 5000, generator=torch.Generator().manual_seed(0))
+    sk, norms = bounds.sketch(x, 512, torch.Generator().manual_seed(1), norms=True)
+    assert torch.equal(norms, x.norm(dim=1))
+    assert torch.equal(sk, bounds.sketch(x, 512, torch.Generator().manual_seed(1)))
 
 
 def test_probe_top_in_blocks_is_the_whole_pass(monkeypatch):

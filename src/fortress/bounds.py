@@ -53,9 +53,9 @@ def row_contrib_norms(u: Updates, w_eff: torch.Tensor) -> torch.Tensor:
     return w_eff[u.rows_client] * u.rows_delta.norm(dim=1).double()
 
 
-def dense_contrib_norms(u: Updates, w_eff: torch.Tensor) -> torch.Tensor:
-    """(n,) ||w_eff x delta|| of every client's encoder update."""
-    return w_eff * u.dense.norm(dim=1).double()
+def dense_contrib_norms(u: Updates, w_eff: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) ||w_eff x delta|| of every client's encoder update (norms: the (n,) ||delta||, if already taken)."""
+    return w_eff * (u.dense.norm(dim=1) if norms is None else norms).double()
 
 
 def client_max(values: torch.Tensor, rows_client: torch.Tensor, n: int) -> torch.Tensor:
@@ -141,32 +141,45 @@ def window_allowance(rate: torch.Tensor, recent: torch.Tensor, p_flag: float, wi
 # A client whose encoder contribution points the way of many others' beyond what honest pairs show
 # is counted, with them, as about one client.
 SKETCH = 2048          # width of the random sketch the pairwise cosines are taken on
+SKETCH_BLOCK = 8       # rows of x per step of the sketch's pass (a block of encoder deltas, ~2 MB, stays in cache)
 COHERENT_Q = 0.95      # a pair is coherent when its cosine is above this quantile of the round's pairs (robust
                        # while the attackers hold fewer than ~20% of the clients, i.e. 5% of the pairs)
 
 
-def sketch(x: torch.Tensor, width: int, gen: torch.Generator) -> torch.Tensor:
+def sketch(x: torch.Tensor, width: int, gen: torch.Generator, norms: bool = False):
     """(n, P) -> (n, width): coordinate j goes to column j mod width with a random sign s1[j // width] x
     s2[j mod width], both drawn anew from `gen`. Any two coordinates that share a column get independent
     signs, so inner products are kept in expectation, up to ~1/sqrt(width) of the norms; the rank-one
-    sign pattern makes it one pass over x (a batched matrix-vector product)."""
+    sign pattern makes it one pass over x (a batched matrix-vector product). With norms=True also the
+    (n,) row norms of x, taken in the same pass (SKETCH_BLOCK rows at a time, each block read from memory
+    once): returns (sketch, norms)."""
     n, P = x.shape
     k = P // width
     s1 = torch.randint(0, 2, (k + 1,), generator=gen).to(x.dtype) * 2 - 1
     s2 = torch.randint(0, 2, (width,), generator=gen).to(x.dtype) * 2 - 1
-    y = torch.matmul(s1[:k], x[:, :k * width].view(n, k, width)) if k else x.new_zeros(n, width)  # (n, width)
+    y = x.new_zeros(n, width)
+    row_norms = x.new_empty(n) if norms else None
+    for i in range(0, n, SKETCH_BLOCK):
+        block = x[i:i + SKETCH_BLOCK]
+        if norms:
+            row_norms[i:i + SKETCH_BLOCK] = block.norm(dim=1)
+        if k:
+            y[i:i + SKETCH_BLOCK] = torch.matmul(s1[:k], block[:, :k * width].view(len(block), k, width))
     tail = x[:, k * width:]                                                          # (n, P - k width)
     y[:, :tail.shape[1]] += s1[k] * tail
-    return y * s2
+    return (y * s2, row_norms) if norms else y * s2
 
 
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """`x.quantile(q)` of a 1-D tensor (linear interpolation, the same value to the bit) by one or two
-    selections instead of a sort: O(n) for the 65k pairwise cosines of a round."""
+    """`x.quantile(q)` of a 1-D tensor (linear interpolation, the same value to the bit) by one
+    selection and a pass instead of a sort: O(n) for the 65k pairwise cosines of a round."""
     rank = torch.tensor(q, dtype=x.dtype) * (x.numel() - 1)        # as torch.quantile computes it
     lo, hi = int(rank), int(torch.ceil(rank))
     below = x.kthvalue(lo + 1).values
-    above = below if hi == lo else x.kthvalue(hi + 1).values
+    if hi == lo or int((x <= below).sum()) >= lo + 2:               # the next value ties it
+        above = below
+    else:                                                           # else the smallest value above it
+        above = x[x > below].min()
     return below.lerp(above, rank - lo)
 
 

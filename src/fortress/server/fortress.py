@@ -123,9 +123,14 @@ class FortressConfig:
 
 def top_items(score: torch.Tensor, k: int) -> torch.Tensor:
     """The k items (ids >= 1) with the largest score, ties to the smaller id; sorted ids."""
-    k = min(k, len(score) - 1)
-    order = torch.argsort(-score[1:], stable=True)[:k] + 1
-    return order.sort().values
+    s = score[1:]
+    k = min(k, len(s))
+    if k < 1:
+        return torch.zeros(0, dtype=torch.int64)
+    t = s.topk(k).values[-1]                                   # the k-th largest score: all above it are in,
+    above = (s > t).nonzero().flatten()                        # then the smallest ids of those that tie it
+    ties = (s == t).nonzero().flatten()[:k - len(above)]
+    return torch.cat([above, ties]).sort().values + 1
 
 
 def retained(u: Updates, w_eff: torch.Tensor, row_norm: torch.Tensor, row_kept: torch.Tensor,
@@ -226,7 +231,8 @@ class FortressServer:
         fc, N = self.fc, self.n_items
         w = bounds.effective_weight(u, fc.max_len, fc.whole_history, fc.n_neg)         # (n,)
         row_norm = bounds.row_contrib_norms(u, w)                                       # (M,)
-        dense_norm = bounds.dense_contrib_norms(u, w)                                   # (n,)
+        sk, norms = self.sketch(u.dense)                                                # (n, SKETCH), (n,)
+        dense_norm = bounds.dense_contrib_norms(u, w, norms)                            # (n,)
         c_row, c_dense = bounds.clip_scales(u, fc.max_len, fc.row_clip, fc.dense_clip, row_norm, dense_norm,
                                             fc.whole_history, fc.n_neg)
         row_clip = (c_row / row_norm.clamp(min=1e-300)).clamp(max=1.0)                  # (M,)
@@ -255,7 +261,7 @@ class FortressServer:
         rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(
             0, u.rows_client, torch.where(push, row_scale, torch.ones_like(row_scale)), "amin")
         dt = u.dense.dtype
-        coh, coh_b = self.coherence(u.dense)
+        coh, coh_b = self.coherence(u.dense, sk)
         weighted = Updates(u.clients, w.to(dt), u.dense, u.rows_client, u.rows_item, u.rows_delta, u.loss)
         dense_scale = (dense_clip * coh).to(dt)
         # a flagged item's rows (all of them, pushes or not) move its average allowance / mass as far
@@ -282,13 +288,21 @@ class FortressServer:
                "rate_floor": floor, "coherent_cos": coh_b, "coherent_scaled": int((coh < 1).sum())}
         return Outcome(agg, share.to(u.weight.dtype), log, flagged, popular)
 
-    def coherence(self, dense: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def sketch(self, dense: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The encoder deltas dense (n, P) in one pass: their sketch for the coherence rule (None under 3
+        clients) and their norms. The sketch is drawn from the server's own generator, fresh each round,
+        so an upload cannot be shaped against it."""
+        if dense.shape[0] < 3:
+            return None, dense.norm(dim=1)
+        return bounds.sketch(dense, bounds.SKETCH, self.gen, norms=True)
+
+    def coherence(self, dense: torch.Tensor, sk: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """(n,) coherence factors of the encoder deltas dense (n, P) (`bounds.coherence_factor`; clipping and
-        weights do not change a direction) and the round's coherent-pair cosine. The sketch is drawn from
-        the server's own generator, fresh each round, so an upload cannot be shaped against it."""
+        weights do not change a direction) and the round's coherent-pair cosine, on their sketch sk (drawn
+        here when not given; every factor is 1 under 3 clients)."""
         if dense.shape[0] < 3:
             return torch.ones(dense.shape[0], dtype=torch.float64), 1.0
-        x = F.normalize(bounds.sketch(dense, bounds.SKETCH, self.gen), dim=1)          # (n, SKETCH)
+        x = F.normalize(self.sketch(dense)[0] if sk is None else sk, dim=1)              # (n, SKETCH)
         excess, b = bounds.coherence(x @ x.T, bounds.COHERENT_Q)
         return bounds.coherence_factor(excess.double()), b
 
