@@ -618,6 +618,19 @@ def test_top_items_by_selection_is_the_stable_sort():
         assert torch.equal(top_items(s, k), want), (s, k)
 
 
+def test_grouped_topk_is_topk():
+    """The probe pass's two-step top k gives torch.topk's values and indices (distinct scores; -inf own items)."""
+    from fortress.server.fortress import grouped_topk
+    g = torch.Generator().manual_seed(0)
+    for b, n, k, group in [(5, 10430, 21, 64), (3, 1000, 21, 64), (4, 1300, 21, 64), (2, 200, 11, 16), (2, 50, 21, 64)]:
+        s = torch.randn(b, n, generator=g)
+        s[:, 0] = float("-inf")
+        s.scatter_(1, torch.randint(1, n, (b, 10), generator=g), float("-inf"))
+        v, i = grouped_topk(s, k, group)
+        want = s.topk(k, dim=1)
+        assert torch.equal(v, want.values) and torch.equal(i, want.indices), (b, n, k, group)
+
+
 def test_sketch_norms_in_one_pass():
     """The sketch's pass also gives the rows' norms, the same as a separate norm, and the same sketch."""
     x = torch.randn(21, 5000, generator=torch.Generator().manual_seed(0))

@@ -91,6 +91,7 @@ WARMUP = bounds.WARMUP
 FLAGGED_SPEED = bounds.FLAGGED_SPEED
 MAX_LISTED = 20       # flagged item ids (most pushed first) written to the round log
 PROBE_SEED = 7919     # the probe users' generator is seeded apart from the sketch's
+TOPK_GROUP = 64       # columns per group in grouped_topk
 PROBE_BLOCK = 64      # probe users scored together (a block's 64 x N scores fit in cache for its top k)
 
 
@@ -191,6 +192,23 @@ def regularise(table: torch.Tensor, popular: torch.Tensor, suspicious: torch.Ten
     return {"reg_loss_before": first, "reg_loss_after": float(loss(z))}
 
 
+def grouped_topk(s: torch.Tensor, k: int, group: int = TOPK_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s.topk(k, dim=1)` of scores s (b, n) in two steps: the k groups of `group` columns with the largest
+    maxima (the top k can only lie in them, and in the last, partial group), then the top k of those
+    columns. Same values; the same indices unless two columns tie at the k-th value."""
+    b, n = s.shape
+    ng = n // group
+    if ng <= k:
+        return s.topk(k, dim=1)
+    main = s[:, :ng * group].view(b, ng, group)
+    gi = main.amax(2).topk(k, dim=1).indices                                             # (b, k) groups
+    cand = torch.cat([main.gather(1, gi[:, :, None].expand(-1, -1, group)).reshape(b, -1), s[:, ng * group:]], 1)
+    v, j = cand.topk(k, dim=1)
+    col = torch.cat([(gi[:, :, None] * group + torch.arange(group)).reshape(b, -1),
+                     torch.arange(ng * group, n).expand(b, -1)], 1)
+    return v, col.gather(1, j)
+
+
 def probe_top(model: Model, params: dict[str, torch.Tensor], seqs: torch.Tensor, k: int):
     """Probe users' top k + 1 over the catalogue, their own items and padding left out:
     (h (n, d), scores (n, k + 1), items (n, k + 1), count (N + 1,) float64 users with each item in their top k)."""
@@ -200,7 +218,7 @@ def probe_top(model: Model, params: dict[str, torch.Tensor], seqs: torch.Tensor,
         s = model.score(params, h[i:i + PROBE_BLOCK])                                    # (b, N+1)
         s[:, 0] = float("-inf")
         s.scatter_(1, seqs[i:i + PROBE_BLOCK], float("-inf"))                            # a user's own items
-        v, t = s.topk(k + 1, dim=1)                                                      # (b, k+1)
+        v, t = grouped_topk(s, k + 1)                                                    # (b, k+1)
         vals.append(v)
         top.append(t)
     vals, top = torch.cat(vals), torch.cat(top)
