@@ -561,7 +561,7 @@ def test_the_exposure_cap_shrinks_a_cold_item_everyone_sees_and_leaves_an_honest
     assert cold in log["capped"]
     after = probe_counts(srv, p, state)
     cap = bounds.exposure_caps(before, srv.floored_rate(), srv.fc.probe_users, srv.fc.exposure_cap)
-    assert after[cold] <= cap[cold] + 1 and cap[cold] < 0.6 * before[cold]         # 200 items, top 20: a wide cap
+    assert after[cold] <= cap[cold] + 1 and cap[cold] < 0.7 * before[cold]         # 200 items, top 20: a wide cap
     unchanged = torch.ones(ds.n_items + 1, dtype=torch.bool)
     unchanged[cold] = False
     assert (p["item_emb"][unchanged] == honest[unchanged]).float().mean() > 0.98     # only the capped rows move

@@ -140,7 +140,7 @@ def window_allowance(rate: torch.Tensor, recent: torch.Tensor, p_flag: float, wi
 # cancels, and a few clients that all push one direction move it far more than their number says.
 # A client whose encoder contribution points the way of many others' beyond what honest pairs show
 # is counted, with them, as about one client.
-SKETCH = 2048          # width of the random sketch the pairwise cosines are taken on
+SKETCH = 1024          # width of the random sketch the pairwise cosines are taken on
 SKETCH_BLOCK = 8       # rows of x per step of the sketch's pass (a block of encoder deltas, ~2 MB, stays in cache)
 COHERENT_Q = 0.95      # a pair is coherent when its cosine is above this quantile of the round's pairs (robust
                        # while the attackers hold fewer than ~20% of the clients, i.e. 5% of the pairs)

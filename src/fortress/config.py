@@ -124,7 +124,7 @@ class Config:
     knn: int = 5                    # popular neighbours in L_var
     server_steps: int = 5           # server gradient steps on alpha L_sep + beta L_var per round (when something is flagged)
     server_lr: float = 0.5          # their step size (on unit vectors; each row keeps its length)
-    probe_users: int = 256          # exposure cap: synthetic probe users scored after each round (0 = no cap)
+    probe_users: int = 128          # exposure cap: synthetic probe users scored after each round (0 = no cap)
     exposure_cap: float = 10.0      # an item may reach this many times the median probe exposure its rate buys
 
 
