@@ -1,7 +1,8 @@
 """FedCL's server half: cluster the round's perturbed user representations and retrieve hard negatives.
 
 Wu et al., "FedCL: Federated Contrastive Learning for Privacy-Preserving Recommendation", arXiv
-2204.09850 (2022). No public reference code was found. A FedCL round has an exchange before local
+2204.09850 (2022). No public reference code was found, and only the paper's abstract could be read: the
+steps below are the abstract's, their details our choices. A FedCL round has an exchange before local
 training (`rounds.fedcl_exchange`):
 
 1. Each sampled client infers its user embedding with the broadcast model, perturbs it with local
@@ -13,24 +14,29 @@ training (`rounds.fedcl_exchange`):
    (`objectives.fedcl_loss`), then uploads as in FedAvg.
 
 How the paper's idea maps onto a sequential recommender, what it leaves open, and our choices:
-- the user embedding: the paper's models have a user encoder over the clicked items; ours is the
-  sequence encoder's output at the last position of the client's last max_len train items (the state
-  that scores its next item), computed with the broadcast model before local training, no dropout;
-- LDP: the paper clips and adds Laplace noise (the LDP of Wu et al.'s earlier federated recommenders);
-  we clip the representation to L2 norm `fedcl_clip` (delta) and add i.i.d. Laplace(0, `fedcl_noise`)
-  (lambda) per coordinate, drawn from the client's own stream. For the record: a vector in the L2 ball
-  of radius delta has L1 sensitivity at most 2 delta sqrt(d), so this is (2 delta sqrt(d) / lambda)-LDP
-  per round (we report no privacy accounting over rounds);
-- clustering: the paper does not fix the algorithm's details here; we run Lloyd's k-means (Euclidean)
-  with `fedcl_clusters` clusters (at most the number of clients) over the round's embeddings only (no
-  memory across rounds), initialised at distinct clients drawn by the server's (seed, round) generator,
-  until assignments stop changing or 50 iterations; an empty cluster keeps its centroid;
+- the user embedding ("inferred from local user data through the local model"): our models have no user
+  table, so it is the sequence encoder's output at the last position of the client's last max_len train
+  items (the state that scores its next item), with the broadcast model before local training, no dropout;
+- LDP: the abstract says only "local differential privacy"; we use the clip-then-Laplace mechanism of
+  the same group's FedGNN code (github.com/wuch15/FedPerGNN): the representation clipped to L2 norm
+  `fedcl_clip` (delta), plus i.i.d. Laplace(0, `fedcl_noise`) (lambda) per coordinate, drawn from the
+  client's own stream. For the record: a vector in the L2 ball of radius delta has L1 sensitivity at
+  most 2 delta sqrt(d), so this is (2 delta sqrt(d) / lambda)-LDP per round (no accounting over rounds);
+- clustering: the abstract names no algorithm; we run Lloyd's k-means (Euclidean) with `fedcl_clusters`
+  clusters (at most the number of clients) over the round's embeddings only (no memory across rounds),
+  initialised at distinct clients drawn by the server's (seed, round) generator, until assignments stop
+  changing or 50 iterations; an empty cluster keeps its centroid;
 - retrieval: the `fedcl_hard` items with the highest score (the model's dot product) for the centroid,
   with the current global item table; not excluding anything (the server knows no client's items);
   the client drops those among its own items (they would be false negatives) and keeps the rest;
 - one cluster's list goes to each of its clients (item ids; their rows are downloaded with the
   sub-table). Malicious clients take no part in the exchange (the attacks do not model poisoned
-  embeddings).
+  embeddings);
+- the loss: the abstract mixes the hard negatives with observed and in-batch negatives in one loss; we
+  keep FedAvg's next-item loss and add a weighted hard-negative term (`objectives.fedcl_loss` says why);
+- the defaults (clip 1, noise 0.1, 8 clusters, 32 hard negatives, weight 1) are ours: the paper's
+  values could not be read. The round exchanges once, at its start; a client with several local
+  epochs keeps its list.
 
 What this costs per round beyond FedAvg: up, d floats per client (its perturbed embedding); down,
 `fedcl_hard` int32 ids per client and the rows of the hard negatives it keeps (they join its sub-table,
