@@ -31,8 +31,8 @@ from torch.func import grad_and_value, vmap
 
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
-from fortress.objectives import (fortress_draws, fortress_loss, next_item_loss, sampled_softmax_bias, union_draws,
-                                 union_loss)
+from fortress.objectives import (fedcl_loss, fortress_draws, fortress_loss, next_item_loss, sampled_softmax_bias,
+                                 union_draws, union_loss)
 from fortress.updates import Updates
 
 
@@ -47,6 +47,8 @@ class Chunk:
                            # oldest first, a client with fewer windows padded by all-0 windows in front
     y: torch.Tensor        # (n, L) or (n, W, L) next-item targets as sub-table slots, 0 = none
     draws: dict[str, torch.Tensor] | None = None   # per-client (n, epochs, ...) draws for the loss
+    hard: torch.Tensor | None = None   # (n, 2) FedCL: first slot of the client's hard negatives, first slot after its
+                                       # uniform negatives (objectives.fedcl_loss); None without hard negatives
 
     @property
     def n(self) -> int:
@@ -57,7 +59,8 @@ class Chunk:
         if self.items.device == device:
             return self
         return Chunk(*(t.to(device) for t in (self.users, self.weight, self.items, self.x, self.y)),
-                     None if self.draws is None else {k: d.to(device) for k, d in self.draws.items()})
+                     None if self.draws is None else {k: d.to(device) for k, d in self.draws.items()},
+                     None if self.hard is None else self.hard.to(device))
 
 
 def eligible_clients(ds: Dataset) -> np.ndarray:
@@ -113,15 +116,16 @@ def build_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk
 
 def iter_chunks(ds: Dataset, users: np.ndarray, n_neg: int, max_len: int, chunk_size: int,
                 rng: np.random.Generator | None = None, *, key: tuple[int, ...] | None = None,
-                whole_history: bool = False) -> Iterator[Chunk]:
-    """`build_chunks` one chunk at a time (with `key`, each chunk's sub-tables are built only when it is reached)."""
+                whole_history: bool = False, hard: list[np.ndarray] | None = None) -> Iterator[Chunk]:
+    """`build_chunks` one chunk at a time (with `key`, each chunk's sub-tables are built only when it is reached);
+    `hard`: each user's FedCL hard negatives, added to its sub-table (see `iter_chunks_from_sequences`)."""
     if whole_history:
         seqs = [ds.train_seq(int(u)) for u in users]
     else:
         seqs = [ds.train_seq(int(u))[-(max_len + 1):] for u in users]
     weights = [len(ds.train_seq(int(u))) for u in users]
     return iter_chunks_from_sequences(users, seqs, weights, ds.n_items, n_neg, chunk_size, rng, key=key,
-                                      windows=max_len if whole_history else None)
+                                      windows=max_len if whole_history else None, hard=hard)
 
 
 def chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: list[float], n_items: int,
@@ -144,15 +148,29 @@ def chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: li
 def iter_chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weights: list[float], n_items: int,
                                n_neg: int, chunk_size: int, rng: np.random.Generator | None = None,
                                prefix: np.ndarray | None = None, *,
-                               key: tuple[int, ...] | None = None, windows: int | None = None) -> Iterator[Chunk]:
+                               key: tuple[int, ...] | None = None, windows: int | None = None,
+                               hard: list[np.ndarray] | None = None) -> Iterator[Chunk]:
     """`chunks_from_sequences` one chunk at a time; with `key` a chunk's sub-tables are built when it is
-    reached, so the memory of the chunks not yet trained does not grow with the clients of a round."""
+    reached, so the memory of the chunks not yet trained does not grow with the clients of a round.
+
+    `hard` (FedCL): each client's hard negatives from the server. Its uniform negatives are drawn as
+    without them; the hard ones that are its own items are dropped, those it drew uniformly anyway move
+    to the end of its uniform negatives, the rest follow them, and `Chunk.hard` marks the two boundaries.
+    """
     def sub(i: int) -> tuple[np.ndarray, np.ndarray]:
         own = np.unique(seqs[i])                                            # sorted
         if prefix is not None:
             own = np.concatenate([prefix[i], np.setdiff1d(own, prefix[i])])
         own_rng = rng if key is None else np.random.default_rng([*key, int(users[i])])
-        return own, _negatives(own, n_items, n_neg, own_rng)
+        neg = _negatives(own, n_items, n_neg, own_rng)
+        if hard is None:
+            return own, neg, len(neg), len(neg)
+        h = np.asarray(hard[i], dtype=np.int64)
+        h = h[~np.isin(h, own)]
+        both = np.isin(neg, h)
+        # own | uniform only | uniform and hard | hard only: slots from 1 + len(own) + a are hard, before
+        # 1 + len(own) + b own or uniform
+        return (own, np.concatenate([neg[~both], neg[both], h[~np.isin(h, neg)]]), int((~both).sum()), len(neg))
 
     # one shared rng draws in user order, whatever the chunks; each client's own stream, when it is reached
     subs = [sub(i) for i in range(len(users))] if key is None else None
@@ -165,13 +183,15 @@ def iter_chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weight
         idx = order[part]
         mine = {i: subs[i] if subs is not None else sub(i) for i in idx.tolist()}
         L, W = max(L_in[i] for i in idx), max(n_win[i] for i in idx)
-        S = 1 + max(len(own) + len(neg) for own, neg in mine.values())
+        S = 1 + max(len(own) + len(neg) for own, neg, _, _ in mine.values())
         items = np.zeros((len(idx), S), dtype=np.int64)
         x = np.zeros((len(idx), W, L), dtype=np.int64)
         y = np.zeros((len(idx), W, L), dtype=np.int64)
+        bounds = np.zeros((len(idx), 2), dtype=np.int64)
         for row, i in enumerate(idx):
-            own, neg = mine[i]
+            own, neg, a, b = mine[i]
             items[row, 1:1 + len(own) + len(neg)] = np.concatenate([own, neg])
+            bounds[row] = 1 + len(own) + a, 1 + len(own) + b
             sort = np.argsort(own, kind="stable")
             local = 1 + sort[np.searchsorted(own, seqs[i], sorter=sort)]     # slot of each item
             wins = [local] if windows is None else train_windows(local, windows)
@@ -182,7 +202,8 @@ def iter_chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weight
             x, y = x[:, 0].copy(), y[:, 0].copy()
         yield Chunk(torch.as_tensor(users[idx], dtype=torch.int64),
                     torch.as_tensor([weights[i] for i in idx], dtype=torch.float64),
-                    torch.from_numpy(items), torch.from_numpy(x), torch.from_numpy(y))
+                    torch.from_numpy(items), torch.from_numpy(x), torch.from_numpy(y),
+                    hard=None if hard is None else torch.from_numpy(bounds))
 
 
 # a chunk's fixed cost (one vmapped step's Python and dispatch overhead) in padded input positions, measured
@@ -227,7 +248,8 @@ def rec_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, 
 
 
 # the `objective` key: the loss an honest client minimises, and the per-client draws it needs (if any)
-OBJECTIVES: dict[str, Callable] = {"next_item": rec_loss, "fortress": fortress_loss, "union": union_loss}
+OBJECTIVES: dict[str, Callable] = {"next_item": rec_loss, "fortress": fortress_loss, "union": union_loss,
+                                   "fedcl": fedcl_loss}
 DRAWS: dict[str, Callable] = {"fortress": fortress_draws, "union": union_draws}
 
 
@@ -235,8 +257,8 @@ def objective(cfg, n_items: int) -> Callable:
     """The loss an honest client minimises under `cfg` (a Config), for a catalogue of n_items.
 
     next_item: the next-item loss; fortress: the FORTRESS objective; union: UNION's client objective
-    (objectives.union_loss). Each one's next-item term is the same (logQ-corrected when
-    `neg_correction`) sampled softmax.
+    (objectives.union_loss); fedcl: FedCL's (objectives.fedcl_loss). Each one's next-item term is the
+    same (logQ-corrected when `neg_correction`) sampled softmax.
     """
     n = n_items if cfg.neg_correction else 0
     if cfg.objective == "next_item":
@@ -244,21 +266,52 @@ def objective(cfg, n_items: int) -> Callable:
     return partial(OBJECTIVES[cfg.objective], cfg=cfg, n_items=n)
 
 
-def round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> list[Chunk]:
-    """Round r's chunks of `users`, with the per-client draws the objective needs (fortress, union).
+def round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int, hard: dict[int, np.ndarray] | None = None
+                 ) -> list[Chunk]:
+    """Round r's chunks of `users`, with the per-client draws the objective needs (fortress, union), and
+    for fedcl each user's hard negatives `hard` (user -> item ids, from `rounds.fedcl_exchange`) in its
+    sub-table.
 
     Negatives and draws come from each client's own (seed, round, user) streams, so a client sees
     the same sub-table and the same views wherever it is trained and however it is chunked.
     """
-    return list(iter_round_chunks(ds, cfg, users, r))
+    return list(iter_round_chunks(ds, cfg, users, r, hard))
 
 
-def iter_round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int) -> Iterator[Chunk]:
+def iter_round_chunks(ds: Dataset, cfg, users: np.ndarray, r: int, hard: dict[int, np.ndarray] | None = None
+                      ) -> Iterator[Chunk]:
     """`round_chunks` one chunk at a time, each built when it is reached."""
     draws = DRAWS.get(cfg.objective)
+    lists = None if hard is None else [hard[int(u)] for u in users]
     for c in iter_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, key=(cfg.seed, r),
-                         whole_history=cfg.whole_history):
-        yield c if draws is None else replace(c, draws=draws(cfg, r, c.users.numpy()))
+                         whole_history=cfg.whole_history, hard=lists):
+        if cfg.objective == "fedcl":
+            yield replace(c, draws={"hard": fedcl_slots(c, cfg.local_epochs)})
+        else:
+            yield c if draws is None else replace(c, draws=draws(cfg, r, c.users.numpy()))
+
+
+def fedcl_slots(c: Chunk, epochs: int) -> torch.Tensor:
+    """`objectives.fedcl_loss`'s draws["hard"] of a chunk's clients, every epoch: (n, epochs, 2); without hard
+    negatives (S, S), i.e. none."""
+    bounds = c.hard if c.hard is not None else torch.full((c.n, 2), c.items.shape[1], dtype=torch.int64)
+    return bounds[:, None, :].expand(c.n, epochs, 2).contiguous()
+
+
+@torch.no_grad()
+def user_representations(model: Model, params: Params, ds: Dataset, users: np.ndarray, group: int = 256
+                         ) -> torch.Tensor:
+    """(n, d) each user's state after its last max_len train items under `params` (no dropout): the user
+    embedding a FedCL client infers locally before training, `group` users encoded at a time."""
+    dev = params["item_emb"].device
+    out = []
+    for a in range(0, len(users), group):
+        seqs = [ds.train_seq(int(u))[-model.max_len:] for u in users[a:a + group]]
+        x = np.zeros((len(seqs), max(len(q) for q in seqs)), dtype=np.int64)
+        for i, q in enumerate(seqs):
+            x[i, x.shape[1] - len(q):] = q
+        out.append(model.last(params, torch.from_numpy(x).to(dev)))              # (g, d)
+    return torch.cat(out)
 
 
 def _with_terms(loss_fn: Callable, model: Model, *args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

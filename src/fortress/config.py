@@ -16,7 +16,7 @@ from fortress.errors import InputError
 class Config:
     # what to run
     training: str = "federated"     # pop | central | federated: how the model is trained (TRAINING)
-    objective: str = "next_item"    # next_item | fortress | union: the loss an honest client minimises (client.OBJECTIVES);
+    objective: str = "next_item"    # next_item | fortress | union | fedcl: the loss an honest client minimises (client.OBJECTIVES);
                                     # cl4srec: the centralised contrastive reference (training=central only)
     backbone: str = "sasrec"        # sasrec | gru4rec
     seed: int = 0
@@ -76,6 +76,13 @@ class Config:
     union_lambda: float = 1.0       # weight of the contrastive item-embedding term
     union_negatives: int = 15       # negatives per anchor item, drawn from the client's sampled negatives
     union_tau: float = 0.5          # its temperature (cosine similarity)
+    # FedCL (objective=fedcl; server/fedcl.py): clients upload LDP-perturbed user representations, the server
+    # clusters them and sends hard negatives; L_rec + fedcl_lambda L_fedcl
+    fedcl_lambda: float = 1.0       # weight of the hard-negative contrastive term; 0 = FedAvg (no exchange)
+    fedcl_clip: float = 1.0         # LDP: clip each user representation to this L2 norm (delta)
+    fedcl_noise: float = 0.1        # LDP: scale (lambda) of the Laplace noise added to each coordinate; 0 = none
+    fedcl_clusters: int = 8         # k-means clusters of the round's representations (at most the clients)
+    fedcl_hard: int = 32            # hard negatives the server retrieves per cluster centroid
     # centralised training
     epochs: int = 100               # the most epochs; with patience, early stopping usually ends sooner
     batch_size: int = 128
@@ -162,10 +169,11 @@ MINIMUM: dict[str, float] = {
     "rounds": 0, "clients_per_round": 1, "local_epochs": 1, "n_neg": 1, "chunk_size": 1,
     "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1, "attack_len": 2,
     "attack_users": 1, "attack_pool": 1, "knn": 1, "union_negatives": 1, "union_items": 2, "union_refs": 2,
+    "fedcl_clusters": 1, "fedcl_hard": 1,
 }
 INT_MAX = 2**31 - 1
 POSITIVE = ("lr", "central_lr", "global_lr", "tau", "cl4srec_tau", "attack_scale", "row_clip", "dense_clip", "p_flag",
-            "floor_frac", "exposure_cap", "union_tau", "hics_item_clip", "hics_keep", "hics_user_clip")
+            "floor_frac", "exposure_cap", "union_tau", "hics_item_clip", "hics_keep", "hics_user_clip", "fedcl_clip")
 
 
 def keys() -> list[str]:

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from fortress.config import Config
     from fortress.models import Model, Params
 
-TERMS = ("rec", "seq", "user", "item", "temp", "union")   # every logged term of every objective
+TERMS = ("rec", "seq", "user", "item", "temp", "union", "fedcl")   # every logged term of every objective
 
 
 def next_item_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -391,3 +391,57 @@ def union_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch.Te
     l_union = torch.where(real, nll, torch.zeros_like(nll)).sum() / real.sum().clamp(min=1)
     loss = l_rec + cfg.union_lambda * l_union
     return loss, {"rec": l_rec.detach(), "union": l_union.detach()}
+
+
+# ---- FedCL's client half (a peer method; the exchange and its choices: server/fedcl.py) ----
+
+# the fault-injection streams are (seed, round, 1..3, user), FORTRESS's views 4, UNION's 5: FedCL's noise is apart
+FEDCL_STREAM = 6
+
+
+def fedcl_noise(cfg: "Config", r: int, users: np.ndarray) -> torch.Tensor:
+    """Each user's Laplace(0, fedcl_noise) noise (n, d) for its round-r upload, from its own stream
+    (seed, round, FEDCL_STREAM, user): the same wherever it is computed, replayed on resume."""
+    out = np.empty((len(users), cfg.dim))
+    for i, u in enumerate(users):
+        out[i] = np.random.default_rng([cfg.seed, r, FEDCL_STREAM, int(u)]).laplace(0.0, 1.0, cfg.dim)
+    return cfg.fedcl_noise * torch.from_numpy(out)                                # (n, d) float64
+
+
+def fedcl_perturb(h: torch.Tensor, clip: float, noise: torch.Tensor) -> torch.Tensor:
+    """FedCL's local differential privacy: h (n, d) clipped to L2 norm `clip`, plus `noise` (n, d)."""
+    norm = h.norm(dim=-1, keepdim=True)                                           # (n, 1)
+    return h * (clip / norm.clamp(min=clip)) + noise.to(h.dtype)
+
+
+def fedcl_loss(model: "Model", dense: "Params", table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               col_mask: torch.Tensor, draws: dict[str, torch.Tensor], cfg: "Config",
+               n_items: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """FedCL client loss of one client and its terms: L_rec + fedcl_lambda * L_fedcl; x, y (L,) or (W, L).
+
+    The sub-table holds the client's own items (slots 1..), its uniform negatives, then the hard
+    negatives the server sent that are neither its own items nor already among its uniform negatives;
+    draws["hard"] = (a, b): slots >= a are hard negatives, slots < b its own items and uniform negatives
+    (slots a..b-1 are both: uniform draws the server also named).
+    - L_rec is FedAvg's next-item loss (`client.rec_loss`) over the own items and uniform negatives
+      only (logQ-corrected when n_items > 0): the same value and gradients as FedAvg on the same draw.
+    - L_fedcl is the paper's contrastive loss: softmax cross-entropy of each target against the hard
+      negatives mixed with the in-batch negatives (the client's other own items, as the paper builds
+      them from the positives), dot-product scores as the model ranks, no correction.
+    The paper trains one loss whose negatives also include "observed" ones (shown, not clicked);
+    implicit feedback has none, their stand-in is the uniform sample that L_rec already contrasts with,
+    so FedCL's addition is a weighted term and fedcl_lambda = 0 is FedAvg.
+    """
+    S = table.shape[0]
+    slot = torch.arange(S, device=x.device)
+    hard_from, uniform_to = draws["hard"][0], draws["hard"][1]
+    rec_cols = col_mask & (slot < uniform_to)                                     # (S,) own + uniform
+    own = torch.zeros_like(col_mask).scatter(0, torch.cat([x.reshape(-1), y.reshape(-1)]), True) & col_mask
+    cl_cols = own | (col_mask & (slot >= hard_from))                             # (S,) own + hard
+    xs = x.reshape(-1, x.shape[-1])                                               # (W, L)
+    h = model.encode({**dense, "item_emb": table}, xs, training=True)             # (W, L, d)
+    logits = (h @ table.T).reshape(*y.shape, S)                                   # (..., L, S)
+    bias = sampled_softmax_bias(x, y, rec_cols, n_items).to(logits.dtype) if n_items else 0.0
+    l_rec = next_item_loss(logits + bias, y, rec_cols)
+    l_cl = next_item_loss(logits, y, cl_cols)
+    return l_rec + cfg.fedcl_lambda * l_cl, {"rec": l_rec.detach(), "fedcl": l_cl.detach()}

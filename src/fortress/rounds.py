@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 from fortress import attacks, faults, memory
-from fortress.client import iter_round_chunks, objective, round_bytes, round_chunks, train_round
+from fortress.client import iter_round_chunks, objective, round_bytes, round_chunks, train_round, user_representations
 from fortress.config import Config
 from fortress.data.dataset import Dataset
 from fortress.models import Model, Params, dense_keys
+from fortress.objectives import fedcl_noise, fedcl_perturb
+from fortress.server import fedcl
 from fortress.server.aggregate import FedAvgSum, GlobalOptimizer
 from fortress.updates import Updates, check, concat, empty
 from fortress.wire import from_arrays, to_arrays
@@ -71,6 +73,8 @@ class Collected:
     rejected: list[tuple[int, str]] = field(default_factory=list)   # (client id, reason) before `check`
     bytes: int = 0                                                   # one direction, all answering clients
     dropped: list[tuple[int, str]] = field(default_factory=list)    # (client id, reason): its host never answered
+    up_extra: int = 0               # bytes uploaded beyond `bytes` (FedCL: the perturbed user representations)
+    down_extra: int = 0             # bytes sent beyond `bytes` (FedCL: the hard negatives' ids)
 
 
 def sample_clients(cfg: Config, eligible: np.ndarray, r: int, malicious: np.ndarray | None = None) -> np.ndarray:
@@ -98,8 +102,9 @@ def dense_size(params: Params) -> int:
 
 
 def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: np.ndarray,
-                r: int, stream: bool = False) -> Collected:
-    """Local training of the sampled `users` held here, from the broadcast `params`.
+                r: int, stream: bool = False, hard: "Exchange | None" = None) -> Collected:
+    """Local training of the sampled `users` held here, from the broadcast `params` (for FedCL with the
+    hard negatives of the round's `fedcl_exchange`, whose traffic it adds to the round's).
 
     With `stream`, the uploads are a `Stream`: each chunk is built and trained when the server
     reads it (the same chunks, in the same order, so the same uploads).
@@ -109,21 +114,58 @@ def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: n
         return Collected(empty(dense_size(params), cfg.dim, params["item_emb"].dtype))
     torch.manual_seed(cfg.seed * 1_000_003 + r)                # dropout masks of this round
     got = Collected(empty(0, 0, params["item_emb"].dtype))
+    if hard is not None:
+        got.up_extra, got.down_extra = hard.up_bytes, hard.down_bytes
+    lists = None if hard is None else hard.lists()
     loss_fn, size, fbytes = objective(cfg, ds.n_items), dense_size(params), params["item_emb"].element_size()
 
     def trained() -> Iterator[Updates]:
-        for chunk in iter_round_chunks(ds, cfg, users, r):    # sub-tables (+ fortress draws) per user
+        for chunk in iter_round_chunks(ds, cfg, users, r, lists):    # sub-tables (+ draws) per user
             u = train_round(model, loss_fn, cfg.local_epochs, cfg.lr, cfg.client_opt, params, [chunk], cfg.engine)
             got.bytes += round_bytes([chunk], size, cfg.dim, fbytes)
             yield faults.corrupt(u, cfg, r, ds.n_items)
     if stream:
         got.updates = Stream(trained())
         return got
-    chunks = round_chunks(ds, cfg, users, r)
+    chunks = round_chunks(ds, cfg, users, r, lists)
     updates = train_round(model, loss_fn, cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, cfg.engine)
     got.updates = faults.corrupt(updates, cfg, r, ds.n_items)
     got.bytes = round_bytes(chunks, size, cfg.dim, fbytes)
     return got
+
+
+@dataclass
+class Exchange:
+    """FedCL's exchange before a round's training (server/fedcl.py): the answering clients, the perturbed
+    representations they uploaded (n, d), the server's hard negatives for each (n, m), its cluster (n,),
+    and the bytes it moved each way."""
+
+    users: np.ndarray
+    uploaded: torch.Tensor
+    items: torch.Tensor
+    cluster: torch.Tensor
+    up_bytes: int
+    down_bytes: int
+
+    def lists(self) -> dict[int, np.ndarray]:
+        """user -> the item ids it was sent."""
+        items = self.items.cpu().numpy()
+        return {int(u): items[i] for i, u in enumerate(self.users)}
+
+
+def fedcl_exchange(cfg: Config, model: Model, ds: Dataset, params: Params, users: np.ndarray, r: int) -> Exchange:
+    """FedCL's round-r exchange: each answering client uploads its user representation, clipped and
+    Laplace-noised (`objectives.fedcl_perturb`); the server clusters them and sends each client its
+    cluster's `fedcl_hard` hard negatives (`server.fedcl.mine`)."""
+    users = faults.answering(cfg, r, np.asarray(users, dtype=np.int64))
+    if not len(users):
+        nothing = torch.zeros(0, dtype=torch.int64)
+        return Exchange(users, params["item_emb"].new_zeros(0, cfg.dim), nothing[:, None], nothing, 0, 0)
+    h = user_representations(model, params, ds, users)                           # (n, d)
+    z = fedcl_perturb(h, cfg.fedcl_clip, fedcl_noise(cfg, r, users).to(h.device))  # (n, d): what is uploaded
+    items, cluster = fedcl.mine(model, params, z, cfg.fedcl_clusters, cfg.fedcl_hard, cfg.seed, r)
+    fbytes = params["item_emb"].element_size()
+    return Exchange(users, z, items, cluster, len(users) * cfg.dim * fbytes, int(items.numel()) * 4)
 
 
 def upload_bytes(u: Updates) -> int:
@@ -146,10 +188,12 @@ def malicious_step(cfg: Config, model: Model, params: Params, n_items: int, targ
 
 def merge(a: Collected, b: Collected) -> Collected:
     """Two sets of arrivals of one round as one (a `Stream` stays one, read after the other's uploads)."""
+    extra = (a.up_extra + b.up_extra, a.down_extra + b.down_extra)
     if isinstance(a.updates, Stream) or isinstance(b.updates, Stream):
         both = Stream(chain(parts(a.updates), parts(b.updates)))
-        return Collected(both, a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped)
-    return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped)
+        return Collected(both, a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped, *extra)
+    return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped,
+                     *extra)
 
 
 @dataclass

@@ -32,8 +32,8 @@ from fortress.metrics import KS, Scorer, Strata, Sums, evaluate, from_sums, rank
 from fortress.models import Model, Params, from_config
 from fortress.objectives import cl4srec_loss, next_item_loss
 from fortress.population import Population, hosted
-from fortress.rounds import (Collected, ServerResult, client_step, malicious_step, merge, sample_clients, server_step,
-                            split_sampled)
+from fortress.rounds import (Collected, ServerResult, client_step, fedcl_exchange, malicious_step, merge, sample_clients,
+                            server_step, split_sampled)
 from fortress.server import defences
 from fortress.server.aggregate import GlobalOptimizer
 
@@ -313,8 +313,12 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
 
 def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
     """In-process transport: every sampled client trains here, vectorised; under FedAvg chunk by chunk as the
-    server reads them (a defence reads all uploads at once: they are then written once, into one tensor)."""
-    return client_step(run.cfg, run.model, run.ds, run.params, users, r, stream=run.cfg.defence == "none")
+    server reads them (a defence reads all uploads at once: they are then written once, into one tensor).
+    With objective=fedcl (and a weight), FedCL's exchange of representations for hard negatives comes first."""
+    cfg = run.cfg
+    fedcl = cfg.objective == "fedcl" and cfg.fedcl_lambda > 0      # at weight 0 FedCL is FedAvg: nothing to exchange
+    hard = fedcl_exchange(cfg, run.model, run.ds, run.params, users, r) if fedcl else None
+    return client_step(cfg, run.model, run.ds, run.params, users, r, stream=cfg.defence == "none", hard=hard)
 
 
 def local_attackers(run: Run, r: int, bad: np.ndarray) -> Collected:
@@ -372,8 +376,8 @@ def federated_round(run: Run, r: int, gopt: GlobalOptimizer, eligible: np.ndarra
         info["defence"] = defence_log(cfg, res, run.pop.n_users, camp)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
-    run.bytes_down.append(got.bytes)
-    run.bytes_up.append(got.bytes)
+    run.bytes_down.append(got.bytes + got.down_extra)
+    run.bytes_up.append(got.bytes + got.up_extra)
     return {"round": r + 1, "loss": info.pop("loss"), "seconds": seconds, **info, "malicious": int(len(bad))}
 
 

@@ -48,6 +48,9 @@ def from_run_config(run_config: dict[str, Any]) -> tuple[Config, FlowerOptions]:
     cfg = config_mod.override(Config(), ours, source="[tool.flwr.app.config]")
     if cfg.training != "federated":
         raise InputError(f"training={cfg.training!r}: the Flower apps run federated training only (training=federated)")
+    if cfg.objective == "fedcl" and cfg.fedcl_lambda > 0:
+        raise InputError("objective='fedcl': its exchange of user representations for hard negatives before each "
+                         "round is not carried by the Flower apps yet; run it in-process (fortress run)")
     return cfg, FlowerOptions(**flower)
 
 
