@@ -17,7 +17,7 @@ from fortress.models import from_config
 from fortress.server import defences, robust
 from fortress.server.aggregate import fedavg
 from fortress.server.fortress import FortressConfig, FortressServer, l_sep, l_var, neighbours, probe_top, regularise
-from fortress.updates import Updates, concat
+from fortress.updates import Updates
 from conftest import same_saved_model
 
 D = torch.float64
