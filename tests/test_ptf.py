@@ -92,12 +92,56 @@ def test_perturb_by_hand():
     col = torch.tensor([False, True, True, True, True, False])
     x, y = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2, 3, 4])
     u_swap = torch.tensor([0.0, 0.0, 0.9, 0.1], dtype=D)        # input 1 is the first real one: never replaced
-    # 4 known slots: (0, .25] -> 1, (.25, .5] -> 2, (.5, .75] -> 3, (.75, 1] -> 4; the draw for input j is column j - 1
-    u_pick = torch.tensor([[1.0, 1.0, 1.0, 0.1], [1.0, 1.0, 1.0, 0.6], [1.0, 1.0, 0.3, 0.6]], dtype=D)
+    # 4 known slots: (0, .25] -> 1, (.25, .5] -> 2, (.5, .75] -> 3, (.75, 1] -> 4; column j is input j's draw
+    u_pick = torch.tensor([[0.1, 0.1, 0.1, 1.0], [0.6, 0.6, 0.6, 0.8], [1.0, 1.0, 0.6, 0.3]], dtype=D)
     up = ptf.perturb(model, 0.0, 0.5, p, table, x, y, col, u_swap, u_pick)
     cands = torch.tensor([[0, 1, 2, 4], [0, 1, 2, 4], [0, 1, 2, 2]])   # input 2 kept (0.9 > 0.5), input 3 replaced
     h = model.encode({**p, "item_emb": table}, cands)[:, -1]
     assert torch.equal(up, cands[int((h @ table[4]).argmax())])
+
+
+def reference_candidates(pred: np.ndarray, seq: np.ndarray, known: np.ndarray, ratio: float, eps: float,
+                         u_swap: np.ndarray, u_pick: np.ndarray, at) -> np.ndarray:
+    """A transcription of the candidate loop of `FedRecClient.transfer_to_server` (github.com/hi-weiyuan/PTF-FSR,
+    client.py) with its draws given: `random.random()` per input -> u_swap, `np.random.choice(known, p=...)`
+    -> numpy's inverse CDF (first index whose normalised cdf exceeds the uniform) of u_pick (C, n). pred (n, S)
+    the local scores along the original inputs; `at(i)` the row input i's replacement is drawn from (the code: i)."""
+    sequences = [[seq[0]] for _ in range(len(u_pick))]
+    for i in range(1, len(seq)):
+        if u_swap[i] < ratio:
+            z = pred[at(i), known] * eps
+            prob = np.exp(z - z.max())
+            cdf = (prob / prob.sum()).cumsum()
+            cdf /= cdf[-1]
+            rep = [known[cdf.searchsorted(u, side="right")] for u in u_pick[:, i]]
+            sequences = [s + [rep[c]] for c, s in enumerate(sequences)]
+        else:
+            sequences = [s + [seq[i]] for s in sequences]
+    return np.array(sequences)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_perturbation_is_the_reference_codes_with_the_draw_one_position_earlier(seed):
+    """Our upload is the reference code's when each replacement is drawn from the prediction made just before
+    the item (the code draws it from the prediction at the item's own position, i.e. for the next one)."""
+    cfg = Config(dropout=0.0, dtype="float64", max_len=8)
+    model = ptf.client_model(cfg)
+    g = torch.Generator().manual_seed(seed)
+    p = model.init(12, g, D)
+    table = p.pop("item_emb") + 0.5 * torch.randn(13, 8, generator=g, dtype=D)      # scores far from uniform
+    table[0] = 0
+    x, y = torch.tensor([3, 7, 1, 12, 5, 9, 2, 4]), torch.tensor([7, 1, 12, 5, 9, 2, 4, 6])
+    col = torch.arange(13) > 0
+    rng = np.random.default_rng(seed)
+    u_swap, u_pick = rng.random(8), 1.0 - rng.random((10, 8))
+    ours = ptf.perturb(model, 2.0, 0.5, p, table, x, y, col, torch.as_tensor(u_swap), torch.as_tensor(u_pick))
+    pred = (model.encode({**p, "item_emb": table}, x[None])[0] @ table.T).numpy()   # (8, 13)
+    known = np.arange(1, 13)
+    for at, same in ((lambda i: i - 1, True), (lambda i: i, False)):
+        cands = torch.as_tensor(reference_candidates(pred, x.numpy(), known, 0.5, 2.0, u_swap, u_pick, at))
+        h = model.encode({**p, "item_emb": table}, cands)[:, -1]
+        kept = cands[int((h @ table[int(y[-1])]).argmax())]                         # the code's top-1 candidate
+        assert torch.equal(ours, kept) == same
 
 
 def test_knowledge_answers_with_the_most_similar_other_upload(ds):

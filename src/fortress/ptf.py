@@ -172,16 +172,16 @@ def perturb(model: Model, epsilon: float, replace: float, dense: Params, table: 
     the one after which its model scores the true last item y[-1] highest.
 
     u_swap (L,) in [0, 1): an input is replaced where u_swap < `replace`; u_pick (C, L) in (0, 1]: the
-    inverse-CDF draw of each candidate's replacement."""
+    inverse-CDF draw of each candidate's replacement of each input."""
     p = {**dense, "item_emb": table}
     S = table.shape[0]
     h = model.encode(p, x[None])[0]                                             # (L, d)
     known = col_mask & (torch.arange(S, device=x.device) > 0)                   # (S,)
     prob = (epsilon * (h @ table.T)).masked_fill(~known, float("-inf")).softmax(-1)   # (L, S)
-    cdf = prob.cumsum(-1)                                                       # (L, S)
-    # the slot drawn for the item after each position: the first whose cdf reaches u (slot 0 has cdf 0)
-    pick = (cdf[None] < u_pick[..., None] * cdf[None, :, -1:]).sum(-1)          # (C, L)
-    drawn = torch.cat([torch.zeros_like(pick[:, :1]), pick[:, :-1]], dim=1)    # (C, L): a draw for each input
+    before = torch.cat([prob[:1], prob[:-1]])            # (L, S): the prediction made before each input (row 0 unused)
+    cdf = before.cumsum(-1)                                                     # (L, S)
+    # each input's draw: the first slot whose cdf reaches u (slot 0, padding, has cdf 0)
+    drawn = (cdf[None] < u_pick[..., None] * cdf[None, :, -1:]).sum(-1)         # (C, L)
     real = x > 0
     after_real = torch.cat([torch.zeros_like(real[:1]), real[:-1]])          # the first real input has none
     swap = (u_swap < replace) & real & after_real                               # (L,)
