@@ -68,7 +68,7 @@ from torch.func import vmap
 from fortress.attacks.base import append_targets, random_items
 from fortress.attacks.baselines import POOL_PER_ITEM
 from fortress.client import _negatives, length_buckets, local_train, rec_loss
-from fortress.models import Model, Params, dense_keys
+from fortress.models import Model, Params
 
 ATTACKS = ("random", "popular")          # the attacks that fit a protocol without model uploads
 # random streams (seed, round?, stream, client): a client draws the same wherever and however it is batched
