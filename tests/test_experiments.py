@@ -125,6 +125,8 @@ def one_line_error(capsys, spec: Path, out: Path) -> str:
      "[[figures]] #1 runs[0]: unknown field 'sed'"),
     (("[set]", "[[figures]]\nname = \"f\"\ncommand = [\"plot\", \"nope\"]\nruns = [{ method = \"FedAvg\" }]\n[set]"),
      "figure f: `fortress plot nope` is not a command"),
+    (("lr = 0.5", "lr = 0.5\nattacks = [\"psmu\"]"),
+     "[methods.FedAvg-lr-half] attacks: 'psmu' is not an attack of [grid] attacks (none)"),
     (("[grid]", "[grid"), "not valid TOML"),
     (("[grid]", "[grid]\n[grid.x]"), "[grid]: unknown field 'x'"),
 ])
@@ -166,6 +168,19 @@ lr = [0.5, 1.0]
     res = subprocess.run([sys.executable, "-c", hide, "experiment", str(plain), "--out", str(tmp_path / "o2"),
                           "--dry-run"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_method_runs_only_its_attacks(tmp_path):
+    """`attacks` in a method table keeps the grid's other attacks off its rows (PTF-FSR takes no update attack);
+    listing one its config refuses is the cell's one-line error."""
+    grid = TINY.replace("er_last = 2", 'er_last = 2\nattacks = ["none", "random", "ahum"]')
+    ptf = '[methods.PTF]\ntraining = "ptf"\nattacks = ["none", "random"]\n'
+    p = specs.load(spec_file(tmp_path, grid + ptf), tmp_path / "out", check_data=False)
+    rows = {(e.row, e.attack) for e in p.entries if e.section == "main" and e.dataset == "synthetic"}
+    assert {a for r, a in rows if r == "PTF"} == {"none", "random"}
+    assert {a for r, a in rows if r == "FedAvg"} == {"none", "random", "ahum"}
+    with pytest.raises(InputError, match="attack='ahum' uploads model updates"):
+        specs.load(spec_file(tmp_path, grid + ptf.replace('"random"]', '"ahum"]')), tmp_path / "out", check_data=False)
 
 
 def test_cells_are_shared_by_what_they_compute(tmp_path):

@@ -15,7 +15,7 @@ from fortress.errors import InputError
 @dataclass(frozen=True)
 class Config:
     # what to run
-    training: str = "federated"     # pop | central | federated: how the model is trained (TRAINING)
+    training: str = "federated"     # pop | central | federated | ptf: how the model is trained (TRAINING)
     objective: str = "next_item"    # next_item | fortress | union | fedcl: the loss an honest client minimises (client.OBJECTIVES);
                                     # cl4srec: the centralised contrastive reference (training=central only)
     backbone: str = "sasrec"        # sasrec | gru4rec
@@ -83,6 +83,15 @@ class Config:
     fedcl_noise: float = 0.1        # LDP: scale (lambda) of the Laplace noise added to each coordinate; 0 = none
     fedcl_clusters: int = 8         # k-means clusters of the round's representations (at most the clients)
     fedcl_hard: int = 32            # hard negatives the server retrieves per cluster centroid
+    # PTF-FSR (training=ptf; fortress/ptf.py): clients and server share predictions, each keeps its own model
+    ptf_client_backbone: str = "gru4rec"   # a client's own model (the server's is `backbone`, `dim`, ...)
+    ptf_client_dim: int = 8
+    ptf_client_lr: float = 0.01     # a client's Adam learning rate (fresh state each round; `local_epochs` steps)
+    ptf_replace: float = 0.5        # chance that an uploaded input item is replaced by a draw from the client's model
+    ptf_epsilon: float = 1.0        # that draw is softmax(ptf_epsilon x logits): 0 = uniform over the items it knows
+    ptf_candidates: int = 10        # perturbed sequences a client draws; it uploads the one that best predicts its last item
+    ptf_server_epochs: int = 2      # passes of the server's model over a round's uploads (Adam at central_lr, batch_size)
+    ptf_kd_negatives: int = 1       # random items the server scores beside each next item of the knowledge it sends
     # centralised training
     epochs: int = 100               # the most epochs; with patience, early stopping usually ends sooner
     batch_size: int = 128
@@ -135,7 +144,7 @@ class Config:
     exposure_cap: float = 10.0      # an item may reach this many times the median probe exposure its rate buys
 
 
-TRAINING = ("pop", "central", "federated")     # most-popular counts, centralised Adam, federated rounds
+TRAINING = ("pop", "central", "federated", "ptf")   # most-popular counts, centralised Adam, federated rounds, PTF-FSR
 CHOICES: dict[str, tuple[str, ...]] = {
     "training": TRAINING,
     "dtype": ("float32", "float64"),
@@ -161,7 +170,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     from fortress.data.load import FORMATS
     from fortress.models import BACKBONES
     from fortress.server.defences import DEFENCES
-    return {**CHOICES, "data_format": FORMATS, "backbone": tuple(BACKBONES), "objective": tuple(OBJECTIVES) + CENTRAL_OBJECTIVES,
+    return {**CHOICES, "data_format": FORMATS, "backbone": tuple(BACKBONES), "ptf_client_backbone": tuple(BACKBONES),
+            "objective": tuple(OBJECTIVES) + CENTRAL_OBJECTIVES,
             "attack": ("none", *ATTACKS), "defence": tuple(DEFENCES)}
 # lower bounds (inclusive) for numbers; everything else numeric must be >= 0
 MINIMUM: dict[str, float] = {
@@ -170,10 +180,12 @@ MINIMUM: dict[str, float] = {
     "epochs": 0, "batch_size": 1, "eval_batch": 1, "temp_window": 1, "temp_stride": 1, "attack_len": 2,
     "attack_users": 1, "attack_pool": 1, "knn": 1, "union_negatives": 1, "union_items": 2, "union_refs": 2,
     "fedcl_clusters": 1, "fedcl_hard": 1,
+    "ptf_client_dim": 2, "ptf_candidates": 1, "ptf_server_epochs": 1, "ptf_kd_negatives": 1,
 }
 INT_MAX = 2**31 - 1
 POSITIVE = ("lr", "central_lr", "global_lr", "tau", "cl4srec_tau", "attack_scale", "row_clip", "dense_clip", "p_flag",
-            "floor_frac", "exposure_cap", "union_tau", "hics_item_clip", "hics_keep", "hics_user_clip", "fedcl_clip")
+            "floor_frac", "exposure_cap", "union_tau", "hics_item_clip", "hics_keep", "hics_user_clip", "fedcl_clip",
+            "ptf_client_lr")
 
 
 def keys() -> list[str]:
@@ -232,7 +244,7 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= cfg.dropout < 1.0:
         raise InputError(f"dropout={cfg.dropout!r} is out of range; it must be in [0, 1)", ("dropout",))
     for key in ("synthetic_taste", "drop_rate", "corrupt_rate", "min_answered", "popular_frac", "byz_frac", "push_frac", "p_flag",
-                "hics_keep"):
+                "hics_keep", "ptf_replace"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise InputError(f"{key}={getattr(cfg, key)!r} is out of range; it must be in [0, 1]", (key,))
     for key in ("crop_ratio", "mask_ratio", "reorder_ratio"):
@@ -255,6 +267,8 @@ def validate(cfg: Config) -> Config:
         if value != getattr(Config, key) and cfg.training != "federated":
             raise InputError(f"{key}={value!r} needs training='federated' (got training={cfg.training!r})",
                              (key, "training"))
+    if cfg.training == "ptf":
+        _validate_ptf(cfg)
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}", ("dim", "heads"))
     if cfg.device == "cuda":
@@ -278,11 +292,30 @@ def _validate_attack(cfg: Config) -> None:
         if len(ids) != cfg.targets:
             raise InputError(f"target_pick lists {len(ids)} item(s) but targets={cfg.targets}; "
                              f"set targets={len(ids)}", ("target_pick", "targets"))
-    if cfg.attack != "none" and cfg.training != "federated":
+    if cfg.attack != "none" and cfg.training not in ("federated", "ptf"):
         raise InputError(f"attack={cfg.attack!r} needs training='federated' (got training={cfg.training!r})",
                          ("attack", "training"))
     if cfg.attack != "none" and cfg.targets < 1:
         raise InputError(f"attack={cfg.attack!r} needs targets >= 1", ("attack", "targets"))
+
+
+# federated keys PTF-FSR does not take, and why (they must keep their defaults with training=ptf)
+PTF_REFUSES = {"whole_history": "a PTF client perturbs and uploads its last max_len + 1 items only",
+               "checkpoint_every": "its clients' own models are not checkpointed, so a PTF run cannot resume",
+               "drop_rate": "fault injection acts on federated uploads",
+               "corrupt_rate": "fault injection acts on federated uploads"}
+
+
+def _validate_ptf(cfg: Config) -> None:
+    from fortress.ptf import ATTACKS
+    for key, why in PTF_REFUSES.items():
+        if getattr(cfg, key) != getattr(Config, key):
+            raise InputError(f"{key}={getattr(cfg, key)!r} does not apply to training='ptf' ({why}); "
+                             f"leave it at {getattr(Config, key)!r}", (key, "training"))
+    if cfg.attack not in ("none", *ATTACKS):
+        raise InputError(f"attack={cfg.attack!r} uploads model updates, but under training='ptf' clients upload item "
+                         f"sequences, not parameters; the attacks that apply there: {', '.join(ATTACKS)}",
+                         ("attack", "training"))
 
 
 def _parse_values(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def step_length(states: list[torch.Tensor]) -> float:
     return float(steps.mean())
 
 
-TRAINING = {"pop": "most popular", "central": "central"}
+TRAINING = {"pop": "most popular", "central": "central", "ptf": "PTF-FSR"}
 OBJECTIVES = {"next_item": "FedAvg", "fortress": "FORTRESS clients", "union": "UNION clients"}
 BACKBONES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec"}
 

@@ -1,4 +1,4 @@
-"""In-process runs: pop baseline, centralised training, and federated rounds.
+"""In-process runs: pop baseline, centralised training, federated rounds, and PTF-FSR rounds (`fortress.ptf`).
 
 A federated round: sample clients (benign and, under attack, malicious) -> build their sub-tables
 -> local training (vmap or loop) -> malicious uploads (fortress.attacks) -> check uploads ->
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fortress import attacks, checkpoint
+from fortress import attacks, checkpoint, ptf
 from fortress import config as config_mod
 from fortress.client import eligible_clients, train_windows
 from fortress.config import Config
@@ -462,6 +462,74 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
         run.early_stopping = stopping.restore(run.params, len(run.history), cfg.rounds, unit="round")
 
 
+def ptf_round(run: Run, r: int, store: ptf.Clients, opt: torch.optim.Optimizer, eligible: np.ndarray) -> dict[str, Any]:
+    """One PTF-FSR round (`fortress.ptf`): the sampled clients train and upload perturbed sequences, the
+    server trains its own model on them and answers each client with its scores along a similar upload."""
+    cfg, ds = run.cfg, run.ds
+    t0 = time.perf_counter()
+    camp = run.campaign
+    bad_ids = camp.malicious if camp is not None else None
+    users, bad = split_sampled(sample_clients(cfg, eligible, r, bad_ids), bad_ids)
+    torch.manual_seed(cfg.seed * 1_000_003 + r)                # dropout masks of this round (clients, then server)
+    dtype = DTYPES[cfg.dtype]
+    seqs = [ds.train_seq(int(u))[-(cfg.max_len + 1):] for u in users]
+    uploads, losses = ptf.clients_round(store, cfg, users, seqs, r, dtype)
+    if len(bad):     # fake users: the same client on fake sequences
+        t1 = time.perf_counter()
+        fake = ptf.fake_sequences(cfg, store, bad, camp.malicious, camp.targets, r)
+        up_bad, loss_bad = ptf.clients_round(store, cfg, bad, fake, r, dtype)
+        uploads, losses = uploads + up_bad, {k: np.concatenate([v, loss_bad[k]]) for k, v in losses.items()}
+        camp.seconds += time.perf_counter() - t1
+        camp.uploads += len(bad)
+    ids = np.concatenate([users, bad])
+    order = np.argsort(ids, kind="stable")                    # the server reads uploads by client id
+    ids, uploads = ids[order], [uploads[i] for i in order]
+    rng = np.random.default_rng([cfg.seed, r, ptf.SERVER_STREAM])
+    server_loss = []
+    for _ in range(cfg.ptf_server_epochs):
+        perm = rng.permutation(len(uploads))
+        for a in range(0, len(perm), cfg.batch_size):
+            batch = pad_left([uploads[i] for i in perm[a:a + cfg.batch_size]])           # (B, L + 1)
+            server_loss.append(central_step(run.model, run.params, opt, batch))
+    know = ptf.knowledge(run.model, run.params, pad_left(uploads), ids, cfg.ptf_kd_negatives, run.pop.n_items,
+                         cfg.seed, r)
+    store.knowledge.update(know)
+    seconds = time.perf_counter() - t0
+    run.train_seconds += seconds
+    run.bytes_up.append(ptf.upload_bytes(uploads))
+    run.bytes_down.append(sum(k.nbytes() for k in know.values()))
+    kd = losses["kd"][np.isfinite(losses["kd"])]
+    return {"round": r + 1, "loss": float(np.mean(server_loss)), "seconds": seconds, "clients": int(len(ids)),
+            "client_loss": float(losses["own"].mean()), "kd_loss": float(kd.mean()) if len(kd) else float("nan"),
+            "knowledge_sent": len(know), "malicious": int(len(bad))}
+
+
+def train_ptf(run: Run, bar: tqdm | None = None) -> None:
+    """PTF-FSR rounds (`fortress.ptf`): `run.params` is the server's own model, the one evaluated."""
+    cfg = run.cfg
+    eligible = run.pop.eligible
+    store = ptf.Clients(ptf.client_model(cfg), run.pop.n_items)
+    for p in run.params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(run.params.values(), lr=cfg.central_lr)
+    stopping = run.stopping = EarlyStopping(cfg.fed_patience) if cfg.fed_patience and cfg.eval_every else None
+    for r in range(cfg.rounds):
+        entry = ptf_round(run, r, store, opt, eligible)
+        last = r + 1 == cfg.rounds
+        if cfg.eval_every and (((r + 1) % cfg.eval_every == 0 and not last) or (last and stopping is not None)):
+            entry["valid"] = run.validate(bar)
+            if run.campaign is not None and not last:
+                entry["ER"] = run.exposure(r + 1, bar)
+        run.history.append(entry)
+        _progress(bar, entry)
+        if stopping is not None and "valid" in entry and stopping.stop(r + 1, entry["valid"], run.params):
+            break
+    for p in run.params.values():
+        p.requires_grad_(False)
+    if stopping is not None:
+        run.early_stopping = stopping.restore(run.params, len(run.history), cfg.rounds, unit="round")
+
+
 def evaluated_users(pop: Population, split: str) -> int:
     """Users with a `split` item: those `evaluate` scores at that split."""
     return pop.n_valid if split == "valid" else pop.n_test
@@ -628,14 +696,15 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
                    pop=pop, evaluator=evaluator)
     if overwrite:              # config, data, init_from and targets are good: only now drop the earlier run
         clear_out(out)
-    federated = cfg.training == "federated"
     steps = 0 if cfg.training == "pop" else cfg.epochs if cfg.training == "central" else cfg.rounds
-    bar = tqdm(total=steps, desc=f"{cfg.training} {cfg.backbone}", unit="round" if federated else "epoch",
+    bar = tqdm(total=steps, desc=f"{cfg.training} {cfg.backbone}", unit="epoch" if cfg.training == "central" else "round",
                disable=not progress or steps == 0, dynamic_ncols=True)
     if cfg.training == "central":
         train_central(run_, bar)
-    elif federated:
+    elif cfg.training == "federated":
         train_federated(run_, bar, out, resume, clients, attackers)
+    elif cfg.training == "ptf":
+        train_ptf(run_, bar)
     bar.close()
     # the most-popular ranking of the same test users, to compare with (needs the data: not on a Flower server)
     baseline = cfg.training != "pop" and ds is not None

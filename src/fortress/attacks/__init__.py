@@ -161,8 +161,8 @@ class Campaign:
 
 
 def campaign(cfg, counts: np.ndarray, item_ids: list[str], n_users: int) -> Campaign | None:
-    """Targets and malicious clients of a federated run (None when no targets are tracked)."""
-    if cfg.training != "federated" or cfg.targets < 1:
+    """Targets and malicious clients of a federated or PTF run (None when no targets are tracked)."""
+    if cfg.training not in ("federated", "ptf") or cfg.targets < 1:
         return None
     targets = pick_targets(counts, item_ids, cfg.target_pick, cfg.targets, cfg.seed)
     bad = malicious_ids(n_users, cfg.attack_ratio) if cfg.attack != "none" else np.zeros(0, dtype=np.int64)

@@ -198,7 +198,19 @@ class _Spec:
         raw = table.get("methods")
         if not isinstance(raw, dict) or not raw:
             raise InputError(f"{s}: no methods; add a table such as [methods.FedAvg-SASRec] with backbone = \"sasrec\"")
-        self.methods = {name: _sets(t, f"{s} [methods.{name}]") for name, t in raw.items()}
+        self.methods = {name: _sets(t, f"{s} [methods.{name}]", reserved=("attacks",)) for name, t in raw.items()}
+        # a method may run only some of the grid's attacks (`attacks = [...]`): e.g. PTF-FSR uploads no model
+        # update for the update attacks to forge; the report shows its other cells as –
+        self.method_attacks: dict[str, list[str]] = {}
+        for name, t in raw.items():
+            if "attacks" in t:
+                where = f"{s} [methods.{name}] attacks"
+                chosen = _list(t["attacks"], str, where)
+                extra = [a for a in chosen if a not in self.attacks]
+                if extra:
+                    raise InputError(f"{where}: {extra[0]!r} is not an attack of [grid] attacks "
+                                     f"({', '.join(self.attacks)})")
+                self.method_attacks[name] = chosen
 
         self.pretrain, self.inherit = None, None
         if "pretrain" in table:
@@ -272,7 +284,7 @@ class _Spec:
     def main_grid(self) -> None:
         for ds in self.datasets:
             for m, msets in self.methods.items():
-                for attack in self.attacks:
+                for attack in self.method_attacks.get(m, self.attacks):
                     for ratio in self.ratios if attack != "none" else [0.0]:
                         for seed in self.seeds:
                             self.entry("main", ds, m, msets, attack, ratio, seed, f"{ds} {m}")
