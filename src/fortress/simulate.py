@@ -434,7 +434,7 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
     defence = run.defence = defences.make(cfg, run.pop.n_items)
     continue_monitor(cfg, defence)
-    stopping = run.stopping = EarlyStopping(cfg.fed_patience) if cfg.fed_patience and cfg.eval_every else None
+    stopping = run.stopping = round_stopping(cfg)
     start = 0
     if resume and out is not None:
         blob = checkpoint.load(out, cfg, run.pop.fingerprint)
@@ -446,20 +446,38 @@ def train_federated(run: Run, bar: tqdm | None = None, out: Path | None = None, 
     end = start if stopping is not None and stopping.stopped else cfg.rounds     # a resumed run that had stopped
     for r in range(start, end):
         entry = federated_round(run, r, gopt, eligible, clients, defence, attackers)
-        last = r + 1 == cfg.rounds
-        if cfg.eval_every and (((r + 1) % cfg.eval_every == 0 and not last) or (last and stopping is not None)):
-            entry["valid"] = run.validate(bar)       # with early stopping the last round is judged too
-            if run.campaign is not None and not last:
-                entry["ER"] = run.exposure(r + 1, bar)
-        run.history.append(entry)
-        stop = stopping is not None and "valid" in entry and stopping.stop(r + 1, entry["valid"], run.params)
-        if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or last or stop):
+        stop = end_of_round(run, r, entry, bar)
+        if out is not None and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds
+                                                         or stop):
             checkpoint.save(out, server_state(run, gopt, r + 1, defence))
-        _progress(bar, entry)
         if stop:
             break
-    if stopping is not None:      # the final evaluation (and model.pt) is the best validated round's model
-        run.early_stopping = stopping.restore(run.params, len(run.history), cfg.rounds, unit="round")
+    best_round(run)
+
+
+def round_stopping(cfg: Config) -> EarlyStopping | None:
+    """Early stopping over rounds (`fed_patience`; it needs validation every `eval_every` rounds)."""
+    return EarlyStopping(cfg.fed_patience) if cfg.fed_patience and cfg.eval_every else None
+
+
+def end_of_round(run: Run, r: int, entry: dict[str, Any], bar: tqdm | None) -> bool:
+    """After round r (federated or PTF): validation (and exposure under attack) when the schedule asks,
+    the entry into the history, the progress bar; whether early stopping ends training here."""
+    cfg, stopping = run.cfg, run.stopping
+    last = r + 1 == cfg.rounds
+    if cfg.eval_every and (((r + 1) % cfg.eval_every == 0 and not last) or (last and stopping is not None)):
+        entry["valid"] = run.validate(bar)       # with early stopping the last round is judged too
+        if run.campaign is not None and not last:
+            entry["ER"] = run.exposure(r + 1, bar)
+    run.history.append(entry)
+    _progress(bar, entry)
+    return stopping is not None and "valid" in entry and stopping.stop(r + 1, entry["valid"], run.params)
+
+
+def best_round(run: Run) -> None:
+    """With early stopping, the final evaluation (and model.pt) is the best validated round's model."""
+    if run.stopping is not None:
+        run.early_stopping = run.stopping.restore(run.params, len(run.history), run.cfg.rounds, unit="round")
 
 
 def ptf_round(run: Run, r: int, store: ptf.Clients, opt: torch.optim.Optimizer, eligible: np.ndarray) -> dict[str, Any]:
@@ -512,22 +530,13 @@ def train_ptf(run: Run, bar: tqdm | None = None) -> None:
     for p in run.params.values():
         p.requires_grad_(True)
     opt = torch.optim.Adam(run.params.values(), lr=cfg.central_lr)
-    stopping = run.stopping = EarlyStopping(cfg.fed_patience) if cfg.fed_patience and cfg.eval_every else None
+    run.stopping = round_stopping(cfg)
     for r in range(cfg.rounds):
-        entry = ptf_round(run, r, store, opt, eligible)
-        last = r + 1 == cfg.rounds
-        if cfg.eval_every and (((r + 1) % cfg.eval_every == 0 and not last) or (last and stopping is not None)):
-            entry["valid"] = run.validate(bar)
-            if run.campaign is not None and not last:
-                entry["ER"] = run.exposure(r + 1, bar)
-        run.history.append(entry)
-        _progress(bar, entry)
-        if stopping is not None and "valid" in entry and stopping.stop(r + 1, entry["valid"], run.params):
+        if end_of_round(run, r, ptf_round(run, r, store, opt, eligible), bar):
             break
     for p in run.params.values():
         p.requires_grad_(False)
-    if stopping is not None:
-        run.early_stopping = stopping.restore(run.params, len(run.history), cfg.rounds, unit="round")
+    best_round(run)
 
 
 def evaluated_users(pop: Population, split: str) -> int:
