@@ -10,7 +10,8 @@ import torch
 from torch.func import grad, vmap
 
 from fortress.client import eligible_clients, objective, rec_loss, round_chunks, train_round
-from fortress.config import Config
+from fortress.config import Config, validate
+from fortress.errors import InputError
 from fortress.data import synthetic
 from fortress.models import dense_keys, from_config
 from fortress.objectives import (augment, crop, fortress_draws, fortress_loss, info_nce, mask, reorder,
@@ -184,6 +185,22 @@ def test_switching_one_term_off_removes_exactly_its_share(client):
         assert name not in t and set(t) == set(terms) - {name}
         assert (full - loss).item() == pytest.approx(weight * terms[name].item(), rel=1e-9, abs=1e-12), switch
         assert all(t[k].item() == pytest.approx(terms[k].item(), rel=1e-12) for k in t)
+
+
+def test_decay_schedule_scales_both_weights_linearly_over_the_rounds(client):
+    cfg, x, y, col_mask, draws = client
+    cfg = dataclasses.replace(cfg, lambda_cl=0.3, lambda_temp=0.7, rounds=10)
+    model, args = from_config(cfg), (*_params(cfg), x, y, col_mask, draws)
+    full, terms = fortress_loss(model, *args, cfg)
+    rec = terms["rec"].item()
+    extra = full.item() - rec
+    decay = dataclasses.replace(cfg, lambda_schedule="decay")
+    for r, share in ((0, 1.0), (5, 0.5), (9, 0.1)):
+        got = objective(decay, 0, r)(model, *args)[0].item()
+        assert got == pytest.approx(rec + share * extra, rel=1e-12), r
+        assert objective(cfg, 0, r)(model, *args)[0].item() == pytest.approx(full.item(), rel=1e-12)  # constant
+    with pytest.raises(InputError, match="lambda_schedule"):
+        validate(Config(lambda_schedule="cosine"))
 
 
 def _params(cfg):

@@ -253,16 +253,20 @@ OBJECTIVES: dict[str, Callable] = {"next_item": rec_loss, "fortress": fortress_l
 DRAWS: dict[str, Callable] = {"fortress": fortress_draws, "union": union_draws}
 
 
-def objective(cfg, n_items: int) -> Callable:
-    """The loss an honest client minimises under `cfg` (a Config), for a catalogue of n_items.
+def objective(cfg, n_items: int, r: int = 0) -> Callable:
+    """The loss an honest client minimises in round r (from 0) under `cfg` (a Config), for a catalogue of n_items.
 
     next_item: the next-item loss; fortress: the FORTRESS objective; union: UNION's client objective
     (objectives.union_loss); fedcl: FedCL's (objectives.fedcl_loss). Each one's next-item term is the
-    same (logQ-corrected when `neg_correction`) sampled softmax.
+    same (logQ-corrected when `neg_correction`) sampled softmax. With `lambda_schedule=decay`, FORTRESS's
+    lambda_cl and lambda_temp are scaled by 1 - r / rounds (full weight in round 0, nearly none in the last).
     """
     n = n_items if cfg.neg_correction else 0
     if cfg.objective == "next_item":
         return partial(rec_loss, n_items=n)
+    if cfg.objective == "fortress" and cfg.lambda_schedule == "decay":
+        s = max(0.0, 1.0 - r / max(cfg.rounds, 1))
+        cfg = replace(cfg, lambda_cl=cfg.lambda_cl * s, lambda_temp=cfg.lambda_temp * s)
     return partial(OBJECTIVES[cfg.objective], cfg=cfg, n_items=n)
 
 

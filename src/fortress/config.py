@@ -59,6 +59,7 @@ class Config:
     # FORTRESS client objective (objective=fortress): L_rec + lambda_cl (L_seq + L_user + L_item) + lambda_temp L_temp
     lambda_cl: float = 0.02         # weight of the three contrastive views
     lambda_temp: float = 0.01       # weight of the temporal regulariser
+    lambda_schedule: str = "constant"   # constant | decay: lambda_cl and lambda_temp fall linearly to 0 over `rounds`
     tau: float = 0.5                # InfoNCE temperature (cosine similarity)
     view_negatives: str = "items"   # items | prefixes: what the sequence and user views push away from (objectives.py)
     user_noise_std: float = 0.5     # sigma of the user view's Gaussian noise
@@ -153,6 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine": ("vmap", "loop"),
     "device": ("cpu", "cuda", "auto"),
     "view_negatives": ("items", "prefixes"),
+    "lambda_schedule": ("constant", "decay"),
 }
 CENTRAL_OBJECTIVES = ("cl4srec",)   # objectives of central training only (simulate.train_central)
 

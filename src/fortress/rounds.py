@@ -117,7 +117,7 @@ def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: n
     if hard is not None:
         got.up_extra, got.down_extra = hard.up_bytes, hard.down_bytes
     lists = None if hard is None else hard.lists()
-    loss_fn, size, fbytes = objective(cfg, ds.n_items), dense_size(params), params["item_emb"].element_size()
+    loss_fn, size, fbytes = objective(cfg, ds.n_items, r), dense_size(params), params["item_emb"].element_size()
 
     def trained() -> Iterator[Updates]:
         for chunk in iter_round_chunks(ds, cfg, users, r, lists):    # sub-tables (+ draws) per user
