@@ -86,7 +86,7 @@ def train_windows(seq: np.ndarray, max_len: int, whole_history: bool = True) -> 
     return [seq[max(0, e - max_len - 1):e] for e in reversed(ends)]
 
 
-def _negatives(own: np.ndarray, n_items: int, n_neg: int, rng: np.random.Generator) -> np.ndarray:
+def sample_negatives(own: np.ndarray, n_items: int, n_neg: int, rng: np.random.Generator) -> np.ndarray:
     """n_neg distinct items drawn uniformly from 1..n_items without the client's own items."""
     free = n_items - len(own)
     if n_neg >= free:
@@ -162,7 +162,7 @@ def iter_chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weight
         if prefix is not None:
             own = np.concatenate([prefix[i], np.setdiff1d(own, prefix[i])])
         own_rng = rng if key is None else np.random.default_rng([*key, int(users[i])])
-        neg = _negatives(own, n_items, n_neg, own_rng)
+        neg = sample_negatives(own, n_items, n_neg, own_rng)
         if hard is None:
             return own, neg, len(neg), len(neg)
         h = np.asarray(hard[i], dtype=np.int64)

@@ -67,7 +67,7 @@ from torch.func import vmap
 
 from fortress.attacks.base import append_targets, random_items
 from fortress.attacks.baselines import POOL_PER_ITEM
-from fortress.client import _negatives, length_buckets, local_train, rec_loss
+from fortress.client import length_buckets, local_train, rec_loss, sample_negatives
 from fortress.models import Model, Params
 
 ATTACKS = ("random", "popular")          # the attacks that fit a protocol without model uploads
@@ -130,7 +130,7 @@ def prepare(store: Clients, cfg, client: int, seq: np.ndarray, r: int, dtype: to
     st = store.states.get(client)
     if st is None:
         own = np.unique(seq)
-        neg = _negatives(own, store.n_items, min(cfg.n_neg, store.n_items - len(own)),
+        neg = sample_negatives(own, store.n_items, min(cfg.n_neg, store.n_items - len(own)),
                          np.random.default_rng([cfg.seed, INIT_STREAM, client]))
         items = np.concatenate([own, neg])
         p = store.model.init(len(items), _generator(cfg.seed, INIT_STREAM, client), dtype)
