@@ -34,10 +34,6 @@ from fortress.recommend import load_run
 OFF = dict(seq_view=False, user_view=False, item_view=False, temporal=False)
 
 
-def flat(g: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
-    return torch.cat([g[0][k].reshape(-1) for k in sorted(g[0])] + [table.reshape(-1)])
-
-
 def client_grads(model, params, chunk, i, cfg) -> dict[str, torch.Tensor]:
     """g_rec, g_cl, g_temp of client i of `chunk` (flattened: encoder, then its sub-table)."""
     dense = {k: params[k] for k in dense_keys(params)}
@@ -52,6 +48,9 @@ def client_grads(model, params, chunk, i, cfg) -> dict[str, torch.Tensor]:
     rec = g(dataclasses.replace(cfg, **OFF))
     cl = g(dataclasses.replace(cfg, temporal=False)) - rec
     temp = g(dataclasses.replace(cfg, **{**OFF, "temporal": True})) - rec
+    if i == 0:                  # the terms add up: the three parts give the whole objective's gradient
+        full = g(cfg)
+        assert (rec + cl + temp - full).abs().max() <= 1e-9 * full.abs().max(), "the gradient split is not exact"
     return {"rec": rec, "cl": cl, "temp": temp}
 
 
