@@ -4,9 +4,9 @@ For a round's sample of clients, each client's gradient (encoder and its item su
 model) is split into three parts: g_rec of L_rec, g_cl of λ1·(L_seq + L_user + L_item) and g_temp of
 λ2·L_temp, each the difference of two exact gradients of `objectives.fortress_loss` with terms switched
 off (dropout off, so the differences are exact). Printed per model: the median over clients of ‖g_cl‖ / ‖g_rec‖,
-‖g_temp‖ / ‖g_rec‖ and of the cosines cos(g_cl, g_rec), cos(g_temp, g_rec); and the same at the weight that
-would make the terms' norm equal L_rec's. Models: random init, and the saved runs named (their configs'
-weights λ1, λ2, τ unless --set overrides them).
+‖g_temp‖ / ‖g_rec‖ and of the cosines cos(g_cl, g_rec), cos(g_temp, g_rec) (the JSON adds the 90th percentile
+of the ratios, the mean cosine and the share of positive cosines). Models: random init, and the saved runs
+named (their configs' weights λ1, λ2, τ unless --set overrides them).
 
   python bench/objective_terms.py --data amazon-cell-phones \
       --runs runs/objective-scratch/cells/run-a5d7c634c7 runs/objective-scratch/cells/run-4a31a0d97a \
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="JSON file to write")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    base = config_mod.load(None, ["objective=fortress", "dropout=0.0", "dtype=float64", *args.set])
+    sets = ["objective=fortress", "dropout=0.0", "dtype=float64", *args.set]      # exact gradients, no dropout
+    base = config_mod.load(None, sets)
     ds = load_dataset(resolve(args.data))
     rows = []
     init = from_config(base).init(ds.n_items, torch.Generator().manual_seed(0), torch.float64)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir in args.runs:
         blob = load_run(run_dir)
         cfg = config_mod.override(config_mod.from_dict({**blob["config"], "device": "cpu"}),
-                                  config_mod.parse_sets(["objective=fortress", "dropout=0.0", "dtype=float64", *args.set]))
+                                  config_mod.parse_sets(sets))
         params = {k: v.double() for k, v in blob["params"].items()}
         rows.append(measure(f"{run_dir} ({blob['config'].get('objective')}, round {blob['config'].get('rounds')})",
                             cfg, params, ds, args.clients, 0))
