@@ -16,7 +16,8 @@ from fortress.errors import InputError
 from fortress.models import from_config
 from fortress.server import defences, robust
 from fortress.server.aggregate import fedavg
-from fortress.server.fortress import FortressConfig, FortressServer, l_sep, l_var, neighbours, probe_top, regularise
+from fortress.server.fortress import (FortressConfig, FortressServer, l_sep, l_var, neighbours, probe_top, reg_grad,
+                                      regularise, var_operator)
 from fortress.updates import Updates
 from conftest import same_saved_model
 
@@ -131,6 +132,23 @@ def test_l_var_value_and_gradient():
     (g,) = torch.autograd.grad(loss, e)
     # L = [(e0-e1)^2 + (e1-e0)^2 + (e2-e1)^2] / 3
     assert g.flatten().tolist() == pytest.approx([-4 / 3, -4 / 3, 8 / 3])
+
+
+def test_reg_grad_is_autograd_of_l_sep_and_l_var():
+    """The closed-form gradient the server steps with equals autograd of the reference losses, on unit rows
+    with pairs inside and outside the margin and a popular row that is several rows' neighbour."""
+    g = torch.Generator().manual_seed(0)
+    fc = FortressConfig.from_config(Config())
+    for n_pop, n_sus in ((12, 7), (5, 1), (3, 0)):
+        z = F.normalize(torch.randn(n_pop + n_sus, 6, generator=g, dtype=D), dim=1)
+        nbr = neighbours(z[:n_pop], min(fc.knn, n_pop - 1))
+        zz = z.clone().requires_grad_(True)
+        loss = fc.alpha * l_sep(zz[:n_pop], zz[n_pop:], fc.margin) + fc.beta * l_var(zz[:n_pop], nbr)
+        (want,) = torch.autograd.grad(loss, zz)
+        value, got = reg_grad(z, n_pop, var_operator(n_pop, nbr, D), fc)
+        assert value == pytest.approx(float(loss.detach()), rel=1e-12)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+    assert len(set(nbr.flatten().tolist())) < nbr.numel()                   # shared neighbours were covered
 
 
 def test_regularise_turns_suspicious_items_away_and_keeps_lengths():
