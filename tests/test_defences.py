@@ -206,6 +206,15 @@ def test_poisson_surprise_and_allowance_hand_computed():
     assert float(bounds.allowance(torch.tensor([2.0], dtype=D), 1e-3, cap=5)) == 5.0     # capped
 
 
+def test_flagged_allowance_is_the_two_bisections_at_once():
+    g = torch.Generator().manual_seed(0)
+    rate = torch.rand(50, generator=g, dtype=D) * 3 + 1e-3
+    recent = torch.rand(50, generator=g, dtype=D) * 20
+    for cap in (0.5, 7.0, 60.0):
+        want = torch.minimum(bounds.allowance(rate, 1e-3, cap), bounds.window_allowance(rate, recent, 1e-3, 20, cap))
+        assert torch.equal(bounds.flagged_allowance(rate, recent, 1e-3, 20, cap), want)
+
+
 def cold_round(n_benign: int, seed: int = 0) -> tuple[list, list, list]:
     """Benign clients of weight 5: each pushes one own item (2..9) with a contribution (weight x delta) of
     1 and uploads item 1 (the cold target) and items 10..49 as sampled negatives with 0.001."""

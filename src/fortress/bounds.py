@@ -108,10 +108,11 @@ def surprising(mass: torch.Tensor, rate: torch.Tensor, p_flag: float) -> torch.T
     return out
 
 
-def allowance(rate: torch.Tensor, p_flag: float, cap: float) -> torch.Tensor:
-    """(N,) float64: the largest push mass in [1, cap] that `surprising` does not flag at `rate`."""
+def allowance(rate: torch.Tensor, p_flag: float, cap: float | torch.Tensor) -> torch.Tensor:
+    """(N,) float64: the largest push mass in [1, cap] that `surprising` does not flag at `rate`
+    (cap: one for all items, or (N,) one per item)."""
     lo = torch.ones_like(rate)
-    hi = torch.full_like(rate, float(max(cap, 1.0)))
+    hi = (cap.double().clamp(min=1.0) if torch.is_tensor(cap) else torch.full_like(rate, float(max(cap, 1.0))))
     ok_hi = torch.special.gammainc(hi, rate) >= p_flag
     for _ in range(40):                                              # bisection: tail(m) falls with m
         mid = (lo + hi) / 2
@@ -132,6 +133,17 @@ def window_allowance(rate: torch.Tensor, recent: torch.Tensor, p_flag: float, wi
     held = decay(window) * recent
     total = allowance(window * rate, p_flag, cap + float(held.max()) if len(held) else cap)
     return (total.clamp(min=2.0) - held).clamp(min=0.0)     # a total below 2 is never flagged
+
+
+def flagged_allowance(rate: torch.Tensor, recent: torch.Tensor, p_flag: float, window: int, cap: float) -> torch.Tensor:
+    """(N,) float64: min(`allowance`, `window_allowance`), the two bisections run as one over 2N items
+    (the same values: every step is elementwise)."""
+    n = len(rate)
+    held = decay(window) * recent
+    caps = torch.full((2 * n,), float(cap), dtype=torch.float64)
+    caps[n:] = cap + float(held.max()) if n else cap
+    both = allowance(torch.cat([rate, window * rate]), p_flag, caps)
+    return torch.minimum(both[:n], (both[n:].clamp(min=2.0) - held).clamp(min=0.0))
 
 
 # --- coordinated encoder pushes ---------------------------------------------------------------

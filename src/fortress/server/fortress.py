@@ -301,9 +301,7 @@ class FortressServer:
         allow = mass.clone()
         if len(flagged):
             cap = float(mass.max())
-            allow[flagged] = torch.minimum(bounds.allowance(rate[flagged], fc.p_flag, cap),
-                                           bounds.window_allowance(rate[flagged], self.recent[flagged], fc.p_flag,
-                                                                   WINDOW, cap))
+            allow[flagged] = bounds.flagged_allowance(rate[flagged], self.recent[flagged], fc.p_flag, WINDOW, cap)
         item_scale = allow / mass.clamp(min=1e-12)                                      # (N+1,) 1 unless flagged
         row_scale = item_scale[u.rows_item]                                             # (M,)
         # a client's encoder follows its pushes (a sampled negative of a flagged item does not cost it)
