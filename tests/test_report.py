@@ -33,6 +33,20 @@ def test_ties_are_all_marked_unless_the_whole_column_ties():
     assert [line.count("**") for line in lines[2:]] == [2, 2, 0]
 
 
+def test_a_lead_inside_the_seed_spread_is_not_marked():
+    hr = report.Column("HR@10", "none", None, "max")
+    # a leads b by 0.01, but b's seeds spread by 0.0141: no mark; c leads d by 0.05 against a spread of 0.0141
+    values = {("a", hr): [0.31, 0.31], ("b", hr): [0.29, 0.31], ("c", hr): [0.36, 0.36], ("d", hr): [0.30, 0.32]}
+    lines = report.table(["a", "b"], [hr], values, expected=2).splitlines()
+    assert [line.count("**") for line in lines[2:]] == [0, 0]
+    lines = report.table(["c", "d"], [hr], values, expected=2).splitlines()
+    assert [line.count("**") for line in lines[2:]] == [2, 0]
+    # the spread of the next-best row counts, not of a row further behind
+    values[("e", hr)] = [0.0, 0.3]
+    lines = report.table(["c", "d", "e"], [hr], values, expected=2).splitlines()
+    assert [line.count("**") for line in lines[2:]] == [2, 0, 0]
+
+
 def test_metrics_final_and_mean_of_last_evaluations():
     res = {"test": {"HR@10": 0.5, "NDCG@10": 0.25},
            "attack": {"ER@5": 0.3, "ER@10": 0.4,

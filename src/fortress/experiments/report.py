@@ -5,7 +5,8 @@ folder of committed summaries gives the same report as the folder the cells ran 
 used by bench/; a single seed shows its value alone; `(n=k)` marks a mean over fewer seeds than
 asked). ER swings from round to round, so each table comes twice: with the final ER@K, and with
 the mean ER@K of the last `er_last` evaluations. Best per column is bold: highest HR/NDCG,
-lowest ER under an attack. Clean runs (no attack) whose results carry strata (HR/NDCG@10 by the
+lowest ER under an attack, and only where the lead over the next row is larger than the seed spread
+(`clear_best`). Clean runs (no attack) whose results carry strata (HR/NDCG@10 by the
 user's train-history length and by the test item's popularity; `fortress run` writes them, and
 `fortress eval` adds them to a cell made before, as cells/ID/strata.json) get stratified tables too.
 """
@@ -83,14 +84,27 @@ def mean_std(xs: list[float], expected: int) -> str:
     return text + (f" (n={len(xs)})" if len(xs) < expected else "")
 
 
+def clear_best(rows: list[str], c: Column, values: dict[tuple[str, Column], list[float]]) -> set[str]:
+    """The rows to mark in column c: those at the best mean (rounded as shown, ties included), when their lead
+    over the next-best row is larger than the seed spread (the largest sample std among them and that row;
+    single seeds have none). A lead inside the spread, or a column where every row ties, marks nothing."""
+    shown = {r: round(float(np.mean(values[r, c])), 4) for r in rows if values.get((r, c))}
+    if not c.better or len(set(shown.values())) < 2:
+        return set()
+    pick = max if c.better == "max" else min
+    best = pick(shown.values())
+    winners = {r for r, m in shown.items() if m == best}
+    runner_up = pick(m for r, m in shown.items() if r not in winners)
+    spread = max([std(values[r, c]) for r, m in shown.items() if (r in winners or m == runner_up)
+                  and len(values[r, c]) > 1] or [0.0])
+    return winners if abs(best - runner_up) > spread else set()
+
+
 def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], list[float]], expected: int,
           first: str = "method") -> str:
-    """A markdown table of mean ± std; in each column the best mean (rounded as shown, ties included) is bold."""
-    best: dict[Column, float] = {}
-    for c in cols:
-        means = [round(float(np.mean(values[r, c])), 4) for r in rows if values.get((r, c))]
-        if c.better and len(set(means)) > 1:            # all equal: nothing to mark
-            best[c] = max(means) if c.better == "max" else min(means)
+    """A markdown table of mean ± std; in each column the best mean is bold where it is ahead by more than the
+    seed spread (`clear_best`)."""
+    marked = {c: clear_best(rows, c, values) for c in cols}
     lines = [f"| {first} | " + " | ".join(c.header() for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for r in rows:
@@ -101,7 +115,7 @@ def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], 
                 cells.append("–")
                 continue
             text = mean_std(xs, expected)
-            cells.append(f"**{text}**" if c in best and round(float(np.mean(xs)), 4) == best[c] else text)
+            cells.append(f"**{text}**" if r in marked[c] else text)
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -314,7 +328,9 @@ def write(p: Plan) -> Path:
              "this page from it and the cells' summaries (`cells/ID/summary.json`).", "",
              f"{len(p.cells)} cells: " + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ". "
              "Test split; mean ± sample std over seeds (one seed: its value alone; `(n=k)`: only k seeds finished); "
-             f"bold = best in its column (highest HR/NDCG, lowest ER under attack). ER@K is given twice: "
+             f"bold = best in its column (highest HR/NDCG, lowest ER under attack), marked only where its lead over the "
+             f"next row is larger than the seed spread (the largest sample std of the rows compared; one seed: none). "
+             f"ER@K is given twice: "
              f"the final value, and the mean of the last {p.er_last} evaluations (ER swings from round to round). "
              "Every cell's command is listed at the end.", ""]
     by_section: dict[str, list[Entry]] = defaultdict(list)
