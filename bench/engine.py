@@ -111,7 +111,8 @@ class FlopModel:
         from fortress.client import local_train
         self.cfg, self.n_items, self.local_train = cfg, n_items, local_train
         self.model = from_config(cfg)
-        self.params = self.model.init(max(n_items, 64), torch.Generator().manual_seed(0))
+        # room for the largest fake sub-table (max_len + 4 + 64 slots) even on a tiny catalogue
+        self.params = self.model.init(max(n_items, cfg.max_len + 68), torch.Generator().manual_seed(0))
         self.fn = objective(cfg, n_items)
         self.cache: dict[int, tuple[float, float]] = {}
 
