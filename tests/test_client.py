@@ -62,6 +62,10 @@ def test_length_buckets_hand_case():
     assert [(s.start, s.stop) for s in length_buckets(lengths, 4, overhead=10 ** 9)] == [(0, 4), (4, 8)]
     assert [(s.start, s.stop) for s in length_buckets(lengths, 8, overhead=0)] == [(0, 2), (2, 5), (5, 6), (6, 7), (7, 8)]
     assert length_buckets(np.array([], dtype=int), 4) == []
+    # a budget of 10 padded positions: [1 1 2 2 2] (10), then [3] (with 9 it would pad to 18), [9], [10]
+    assert [(s.start, s.stop) for s in length_buckets(lengths, 8, overhead=10 ** 9, budget=10)] == \
+        [(0, 5), (5, 6), (6, 7), (7, 8)]
+    assert [(s.start, s.stop) for s in length_buckets(np.array([12, 12]), 8, budget=10)] == [(0, 1), (1, 2)]
 
 
 @pytest.mark.parametrize("mode", ["fedavg", "fortress"])
@@ -163,7 +167,8 @@ def test_whole_history_chunks_hold_every_window(long_ds):
                           whole_history=True)
     assert sorted(u for c in chunks for u in c.users.tolist()) == sorted(users.tolist())
     assert any(c.x.shape[1] > 2 for c in chunks)
-    for chunk in chunks:
+    for chunk in chunks:        # padded positions within those of 8 one-window clients, unless a client is alone
+        assert chunk.x.numel() <= 8 * 6 or chunk.n == 1
         assert chunk.x.dim() == 3 and chunk.x.shape == chunk.y.shape and chunk.x.shape[2] <= 6
         for i, u in enumerate(chunk.users.tolist()):
             seq = ds.train_seq(u)

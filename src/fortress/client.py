@@ -178,8 +178,10 @@ def iter_chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weight
     order = np.argsort([len(s) for s in seqs], kind="stable")
     n_win = [1 if windows is None else len(range(len(s), 1, -windows)) for s in seqs]     # train_windows' count
     L_in = [len(s) - 1 if windows is None else min(len(s) - 1, windows) for s in seqs]    # its longest inputs
-    # bucketed by padded work (windows x length), so that a long history pads no short one
-    for part in length_buckets(np.array([n_win[i] * L_in[i] for i in order]), chunk_size):
+    # bucketed by padded work (windows x length), so that a long history pads no short one; with windows a
+    # chunk also holds at most the padded positions of chunk_size one-window clients (memory as without them)
+    budget = None if windows is None else chunk_size * windows
+    for part in length_buckets(np.array([n_win[i] * L_in[i] for i in order]), chunk_size, budget=budget):
         idx = order[part]
         mine = {i: subs[i] if subs is not None else sub(i) for i in idx.tolist()}
         L, W = max(L_in[i] for i in idx), max(n_win[i] for i in idx)
@@ -211,18 +213,21 @@ def iter_chunks_from_sequences(users: np.ndarray, seqs: list[np.ndarray], weight
 CHUNK_OVERHEAD = 384
 
 
-def length_buckets(lengths: np.ndarray, chunk_size: int, overhead: int | None = None) -> list[slice]:
+def length_buckets(lengths: np.ndarray, chunk_size: int, overhead: int | None = None,
+                   budget: int | None = None) -> list[slice]:
     """Consecutive groups of clients sorted by input length (ascending), each padded to its longest.
 
     A group holds at most chunk_size clients and grows while the padding it would carry, positions
     beyond each client's own length, stays within `overhead`: no client pays for max_len unless
-    a chunk's own cost outweighs its padding.
+    a chunk's own cost outweighs its padding. With `budget`, a group also stops before its padded
+    positions (clients x longest) pass it; a client longer than the budget is a group alone.
     """
     overhead = CHUNK_OVERHEAD if overhead is None else overhead
     out, start, total = [], 0, 0
     for i, L in enumerate(lengths.tolist()):
         n = i - start
-        if n and (n == chunk_size or (n + 1) * L - (total + L) > overhead):
+        if n and (n == chunk_size or (n + 1) * L - (total + L) > overhead
+                  or (budget is not None and (n + 1) * L > budget)):
             out.append(slice(start, i))
             start, total = i, 0
         total += L
