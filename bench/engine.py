@@ -523,6 +523,11 @@ def main() -> None:
         return
     base = dict(s.split("=", 1) for s in args.set)
     groups = args.rows.split(",")
+    from fortress.server.defences import DEFENCES      # a bad name fails here, not after the rows before it ran
+    for flag, names in (("--defences", args.defences), ("--rule-scale-rules", args.rule_scale_rules)):
+        bad = [n for n in names.split(",") if n and n not in DEFENCES]
+        if bad:
+            sys.exit(f"engine.py: {flag} {','.join(bad)}: not a defence; choose from {', '.join(DEFENCES)}")
     inits = [None] + ([args.defence_init] if args.defence_init else [])
     common = {"data": args.data, "threads": args.threads, "config": base}
     codes = [None] + ([args.baseline] if args.baseline else [])
