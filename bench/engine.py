@@ -528,6 +528,9 @@ def main() -> None:
         bad = [n for n in names.split(",") if n and n not in DEFENCES]
         if bad:
             sys.exit(f"engine.py: {flag} {','.join(bad)}: not a defence; choose from {', '.join(DEFENCES)}")
+    known = ("pair", "loop", "defences", "defround", "eval", "central", "cli", "scale", "rulescale")
+    if any(g not in known for g in groups):
+        sys.exit(f"engine.py: --rows {args.rows}: rows are {', '.join(known)}")
     inits = [None] + ([args.defence_init] if args.defence_init else [])
     common = {"data": args.data, "threads": args.threads, "config": base}
     codes = [None] + ([args.baseline] if args.baseline else [])
