@@ -22,7 +22,9 @@ at the sgemm rate and its bytes at the copy bandwidth (a roofline); ratio = time
 - `defround`: whole rounds as `fortress run` makes them without a defence and with `defence=fortress`,
   alternating on the same state; FORTRESS's added share of the round (median of the paired rounds).
   Both rows start from a fresh model, and with `--defence-init RUN` also from a saved defended run's model
-  and monitor (the steady state of a long training; a fresh monitor flags almost every item).
+  and monitor (the steady state of a long training; a fresh monitor flags almost every item), or with
+  `--defence-init rounds:N` after N defended rounds from scratch (early in a training; the default is
+  rounds:30); a comma-separated list gives each.
 - `eval`: full-ranking validation of every user; FLOPs counted over the whole evaluation.
 - `central`: the first `--central-batches` steps of a central epoch (full softmax over the
   catalogue), and the federated/central throughput in trained interactions per second.
@@ -189,15 +191,34 @@ def time_rounds(ds, cfgs: list[Config], clients: int, rounds: int, with_work: bo
     return out
 
 
+def start_label(init: str) -> str:
+    if init == "fresh":
+        return "fresh model, every item new"
+    if init.startswith("rounds:"):
+        return f"after {init.split(':', 1)[1]} defended rounds from scratch"
+    return "from " + Path(init).name
+
+
 def start_from(ds, cfg: Config, model, init: str | None, rules: dict):
     """Parameters to time on: a fresh model (FORTRESS monitors set warm, so every step runs; their rates
-    start at zero, a transient in which every item is new), or a saved defended run's model and monitor
-    state (`--defence-init RUN`: the steady state of a long training)."""
+    start at zero: a stress state no run reaches, in which every item is new), `rounds:N` (N rounds of a
+    defended run from scratch as `fortress run` makes them, each stateful rule's monitor learning from
+    its own run: early in a training, the monitor warm after its first WARMUP rounds), or a saved defended
+    run's model and monitor state (`--defence-init RUN`: the steady state of a long training)."""
     if not init:
         for rule in rules.values():
             if hasattr(rule, "rounds"):
                 rule.rounds = bounds.WARMUP
         return model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
+    if init.startswith("rounds:"):
+        eligible, first = eligible_clients(ds), None
+        for rule in [rule for rule in rules.values() if hasattr(rule, "rounds")] or [None]:   # each monitor its own run
+            params = model.init(ds.n_items, torch.Generator().manual_seed(cfg.seed))
+            gopt = GlobalOptimizer(cfg.global_opt, cfg.global_lr)
+            for r in range(int(init.split(":", 1)[1])):
+                cli_round(cfg, model, ds, params, gopt, eligible, r, rule)
+            first = params if first is None else first
+        return first
     blob = torch.load(Path(init) / "model.pt", weights_only=False)
     for rule in rules.values():
         if hasattr(rule, "load_state_dict") and (blob.get("defence") or {}).get("name") == rule.name:
@@ -428,7 +449,7 @@ def table(rows: list[dict]) -> tuple[list[str], dict]:
                                                   "ratio": v["seconds"]["min"] / lim,
                                                   "interactions_per_s": v.get("interactions", 0) / v["seconds"]["min"]}
         elif k == "defences":
-            start = "fresh model" if r["init"] == "fresh" else "from " + Path(r["init"]).name
+            start = start_label(r["init"])
             fr = r["fedavg_round"]
             lines.append(f"{'fedavg round (' + start + ')':<40} {tag:<8} {fr['min']:>8.3f} / {fr['median']:>7.3f}")
             for name, v in r["defences"].items():
@@ -437,7 +458,7 @@ def table(rows: list[dict]) -> tuple[list[str], dict]:
                 lines.append(f"  {name} adds {100 * share:.1f}% to the FedAvg round ({start}; median over rounds)")
                 summary[f"{tag}:{name}:added:{r['init']}"] = share
         elif k == "defence_round":
-            start = "fresh model" if r["init"] == "fresh" else "from " + Path(r["init"]).name
+            start = start_label(r["init"])
             for name, v in r["seconds"].items():
                 lines.append(f"{'cli round, defence=' + name:<40} {tag:<8} {v['min']:>8.3f} / {v['median']:>7.3f}")
             lines.append(f"  fortress adds {100 * r['added_share']:.1f}% to the whole round ({start}; paired, median)")
@@ -506,8 +527,9 @@ def main() -> None:
     ap.add_argument("--rule-scale-rules", default="median,krum")
     ap.add_argument("--rows", default="pair,loop,defences,defround,eval,central,cli,scale")
     ap.add_argument("--defences", default="none,fortress,median,trimmed_mean,krum,multi_krum,norm_bound")
-    ap.add_argument("--defence-init", metavar="RUN",
-                    help="the defences and defround rows also start from this defended run's model and monitor")
+    ap.add_argument("--defence-init", metavar="RUN[,...]", default="rounds:30",
+                    help="the defences and defround rows also start from each of these: a defended run's model and "
+                         "monitor, or rounds:N (N defended rounds from scratch first)")
     ap.add_argument("--baseline", help="a checkout whose src/ the pair, loop, eval and cli rows also run on")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--out", default="docs/bench/engine.json")
@@ -531,7 +553,7 @@ def main() -> None:
     known = ("pair", "loop", "defences", "defround", "eval", "central", "cli", "scale", "rulescale")
     if any(g not in known for g in groups):
         sys.exit(f"engine.py: --rows {args.rows}: rows are {', '.join(known)}")
-    inits = [None] + ([args.defence_init] if args.defence_init else [])
+    inits = [None] + (args.defence_init.split(",") if args.defence_init else [])
     common = {"data": args.data, "threads": args.threads, "config": base}
     codes = [None] + ([args.baseline] if args.baseline else [])
     rows = []
