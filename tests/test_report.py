@@ -70,6 +70,8 @@ def fake_plan(root: Path) -> Plan:
         if er is not None:
             res["attack"] = {"ER@5": er / 2, "ER@10": er,
                              "history": [{"ER@5": 1.0, "ER@10": 1.0}, {"ER@5": er / 2, "ER@10": er}]}
+        if cid == "FORTRESS-c0":        # one cell ran with early stopping
+            res["early_stopping"] = {"best_round": 20, "rounds_run": 50, "max_rounds": 100, "stopped_early": True}
         write_json(c.folder / "summary.json", {"status": status, "seconds": 1.5, "error": error,
                                                **(res if status == "ok" else {})})
         cells[cid] = c
@@ -107,6 +109,8 @@ def test_report_sections(tmp_path):
     ablation = text.split("## Ablation")[1].split("## Sensitivity")[0]
     assert "| w/o temporal | 0.3100 (n=1) |" in ablation
     assert "## Failed cells" in text and "`wot-1` (wot-1): exit 1: ValueError: boom" in text
+    assert "| `FORTRESS-c0` | FORTRESS-c0 | ok | 1.5 | 20 / 50 |" in text          # early stopping: best / run
+    assert "| `wot-1` | wot-1 | failed | 1.5 | – |" in text
     sens = text.split("## Sensitivity")[1]
     assert "![sensitivity to lambda_cl](figures/sensitivity-toy-lambda_cl.png)" in sens
     assert "| 0.1 | 0.3000 ± 0.0000 | 0.1500 ± 0.0000 | 0.4000 ± 0.0000 | 0.4000 ± 0.0000 |" in sens

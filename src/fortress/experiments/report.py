@@ -378,17 +378,27 @@ def write(p: Plan) -> Path:
     lines += ["## Cells", "",
               "Each cell is one command, run from the folder where `fortress experiment` ran, with DIR its `--out` "
               "folder; a cell that starts from a pretrained model (`init_from`) needs that cell's command run first. "
-              "Wall time in seconds.", "",
-              "| cell | for | status | wall s | command |", "|---|---|---|---:|---|"]
+              "Wall time in seconds; with early stopping, the best round (epoch) whose model was tested, of those run.", "",
+              "| cell | for | status | wall s | best of run | command |", "|---|---|---|---:|---:|---|"]
     for cid, cell in p.cells.items():
         rec = recs[cid] or {}
         what = "; ".join(cell.labels[:3]) + (f"; +{len(cell.labels) - 3} more" if len(cell.labels) > 3 else "")
         secs = f"{rec['seconds']:.1f}" if "seconds" in rec else "–"
-        lines.append(f"| `{cid}` | {_esc(what)} | {rec.get('status', 'not run')} | {secs} | `{_esc(cell.command())}` |")
+        lines.append(f"| `{cid}` | {_esc(what)} | {rec.get('status', 'not run')} | {secs} | {stopped(rec)} | "
+                     f"`{_esc(cell.command())}` |")
     path = p.root / "report.md"
     p.root.mkdir(parents=True, exist_ok=True)
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def stopped(rec: dict) -> str:
+    """'best / run' of a cell that ran with early stopping (rounds or epochs), else '–'."""
+    es = rec.get("early_stopping") or {}
+    for unit in ("round", "epoch"):
+        if f"best_{unit}" in es:
+            return f"{es[f'best_{unit}']} / {es[f'{unit}s_run']}"
+    return "–"
 
 
 def rebuild(root: Path) -> Plan:

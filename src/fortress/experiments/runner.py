@@ -113,6 +113,8 @@ def summary(cell: Cell, status: str, seconds: float, error: str | None) -> dict[
             "attack": {k: v for k, v in attack.items() if k != "per_target"},
             "rejected": len(res.get("rejected", [])), "dropped": len(res.get("dropped", [])),
         })
+        if res.get("early_stopping"):               # patience / fed_patience: the best epoch or round, when it stopped
+            out["early_stopping"] = res["early_stopping"]
     return out
 
 
