@@ -141,7 +141,8 @@ def flagged_allowance(rate: torch.Tensor, recent: torch.Tensor, p_flag: float, w
     n = len(rate)
     held = decay(window) * recent
     caps = torch.full((2 * n,), float(cap), dtype=torch.float64)
-    caps[n:] = cap + float(held.max()) if n else cap
+    if n:
+        caps[n:] = cap + float(held.max())                 # window_allowance's cap
     both = allowance(torch.cat([rate, window * rate]), p_flag, caps)
     return torch.minimum(both[:n], (both[n:].clamp(min=2.0) - held).clamp(min=0.0))
 

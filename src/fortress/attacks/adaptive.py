@@ -163,9 +163,8 @@ def push_budget(rate: float, recent: float, benign: float, p_flag: float, m: int
     mass the target gets from honest clients anyway (their negatives, its few real fans)."""
     r = torch.tensor([rate], dtype=torch.float64)
     cap = float(max(m, 1)) + benign
-    allowed = min(float(bounds.allowance(r, p_flag, cap)[0]),
-                  float(bounds.window_allowance(r, torch.tensor([recent], dtype=torch.float64), p_flag,
-                                                bounds.WINDOW, cap)[0]))
+    allowed = float(bounds.flagged_allowance(r, torch.tensor([recent], dtype=torch.float64), p_flag,
+                                             bounds.WINDOW, cap)[0])          # the server's own rule
     return min(float(m), SAFETY * max(0.0, allowed - benign))
 
 
