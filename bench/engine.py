@@ -339,12 +339,13 @@ def setup_process() -> bool:
 
 
 def cli_round(cfg: Config, model, ds, params, gopt, eligible, r: int, defence=None):
-    """One round as `fortress run` makes it in-process (sample, client step, streamed without a defence as
+    """One round as `fortress run` makes it in-process (sample, client step, streamed above `hold_clients` as
     in simulate.local_clients, checks, FedAvg or the defence, apply): (seconds, the server's result)."""
     from fortress.rounds import client_step, sample_clients, server_step
+    from fortress.server.defences import reads_in_passes
     t0 = time.perf_counter()
     users = sample_clients(cfg, eligible, r)
-    got = client_step(cfg, model, ds, params, users, r, stream=defence is None)
+    got = client_step(cfg, model, ds, params, users, r, stream=reads_in_passes(cfg))
     res = server_step(cfg, params, gopt, got, len(users), ds.n_items, r, defence)
     assert res.log["clients"] == len(users), res.log
     return time.perf_counter() - t0, res

@@ -678,3 +678,77 @@ def test_probe_top_in_blocks_is_the_whole_pass(monkeypatch):
     whole = probe_top(model, params, seqs, 20)
     for a, b in zip(blocked, whole):
         assert torch.equal(a, b)
+
+
+# --- the FORTRESS server without holding a round's uploads ------------------------------------------
+
+@pytest.mark.parametrize("n,block", [(40, 40 * 7), (97, 1000), (5, 3)])
+def test_blocked_coherence_is_the_whole_matrix_rule(n, block):
+    """Row blocks of x @ x.T with the quantile found by a histogram pass and the sort of its bins: the same
+    bar and excesses as `bounds.coherence` on the whole matrix (ties and a coherent group included)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 32, generator=g)
+    x[: n // 4] = x[0] + 0.1 * torch.randn(n // 4, 32, generator=g)         # a coherent group
+    x[-2] = x[-1]                                                              # an exact tie
+    x = F.normalize(x, dim=1)
+    whole, b = bounds.coherence(x @ x.T, bounds.COHERENT_Q)
+    blocked, bb = bounds.coherence_blocked(x, bounds.COHERENT_Q, block=block)
+    assert abs(b - bb) < 1e-6
+    assert torch.allclose(whole, blocked, atol=1e-5)
+    one, b1 = bounds.coherence_blocked(x, bounds.COHERENT_Q, block=n * n)      # one block: the rule itself
+    assert b1 == b and torch.equal(one, whole)
+
+
+@pytest.mark.parametrize("defence", ["fortress", "none", "norm_bound"])
+def test_a_round_read_as_it_trains_has_the_same_outcome(tmp_path, defence):
+    """hold_clients below the round's clients: FedAvg reads the uploads once as they are trained, norm bounding
+    twice, the FORTRESS server three times (training the chunks again, dropout and faulty clients included), and neither holds
+    them; the run is the one that holds them (same flags, clips, monitor and model up to float sums), under
+    attack, past the monitor's warm-up, with the coherence rule's blocked pass."""
+    from fortress.simulate import run
+    ds = synthetic(400, 80, seed=1)
+    base = dict(rounds=13, defence=defence, dim=16, max_len=20, n_neg=16, clients_per_round=48, chunk_size=8,
+                eval_every=0, threads=1, attack="ahum", attack_ratio=0.1, dropout=0.1, corrupt_rate=0.05,
+                dtype="float64")
+    held = run(Config(**base), ds, tmp_path / "held", progress=False)
+    old = bounds.COS_BLOCK
+    bounds.COS_BLOCK = 48 * 5                      # the blocked coherence pass, several blocks
+    try:
+        passes = run(Config(**base, hold_clients=16), ds, tmp_path / "passes", progress=False)
+    finally:
+        bounds.COS_BLOCK = old
+    assert held["rejected"] and held["rejected"] == passes["rejected"]
+    for a, b in zip(held["history"], passes["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+        if defence != "fortress":
+            assert a.get("defence", {}).get("weight_benign") == pytest.approx(b.get("defence", {}).get("weight_benign"))
+            continue
+        da, db = a["defence"], b["defence"]
+        assert da["flagged"] == db["flagged"] and da["pushes"] == db["pushes"], (a["round"], da, db)
+        for k in ("c_row", "c_dense", "push_mass", "coherent_cos", "weight_benign", "weight_malicious"):
+            assert da[k] == pytest.approx(db[k], rel=1e-9, abs=1e-12), k
+    assert held["bytes"] == passes["bytes"]          # each round's traffic counted once
+    sa = torch.load(tmp_path / "held" / "model.pt", weights_only=False)
+    sb = torch.load(tmp_path / "passes" / "model.pt", weights_only=False)
+    for k, v in sa["params"].items():
+        assert torch.allclose(v, sb["params"][k], atol=1e-10, rtol=0), k
+    if defence == "fortress":
+        assert sum(h["defence"]["n_flagged"] for h in held["history"]) > 0
+        assert torch.allclose(sa["defence"]["state"]["rate"], sb["defence"]["state"]["rate"], atol=1e-10)
+
+
+def test_krum_distances_over_coordinate_blocks_are_the_whole_ones(monkeypatch):
+    """Above DIST_BLOCK values Krum sums squared distances over blocks of coordinates (no float64 copy of a
+    large round's encoder uploads): the same distances, and the same choice."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 30, 500, generator=g)
+    x[0, :3] += 5.0                                                   # three outliers
+    whole = robust.sq_distances(x)
+    monkeypatch.setattr(robust, "DIST_BLOCK", 30 * 37)
+    blocked = robust.sq_distances(x)
+    assert torch.allclose(whole, blocked, rtol=1e-10, atol=1e-8)
+    i64 = torch.zeros(0, dtype=torch.int64)
+    u = Updates(torch.arange(30), torch.ones(30), x[0], i64, i64, torch.zeros(0, 4), torch.zeros(30))
+    chosen = robust.krum(u, 0.1)[1]
+    monkeypatch.undo()
+    assert torch.equal(chosen, robust.krum(u, 0.1)[1]) and chosen[:3].sum() == 0

@@ -159,17 +159,26 @@ COHERENT_Q = 0.95      # a pair is coherent when its cosine is above this quanti
                        # while the attackers hold fewer than ~20% of the clients, i.e. 5% of the pairs)
 
 
-def sketch(x: torch.Tensor, width: int, gen: torch.Generator, norms: bool = False):
+def sketch_signs(P: int, width: int, gen: torch.Generator, dtype: torch.dtype = torch.float32):
+    """The random signs of a sketch of P coordinates to `width` columns: s1 ((P // width + 1,)) and s2 ((width,))."""
+    k = P // width
+    s1 = torch.randint(0, 2, (k + 1,), generator=gen).to(dtype) * 2 - 1
+    s2 = torch.randint(0, 2, (width,), generator=gen).to(dtype) * 2 - 1
+    return s1, s2
+
+
+def sketch(x: torch.Tensor, width: int, gen: torch.Generator | None = None, norms: bool = False,
+           signs: tuple[torch.Tensor, torch.Tensor] | None = None):
     """(n, P) -> (n, width): coordinate j goes to column j mod width with a random sign s1[j // width] x
-    s2[j mod width], both drawn anew from `gen`. Any two coordinates that share a column get independent
+    s2[j mod width], both drawn anew from `gen` (or given: `signs`, from `sketch_signs`, so that parts of
+    a round's rows are sketched alike). Any two coordinates that share a column get independent
     signs, so inner products are kept in expectation, up to ~1/sqrt(width) of the norms; the rank-one
     sign pattern makes it one pass over x (a batched matrix-vector product). With norms=True also the
     (n,) row norms of x, taken in the same pass (SKETCH_BLOCK rows at a time, each block read from memory
-    once): returns (sketch, norms)."""
+    once): returns (sketch, norms). Each row's sketch depends on that row alone."""
     n, P = x.shape
     k = P // width
-    s1 = torch.randint(0, 2, (k + 1,), generator=gen).to(x.dtype) * 2 - 1
-    s2 = torch.randint(0, 2, (width,), generator=gen).to(x.dtype) * 2 - 1
+    s1, s2 = sketch_signs(P, width, gen, x.dtype) if signs is None else signs
     y = x.new_zeros(n, width)
     row_norms = x.new_empty(n) if norms else None
     for i in range(0, n, SKETCH_BLOCK):
@@ -203,6 +212,57 @@ def coherence(cos: torch.Tensor, q: float) -> tuple[torch.Tensor, float]:
     off = ~torch.eye(n, dtype=torch.bool)
     b = float(quantile(cos[off], q)) if n > 2 else 1.0
     return ((cos - b).clamp(min=0) * off).sum(1), b
+
+
+COS_BLOCK = 1 << 22     # pairwise cosines computed at once by `coherence_blocked` (16 MB in float32)
+COS_BINS = 1 << 20      # bins of its histogram pass
+
+
+def coherence_blocked(x: torch.Tensor, q: float, block: int | None = None) -> tuple[torch.Tensor, float]:
+    """`coherence(x @ x.T, q)` of unit rows x (n, k) without the (n, n) matrix when it holds more than `block`
+    values (COS_BLOCK unless given): three passes over row blocks of x @ x.T. A histogram of the off-diagonal
+    cosines (COS_BINS bins over [-1, 1], a monotone map, so the bins keep their order) finds the bins holding
+    the quantile's two order statistics; a second pass gathers the cosines of those bins, whose sort gives
+    them exactly; a third sums each row's excess. Memory: a block of cosines and its temporaries, the
+    histogram and the gathered bins. With one block it is `coherence` itself; with several, the blocked
+    products may differ from the whole one in the last bits (tested against it)."""
+    n = x.shape[0]
+    rows = max(1, (COS_BLOCK if block is None else block) // max(n, 1))
+    if rows >= n:
+        return coherence(x @ x.T, q)
+    rank = torch.tensor(q, dtype=x.dtype) * (n * (n - 1) - 1)       # as `quantile` (torch.quantile) computes it
+    lo, hi = int(rank), int(torch.ceil(rank))
+
+    def blocks():
+        for s in range(0, n, rows):
+            c = x[s:s + rows] @ x.T                                    # (b, n)
+            i = torch.arange(len(c))
+            yield s, c, (i, s + i)                                     # the block's diagonal
+
+    def binned(c: torch.Tensor) -> torch.Tensor:                       # (b, n) int32 bins
+        return torch.add(c, 1).mul_(COS_BINS / 2).clamp_(0, COS_BINS - 1).to(torch.int32)
+
+    hist = torch.zeros(COS_BINS + 1, dtype=torch.int64)
+    for s, c, diag in blocks():
+        b = binned(c)
+        b[diag] = COS_BINS                                             # the diagonal falls out of the count
+        hist += torch.bincount(b.flatten(), minlength=COS_BINS + 1)
+    ends = hist[:COS_BINS].cumsum(0)                                   # values in bins <= k
+    b_lo, b_hi = int(torch.searchsorted(ends, lo, right=True)), int(torch.searchsorted(ends, hi, right=True))
+    before = int(ends[b_lo - 1]) if b_lo else 0
+    kept = []
+    for s, c, diag in blocks():
+        b = binned(c)
+        b[diag] = -1
+        kept.append(c[(b >= b_lo) & (b <= b_hi)])
+    order = torch.cat(kept).sort().values
+    bar = float(order[lo - before].lerp(order[hi - before], rank - lo))
+    excess = torch.empty(n, dtype=x.dtype)
+    for s, c, diag in blocks():
+        e = c.sub_(bar).clamp_(min=0)
+        e[diag] = 0
+        excess[s:s + len(c)] = e.sum(1)
+    return excess, bar
 
 
 def coherence_factor(excess: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ class Config:
     global_lr: float = 1.0
     engine: str = "vmap"            # vmap | loop (reference)
     chunk_size: int = 64            # clients trained together in one vmap call
+    hold_clients: int = 1024        # above this many clients a round, none / norm_bound / fortress read uploads as trained
     # faults: bad uploads, drop-outs, checkpoints (the *_rate keys inject faults, for testing)
     max_update_norm: float = 1e4    # reject a client whose update (encoder + its rows) has a larger L2 norm; 0 = off
     min_answered: float = 0.5       # a round applies only if this fraction of sampled clients sent a valid update

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -31,28 +31,33 @@ from fortress.models import Model, Params, dense_keys
 from fortress.objectives import fedcl_noise, fedcl_perturb
 from fortress.server import fedcl
 from fortress.server.aggregate import FedAvgSum, GlobalOptimizer
-from fortress.updates import Updates, check, concat, empty
+from fortress.updates import Updates, check, concat, empty, skeleton
 from fortress.wire import from_arrays, to_arrays
 
 log = logging.getLogger("fortress")
 
 
 class Stream:
-    """A round's uploads as parts (chunks of clients) made when they are read, once.
+    """A round's uploads as parts (chunks of clients) made when they are read.
 
     In-process rounds train chunk by chunk as `server_step` reads them, so that FedAvg holds one
     chunk of uploads at a time rather than the round's: memory does not grow with the clients.
     Between parts, the heap's free pages go back to the kernel once resident memory is `slack_mb`
-    above what was live (`memory.release_above`). `n` counts the clients read so far.
+    above what was live (`memory.release_above`). `n` counts the clients of the first read.
+    `make()` gives the parts anew: a server that cannot hold a round's uploads reads them again
+    (`FortressServer.aggregate_stream`), each read training the same chunks to the same uploads.
     """
 
-    def __init__(self, parts: Iterable[Updates], slack_mb: float = 512):
-        self._parts, self.n, self.slack_mb = parts, 0, slack_mb
+    def __init__(self, make: Callable[[], Iterable[Updates]], slack_mb: float = 512):
+        self._make, self.n, self.slack_mb, self.reads = make, 0, slack_mb, 0
 
     def __iter__(self) -> Iterator[Updates]:
+        first = self.reads == 0
+        self.reads += 1
         memory.release_above(self.slack_mb)
-        for u in self._parts:
-            self.n += u.n
+        for u in self._make():
+            if first:
+                self.n += u.n
             yield u
             del u
             memory.release_above(self.slack_mb)
@@ -119,13 +124,21 @@ def client_step(cfg: Config, model: Model, ds: Dataset, params: Params, users: n
     lists = None if hard is None else hard.lists()
     loss_fn, size, fbytes = objective(cfg, ds.n_items, r), dense_size(params), params["item_emb"].element_size()
 
+    dropout: list[torch.Tensor] = []         # the global RNG's state when the first read began
+
     def trained() -> Iterator[Updates]:
+        first = not dropout
+        if first:
+            dropout.append(torch.get_rng_state())
+        else:                                # a second read draws the first read's dropout masks again
+            torch.set_rng_state(dropout[0])
         for chunk in iter_round_chunks(ds, cfg, users, r, lists):    # sub-tables (+ draws) per user
             u = train_round(model, loss_fn, cfg.local_epochs, cfg.lr, cfg.client_opt, params, [chunk], cfg.engine)
-            got.bytes += round_bytes([chunk], size, cfg.dim, fbytes)
+            if first:
+                got.bytes += round_bytes([chunk], size, cfg.dim, fbytes)
             yield faults.corrupt(u, cfg, r, ds.n_items)
     if stream:
-        got.updates = Stream(trained())
+        got.updates = Stream(trained)
         return got
     chunks = round_chunks(ds, cfg, users, r, lists)
     updates = train_round(model, loss_fn, cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, cfg.engine)
@@ -190,8 +203,13 @@ def merge(a: Collected, b: Collected) -> Collected:
     """Two sets of arrivals of one round as one (a `Stream` stays one, read after the other's uploads)."""
     extra = (a.up_extra + b.up_extra, a.down_extra + b.down_extra)
     if isinstance(a.updates, Stream) or isinstance(b.updates, Stream):
-        both = Stream(chain(parts(a.updates), parts(b.updates)))
-        return Collected(both, a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped, *extra)
+        out = Collected(a.updates, a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped, *extra)
+
+        def both() -> Iterator[Updates]:
+            yield from chain(parts(a.updates), parts(b.updates))
+            out.bytes = a.bytes + b.bytes          # a stream's traffic is known once it has been read
+        out.updates = Stream(both)
+        return out
     return Collected(concat([a.updates, b.updates]), a.rejected + b.rejected, a.bytes + b.bytes, a.dropped + b.dropped,
                      *extra)
 
@@ -214,10 +232,14 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
                 n_items: int, r: int, defence=None) -> ServerResult:
     """Check, aggregate (with `defence`; FedAvg if None) and apply a round's uploads.
 
-    FedAvg reads the uploads part by part (`Stream`), checking each part and adding it to running
-    sums; a defence gets them all at once (its rules compare clients with each other).
+    Uploads come held whole or, above `hold_clients` (`defences.reads_in_passes`), as a `Stream`: FedAvg
+    reads it part by part, checking each part and adding it to running sums; the FORTRESS server reads it
+    three times, part by part (`FortressServer.aggregate_stream`); other defences get the uploads at once
+    (their rules compare clients with each other).
     """
     size = dense_size(params)
+    if defence is not None and defence.name == "none" and isinstance(got.updates, Stream):
+        defence = None                             # FedAvg reads a stream into running sums
     if defence is None:
         total = FedAvgSum(size, cfg.dim, n_items, params["item_emb"].dtype, params["item_emb"].device)
         kept, rejected = [], list(got.rejected)
@@ -225,11 +247,20 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
             part, bad = check(part, n_items, size, cfg.dim, cfg.max_update_norm)
             rejected += bad
             total.add(part)
-            # what the log needs of each client; new empty tensors, as a view would keep the part's uploads alive
-            none = empty(0, cfg.dim, part.dense.dtype)
-            kept.append(Updates(part.clients, part.weight, torch.zeros(part.n, 0, dtype=part.dense.dtype),
-                                none.rows_client, none.rows_item, none.rows_delta, part.loss, part.terms))
+            kept.append(skeleton(part))
         updates = concat(kept) if kept else empty(0, cfg.dim, params["item_emb"].dtype)
+    elif isinstance(got.updates, Stream):          # a defence that reads the round in passes (`reads_in_passes`)
+        rejected = list(got.rejected)
+
+        def read() -> Iterator[Updates]:
+            first = got.updates.reads == 0
+            for part in got.updates:
+                part, bad = check(part.to(params["item_emb"].device), n_items, size, cfg.dim, cfg.max_update_norm)
+                if first:
+                    rejected.extend(bad)
+                yield part
+        first = defence.first_pass(read())
+        updates = first.updates if first.updates is not None else empty(0, cfg.dim, params["item_emb"].dtype)
     else:
         updates = concat([u.to(params["item_emb"].device) for u in parts(got.updates)])
         updates, rejected = check(updates, n_items, size, cfg.dim, cfg.max_update_norm)
@@ -247,7 +278,8 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
     elif defence is None:
         gopt.apply(params, dense_keys(params), params["item_emb"], total.result())
     else:
-        outcome = defence.aggregate(updates, params)
+        outcome = (defence.aggregate_stream(first, read, params) if isinstance(got.updates, Stream)
+                   else defence.aggregate(updates, params))
         gopt.apply(params, dense_keys(params), params["item_emb"], outcome.aggregate)
         info["defence"] = {**outcome.log, **defence.after_apply(params, outcome)}
         weights, flagged = outcome.weights, outcome.flagged

@@ -312,13 +312,14 @@ def train_central(run: Run, bar: tqdm | None = None) -> None:
 
 
 def local_clients(run: Run, r: int, users: np.ndarray) -> Collected:
-    """In-process transport: every sampled client trains here, vectorised; under FedAvg chunk by chunk as the
-    server reads them (a defence reads all uploads at once: they are then written once, into one tensor).
+    """In-process transport: every sampled client trains here, vectorised; above `hold_clients` a round, under
+    FedAvg and FORTRESS, chunk by chunk as the server reads them (`defences.reads_in_passes`), else all at
+    once, written once into one tensor.
     With objective=fedcl (and a weight), FedCL's exchange of representations for hard negatives comes first."""
     cfg = run.cfg
     fedcl = cfg.objective == "fedcl" and cfg.fedcl_lambda > 0      # at weight 0 FedCL is FedAvg: nothing to exchange
     hard = fedcl_exchange(cfg, run.model, run.ds, run.params, users, r) if fedcl else None
-    return client_step(cfg, run.model, run.ds, run.params, users, r, stream=cfg.defence == "none", hard=hard)
+    return client_step(cfg, run.model, run.ds, run.params, users, r, stream=defences.reads_in_passes(cfg), hard=hard)
 
 
 def local_attackers(run: Run, r: int, bad: np.ndarray) -> Collected:

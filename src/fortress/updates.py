@@ -93,6 +93,14 @@ def norms(u: Updates, dense_norm: torch.Tensor | None = None, row_norm: torch.Te
     return sq.sqrt()
 
 
+def skeleton(u: Updates) -> Updates:
+    """The clients of u without their uploads (ids, weights, losses, loss terms): what a round's log needs.
+    New empty tensors, as a view would keep the uploads alive."""
+    i64 = torch.zeros(0, dtype=torch.int64, device=u.dense.device)
+    return Updates(u.clients, u.weight, torch.zeros(u.n, 0, dtype=u.dense.dtype, device=u.dense.device), i64, i64,
+                   torch.zeros(0, u.rows_delta.shape[1], dtype=u.dense.dtype, device=u.dense.device), u.loss, u.terms)
+
+
 def concat(parts: list[Updates]) -> Updates:
     """One Updates of all parts (on the first one's device); a loss term some parts do not log is NaN for
     their clients. A single part is returned as it is (no copy of a whole round's uploads)."""

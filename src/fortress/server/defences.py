@@ -9,7 +9,8 @@ methods' rules in `union.py` (UNION, AAAI 2023) and `hics.py` (the PSMU paper's 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -20,7 +21,7 @@ from fortress.server.aggregate import Aggregate, NoState, Outcome, fedavg
 from fortress.server.fortress import FortressConfig, FortressServer
 from fortress.server.hics import HicsServer
 from fortress.server.union import UnionServer
-from fortress.updates import Updates
+from fortress.updates import Updates, concat, norms, skeleton
 
 Pure = Callable[[Updates, Any], tuple[Aggregate, torch.Tensor]]
 
@@ -50,6 +51,34 @@ class Stateless(NoState):
         return Outcome(agg, weights)
 
 
+@dataclass
+class Norms:
+    """What `NormBound.first_pass` keeps of a round's clients: their skeleton and update norms (n,)."""
+
+    updates: Updates | None
+    norms: torch.Tensor
+
+
+class NormBound(Stateless):
+    """norm_bound, which can also read a round in two passes (`reads_in_passes`): every client's norm, then
+    each part clipped into running FedAvg sums."""
+
+    def __init__(self, cfg, n_items: int):
+        super().__init__("norm_bound", PURE["norm_bound"], cfg)
+        self.n_items = n_items
+
+    def first_pass(self, parts: Iterable[Updates]) -> Norms:
+        keep, size = [], []
+        for u in parts:
+            keep.append(skeleton(u))
+            size.append(norms(u))
+        return Norms(concat(keep) if keep else None, torch.cat(size) if size else torch.zeros(0, dtype=torch.float64))
+
+    def aggregate_stream(self, first: Norms, read: Callable[[], Iterable[Updates]], params) -> Outcome:
+        agg, scale = robust.norm_bound_parts(read(), first.norms, self.cfg.norm_bound, self.n_items)
+        return Outcome(agg, scale.to(first.updates.weight.dtype))
+
+
 def _stateless(name: str) -> Callable[[Any, int], Stateless]:
     return lambda cfg, n_items: Stateless(name, PURE[name], cfg)
 
@@ -62,10 +91,20 @@ DEFENCES: dict[str, Callable[[Any, int], Any]] = {
     "trimmed_mean": _stateless("trimmed_mean"),
     "krum": _stateless("krum"),
     "multi_krum": _stateless("multi_krum"),
-    "norm_bound": _stateless("norm_bound"),
+    "norm_bound": NormBound,
     "union": UnionServer.from_config,
     "hics": HicsServer.from_config,
 }
+
+
+def reads_in_passes(cfg) -> bool:
+    """Whether a run's in-process rounds come to the server as a `rounds.Stream` (chunks trained as the
+    server reads them) rather than held whole: when more clients than `hold_clients` train a round, under
+    FedAvg (one read into running sums), norm bounding (two: the clients' norms, then the clipped sums) and
+    FORTRESS (three; `FortressServer.aggregate_stream`); every read after the first trains the round's chunks
+    again, so memory is bounded for two or three times the clients' compute. Median, trimmed mean and Krum
+    compare every upload with every other and hold a round whole."""
+    return cfg.clients_per_round > cfg.hold_clients and cfg.defence in ("none", "norm_bound", "fortress")
 
 
 def make(cfg, n_items: int):

@@ -66,6 +66,9 @@ Why sparse benign clients keep their weight: nothing here punishes a small norm,
 weight or disagreement with the consensus; a short client's contributions sit below the medians,
 and it loses weight only for a row of an item that is flagged in that round.
 A round without clipping, flags or capped items is exactly FedAvg with weights clamped to [2, ceiling].
+A round of more than `hold_clients` clients is not held: `aggregate_stream` reads its uploads three times,
+part by part (the clients' statistics and sketches; the items' push mass; the clipped, scaled sums), with the
+coherence rule's pairwise cosines in row blocks (`bounds.coherence_blocked`); the same rule, in bounded memory.
 The monitor's state (rates, recent masses, flag times, rounds, generators) is saved in checkpoints and in model.pt, so a run
 with `init_from` continues a defended model's monitor; a cold monitor learns its first rounds
 as normal (see the README's threat-model section).
@@ -74,16 +77,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from fortress import bounds
+from fortress import bounds, memory
 from fortress.errors import InputError
 from fortress.models import Model
-from fortress.server.aggregate import Outcome, fedavg
-from fortress.updates import Updates
+from fortress.server.aggregate import Aggregate, FedAvgSum, Outcome
+from fortress.updates import Updates, concat, skeleton
 
 HORIZON = bounds.HORIZON
 WINDOW = bounds.WINDOW
@@ -258,6 +261,17 @@ def probe_top(model: Model, params: dict[str, torch.Tensor], seqs: torch.Tensor,
     return h, vals, top, count
 
 
+@dataclass
+class FirstPass:
+    """What `FortressServer.first_pass` keeps of a round's clients (n of them), in the order read."""
+
+    updates: Updates | None     # the clients without their uploads (`updates.skeleton`); None when none came
+    w: torch.Tensor             # (n,) float64 effective weights
+    top: torch.Tensor           # (n,) float64 each client's largest row contribution
+    dense_norm: torch.Tensor    # (n,) float64 its encoder contribution's norm
+    sketch: torch.Tensor | None # (n, SKETCH) its encoder delta's sketch
+
+
 class FortressServer:
     """The FORTRESS defence for one run: the monitor's state across rounds plus the per-round rule."""
 
@@ -277,6 +291,7 @@ class FortressServer:
         return min(self.n_items, max(self.fc.knn + 1, math.ceil(self.fc.popular_frac * self.n_items)))
 
     def aggregate(self, u: Updates, params: dict[str, torch.Tensor]) -> Outcome:
+        """The round's rule on its uploads u, held together (`aggregate_stream` reads them in passes)."""
         fc, N = self.fc, self.n_items
         w = bounds.effective_weight(u, fc.max_len, fc.whole_history, fc.n_neg)         # (n,)
         row_norm = bounds.row_contrib_norms(u, w)                                       # (M,)
@@ -284,11 +299,88 @@ class FortressServer:
         dense_norm = bounds.dense_contrib_norms(u, w, norms)                            # (n,)
         c_row, c_dense = bounds.clip_scales(u, fc.max_len, fc.row_clip, fc.dense_clip, row_norm, dense_norm,
                                             fc.whole_history, fc.n_neg)
-        row_clip = (c_row / row_norm.clamp(min=1e-300)).clamp(max=1.0)                  # (M,)
-        dense_clip = (c_dense / dense_norm.clamp(min=1e-300)).clamp(max=1.0)            # (n,)
         equiv = bounds.push_equivalents(row_norm, c_row)                                # (M,) in [0, 1]
-        push = bounds.pushes(equiv, fc.push_frac)                                       # (M,) bool
         mass = torch.zeros(N + 1, dtype=torch.float64).index_add_(0, u.rows_item, equiv)     # every row counts
+        item_scale, allow, flagged, floor = self.judge(mass)
+        coh, coh_b = self.coherence(u.dense, sk)
+        total = FedAvgSum(u.dense.shape[1], u.rows_delta.shape[1], N, u.dense.dtype, u.dense.device)
+        share, counts = self.contribute(total, u, w, row_norm, dense_norm, coh, c_row, c_dense, item_scale)
+        return self.learn(total.result(), share.to(u.weight.dtype), mass, allow, flagged,
+                          {**counts, "c_row": c_row, "c_dense": c_dense, "rate_floor": floor, "coherent_cos": coh_b})
+
+    def first_pass(self, parts: Iterable[Updates]) -> "FirstPass":
+        """Pass one of `aggregate_stream` over a round's checked uploads, part by part: what the rule needs of
+        each client (its effective weight, largest row contribution, encoder contribution and sketch) and what
+        the round's log needs (ids, reported weights, losses); no upload is kept."""
+        fc, keep, signs = self.fc, [], None
+        w, top, dense_norm, sks = [], [], [], []
+        for u in parts:
+            if signs is None:
+                signs = bounds.sketch_signs(u.dense.shape[1], bounds.SKETCH, self.gen, u.dense.dtype)
+            wu = bounds.effective_weight(u, fc.max_len, fc.whole_history, fc.n_neg)
+            sk, norms = bounds.sketch(u.dense, bounds.SKETCH, norms=True, signs=signs)
+            w.append(wu)
+            top.append(bounds.client_max(bounds.row_contrib_norms(u, wu), u.rows_client, u.n))
+            dense_norm.append(bounds.dense_contrib_norms(u, wu, norms))
+            sks.append(sk)
+            keep.append(skeleton(u))
+        if not keep:
+            return FirstPass(None, *(torch.zeros(0, dtype=torch.float64),) * 3, None)
+        return FirstPass(concat(keep), torch.cat(w), torch.cat(top), torch.cat(dense_norm), torch.cat(sks))
+
+    def aggregate_stream(self, first: "FirstPass", read: Callable[[], Iterable[Updates]],
+                         params: dict[str, torch.Tensor]) -> Outcome:
+        """`aggregate` without holding the round's uploads: after `first_pass`, `read()` gives the same checked
+        parts again, twice: once for the items' push mass (which needs C_row, i.e. every client's largest row
+        first), once to add each part, clipped and scaled, into running FedAvg sums. The coherence rule runs
+        on the kept sketches (`bounds.coherence_blocked`). Memory: per client a few scalars and its sketch
+        (4 KB), per item the monitor's vectors, one part of uploads at a time. The same outcome as `aggregate`
+        up to the order of float sums (tested)."""
+        fc, N, n = self.fc, self.n_items, len(first.w)
+        c_row = fc.row_clip * float(first.top.quantile(0.5))
+        c_dense = fc.dense_clip * float(first.dense_norm.quantile(0.5))
+        mass = torch.zeros(N + 1, dtype=torch.float64)
+        for u, w in self._with_weights(read(), first.w):
+            mass.index_add_(0, u.rows_item, bounds.push_equivalents(bounds.row_contrib_norms(u, w), c_row))
+        item_scale, allow, flagged, floor = self.judge(mass)
+        if n < 3:
+            coh, coh_b = torch.ones(n, dtype=torch.float64), 1.0
+        else:
+            x = first.sketch                                   # normalised in place (F.normalize's values)
+            x /= x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            memory.release_above(0)                            # the passes' freed temporaries go back first
+            excess, coh_b = bounds.coherence_blocked(x, bounds.COHERENT_Q)
+            memory.release_above(0)
+            coh = bounds.coherence_factor(excess.double())
+        total, shares, counts, at = None, [], {}, 0
+        for u, w in self._with_weights(read(), first.w):
+            if total is None:
+                total = FedAvgSum(u.dense.shape[1], u.rows_delta.shape[1], N, u.dense.dtype, u.dense.device)
+            i = slice(at, at + u.n)
+            at += u.n
+            share, c = self.contribute(total, u, w, bounds.row_contrib_norms(u, w), first.dense_norm[i], coh[i],
+                                       c_row, c_dense, item_scale)
+            shares.append(share)
+            counts = {k: counts.get(k, 0) + v for k, v in c.items()}
+        share = torch.cat(shares) if shares else torch.zeros(0, dtype=torch.float64)
+        return self.learn(total.result(), share.to(first.updates.weight.dtype), mass, allow, flagged,
+                          {**counts, "c_row": c_row, "c_dense": c_dense, "rate_floor": floor, "coherent_cos": coh_b})
+
+    @staticmethod
+    def _with_weights(parts: Iterable[Updates], w: torch.Tensor) -> Iterator[tuple[Updates, torch.Tensor]]:
+        """Each part with its clients' effective weights (from the first pass), checked to be the same clients."""
+        at = 0
+        for u in parts:
+            if at + u.n > len(w):
+                raise RuntimeError("a second read of the round's uploads gave more clients than the first")
+            yield u, w[at:at + u.n]
+            at += u.n
+
+    def judge(self, mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """The monitor's verdict on a round's push mass (N + 1,): each item's row scale (1 unless flagged:
+        allowance / mass), its allowance (its mass unless flagged), the flagged items and the rate floor
+        they were judged with."""
+        fc, N = self.fc, self.n_items
         # the floor follows the rates (they move by at most a step a round) once the monitor is warm,
         # so that a spray of small pushes over the whole catalogue in one round does not lift it
         total = float(self.rate[1:].sum()) if self.rounds >= WARMUP else float(mass.sum())
@@ -302,18 +394,35 @@ class FortressServer:
         if len(flagged):
             cap = float(mass.max())
             allow[flagged] = bounds.flagged_allowance(rate[flagged], self.recent[flagged], fc.p_flag, WINDOW, cap)
-        item_scale = allow / mass.clamp(min=1e-12)                                      # (N+1,) 1 unless flagged
+        return allow / mass.clamp(min=1e-12), allow, flagged, floor                     # scale (N+1,): 1 unless flagged
+
+    def contribute(self, total: FedAvgSum, u: Updates, w: torch.Tensor, row_norm: torch.Tensor,
+                   dense_norm: torch.Tensor, coh: torch.Tensor, c_row: float, c_dense: float,
+                   item_scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
+        """Add clients u (all of a round's or a part), clipped and scaled, to the running sums `total`: their
+        effective weights w, contribution norms, coherence factors, the round's clips and the items' scales.
+        Returns each client's retained share and the log's counts."""
+        row_clip = (c_row / row_norm.clamp(min=1e-300)).clamp(max=1.0)                  # (M,)
+        dense_clip = (c_dense / dense_norm.clamp(min=1e-300)).clamp(max=1.0)            # (n,)
+        push = bounds.pushes(bounds.push_equivalents(row_norm, c_row), self.fc.push_frac)     # (M,) bool
         row_scale = item_scale[u.rows_item]                                             # (M,)
         # a client's encoder follows its pushes (a sampled negative of a flagged item does not cost it)
         rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(
             0, u.rows_client, torch.where(push, row_scale, torch.ones_like(row_scale)), "amin")
         dt = u.dense.dtype
-        coh, coh_b = self.coherence(u.dense, sk)
         weighted = Updates(u.clients, w.to(dt), u.dense, u.rows_client, u.rows_item, u.rows_delta, u.loss)
-        dense_scale = (dense_clip * coh).to(dt)
         # a flagged item's rows (all of them, pushes or not) move its average allowance / mass as far
-        agg = fedavg(weighted, rho.to(dt), torch.ones_like(row_scale).to(dt), dense_scale, (row_clip * row_scale).to(dt))
+        total.add(weighted, rho.to(dt), torch.ones_like(row_scale).to(dt), (dense_clip * coh).to(dt),
+                  (row_clip * row_scale).to(dt))
         share = retained(u, w, row_norm, row_clip * row_scale, dense_norm, dense_clip * rho * coh)
+        return share, {"pushes": int(push.sum()), "rows_clipped": int((row_clip < 1).sum()),
+                       "dense_clipped": int((dense_clip < 1).sum()), "down_weighted": int((rho < 1).sum()),
+                       "coherent_scaled": int((coh < 1).sum())}
+
+    def learn(self, agg: Aggregate, share: torch.Tensor, mass: torch.Tensor, allow: torch.Tensor,
+              flagged: torch.Tensor, stats: dict[str, Any]) -> Outcome:
+        """The monitor learns the round (rates, recent masses, flag times); the round's Outcome and log."""
+        N = self.n_items
         # the rate learns at most the allowance, and a flagged round teaches it FLAGGED_SPEED as much
         # (after the monitor's first WARMUP rounds, in which everything is new); items flagged lately
         # stay out of P
@@ -322,18 +431,18 @@ class FortressServer:
             step[flagged] *= FLAGGED_SPEED
         kept = torch.minimum(mass, allow)
         self.rate = (1 - step) * self.rate + step * kept
-        self.recent = held + kept
+        self.recent = bounds.decay(WINDOW) * self.recent + kept
         self.last_flagged[flagged] = self.rounds
         watched = self.rounds - self.last_flagged <= HORIZON
         self.rounds += 1
         popular = top_items(self.rate.masked_fill(watched, float("-inf")), self.n_popular())
         listed = flagged[torch.argsort(-mass[flagged], stable=True)[:MAX_LISTED]]
-        log = {"flagged": listed.tolist(), "n_flagged": int(len(flagged)), "pushes": int(push.sum()),
-               "push_mass": float(mass.sum()),
-               "c_row": c_row, "c_dense": c_dense, "rows_clipped": int((row_clip < 1).sum()),
-               "dense_clipped": int((dense_clip < 1).sum()), "down_weighted": int((rho < 1).sum()),
-               "rate_floor": floor, "coherent_cos": coh_b, "coherent_scaled": int((coh < 1).sum())}
-        return Outcome(agg, share.to(u.weight.dtype), log, flagged, popular)
+        log = {"flagged": listed.tolist(), "n_flagged": int(len(flagged)), "pushes": stats["pushes"],
+               "push_mass": float(mass.sum()), "c_row": stats["c_row"], "c_dense": stats["c_dense"],
+               "rows_clipped": stats["rows_clipped"], "dense_clipped": stats["dense_clipped"],
+               "down_weighted": stats["down_weighted"], "rate_floor": stats["rate_floor"],
+               "coherent_cos": stats["coherent_cos"], "coherent_scaled": stats["coherent_scaled"]}
+        return Outcome(agg, share, log, flagged, popular)
 
     def sketch(self, dense: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The encoder deltas dense (n, P) in one pass: their sketch for the coherence rule (None under 3

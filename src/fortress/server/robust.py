@@ -23,11 +23,11 @@ only its sampled negatives and a few attackers touch can have attackers as its m
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
-from fortress.server.aggregate import Aggregate, fedavg
+from fortress.server.aggregate import Aggregate, FedAvgSum, fedavg
 from fortress.updates import Updates, norms
 
 Rule = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -115,12 +115,31 @@ def trimmed_mean_rule(frac: float) -> Rule:
     return rule
 
 
+# values of the contributions copied to float64 at once for Krum's distances: above it, the squared distances
+# are summed over blocks of coordinates (the encoder of a large round: no float64 copy of every upload)
+DIST_BLOCK = 1 << 25
+
+
+def sq_distances(x: torch.Tensor) -> torch.Tensor:
+    """(R, c, D) -> (R, c, c) float64 squared Euclidean distances between the c contributions of each group,
+    as sums over blocks of coordinates when x holds more than DIST_BLOCK values (the same up to float sums)."""
+    R, c, D = x.shape
+    if R * c * D <= DIST_BLOCK:
+        return torch.cdist(x.double(), x.double()).pow(2)
+    step = max(1, DIST_BLOCK // (R * c))
+    d2 = torch.zeros(R, c, c, dtype=torch.float64, device=x.device)
+    for s in range(0, D, step):
+        xb = x[:, :, s:s + step].double()
+        d2 += torch.cdist(xb, xb).pow(2)
+    return d2
+
+
 def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
     """Krum score of each contributor: sum of squared distances to its c - f - 2 nearest others (R, c)."""
     c = x.shape[1]
     if c == 1:
         return torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
-    d2 = torch.cdist(x.double(), x.double()).pow(2)                                    # (R, c, c)
+    d2 = sq_distances(x)                                                               # (R, c, c) float64
     d2 = d2 + torch.diag(torch.full((c,), float("inf"), dtype=d2.dtype, device=d2.device))   # not oneself
     k = min(c - 1, max(1, c - f - 2))
     return d2.topk(k, dim=2, largest=False).values.sum(2).to(x.dtype)
@@ -164,9 +183,27 @@ def norm_bound(u: Updates, bound: float) -> tuple[Aggregate, torch.Tensor]:
     bound 0 = the round's median client norm (an adaptive bound: the scale of updates differs
     across datasets, models and training stages, so no absolute default fits all).
     """
-    size = norms(u)                                                                    # (n,) float64
-    tau = float(size.quantile(0.5)) if bound <= 0 else bound
-    scale = (tau / size.clamp(min=1e-12)).clamp(max=1.0).to(u.dense.dtype)             # (n,)
+    scale = norm_bound_scale(norms(u), bound).to(u.dense.dtype)                        # (n,)
     clipped = Updates(u.clients, u.weight, u.dense * scale[:, None], u.rows_client, u.rows_item,
                       u.rows_delta * scale[u.rows_client, None], u.loss)
     return fedavg(clipped), scale
+
+
+def norm_bound_scale(size: torch.Tensor, bound: float) -> torch.Tensor:
+    """(n,) float64 each client's clip factor, from its update's L2 norm (n,) (`norm_bound`)."""
+    tau = float(size.quantile(0.5)) if bound <= 0 else bound
+    return (tau / size.clamp(min=1e-12)).clamp(max=1.0)
+
+
+def norm_bound_parts(parts: Iterable[Updates], size: torch.Tensor, bound: float, n_items: int) -> tuple[Aggregate, torch.Tensor]:
+    """`norm_bound` on a round read part by part, given every client's norm (n,) from an earlier read: each
+    part clipped and added to running FedAvg sums (the same result up to the order of float sums)."""
+    scale = norm_bound_scale(size, bound)
+    total, at = None, 0
+    for u in parts:
+        if total is None:
+            total = FedAvgSum(u.dense.shape[1], u.rows_delta.shape[1], n_items, u.dense.dtype, u.dense.device)
+        s = scale[at:at + u.n].to(u.dense.dtype)
+        at += u.n
+        total.add(u, dense_scale=s, row_scale=s[u.rows_client])
+    return total.result(), scale.to(size.dtype if total is None else total.dense.dtype)
