@@ -214,6 +214,13 @@ def merge(a: Collected, b: Collected) -> Collected:
                      *extra)
 
 
+def home(defence, params: Params) -> torch.device:
+    """Where a defence runs: the model's device, or the CPU for a defence whose state and generators live
+    there (`on_host`: FORTRESS, UNION, HiCS), which then gets the round's uploads and a copy of the model
+    on the CPU, and whose after-update changes are copied back (nothing moves when the model is on the CPU)."""
+    return torch.device("cpu") if getattr(defence, "on_host", False) else params["item_emb"].device
+
+
 @dataclass
 class ServerResult:
     """What the server made of a round: its log entries, the aggregated clients' ids and the share of
@@ -250,19 +257,19 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
             kept.append(skeleton(part))
         updates = concat(kept) if kept else empty(0, cfg.dim, params["item_emb"].dtype)
     elif isinstance(got.updates, Stream):          # a defence that reads the round in passes (`reads_in_passes`)
-        rejected = list(got.rejected)
+        rejected, at = list(got.rejected), home(defence, params)
 
         def read() -> Iterator[Updates]:
             first = got.updates.reads == 0
             for part in got.updates:
-                part, bad = check(part.to(params["item_emb"].device), n_items, size, cfg.dim, cfg.max_update_norm)
+                part, bad = check(part.to(at), n_items, size, cfg.dim, cfg.max_update_norm)
                 if first:
                     rejected.extend(bad)
                 yield part
         first = defence.first_pass(read())
         updates = first.updates if first.updates is not None else empty(0, cfg.dim, params["item_emb"].dtype)
     else:
-        updates = concat([u.to(params["item_emb"].device) for u in parts(got.updates)])
+        updates = concat([u.to(home(defence, params)) for u in parts(got.updates)])
         updates, rejected = check(updates, n_items, size, cfg.dim, cfg.max_update_norm)
         rejected = got.rejected + rejected
     for client, why in rejected:
@@ -278,10 +285,16 @@ def server_step(cfg: Config, params: Params, gopt: GlobalOptimizer, got: Collect
     elif defence is None:
         gopt.apply(params, dense_keys(params), params["item_emb"], total.result())
     else:
-        outcome = (defence.aggregate_stream(first, read, params) if isinstance(got.updates, Stream)
-                   else defence.aggregate(updates, params))
-        gopt.apply(params, dense_keys(params), params["item_emb"], outcome.aggregate)
-        info["defence"] = {**outcome.log, **defence.after_apply(params, outcome)}
+        at = home(defence, params)
+        seen = {k: v.to(at) for k, v in params.items()}     # the model itself where the defence runs there
+        outcome = (defence.aggregate_stream(first, read, seen) if isinstance(got.updates, Stream)
+                   else defence.aggregate(updates, seen))
+        gopt.apply(params, dense_keys(params), params["item_emb"], outcome.aggregate.to(params["item_emb"].device))
+        seen = {k: v.to(at) for k, v in params.items()}
+        info["defence"] = {**outcome.log, **defence.after_apply(seen, outcome)}
+        for k, v in seen.items():                            # what after_apply changed, back on the model's device
+            if v is not params[k]:
+                params[k].copy_(v)
         weights, flagged = outcome.weights, outcome.flagged
     w = updates.weight
     info["loss"] = float((w * updates.loss).sum() / w.sum()) if updates.n else float("nan")

@@ -91,8 +91,9 @@ def malicious_ids(n_users: int, ratio: float) -> np.ndarray:
 
 def malicious_updates(name: str, cfg, model: Model, params: Params, n_items: int, targets: list[int],
                       clients: np.ndarray, seed: tuple[int, ...]) -> Updates:
-    """Run attack `name` for this round's malicious clients on a copy of the broadcast model."""
-    view = AttackView(model, {k: v.detach().clone() for k, v in params.items()}, n_items,
+    """Run attack `name` for this round's malicious clients on a copy of the broadcast model, on the CPU
+    (an attack's generators and tensors live there; its uploads cross the wire as arrays anyway)."""
+    view = AttackView(model, {k: v.detach().cpu().clone() for k, v in params.items()}, n_items,
                       torch.as_tensor(targets, dtype=torch.int64), torch.as_tensor(clients, dtype=torch.int64),
                       AttackConfig.from_config(cfg), seed, int(seed[1]) if len(seed) > 1 else 0)
     # its own torch stream too (dropout in local training), restored afterwards, so the uploads

@@ -24,6 +24,12 @@ class Aggregate:
     rows_item: torch.Tensor    # (R,) unique item ids
     rows_delta: torch.Tensor   # (R, d)
 
+    def to(self, device: torch.device | str) -> "Aggregate":
+        """The same aggregate on `device` (itself when already there)."""
+        if self.dense.device == torch.device(device):
+            return self
+        return Aggregate(self.dense.to(device), self.rows_item.to(device), self.rows_delta.to(device))
+
 
 @dataclass
 class Outcome:

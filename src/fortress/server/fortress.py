@@ -276,6 +276,7 @@ class FortressServer:
     """The FORTRESS defence for one run: the monitor's state across rounds plus the per-round rule."""
 
     name = "fortress"
+    on_host = True        # its state and generators live on the CPU (`rounds.home`)
 
     def __init__(self, fc: FortressConfig, n_items: int, seed: int = 0, model: Model | None = None):
         self.fc, self.n_items, self.model = fc, n_items, model

@@ -77,6 +77,7 @@ class HicsServer(NoState):
     """`defence=hics`: hierarchical clipping (item rows, then users) with sparsified rows, then FedAvg."""
 
     name = "hics"
+    on_host = True        # its state and generators live on the CPU (`rounds.home`)
 
     def __init__(self, item_clip: float, keep: float, user_clip: float):
         self.item_clip, self.keep, self.user_clip = item_clip, keep, user_clip

@@ -140,6 +140,7 @@ class UnionServer:
     """`defence=union`: FedAvg over the clients that Gap statistics on their uniformity keep."""
 
     name = "union"
+    on_host = True        # its state and generators live on the CPU (`rounds.home`)
 
     def __init__(self, n_items: int, items: int, refs: int, byz_frac: float, lr: float, seed: int = 0):
         self.n_items, self.items, self.refs, self.byz_frac, self.lr = n_items, items, refs, byz_frac, lr
