@@ -76,8 +76,12 @@ def clip_scales(u: Updates, max_len: int, row_clip: float, dense_clip: float,
     w = effective_weight(u, max_len, whole_history, n_neg)
     rn = row_contrib_norms(u, w) if row_norms is None else row_norms
     dn = dense_contrib_norms(u, w) if dense_norms is None else dense_norms
-    top = client_max(rn, u.rows_client, u.n)                                            # (n,)
-    return row_clip * float(top.quantile(0.5)), dense_clip * float(dn.quantile(0.5))
+    return clips(client_max(rn, u.rows_client, u.n), dn, row_clip, dense_clip)
+
+
+def clips(top: torch.Tensor, dense_norms: torch.Tensor, row_clip: float, dense_clip: float) -> tuple[float, float]:
+    """(C_row, C_dense) from each client's largest row contribution top (n,) and encoder contribution (n,)."""
+    return row_clip * float(top.quantile(0.5)), dense_clip * float(dense_norms.quantile(0.5))
 
 
 def push_equivalents(row_norms: torch.Tensor, c_row: float) -> torch.Tensor:

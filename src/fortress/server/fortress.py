@@ -261,6 +261,13 @@ def probe_top(model: Model, params: dict[str, torch.Tensor], seqs: torch.Tensor,
     return h, vals, top, count
 
 
+def coherence_factors(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(n,) coherence factors of unit sketch rows x (n, SKETCH) and the round's coherent-pair cosine: the pairwise
+    cosines held whole up to `bounds.COS_BLOCK` of them, in row blocks above (`bounds.coherence_blocked`)."""
+    excess, b = bounds.coherence_blocked(x, bounds.COHERENT_Q)
+    return bounds.coherence_factor(excess.double()), b
+
+
 @dataclass
 class FirstPass:
     """What `FortressServer.first_pass` keeps of a round's clients (n of them), in the order read."""
@@ -305,7 +312,7 @@ class FortressServer:
         item_scale, allow, flagged, floor = self.judge(mass)
         coh, coh_b = self.coherence(u.dense, sk)
         total = FedAvgSum(u.dense.shape[1], u.rows_delta.shape[1], N, u.dense.dtype, u.dense.device)
-        share, counts = self.contribute(total, u, w, row_norm, dense_norm, coh, c_row, c_dense, item_scale)
+        share, counts = self.contribute(total, u, w, row_norm, equiv, dense_norm, coh, c_row, c_dense, item_scale)
         return self.learn(total.result(), share.to(u.weight.dtype), mass, allow, flagged,
                           {**counts, "c_row": c_row, "c_dense": c_dense, "rate_floor": floor, "coherent_cos": coh_b})
 
@@ -338,8 +345,7 @@ class FortressServer:
         (4 KB), per item the monitor's vectors, one part of uploads at a time. The same outcome as `aggregate`
         up to the order of float sums (tested)."""
         fc, N, n = self.fc, self.n_items, len(first.w)
-        c_row = fc.row_clip * float(first.top.quantile(0.5))
-        c_dense = fc.dense_clip * float(first.dense_norm.quantile(0.5))
+        c_row, c_dense = bounds.clips(first.top, first.dense_norm, fc.row_clip, fc.dense_clip)
         mass = torch.zeros(N + 1, dtype=torch.float64)
         for u, w in self._with_weights(read(), first.w):
             mass.index_add_(0, u.rows_item, bounds.push_equivalents(bounds.row_contrib_norms(u, w), c_row))
@@ -350,17 +356,17 @@ class FortressServer:
             x = first.sketch                                   # normalised in place (F.normalize's values)
             x /= x.norm(dim=1, keepdim=True).clamp(min=1e-12)
             memory.release_above(0)                            # the passes' freed temporaries go back first
-            excess, coh_b = bounds.coherence_blocked(x, bounds.COHERENT_Q)
+            coh, coh_b = coherence_factors(x)
             memory.release_above(0)
-            coh = bounds.coherence_factor(excess.double())
         total, shares, counts, at = None, [], {}, 0
         for u, w in self._with_weights(read(), first.w):
             if total is None:
                 total = FedAvgSum(u.dense.shape[1], u.rows_delta.shape[1], N, u.dense.dtype, u.dense.device)
             i = slice(at, at + u.n)
             at += u.n
-            share, c = self.contribute(total, u, w, bounds.row_contrib_norms(u, w), first.dense_norm[i], coh[i],
-                                       c_row, c_dense, item_scale)
+            row_norm = bounds.row_contrib_norms(u, w)
+            share, c = self.contribute(total, u, w, row_norm, bounds.push_equivalents(row_norm, c_row),
+                                       first.dense_norm[i], coh[i], c_row, c_dense, item_scale)
             shares.append(share)
             counts = {k: counts.get(k, 0) + v for k, v in c.items()}
         share = torch.cat(shares) if shares else torch.zeros(0, dtype=torch.float64)
@@ -397,15 +403,16 @@ class FortressServer:
             allow[flagged] = bounds.flagged_allowance(rate[flagged], self.recent[flagged], fc.p_flag, WINDOW, cap)
         return allow / mass.clamp(min=1e-12), allow, flagged, floor                     # scale (N+1,): 1 unless flagged
 
-    def contribute(self, total: FedAvgSum, u: Updates, w: torch.Tensor, row_norm: torch.Tensor,
+    def contribute(self, total: FedAvgSum, u: Updates, w: torch.Tensor, row_norm: torch.Tensor, equiv: torch.Tensor,
                    dense_norm: torch.Tensor, coh: torch.Tensor, c_row: float, c_dense: float,
                    item_scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
         """Add clients u (all of a round's or a part), clipped and scaled, to the running sums `total`: their
-        effective weights w, contribution norms, coherence factors, the round's clips and the items' scales.
-        Returns each client's retained share and the log's counts."""
+        effective weights w, row contribution norms and push-equivalents, encoder contribution norms, coherence
+        factors, the round's clips and the items' scales. Returns each client's retained share and the log's
+        counts."""
         row_clip = (c_row / row_norm.clamp(min=1e-300)).clamp(max=1.0)                  # (M,)
         dense_clip = (c_dense / dense_norm.clamp(min=1e-300)).clamp(max=1.0)            # (n,)
-        push = bounds.pushes(bounds.push_equivalents(row_norm, c_row), self.fc.push_frac)     # (M,) bool
+        push = bounds.pushes(equiv, self.fc.push_frac)                                  # (M,) bool
         row_scale = item_scale[u.rows_item]                                             # (M,)
         # a client's encoder follows its pushes (a sampled negative of a flagged item does not cost it)
         rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(
@@ -460,8 +467,7 @@ class FortressServer:
         if dense.shape[0] < 3:
             return torch.ones(dense.shape[0], dtype=torch.float64), 1.0
         x = F.normalize(self.sketch(dense)[0] if sk is None else sk, dim=1)              # (n, SKETCH)
-        excess, b = bounds.coherence(x @ x.T, bounds.COHERENT_Q)
-        return bounds.coherence_factor(excess.double()), b
+        return coherence_factors(x)
 
     def after_apply(self, params: dict[str, torch.Tensor], outcome: Outcome) -> dict[str, Any]:
         """After the round's update: regularise the item table (when something was flagged), then cap exposure."""

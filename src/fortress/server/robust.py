@@ -196,8 +196,9 @@ def norm_bound_scale(size: torch.Tensor, bound: float) -> torch.Tensor:
 
 
 def norm_bound_parts(parts: Iterable[Updates], size: torch.Tensor, bound: float, n_items: int) -> tuple[Aggregate, torch.Tensor]:
-    """`norm_bound` on a round read part by part, given every client's norm (n,) from an earlier read: each
-    part clipped and added to running FedAvg sums (the same result up to the order of float sums)."""
+    """`norm_bound` on a round read part by part (at least one), given every client's norm (n,) from an earlier
+    read: each part clipped and added to running FedAvg sums (the same result up to the order of float sums);
+    the scales are float64."""
     scale = norm_bound_scale(size, bound)
     total, at = None, 0
     for u in parts:
@@ -206,4 +207,4 @@ def norm_bound_parts(parts: Iterable[Updates], size: torch.Tensor, bound: float,
         s = scale[at:at + u.n].to(u.dense.dtype)
         at += u.n
         total.add(u, dense_scale=s, row_scale=s[u.rows_client])
-    return total.result(), scale.to(size.dtype if total is None else total.dense.dtype)
+    return total.result(), scale
