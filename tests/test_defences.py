@@ -752,3 +752,10 @@ def test_krum_distances_over_coordinate_blocks_are_the_whole_ones(monkeypatch):
     chosen = robust.krum(u, 0.1)[1]
     monkeypatch.undo()
     assert torch.equal(chosen, robust.krum(u, 0.1)[1]) and chosen[:3].sum() == 0
+
+
+def test_hold_clients_is_validated():
+    with pytest.raises(InputError, match=r"hold_clients=-1 is out of range; it must be >= 0"):
+        config.override(Config(), {"hold_clients": "-1"})
+    with pytest.raises(InputError, match=r"hold_clients='many': expected an integer"):
+        config.override(Config(), {"hold_clients": "many"})
