@@ -127,6 +127,14 @@ def one_line_error(capsys, spec: Path, out: Path) -> str:
      "figure f: `fortress plot nope` is not a command"),
     (("lr = 0.5", "lr = 0.5\nattacks = [\"psmu\"]"),
      "[methods.FedAvg-lr-half] attacks: 'psmu' is not an attack of [grid] attacks (none)"),
+    (("[set]", "[floor]\nmethod = \"Nope\"\n[set]"), "[floor] method = 'Nope': not a method of this spec"),
+    (("[set]", "[floor]\nmethod = \"FedAvg\"\n[set]"),
+     "[floor] attacks: 'random' is not an attack that method 'FedAvg' runs"),
+    (("[set]", "[floor]\nmethod = \"FedAvg\"\nattacks = [\"none\"]\n[set]"), "[floor] attacks: 'none' is not an attack"),
+    (("[set]", "[floor]\nmethod = \"FedAvg\"\nattacks = []\n[set]"), "[floor] attacks = []"),
+    (("er_last = 2", "er_last = 2\nattacks = [\"none\", \"random\"]\n[floor]\nmethod = \"FedAvg\"\nattacks = [\"random\"]\nmargin = 2"),
+     "[floor] margin = 2: expected a number in [0, 1)"),
+    (("[set]", "[floor]\nmethod = \"FedAvg\"\nmarign = 0.1\n[set]"), "[floor]: unknown field 'marign'"),
     (("[grid]", "[grid"), "not valid TOML"),
     (("[grid]", "[grid]\n[grid.x]"), "[grid]: unknown field 'x'"),
 ])
@@ -502,3 +510,53 @@ def test_cell_ids_count_whole_history_at_its_old_behaviour(tmp_path):
     assert synthetic(old) == synthetic(plain) != set()
     assert len(old.cells) == len(new.cells) > 0 and not set(old.cells) & set(new.cells)
     assert not specs.ID_BASE.whole_history and specs.ID_BASE == Config(whole_history=False)
+
+
+def test_defence_digest_counts_the_round_logs():
+    """A cell's summary says, per defended run, how often a target was flagged and what each kind of client kept."""
+    rounds = [{"round": 1, "defence": {"name": "fortress", "targets_flagged": [True], "weight_benign": 0.9,
+                                       "weight_short": None, "weight_malicious": 0.2}},
+              {"round": 2, "defence": {"name": "fortress", "targets_flagged": [False], "weight_benign": 0.7,
+                                       "weight_short": 1.0, "weight_malicious": 0.4}},
+              {"round": 3}]
+    got = runner.defence_digest(rounds)
+    assert got == {"name": "fortress", "rounds": 2, "rounds_target_flagged": 1, "weight_benign": pytest.approx(0.8),
+                   "weight_short": 1.0, "weight_malicious": pytest.approx(0.3)}
+    assert runner.defence_digest([{"round": 1, "loss": 1.0}]) is None
+
+
+def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_path):
+    """[floor]: the floor is the larger seed mean of the floor method's last-evaluation ER@10 under the floor
+    attacks; a cell holds when its mean is within floor + margin (here 0.3 and 0.05: 0.34 holds, 0.36 does not)."""
+    grid = TINY.replace("er_last = 2", 'er_last = 2\nattacks = ["random", "popular", "ahum"]\nattack_ratios = [0.05]')
+    text = grid.replace("[datasets.broken]\ndata = \"BROKEN\"\n", "") + '[floor]\nmethod = "FedAvg"\nmargin = 0.05\n'
+    spec = spec_file(tmp_path, text)
+    p = specs.load(spec, tmp_path / "out", check_data=False)
+    assert p.floor == specs.Floor("FedAvg", ("random", "popular"), 0.05)
+    last = {("FedAvg", "random"): [0.2, 0.2], ("FedAvg", "popular"): [0.25, 0.35], ("FedAvg", "ahum"): [0.36, 0.36],
+            ("FedAvg-lr-half", "random"): [0.1, 0.1], ("FedAvg-lr-half", "popular"): [0.1, 0.1],
+            ("FedAvg-lr-half", "ahum"): [0.3, 0.38]}
+    for e in p.entries:
+        if e.section != "main":
+            continue
+        er = last[e.row, e.attack][e.seed]
+        rec = {"id": e.cell, "kind": "run", "status": "ok", "seconds": 1.0, "command": "", "labels": [],
+               "test": {"HR@10": 0.1, "NDCG@10": 0.05},
+               "attack": {"ER@5": er, "ER@10": er, "history": [{"round": 1, "ER@10": 1.0}, {"round": 2, "ER@10": er},
+                                                              {"round": 3, "ER@10": er}]}}
+        if e.row == "FedAvg-lr-half":
+            rec["defence"] = {"name": "fortress", "rounds": 4, "rounds_target_flagged": 1 + e.seed,
+                              "weight_benign": 0.9, "weight_short": 0.95, "weight_malicious": 0.5}
+        p.cells[e.cell].folder.mkdir(parents=True, exist_ok=True)
+        runner.write_json(p.cells[e.cell].folder / "summary.json", rec)
+    runner.save_spec(p)
+    assert main(["report", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    section = text.split("## Against the data-poisoning floor")[1].split("\n## ")[0]
+    assert "### synthetic, 5%: floor 0.3000" in section
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in section.splitlines()
+            if line.startswith("| FedAvg")}
+    assert "| 0.3600 ± 0.0000 | **no** |" in rows["FedAvg", "A-hum"]
+    assert "| 0.3400 ± 0.0566 | yes |" in rows["FedAvg-lr-half", "A-hum"]
+    assert "| 37.5% | 0.900 / 0.950 / 0.500 |" in rows["FedAvg-lr-half", "A-hum"]
+    assert rows["FedAvg", "Popular"].endswith("| – | – |")

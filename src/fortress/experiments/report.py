@@ -158,6 +158,51 @@ def attack_rows(entries: list[Entry], got: dict[str, dict[str, float]], er: str,
     return table(list(names.values()), cols, values, len({e.seed for e in entries}), first)
 
 
+def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict | None]) -> list[str]:
+    """The verdict of every attacked cell of the main grid against the data-poisoning floor ([floor] of the spec),
+    per dataset and ratio, with what the defence's round logs say (`runner.defence_digest`)."""
+    f = p.floor
+    entries = [e for e in p.entries if e.section == "main" and e.attack != "none"]
+    names = " and ".join(attack_name(a, None) for a in f.attacks)
+    lines = ["## Against the data-poisoning floor", "",
+             f"The floor is the larger mean ER@10 (of the last {p.er_last} evaluations, over seeds) of {f.method} under "
+             f"{names}: fake users who train honestly on sequences that hold the target. An attacked cell holds when "
+             f"its mean is within floor + {f.margin:g}. Target flagged: the share of the rounds in which the defence "
+             "flagged a target; weight kept: the mean share of their FedAvg contribution (reported weight × update) "
+             "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
+    for ds in dict.fromkeys(e.dataset for e in entries):
+        for ratio in dict.fromkeys(e.ratio for e in entries if e.dataset == ds):
+            es = [e for e in entries if e.dataset == ds and e.ratio == ratio]
+            seeds = len({e.seed for e in es})
+
+            def values(row: str, attack: str, metric: str) -> list[float]:
+                return [got[e.cell][metric] for e in es if e.row == row and e.attack == attack and e.cell in got
+                        and metric in got[e.cell]]
+
+            floors = [float(np.mean(xs)) for a in f.attacks if (xs := values(f.method, a, "ER@10 last"))]
+            floor = max(floors) if floors else None
+            lines += [f"### {ds}, {ratio * 100:g}%: floor " + (f"{floor:.4f}" if floor is not None else "not run yet"),
+                      "", "| method | attack | ER@10 final | ER@10, mean of last evals | ≤ floor + "
+                      f"{f.margin:g} | test HR@10 | target flagged | weight kept |", "|---|---|---:|---:|---|---:|---:|---|"]
+            for row, attack in dict.fromkeys((e.row, e.attack) for e in es):
+                last = values(row, attack, "ER@10 last")
+                if not last:
+                    lines.append(f"| {row} | {attack_name(attack, None)} | – | – | | – | | |")
+                    continue
+                ok = "" if floor is None else ("yes" if np.mean(last) <= floor + f.margin else "**no**")
+                digests = [d for e in es if e.row == row and e.attack == attack
+                           and (d := (recs.get(e.cell) or {}).get("defence"))]
+                flagged = (f"{100 * np.mean([d['rounds_target_flagged'] / max(d['rounds'], 1) for d in digests]):.1f}%"
+                           if digests else "–")
+                kept = " / ".join("–" if not (xs := [d[k] for d in digests if d.get(k) is not None])
+                                  else f"{np.mean(xs):.3f}" for k in ("weight_benign", "weight_short", "weight_malicious"))
+                lines.append(f"| {row} | {attack_name(attack, None)} | {mean_std(values(row, attack, 'ER@10'), seeds)} | "
+                             f"{mean_std(last, seeds)} | {ok} | {mean_std(values(row, attack, 'HR@10'), seeds)} | "
+                             f"{flagged} | {kept if digests else '–'} |")
+            lines.append("")
+    return lines
+
+
 def stratified(cell, rec: dict[str, Any] | None) -> dict[str, Any] | None:
     """A run cell's test metrics with their `strata`: from its summary (a run that wrote them), else from the
     strata.json `fortress eval` left in its folder; None when neither has them."""
@@ -350,6 +395,8 @@ def write(p: Plan) -> Path:
             lines += [f"### {ds}: final ER", "", final, "",
                       f"### {ds}: ER as the mean of the last {p.er_last} evaluations", "",
                       grid_tables(es, got, " last", first), ""]
+    if p.floor is not None:
+        lines += floor_tables(p, got, recs)
     strata = {cid: t for cid, c in p.cells.items() if c.kind != "figure" and (t := stratified(c, recs[cid]))}
     for title, section, first in (("Main table by stratum", "main", "method"), ("Ablation by stratum", "ablation",
                                                                                  "variant")):

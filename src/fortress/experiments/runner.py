@@ -115,6 +115,24 @@ def summary(cell: Cell, status: str, seconds: float, error: str | None) -> dict[
         })
         if res.get("early_stopping"):               # patience / fed_patience: the best epoch or round, when it stopped
             out["early_stopping"] = res["early_stopping"]
+        digest = defence_digest(res.get("history") or [])
+        if digest:
+            out["defence"] = digest
+    return out
+
+
+def defence_digest(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What a defended run's round logs say, in a few numbers: the rounds with a defence log, those in which a
+    target was flagged, and the mean share of their update kept by benign, short benign and malicious clients
+    (over the rounds that had such clients); None for a run without a defence."""
+    logs = [h["defence"] for h in history if isinstance(h.get("defence"), dict) and h["defence"].get("name") != "none"]
+    if not logs:
+        return None
+    out: dict[str, Any] = {"name": logs[0].get("name"), "rounds": len(logs),
+                           "rounds_target_flagged": sum(any(d.get("targets_flagged") or []) for d in logs)}
+    for key in ("weight_benign", "weight_short", "weight_malicious"):
+        xs = [d[key] for d in logs if d.get(key) is not None]
+        out[key] = sum(xs) / len(xs) if xs else None
     return out
 
 

@@ -29,10 +29,11 @@ from fortress.errors import InputError
 # counts at its old behaviour, so a cell computed before the key keeps its id and one computed with the new
 # default gets a new one (whole_history: runs before it trained on the last window only)
 ID_BASE = Config(whole_history=False)
-SECTIONS = ("grid", "set", "datasets", "methods", "pretrain", "ablation", "sensitivity", "figures")
+SECTIONS = ("grid", "set", "datasets", "methods", "pretrain", "floor", "ablation", "sensitivity", "figures")
 GRID_FIELDS = ("seeds", "attacks", "attack_ratios", "er_last")
 ABLATION_FIELDS = ("method", "variants", "attacks", "attack_ratio", "datasets", "seeds")
 SENSITIVITY_FIELDS = ("method", "sweeps", "attack", "attack_ratio", "datasets", "seeds")
+FLOOR_FIELDS = ("method", "attacks", "margin")
 FIGURE_FIELDS = ("name", "command", "args", "runs")
 REF_FIELDS = ("method", "set", "attack", "attack_ratio", "dataset", "seed")
 
@@ -75,6 +76,17 @@ class Entry:
     value: str | None = None        # sensitivity: the swept value
 
 
+@dataclass(frozen=True)
+class Floor:
+    """The yardstick of a defence grid: the data-poisoning floor, the larger mean ER@10 (of the last evaluations)
+    of `method` under `attacks` (fake users who train honestly), per dataset and ratio; an attacked cell holds
+    when its mean is within floor + margin."""
+
+    method: str
+    attacks: tuple[str, ...]
+    margin: float
+
+
 @dataclass
 class Plan:
     """A checked spec: its cells in run order and the table entries they fill."""
@@ -86,6 +98,7 @@ class Plan:
     figures: dict[str, str]         # figure name -> cell id
     er_last: int
     text: str | None = None         # the spec file as read (the runner keeps a copy in DIR/spec.toml)
+    floor: Floor | None = None      # [floor]: the report's verdict table against the data-poisoning floor
 
 
 def render(value: Any) -> str:
@@ -221,6 +234,23 @@ class _Spec:
                 for k in self.inherit:
                     if k not in config.keys():
                         raise InputError(f"{s} [pretrain] inherit: unknown key {k!r}; known keys: {', '.join(config.keys())}")
+
+    def floor(self, table: Any) -> Floor:
+        """[floor]: method = a method of the spec, attacks = the grid attacks (run by it) that make the floor."""
+        where = f"{self.s} [floor]"
+        t = _fields(table, FLOOR_FIELDS, where)
+        name = t.get("method")
+        self.method(name, f"{where} method")
+        attacks = _list(t.get("attacks", ["random", "popular"]), str, f"{where} attacks")
+        runs = self.method_attacks.get(name, self.attacks)
+        for a in attacks:
+            if a not in runs or a == "none":
+                raise InputError(f"{where} attacks: {a!r} is not an attack that method {name!r} runs "
+                                 f"({', '.join(x for x in runs if x != 'none')})")
+        margin = t.get("margin", 0.02)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+            raise InputError(f"{where} margin = {margin!r}: expected a number in [0, 1), e.g. 0.02")
+        return Floor(name, tuple(attacks), float(margin))
 
     # -- checks shared by the sections
     def check_attacks(self, attacks: list[Any], ratios: list[float], where: str) -> None:
@@ -388,6 +418,7 @@ def plan(table: dict[str, Any], spec: Path, root: Path, check_data: bool = True)
     """Expand a parsed spec into cells and report entries, checking all of it before anything runs."""
     x = _Spec(table, spec, root, check_data)
     x.main_grid()
+    floor = x.floor(table["floor"]) if "floor" in table else None
     if "ablation" in table:
         x.ablation(table["ablation"])
     if "sensitivity" in table:
@@ -399,4 +430,4 @@ def plan(table: dict[str, Any], spec: Path, root: Path, check_data: bool = True)
         x.figure(i, f)
     order = {"pretrain": 0, "run": 1, "figure": 2}
     cells = dict(sorted(x.cells.items(), key=lambda kv: order[kv[1].kind]))
-    return Plan(spec, root, cells, x.entries, x.figures, x.er_last)
+    return Plan(spec, root, cells, x.entries, x.figures, x.er_last, floor=floor)
