@@ -523,6 +523,7 @@ def test_defence_digest_counts_the_round_logs():
     assert got == {"name": "fortress", "rounds": 2, "rounds_target_flagged": 1, "weight_benign": pytest.approx(0.8),
                    "weight_short": 1.0, "weight_malicious": pytest.approx(0.3)}
     assert runner.defence_digest([{"round": 1, "loss": 1.0}]) is None
+    assert runner.defence_digest([{"round": 1, "defence": {}}]) is None          # FedAvg's rounds (no defence)
 
 
 def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_path):

@@ -125,7 +125,8 @@ def defence_digest(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """What a defended run's round logs say, in a few numbers: the rounds with a defence log, those in which a
     target was flagged, and the mean share of their update kept by benign, short benign and malicious clients
     (over the rounds that had such clients); None for a run without a defence."""
-    logs = [h["defence"] for h in history if isinstance(h.get("defence"), dict) and h["defence"].get("name") != "none"]
+    logs = [h["defence"] for h in history if isinstance(h.get("defence"), dict)
+            and h["defence"].get("name") not in (None, "none")]
     if not logs:
         return None
     out: dict[str, Any] = {"name": logs[0].get("name"), "rounds": len(logs),
