@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from fortress.experiments.report import mean_std as report_mean_std
+from fortress.experiments.runner import defence_digest
 
 FULL = "fortress+mode"    # the full method: FORTRESS clients (objective=fortress) and the FORTRESS server
 
@@ -69,6 +70,10 @@ def run_once(cmd: list[str], out: Path, log: Path) -> dict:
 def mean_std(xs: list[float]) -> str:
     """mean ± sample standard deviation over seeds, as in every report; one seed: its value alone."""
     return report_mean_std(xs, len(xs))
+
+
+def nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def avg(xs: list[float]) -> float:
@@ -216,10 +221,9 @@ def main() -> None:
     rows = []
     for (attack, ratio, d), res in cells.items():
         att = [r["attack"] for r in res]
-        log_ = [[h.get("defence", {}) for h in r["history"]] for r in res]
-        kept = {k: [avg([e[k] for e in lg if e.get(k) is not None]) for lg in log_]
-                for k in ("weight_benign", "weight_short", "weight_malicious")}
-        flagged = [avg([float(any(e["targets_flagged"])) for e in lg if "targets_flagged" in e]) for lg in log_]
+        digests = [defence_digest(r["history"]) or {} for r in res]      # {} without a defence: every value nan
+        kept = {k: [nan_if_none(d.get(k)) for d in digests] for k in ("weight_benign", "weight_short", "weight_malicious")}
+        flagged = [nan_if_none(d.get("rounds_target_flagged")) / d.get("rounds", 1) for d in digests]
         rows.append({
             "attack": attack, "attack_ratio": ratio, "defence": d, "seeds": [r["config"]["seed"] for r in res],
             "HR@10": [r["test"]["HR@10"] for r in res], "NDCG@10": [r["test"]["NDCG@10"] for r in res],

@@ -524,6 +524,8 @@ def test_defence_digest_counts_the_round_logs():
                    "weight_short": 1.0, "weight_malicious": pytest.approx(0.3)}
     assert runner.defence_digest([{"round": 1, "loss": 1.0}]) is None
     assert runner.defence_digest([{"round": 1, "defence": {}}]) is None          # FedAvg's rounds (no defence)
+    median = runner.defence_digest([{"round": 1, "defence": {"name": "median", "weight_benign": 1.0}}])
+    assert median["rounds"] == 1 and median["rounds_target_flagged"] is None     # a rule that flags no items
 
 
 def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_path):

@@ -192,8 +192,8 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
                 ok = "" if floor is None else ("yes" if np.mean(last) <= floor + f.margin else "**no**")
                 digests = [d for e in es if e.row == row and e.attack == attack
                            and (d := (recs.get(e.cell) or {}).get("defence"))]
-                flagged = (f"{100 * np.mean([d['rounds_target_flagged'] / max(d['rounds'], 1) for d in digests]):.1f}%"
-                           if digests else "–")
+                shares = [d["rounds_target_flagged"] / d["rounds"] for d in digests if d.get("rounds_target_flagged") is not None]
+                flagged = f"{100 * np.mean(shares):.1f}%" if shares else "–"
                 kept = " / ".join("–" if not (xs := [d[k] for d in digests if d.get(k) is not None])
                                   else f"{np.mean(xs):.3f}" for k in ("weight_benign", "weight_short", "weight_malicious"))
                 lines.append(f"| {row} | {attack_name(attack, None)} | {mean_std(values(row, attack, 'ER@10'), seeds)} | "

@@ -123,14 +123,16 @@ def summary(cell: Cell, status: str, seconds: float, error: str | None) -> dict[
 
 def defence_digest(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """What a defended run's round logs say, in a few numbers: the rounds with a defence log, those in which a
-    target was flagged, and the mean share of their update kept by benign, short benign and malicious clients
-    (over the rounds that had such clients); None for a run without a defence."""
+    target was flagged (None for a defence that flags no items, e.g. the median), and the mean share of their
+    update kept by benign, short benign and malicious clients (over the rounds that had such clients); None for a
+    run without a defence."""
     logs = [h["defence"] for h in history if isinstance(h.get("defence"), dict)
             and h["defence"].get("name") not in (None, "none")]
     if not logs:
         return None
+    judged = [d["targets_flagged"] for d in logs if "targets_flagged" in d]
     out: dict[str, Any] = {"name": logs[0].get("name"), "rounds": len(logs),
-                           "rounds_target_flagged": sum(any(d.get("targets_flagged") or []) for d in logs)}
+                           "rounds_target_flagged": sum(map(any, judged)) if judged else None}
     for key in ("weight_benign", "weight_short", "weight_malicious"):
         xs = [d[key] for d in logs if d.get(key) is not None]
         out[key] = sum(xs) / len(xs) if xs else None
