@@ -22,8 +22,12 @@ Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
    average is mostly noise that cancels, and clients that all push one way move it far more than
    their number. Each client's coherence excess is the sum, over the other clients, of how far the
    cosine of their encoder deltas exceeds the round's 95th-percentile pair cosine (taken on a
-   random sketch, fresh each round); a client with an excess above 1 has its encoder contribution
-   divided by it, so that k clients pushing one direction weigh about one client (`fortress.bounds`).
+   random sketch, fresh each round); a client with an excess above 1 has its contribution divided by
+   it, so that k clients pushing one direction weigh about one client (`fortress.bounds`): its encoder
+   contribution and its rows alike (scaling the encoder alone changes what a crowd's upload does, not
+   only how much: on amazon-cell-phones, fake users who train honestly on popular-looking sequences
+   lost the encoder push that works against their own target and kept their target rows, and got more
+   exposure than under FedAvg; docs/results/adaptive.md, "From scratch").
 2. Push mass. A row's clipped contribution in units of C_row is its push-equivalent e in [0, 1]
    (a client's own next item gives about 1, a sampled negative a few thousandths). The item's push
    mass m_i = the sum of the e of all its rows this round: each client adds at most 1, splitting one
@@ -419,10 +423,12 @@ class FortressServer:
             0, u.rows_client, torch.where(push, row_scale, torch.ones_like(row_scale)), "amin")
         dt = u.dense.dtype
         weighted = Updates(u.clients, w.to(dt), u.dense, u.rows_client, u.rows_item, u.rows_delta, u.loss)
-        # a flagged item's rows (all of them, pushes or not) move its average allowance / mass as far
+        # a flagged item's rows (all of them, pushes or not) move its average allowance / mass as far; a
+        # coherent client counts as the same fraction of a client in its rows as in its encoder
+        row_kept = row_clip * row_scale * coh[u.rows_client]                           # (M,)
         total.add(weighted, rho.to(dt), torch.ones_like(row_scale).to(dt), (dense_clip * coh).to(dt),
-                  (row_clip * row_scale).to(dt))
-        share = retained(u, w, row_norm, row_clip * row_scale, dense_norm, dense_clip * rho * coh)
+                  row_kept.to(dt))
+        share = retained(u, w, row_norm, row_kept, dense_norm, dense_clip * rho * coh)
         return share, {"pushes": int(push.sum()), "rows_clipped": int((row_clip < 1).sum()),
                        "dense_clipped": int((dense_clip < 1).sum()), "down_weighted": int((rho < 1).sum()),
                        "coherent_scaled": int((coh < 1).sum())}
