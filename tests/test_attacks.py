@@ -162,7 +162,7 @@ def test_uploads_have_the_benign_format(ds, name, backbone):
     assert set(r.campaign.targets) <= set(u.rows_item.tolist())
     if name in ("ahum", "boost"):                                   # target rows and the encoder only
         assert set(u.rows_item.tolist()) == set(r.campaign.targets)
-    assert u.dense.abs().sum() > 0 and torch.isfinite(u.rows_delta).all()
+    assert (u.dense.abs().sum() == 0) == (name == "rows") and torch.isfinite(u.rows_delta).all()   # rows: no encoder
     again = malicious_updates(name, r.cfg, r.model, r.params, ds.n_items, r.campaign.targets, clients, (0, 0, 1))
     assert torch.equal(u.rows_delta, again.rows_delta)               # deterministic for a seed
 
@@ -316,6 +316,14 @@ def test_weight_attack_is_a_hum_with_an_inflated_weight(probe):
     a, _, _ = attack_round(probe, "ahum", 3)
     assert torch.all(u.weight == 100 * probe[1].max_len) and torch.all(a.weight == probe[1].attack_len)
     assert torch.equal(u.dense, a.dense) and torch.equal(u.rows_delta, a.rows_delta)
+
+
+def test_rows_attack_is_popular_without_its_encoder_delta(probe):
+    u, _, _ = attack_round(probe, "rows", 3)
+    p, _, _ = attack_round(probe, "popular", 3)
+    assert torch.all(u.dense == 0) and bool(p.dense.abs().sum() > 0)
+    assert torch.equal(u.rows_item, p.rows_item) and torch.equal(u.rows_delta, p.rows_delta)
+    assert torch.equal(u.weight, p.weight)
 
 
 def test_adaptive_shapes_itself_to_the_named_defence(probe):

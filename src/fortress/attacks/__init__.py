@@ -35,6 +35,7 @@ ATTACKS: dict[str, Attack] = {
     "psmu": psmu.attack,
     "random": baselines.random_attack,
     "popular": baselines.popular_attack,
+    "rows": baselines.rows_attack,
     "boost": baselines.boost_attack,
     "stealth": adaptive.stealth_attack,
     "ramp": adaptive.ramp_attack,

@@ -8,6 +8,11 @@
   the largest mean predicted probability form a pool of 10 x `attack_len` "popular" items; a
   fake sequence draws `attack_len - 1` of them, then a target (bandwagon-style fake profiles,
   e.g. Lam & Riedl, "Shilling recommender systems for fun and profit", WWW 2004).
+- `rows`: the `popular` fake users, who upload only their item rows and leave the encoder delta out (a
+  zero encoder delta). The cheapest model poisoning there is: nothing is boosted, every row is what honest
+  training gave. On amazon-cell-phones from scratch it is far stronger than the honest upload: the encoder
+  part of a popular-looking fake user teaches the model its popular items, which then crowd the target out
+  of the users' top K (docs/results/adaptive.md, "From scratch").
 - `boost`: explicit boosting (Bhagoji et al., "Analyzing Federated Learning through an Adversarial
   Lens", ICML 2019): gradient ascent on the targets' score after every prefix of a random fake
   sequence (`local_epochs` SGD steps at the protocol learning rate), uploading only the target
@@ -62,6 +67,12 @@ def popular_attack(view: AttackView) -> Updates:
     seqs = append_targets(random_items(rng, view.m, view.cfg.fake_len - 1, view.n_items, view.targets, pool),
                           view.targets)
     return train_fake(view, fake_chunks(view, seqs, rng), honest_loss(view))
+
+
+def rows_attack(view: AttackView) -> Updates:
+    """`popular_attack`'s fake users, their encoder delta left out of the upload (rows only)."""
+    u = popular_attack(view)
+    return replace(u, dense=torch.zeros_like(u.dense))
 
 
 def boost_loss(model: Model, dense: Params, table: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
