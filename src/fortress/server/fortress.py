@@ -68,8 +68,10 @@ Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
    put it there.
 Why sparse benign clients keep their weight: nothing here punishes a small norm, few rows, a low
 weight or disagreement with the consensus; a short client's contributions sit below the medians,
-and it loses weight only for a row of an item that is flagged in that round.
-A round without clipping, flags or capped items is exactly FedAvg with weights clamped to [2, ceiling].
+and it loses weight only for a row of an item that is flagged in that round, or, in its whole upload,
+when its encoder delta is coherent with many others' (rare on a trained model; more common early from scratch).
+A round without clipping, flags, coherence-divided clients or capped items is exactly FedAvg with weights
+clamped to [2, ceiling].
 A round of more than `hold_clients` clients is not held: `aggregate_stream` reads its uploads three times,
 part by part (the clients' statistics and sketches; the items' push mass; the clipped, scaled sums), with the
 coherence rule's pairwise cosines in row blocks (`bounds.coherence_blocked`); the same rule, in bounded memory.
