@@ -564,6 +564,21 @@ def test_exposure_caps_follow_rates_and_ignore_a_few_outliers():
     assert float(cap[101]) == pytest.approx(0.5) and count[101] > cap[101]
 
 
+def test_the_reach_cap_bounds_an_item_that_bought_the_largest_rate():
+    # 20 honest items reach 10..29 probe users in proportion to their rates; the last item has 100x the
+    # largest honest rate (a crowd's pushes) and reaches every probe user: the rate-proportional cap allows it,
+    # the reach cap holds it to reach_cap x the 10th largest reach
+    rate = torch.cat([torch.zeros(1, dtype=D), torch.arange(10, 30, dtype=D) / 10, torch.tensor([300.0], dtype=D)])
+    count = torch.cat([torch.zeros(1, dtype=D), torch.arange(10, 30, dtype=D), torch.tensor([128.0], dtype=D)])
+    free = bounds.exposure_caps(count, rate, 128, 10.0)
+    assert free[-1] > 128
+    cap = bounds.exposure_caps(count, rate, 128, 10.0, reach=2.0)
+    tenth = float(count[1:].topk(bounds.REACH_RANK).values[-1])
+    assert tenth == 21 and float(cap[-1]) == 2.0 * tenth and count[-1] > cap[-1]
+    assert bool((count[1:-1] <= cap[1:-1]).all())                                 # no honest item over its cap
+    assert torch.equal(cap[1:-1], free[1:-1].clamp(max=42.0))
+
+
 def probe_counts(srv: FortressServer, params, state) -> torch.Tensor:
     """Each item's probe users with it in their top PROBE_K, for probes drawn from generator state `state`."""
     srv.probe_gen.set_state(state)

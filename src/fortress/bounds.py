@@ -284,6 +284,7 @@ def coherence_factor(excess: torch.Tensor) -> torch.Tensor:
 PROBE_K = 20          # top-K the exposure is counted in (the largest K reported: caps K = 5 and 10 as well)
 PROBE_LEN = 10        # probe sequences have 1..PROBE_LEN items
 PROBE_MIN_USERS = 3   # an item counts towards the median exposure per rate once this many probe users see it
+REACH_RANK = 10       # reach_cap is a multiple of the probe users this item (most seen first) reaches
 
 
 def probe_sequences(rate: torch.Tensor, n: int, max_len: int, gen: torch.Generator) -> torch.Tensor:
@@ -298,16 +299,23 @@ def probe_sequences(rate: torch.Tensor, n: int, max_len: int, gen: torch.Generat
     return items * keep
 
 
-def exposure_caps(count: torch.Tensor, rate: torch.Tensor, n: int, kappa: float) -> torch.Tensor:
+def exposure_caps(count: torch.Tensor, rate: torch.Tensor, n: int, kappa: float, reach: float = 0.0) -> torch.Tensor:
     """(N + 1,) the most probe users each item may reach: kappa x the median, over items seen by at least
-    PROBE_MIN_USERS probe users, of (users reached / rate), times the item's rate. count (N + 1,) users whose
-    top K holds the item; rate (N + 1,) > 0 (the monitor's rates, floored). A few attacked items cannot move
-    a median over the ~100 exposed ones."""
+    PROBE_MIN_USERS probe users, of (users reached / rate), times the item's rate; with reach > 0 also at most
+    reach x the users reached by the REACH_RANK-th most seen item. count (N + 1,) users whose top K holds the
+    item; rate (N + 1,) > 0 (the monitor's rates, floored). A few attacked items cannot move a median over the
+    ~100 exposed ones, nor the REACH_RANK-th largest reach. The second bound is for the item that buys its rate:
+    a crowd of fake users that upload pushes of the target and no encoder change makes the target the most
+    pushed item, and a rate-proportional cap then allows it every probe user (docs/results/adaptive.md)."""
     seen = count >= PROBE_MIN_USERS
     if not bool(seen.any()):
         return torch.full_like(rate, float(n))
     per_rate = float((count[seen].double() / rate[seen]).median())
-    return kappa * per_rate * rate
+    cap = kappa * per_rate * rate
+    if reach > 0 and len(count) > REACH_RANK:
+        ref = float(count[1:].topk(REACH_RANK).values[-1])
+        cap = cap.clamp(max=max(reach * ref, PROBE_MIN_USERS))
+    return cap
 
 
 def shrink_to_cap(a: torch.Tensor, t_in: torch.Tensor, t_out: torch.Tensor, in_top: torch.Tensor,

@@ -144,6 +144,7 @@ class Config:
     server_lr: float = 0.5          # their step size (on unit vectors; each row keeps its length)
     probe_users: int = 128          # exposure cap: synthetic probe users scored after each round (0 = no cap)
     exposure_cap: float = 10.0      # an item may reach this many times the median probe exposure its rate buys
+    reach_cap: float = 0.0          # ... and at most this many times the probe users the REACH_RANK-th most seen item reaches (0 = off; opt-in)
 
 
 TRAINING = ("pop", "central", "federated", "ptf")   # most-popular counts, centralised Adam, federated rounds, PTF-FSR

@@ -66,6 +66,9 @@ Each round (`FortressServer.aggregate`, then `after_apply` with its `Outcome`):
    amazon-baby-chrono 99% of the exposed items reach at most 7.6x and 6.4x the median ratio), so the cap
    leaves nearly all of them alone; a cold target in everyone's list is pulled back whatever channel
    put it there.
+   With reach_cap > 0 (opt-in) an item may also reach at most reach_cap x the probe users of the
+   `bounds.REACH_RANK`-th most-reaching item: a crowd that uploads its target rows and no encoder change
+   buys the catalogue's largest push rate, and the rate-proportional cap gives it every probe user.
 Why sparse benign clients keep their weight: nothing here punishes a small norm, few rows, a low
 weight or disagreement with the consensus; a short client's contributions sit below the medians,
 and it loses weight only for a row of an item that is flagged in that round, or, in its whole upload,
@@ -123,12 +126,13 @@ class FortressConfig:
     max_len: int          # the protocol's max_len: a client trains on at most max_len + 1 items, or
     whole_history: bool = False   # with whole-history training on all of them (bounds.weight_ceiling)
     n_neg: int = 0                # the negatives each client samples (rows of its upload that are not its own)
+    reach_cap: float = 0.0        # an item reaches at most this many times the REACH_RANK-th item's probe users (0 = off)
 
     @classmethod
     def from_config(cls, cfg) -> "FortressConfig":
         return cls(cfg.popular_frac, cfg.row_clip, cfg.dense_clip, cfg.push_frac, cfg.p_flag, cfg.floor_frac,
                    cfg.alpha, cfg.beta, cfg.margin, cfg.knn, cfg.server_steps, cfg.server_lr, cfg.probe_users,
-                   cfg.exposure_cap, cfg.max_len, cfg.whole_history, cfg.n_neg)
+                   cfg.exposure_cap, cfg.max_len, cfg.whole_history, cfg.n_neg, cfg.reach_cap)
 
 
 def top_items(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -499,7 +503,7 @@ class FortressServer:
         seqs = bounds.probe_sequences(rate, fc.probe_users, self.model.max_len, self.probe_gen)    # (n, L)
         table = params["item_emb"]
         h, vals, top, count = probe_top(self.model, params, seqs, K)
-        cap = bounds.exposure_caps(count, rate, fc.probe_users, fc.exposure_cap)
+        cap = bounds.exposure_caps(count, rate, fc.probe_users, fc.exposure_cap, fc.reach_cap)
         over = (count > cap).nonzero().flatten()
         over = over[over > 0]
         if not len(over):
