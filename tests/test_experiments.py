@@ -191,6 +191,27 @@ def test_a_method_runs_only_its_attacks(tmp_path):
         specs.load(spec_file(tmp_path, grid + ptf.replace('"random"]', '"ahum"]')), tmp_path / "out", check_data=False)
 
 
+def test_a_pretrain_can_fix_its_seed_and_continue_in_a_second_stage(tmp_path):
+    """`seed` in [pretrain] gives every seed of the grid one clean model; `then` continues it with more keys
+    (the warm start of experiments/adaptive.toml: FedAvg, then clean rounds under the FORTRESS server)."""
+    text = TINY.replace("rounds = 3", 'rounds = 3\nseed = 0\nthen = { rounds = 1, defence = "fortress" }')
+    p = specs.load(spec_file(tmp_path, text), tmp_path / "out", check_data=False)
+    pre = [c for c in p.cells.values() if c.kind == "pretrain"]
+    assert len(pre) == 2 * 2                                    # per dataset: the first stage and its `then`
+    first = [c for c in pre if not c.after]
+    second = {c.id: c for c in pre if c.after}
+    assert all("--set seed=0" in c.command() and "--set rounds=3" in c.command() for c in first)
+    for c in second.values():
+        assert p.cells[c.after[0]] in first and "--set defence=fortress" in c.command()
+        assert "--set rounds=1" in c.command() and f"init_from=DIR/cells/{c.after[0]}" in c.command()
+    runs = [c for c in p.cells.values() if c.kind == "run"]
+    assert runs and all(c.after[0] in second and "defence" not in c.command() for c in runs)
+    assert {c.command().split("--set seed=")[1].split()[0] for c in runs} == {"0", "1"}
+    with pytest.raises(InputError, match=r"\[pretrain\] then: expected a table of config keys, got 3"):
+        specs.load(spec_file(tmp_path, TINY.replace("rounds = 3", "rounds = 3\nthen = 3")), tmp_path / "o",
+                   check_data=False)
+
+
 def test_cells_are_shared_by_what_they_compute(tmp_path):
     text = TINY + """
 [ablation]

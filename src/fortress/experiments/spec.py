@@ -225,10 +225,12 @@ class _Spec:
                                      f"({', '.join(self.attacks)})")
                 self.method_attacks[name] = chosen
 
-        self.pretrain, self.inherit = None, None
+        self.pretrain, self.inherit, self.then = None, None, None
         if "pretrain" in table:
             t = table["pretrain"]
-            self.pretrain = _sets(t, f"{s} [pretrain]", reserved=("inherit",))
+            self.pretrain = _sets(t, f"{s} [pretrain]", reserved=("inherit", "then"))
+            if "then" in t:     # a second clean stage that continues the first (e.g. a warm defence)
+                self.then = _sets(t["then"], f"{s} [pretrain] then")
             if "inherit" in t:
                 self.inherit = _list(t["inherit"], str, f"{s} [pretrain] inherit", empty=True)
                 for k in self.inherit:
@@ -299,8 +301,11 @@ class _Spec:
         after = None
         if self.pretrain is not None:
             inherited = {k: v for k, v in method.items() if self.inherit is None or k in self.inherit}
-            pre = {**self.base, **ds_sets, **inherited, **self.pretrain, "seed": str(seed)}
+            # a seed written in [pretrain] wins: one clean model shared by every seed of the grid
+            pre = {**self.base, **ds_sets, **inherited, "seed": str(seed), **self.pretrain}
             after = self._add("pretrain", data, pre, None, f"pretrain for {label}")
+            if self.then is not None:
+                after = self._add("pretrain", data, {**pre, **self.then}, after, f"pretrain (then) for {label}")
         sets = {**self.base, **ds_sets, **method, **_attack_sets(attack, ratio), "seed": str(seed)}
         return self._add("run", data, sets, after, label)
 
