@@ -48,7 +48,12 @@ targets for mined hard users) is the direction; each attack shapes its size:
   Learning", USENIX Security 2020), target rows as A-hum; `krum` / `multi_krum` -> min-max
   (Shejwalkar & Houmansadr, "Manipulating the Byzantine", NDSS 2021): every attacker uploads the
   simulated benign mean plus gamma x A-hum's unit direction, gamma the largest keeping it within
-  the largest pairwise distance of the simulated benign uploads.
+  the largest pairwise distance of the simulated benign uploads; `hics` (the PSMU paper's countermeasure) -> each
+  target row at SAFETY x the item clip the rule computes on the simulated uploads (never clipped, and the client's
+  largest row, so the sparsifier keeps it; SPREAD tiny random rows keep ceil(hics_keep x rows) above the target
+  count), the encoder delta with what is left of SAFETY x the user clip; `union` -> A-hum's upload, which
+  UNION's uniformity statistic does not see (docs/results/peers.md: it kept every A-hum client; a client that
+  changes a row or two of the catalogue sits with the clients that changed few sampled rows).
 """
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ from fortress.attacks.base import AttackView, honest_loss
 from fortress.attacks.psmu import sample_histories
 from fortress.client import chunks_from_sequences, train_round
 from fortress.models import dense_keys
+from fortress.server.hics import hics
 from fortress.updates import Updates
 
 SIM = 64              # honest users simulated per round for calibration
@@ -297,6 +303,24 @@ def against_krum(view: AttackView) -> Updates:
     return replace(u, dense=(mu + lo * p).expand_as(u.dense).clone())
 
 
+def against_hics(view: AttackView) -> Updates:
+    """Every target row at SAFETY x the item clip, the encoder with the rest of SAFETY x the user clip (both the
+    rule's own thresholds on the simulated benign uploads), plus SPREAD tiny rows for the sparsifier."""
+    c = view.cfg
+    u = payload(view)
+    _, _, log = hics(simulate_benign(view), c.hics_item_clip, c.hics_keep, c.hics_user_clip)
+    c_item, c_user = SAFETY * log["c_item"], SAFETY * log["c_user"]
+    rows = u.rows_delta.double()
+    per_client = torch.bincount(u.rows_client, minlength=u.n).double()                 # (n,) target rows
+    size = torch.minimum(torch.full_like(per_client, c_item), c_user / per_client.clamp(min=1).sqrt())   # (n,)
+    rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-30) * size[u.rows_client][:, None]
+    left = (c_user ** 2 - per_client * size ** 2).clamp(min=0).sqrt()                  # (n,) encoder budget
+    dense = u.dense.double()
+    dense = dense / dense.norm(dim=1, keepdim=True).clamp(min=1e-30) * left[:, None]
+    u = replace(u, rows_delta=rows.to(u.rows_delta.dtype), dense=dense.to(u.dense.dtype))
+    return with_spread(view, u, SPREAD_SIZE * c_item * float(u.weight.double().mean()))
+
+
 def adaptive_attack(view: AttackView) -> Updates:
     """The attack that knows the config's `defence` and shapes its upload against it."""
     rule = view.cfg.defence
@@ -308,6 +332,8 @@ def adaptive_attack(view: AttackView) -> Updates:
         return against_coordinatewise(view)
     if rule in ("krum", "multi_krum"):
         return against_krum(view)
+    if rule == "hics":
+        return against_hics(view)
     return payload(view)
 
 

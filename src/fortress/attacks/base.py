@@ -58,13 +58,17 @@ class AttackConfig:
     push_frac: float
     p_flag: float
     floor_frac: float
+    hics_item_clip: float
+    hics_keep: float
+    hics_user_clip: float
 
     @classmethod
     def from_config(cls, cfg) -> "AttackConfig":
         return cls(cfg.attack_scale, cfg.attack_len, cfg.attack_users, cfg.attack_steps,
                    cfg.attack_alternatives, cfg.attack_pool, cfg.lr, cfg.local_epochs, cfg.client_opt, cfg.n_neg,
                    cfg.clients_per_round, cfg.chunk_size, cfg.engine, cfg.neg_correction, cfg.max_len, cfg.whole_history, cfg.defence,
-                   cfg.norm_bound, cfg.row_clip, cfg.dense_clip, cfg.push_frac, cfg.p_flag, cfg.floor_frac)
+                   cfg.norm_bound, cfg.row_clip, cfg.dense_clip, cfg.push_frac, cfg.p_flag, cfg.floor_frac,
+                   cfg.hics_item_clip, cfg.hics_keep, cfg.hics_user_clip)
 
 
 @dataclass(frozen=True)
