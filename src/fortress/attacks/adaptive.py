@@ -310,15 +310,12 @@ def against_hics(view: AttackView) -> Updates:
     u = payload(view)
     _, _, log = hics(simulate_benign(view), c.hics_item_clip, c.hics_keep, c.hics_user_clip)
     c_item, c_user = SAFETY * log["c_item"], SAFETY * log["c_user"]
-    rows = u.rows_delta.double()
     per_client = torch.bincount(u.rows_client, minlength=u.n).double()                 # (n,) target rows
     size = torch.minimum(torch.full_like(per_client, c_item), c_user / per_client.clamp(min=1).sqrt())   # (n,)
-    rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-30) * size[u.rows_client][:, None]
     left = (c_user ** 2 - per_client * size ** 2).clamp(min=0).sqrt()                  # (n,) encoder budget
-    dense = u.dense.double()
-    dense = dense / dense.norm(dim=1, keepdim=True).clamp(min=1e-30) * left[:, None]
-    u = replace(u, rows_delta=rows.to(u.rows_delta.dtype), dense=dense.to(u.dense.dtype))
-    return with_spread(view, u, SPREAD_SIZE * c_item * float(u.weight.double().mean()))
+    w = u.weight.double()                       # HiCS clips raw norms; `shape` sets contributions (w x norm)
+    u = shape(u, size * w, left * w)
+    return with_spread(view, u, SPREAD_SIZE * c_item * float(w.mean()))
 
 
 def adaptive_attack(view: AttackView) -> Updates:
