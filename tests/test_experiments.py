@@ -516,6 +516,21 @@ def test_cell_summary_carries_the_strata_of_the_run(tmp_path):
         "valid": {"HR@10": 0.4, "strata": strata}, "test": {"HR@10": 0.5, "strata": strata}, "timing": {}})
     got = runner.summary(cell, "ok", 1.0, None)
     assert got["test"]["strata"] == strata and got["valid"]["strata"] == strata
+    assert "rounds_skipped" not in got                  # no round log, or none skipped: nothing to say
+
+
+def test_cell_summary_counts_the_skipped_rounds(tmp_path):
+    """A run can end `ok` with most of its rounds skipped (every upload rejected): its summary says how many."""
+    folder = tmp_path / "cells" / "c"
+    folder.mkdir(parents=True)
+    cell = specs.Cell("c", "run", ["run", "--out", str(folder)], folder, folder, tmp_path, labels=["c"])
+    history = [{"round": 1, "loss": 8.0}, {"round": 2, "loss": 3e5, "skipped": "3 of 256 clients answered"},
+               {"round": 3, "loss": 3e5, "skipped": "0 of 256 clients answered"}]
+    runner.write_json(folder / "results.json", {
+        "config": {"seed": 0}, "dataset": {"name": "toy", "users": 3, "items": 5}, "valid": {"HR@10": 0.0},
+        "test": {"HR@10": 0.0}, "timing": {}, "history": history, "rejected": [{"round": 2}] * 509})
+    got = runner.summary(cell, "ok", 1.0, None)
+    assert (got["rounds_skipped"], got["rounds_run"], got["rejected"]) == (2, 3, 509)
 
 
 def test_cell_ids_count_whole_history_at_its_old_behaviour(tmp_path):

@@ -199,3 +199,20 @@ def test_report_stratified_table_from_summaries_and_strata_json(tmp_path, monkey
     again = report.write(published).read_text()
     assert again.split("## Main table by stratum")[1].split("## Cells")[0] == \
         text.split("## Main table by stratum")[1].split("## Cells")[0]
+
+
+def test_a_run_with_skipped_rounds_is_marked_wherever_its_numbers_show(tmp_path):
+    """A run whose rounds were skipped (every upload rejected) ends `ok`; its numbers must not read as a result."""
+    p = fake_plan(tmp_path)
+    rec = p.cells["FedAvg-c1"].folder / "summary.json"
+    import json
+    s = json.loads(rec.read_text())
+    write_json(rec, {**s, "rounds_skipped": 827, "rounds_run": 1500, "rejected": 376000})
+    text = report.write(p).read_text()
+    final = text.split("### toy: final ER")[1].split("###")[0]
+    # FedAvg's clean HR@10 holds seed 1's skipped run: marked, never bold; the ER columns (other cells) are not
+    assert f"| FedAvg | 0.3050 ± 0.0071 {report.SKIP_MARK} | 0.1525 ± 0.0035 {report.SKIP_MARK} | 0.2525 ± 0.0035 |" in final
+    assert "## Runs with skipped rounds" in text
+    assert "- `FedAvg-c1` (FedAvg-c1): 827 of 1500 rounds skipped, 376,000 uploads rejected" in text
+    assert f"| `FedAvg-c1` | FedAvg-c1 | ok, 827 rounds skipped {report.SKIP_MARK} | 1.5 |" in text
+    assert report.metrics(json.loads(rec.read_text()), 1)["skipped"] == 827.0

@@ -35,6 +35,8 @@ KEY_NAMES = {"lambda_cl": "λ1 (lambda_cl)", "lambda_temp": "λ2 (lambda_temp)",
 def metrics(results: dict[str, Any], er_last: int) -> dict[str, float]:
     """HR@10, NDCG@10 and, with tracked targets, ER@5/10 (final) and 'ER@K last' (mean of the last evaluations)."""
     out = {k: float(results["test"][k]) for k in ("HR@10", "NDCG@10")}
+    if results.get("rounds_skipped"):               # `skipped`: its numbers are marked in every table
+        out["skipped"] = float(results["rounds_skipped"])
     attack = results.get("attack") or {}
     for k in ("ER@5", "ER@10"):
         if k in attack:
@@ -100,11 +102,16 @@ def clear_best(rows: list[str], c: Column, values: dict[tuple[str, Column], list
     return winners if abs(best - runner_up) > spread else set()
 
 
+SKIP_MARK = "‡"      # a number that comes, for at least one seed, from a run with skipped rounds
+
+
 def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], list[float]], expected: int,
-          first: str = "method") -> str:
+          first: str = "method", skipped: set[tuple[str, Column]] = frozenset()) -> str:
     """A markdown table of mean ± std; in each column the best mean is bold where it is ahead by more than the
-    seed spread (`clear_best`)."""
-    marked = {c: clear_best(rows, c, values) for c in cols}
+    seed spread (`clear_best`). A (row, column) in `skipped` holds a run that skipped rounds: its number is marked
+    SKIP_MARK and never bold (its model did not train for all the rounds asked)."""
+    ok = {k: v for k, v in values.items() if k not in skipped}
+    marked = {c: clear_best(rows, c, ok) for c in cols}
     lines = [f"| {first} | " + " | ".join(c.header() for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for r in rows:
@@ -115,7 +122,7 @@ def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], 
                 cells.append("–")
                 continue
             text = mean_std(xs, expected)
-            cells.append(f"**{text}**" if r in marked[c] else text)
+            cells.append(f"{text} {SKIP_MARK}" if (r, c) in skipped else f"**{text}**" if r in marked[c] else text)
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -128,6 +135,7 @@ def grid_tables(entries: list[Entry], got: dict[str, dict[str, float]], er: str,
     if len(rows) == 1 and len(attacks) > 1:
         return attack_rows(entries, got, er, f"{rows[0]}: attack")
     values: dict[tuple[str, Column], list[float]] = defaultdict(list)
+    skipped: set[tuple[str, Column]] = set()
     cols: list[Column] = []
     for attack, ratio in attacks:
         if attack == "none":
@@ -139,10 +147,12 @@ def grid_tables(entries: list[Entry], got: dict[str, dict[str, float]], er: str,
             for e in entries:
                 if (e.attack, e.ratio) == (c.attack, c.ratio) and e.cell in got and c.metric in got[e.cell]:
                     values[e.row, c].append(got[e.cell][c.metric])
+                    if got[e.cell].get("skipped"):
+                        skipped.add((e.row, c))
         cols += [c for c in group if c.attack != "none" or any(values.get((r, c)) for r in rows)
                  or c.metric.startswith(("HR", "NDCG"))]
     seeds = len({e.seed for e in entries})
-    return table(rows, cols, values, seeds, first)
+    return table(rows, cols, values, seeds, first, skipped)
 
 
 def attack_rows(entries: list[Entry], got: dict[str, dict[str, float]], er: str, first: str) -> str:
@@ -151,11 +161,14 @@ def attack_rows(entries: list[Entry], got: dict[str, dict[str, float]], er: str,
     names = {(e.attack, e.ratio): attack_name(e.attack, e.ratio) for e in entries}
     cols = [Column(m, ANY, None, None) for m in ("HR@10", "NDCG@10", f"ER@5{er}", f"ER@10{er}")]
     values: dict[tuple[str, Column], list[float]] = defaultdict(list)
+    skipped: set[tuple[str, Column]] = set()
     for e in entries:
         for c in cols:
             if e.cell in got and c.metric in got[e.cell]:
                 values[names[e.attack, e.ratio], c].append(got[e.cell][c.metric])
-    return table(list(names.values()), cols, values, len({e.seed for e in entries}), first)
+                if got[e.cell].get("skipped"):
+                    skipped.add((names[e.attack, e.ratio], c))
+    return table(list(names.values()), cols, values, len({e.seed for e in entries}), first, skipped)
 
 
 def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict | None]) -> list[str]:
@@ -190,6 +203,8 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
                     lines.append(f"| {row} | {attack_name(attack, None)} | – | – | | – | | |")
                     continue
                 ok = "" if floor is None else ("yes" if np.mean(last) <= floor + f.margin else "**no**")
+                if any(got[e.cell].get("skipped") for e in es if e.row == row and e.attack == attack and e.cell in got):
+                    ok += f" {SKIP_MARK}"
                 digests = [d for e in es if e.row == row and e.attack == attack
                            and (d := (recs.get(e.cell) or {}).get("defence"))]
                 shares = [d["rounds_target_flagged"] / d["rounds"] for d in digests if d.get("rounds_target_flagged") is not None]
@@ -413,6 +428,16 @@ def write(p: Plan) -> Path:
                 lines += [f"### {name}", "", f"![{name}]({cell.out.relative_to(p.root)})", "", f"`{cell.command()}`", ""]
             else:
                 lines += [f"### {name}", "", f"not made: {rec.get('error') or rec.get('status', 'not run yet')}", ""]
+    skips = [(cid, r) for cid, r in recs.items() if r and r.get("status") == "ok" and r.get("rounds_skipped")]
+    if skips:
+        lines += ["## Runs with skipped rounds", "",
+                  f"A number marked {SKIP_MARK} comes, for at least one seed, from a run in which some rounds were skipped "
+                  "(fewer clients than `min_answered` sent a valid update: the others' were rejected as NaN/Inf, "
+                  "too large or misshapen, or dropped), so its model trained for fewer rounds than asked; the round log "
+                  "(results.json, `history`) says why.", ""]
+        lines += [f"- `{cid}` ({_esc('; '.join(p.cells[cid].labels[:2]))}): {r['rounds_skipped']} of "
+                  f"{r.get('rounds_run', '?')} rounds skipped, {r.get('rejected', 0):,} uploads rejected"
+                  for cid, r in skips] + [""]
     failed = [(cid, recs[cid]) for cid in p.cells if (recs[cid] or {}).get("status") == "failed"]
     if failed:
         lines += ["## Failed cells", ""] + [f"- `{cid}` ({'; '.join(p.cells[cid].labels[:2])}): {_esc(r.get('error') or '')}"
@@ -431,7 +456,9 @@ def write(p: Plan) -> Path:
         rec = recs[cid] or {}
         what = "; ".join(cell.labels[:3]) + (f"; +{len(cell.labels) - 3} more" if len(cell.labels) > 3 else "")
         secs = f"{rec['seconds']:.1f}" if "seconds" in rec else "–"
-        lines.append(f"| `{cid}` | {_esc(what)} | {rec.get('status', 'not run')} | {secs} | {stopped(rec)} | "
+        status = rec.get("status", "not run") + (f", {rec['rounds_skipped']} rounds skipped {SKIP_MARK}"
+                                                 if rec.get("rounds_skipped") else "")
+        lines.append(f"| `{cid}` | {_esc(what)} | {status} | {secs} | {stopped(rec)} | "
                      f"`{_esc(cell.command())}` |")
     path = p.root / "report.md"
     p.root.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,11 @@ def summary(cell: Cell, status: str, seconds: float, error: str | None) -> dict[
             "attack": {k: v for k, v in attack.items() if k != "per_target"},
             "rejected": len(res.get("rejected", [])), "dropped": len(res.get("dropped", [])),
         })
+        history = res.get("history") or []
+        skipped = sum(1 for h in history if isinstance(h, dict) and h.get("skipped"))
+        if skipped:                                 # rounds with too few valid uploads: the model did not move
+            out["rounds_skipped"] = skipped
+            out["rounds_run"] = len(history)
         if res.get("early_stopping"):               # patience / fed_patience: the best epoch or round, when it stopped
             out["early_stopping"] = res["early_stopping"]
         digest = defence_digest(res.get("history") or [])
