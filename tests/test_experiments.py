@@ -599,3 +599,25 @@ def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_pa
     assert "| 0.3400 ± 0.0566 | yes |" in rows["FedAvg-lr-half", "A-hum"]
     assert "| 37.5% | 0.900 / 0.950 / 0.500 |" in rows["FedAvg-lr-half", "A-hum"]
     assert rows["FedAvg", "Popular"].endswith("| – | – |")
+
+
+def test_a_slice_run_into_the_folder_keeps_the_larger_spec(tmp_path):
+    """Running some of a spec's cells (a slice: fewer seeds, methods, attacks) into its folder keeps DIR/spec.toml,
+    so `fortress report DIR` still covers the whole grid; a spec that grew replaces it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    path = spec_file(tmp_path / "s")                   # the slice and the grown spec beside it: same datasets
+    (tmp_path / "s" / "slice.toml").write_text(path.read_text().replace("seeds = [0, 1]", "seeds = [0]"))
+    (tmp_path / "s" / "grown.toml").write_text(path.read_text() + '[methods.FedAvg-lr-double]\nobjective = "next_item"\n'
+                                               "lr = 2.0\n")
+    full, part, grown = (specs.load(tmp_path / "s" / name, out, check_data=False)
+                         for name in ("spec.toml", "slice.toml", "grown.toml"))
+    assert set(part.cells) < set(full.cells) < set(grown.cells)
+    said = []
+    runner.save_spec(full)
+    runner.save_spec(part, said.append)
+    assert (out / "spec.toml").read_text() == full.text
+    assert said == [f"kept {out / 'spec.toml'}: it holds all {len(part.cells)} cells of {part.spec} "
+                    f"(and {len(full.cells) - len(part.cells)} more)"]
+    runner.save_spec(grown)
+    assert (out / "spec.toml").read_text() == grown.text

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import fortress
 from fortress.errors import InputError
-from fortress.experiments.spec import Cell, Plan
+from fortress.experiments.spec import Cell, Plan, load
 
 SUMMARY = "summary.json"
 STRATA = "strata.json"          # what `fortress eval` writes into a run's folder: its metrics by stratum
@@ -259,11 +259,23 @@ def shard(p: Plan, i: int = 1, n: int = 1) -> list[str]:
     return [cid for cid in p.cells if cid in mine]
 
 
-def save_spec(p: Plan) -> None:
-    """Keep the spec in DIR/spec.toml, so `fortress report DIR` needs nothing but the folder."""
+def save_spec(p: Plan, log: Callable[[str], None] | None = None) -> None:
+    """Keep the spec in DIR/spec.toml, so `fortress report DIR` needs nothing but the folder. A slice of a larger
+    spec (some of its methods, seeds or attacks, run into the same DIR) leaves the larger one in place: when the
+    spec already there holds every cell of this one, it stays, and the report still covers the whole grid."""
     path = p.root / SPEC_COPY
-    if p.text is not None and not (path.exists() and path.read_text() == p.text):
-        write_text(path, p.text)
+    if p.text is None or (path.exists() and path.read_text() == p.text):
+        return
+    if path.exists():
+        try:
+            there = load(path, p.root, check_data=False)
+        except InputError:
+            there = None
+        if there is not None and set(p.cells) <= set(there.cells):
+            if log:
+                log(f"kept {path}: it holds all {len(p.cells)} cells of {p.spec} (and {len(there.cells) - len(p.cells)} more)")
+            return
+    write_text(path, p.text)
 
 
 def execute(p: Plan, main: Callable[[list[str]], int], jobs: int = 1, part: tuple[int, int] = (1, 1),
@@ -280,7 +292,7 @@ def execute(p: Plan, main: Callable[[list[str]], int], jobs: int = 1, part: tupl
         import fortress.simulate  # noqa: F401
     log = log or (lambda msg: print(msg, file=sys.stderr))
     prepare(p.root)
-    save_spec(p)
+    save_spec(p, log)
     t0, start = time.monotonic(), time.time()
     todo = [p.cells[cid] for cid in shard(p, *part)]
     done = {c.id for c in todo if finished(c)}
