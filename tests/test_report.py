@@ -1,6 +1,7 @@
 """report.md: mean ± std over seeds, best per column, final and last-evaluations ER, sensitivity PNGs, cells."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fortress.experiments import report
@@ -205,7 +206,6 @@ def test_a_run_with_skipped_rounds_is_marked_wherever_its_numbers_show(tmp_path)
     """A run whose rounds were skipped (every upload rejected) ends `ok`; its numbers must not read as a result."""
     p = fake_plan(tmp_path)
     rec = p.cells["FedAvg-c1"].folder / "summary.json"
-    import json
     s = json.loads(rec.read_text())
     write_json(rec, {**s, "rounds_skipped": 827, "rounds_run": 1500, "rejected": 376000})
     text = report.write(p).read_text()

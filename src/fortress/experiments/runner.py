@@ -120,7 +120,7 @@ def summary(cell: Cell, status: str, seconds: float, error: str | None) -> dict[
             out["rounds_run"] = len(history)
         if res.get("early_stopping"):               # patience / fed_patience: the best epoch or round, when it stopped
             out["early_stopping"] = res["early_stopping"]
-        digest = defence_digest(res.get("history") or [])
+        digest = defence_digest(history)
         if digest:
             out["defence"] = digest
     return out
