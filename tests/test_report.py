@@ -19,7 +19,8 @@ def test_table_marks_best_per_column_and_short_seeds():
     assert lines[0] == "| method | HR@10 | ER@10 A-hum 1% | ER@10 no attack |"
     assert lines[1] == "|---|---:|---:|---:|"
     # sample std |0.2 - 0.4| / √2; no best without attack
-    assert lines[2] == "| a | **0.3000 ± 0.1414** | 0.5000 ± 0.0000 | 0.0000 ± 0.0000 |"
+    # HR: a leads, but b has one seed (no spread to weigh the lead against): nothing marked
+    assert lines[2] == "| a | 0.3000 ± 0.1414 | 0.5000 ± 0.0000 | 0.0000 ± 0.0000 |"
     assert lines[3] == "| b | 0.1000 (n=1) | **0.2000 ± 0.1414** | 0.1000 ± 0.0000 |"    # one seed: the value alone
     assert lines[4] == "| c | – | – | – |"
     assert report.mean_std([0.0863], expected=1) == "0.0863"    # a one-seed grid: no "± 0"
@@ -28,10 +29,21 @@ def test_table_marks_best_per_column_and_short_seeds():
 def test_ties_are_all_marked_unless_the_whole_column_ties():
     hr = report.Column("HR@10", "none", None, "max")
     er = report.Column("ER@10", "ahum", 0.01, "min")
-    values = {("a", hr): [0.30001], ("b", hr): [0.3], ("c", hr): [0.2],
-              ("a", er): [0.0], ("b", er): [0.0], ("c", er): [0.0]}
-    lines = report.table(["a", "b", "c"], [hr, er], values, expected=1).splitlines()
+    values = {("a", hr): [0.30001, 0.30001], ("b", hr): [0.3, 0.3], ("c", hr): [0.2, 0.2],
+              ("a", er): [0.0, 0.0], ("b", er): [0.0, 0.0], ("c", er): [0.0, 0.0]}
+    lines = report.table(["a", "b", "c"], [hr, er], values, expected=2).splitlines()
     assert [line.count("**") for line in lines[2:]] == [2, 2, 0]
+
+
+def test_a_single_seed_is_never_marked_best():
+    """ER swings by +-0.15 between evaluations: one seed's lead, however large, is no evidence of a better method."""
+    hr = report.Column("HR@10", "none", None, "max")
+    values = {("a", hr): [0.5], ("b", hr): [0.1], ("c", hr): [0.4, 0.42], ("d", hr): [0.1, 0.11]}
+    assert report.table(["a", "b"], [hr], values, expected=1).count("**") == 0          # a one-seed grid
+    assert report.table(["a", "c"], [hr], values, expected=2).count("**") == 0          # the leader has one seed
+    assert report.table(["c", "b"], [hr], values, expected=2).count("**") == 0          # the next-best has one
+    lines = report.table(["c", "d", "b"], [hr], values, expected=2).splitlines()        # b is behind d: no matter
+    assert [line.count("**") for line in lines[2:]] == [2, 0, 0]
 
 
 def test_a_lead_inside_the_seed_spread_is_not_marked():
@@ -191,7 +203,7 @@ def test_report_stratified_table_from_summaries_and_strata_json(tmp_path, monkey
     assert ("| method | all (100 users) | history <=5 (70 users) | history 6-20 (25 users) | history >20 (5 users) | "
             "cold (30 users) | mid (50 users) | popular (20 users) |") in hr
     assert "| FedAvg | 0.3100 ± 0.0141 |" in hr and "| 0.0300 ± 0.0141 |" in hr      # seed 1 from strata.json
-    assert "| FORTRESS | **0.3300 (n=1)** |" in hr and "**0.1000 (n=1)**" in hr      # seed 1 has no strata
+    assert "| FORTRESS | 0.3300 (n=1) |" in hr and "| 0.1000 (n=1) |" in hr      # seed 1 has no strata; one seed: no bold
     assert "20%: cold <= 8, popular >= 79" in text and "### toy: test NDCG@10 by stratum" in text
     monkeypatch.setattr(report, "rebuild", plan)                # the published folder's plan (no real spec here)
     published = report.publish(p, tmp_path / "pub")

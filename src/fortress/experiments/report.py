@@ -6,7 +6,7 @@ used by bench/; a single seed shows its value alone; `(n=k)` marks a mean over f
 asked). ER swings from round to round, so each table comes twice: with the final ER@K, and with
 the mean ER@K of the last `er_last` evaluations. Best per column is bold: highest HR/NDCG,
 lowest ER under an attack, and only where the lead over the next row is larger than the seed spread
-(`clear_best`). Clean runs (no attack) whose results carry strata (HR/NDCG@10 by the
+and both have at least two seeds (`clear_best`). Clean runs (no attack) whose results carry strata (HR/NDCG@10 by the
 user's train-history length and by the test item's popularity; `fortress run` writes them, and
 `fortress eval` adds them to a cell made before, as cells/ID/strata.json) get stratified tables too.
 """
@@ -88,8 +88,9 @@ def mean_std(xs: list[float], expected: int) -> str:
 
 def clear_best(rows: list[str], c: Column, values: dict[tuple[str, Column], list[float]]) -> set[str]:
     """The rows to mark in column c: those at the best mean (rounded as shown, ties included), when their lead
-    over the next-best row is larger than the seed spread (the largest sample std among them and that row;
-    single seeds have none). A lead inside the spread, or a column where every row ties, marks nothing."""
+    over the next-best row is larger than the seed spread (the largest sample std among them and that row).
+    A lead inside the spread, a column where every row ties, or a comparison in which the best or the next-best
+    row has a single seed (no spread to weigh the lead against) marks nothing."""
     shown = {r: round(float(np.mean(values[r, c])), 4) for r in rows if values.get((r, c))}
     if not c.better or len(set(shown.values())) < 2:
         return set()
@@ -97,9 +98,10 @@ def clear_best(rows: list[str], c: Column, values: dict[tuple[str, Column], list
     best = pick(shown.values())
     winners = {r for r, m in shown.items() if m == best}
     runner_up = pick(m for r, m in shown.items() if r not in winners)
-    spread = max([std(values[r, c]) for r, m in shown.items() if (r in winners or m == runner_up)
-                  and len(values[r, c]) > 1] or [0.0])
-    return winners if abs(best - runner_up) > spread else set()
+    compared = [values[r, c] for r, m in shown.items() if r in winners or m == runner_up]
+    if any(len(xs) < 2 for xs in compared):
+        return set()
+    return winners if abs(best - runner_up) > max(std(xs) for xs in compared) else set()
 
 
 SKIP_MARK = "‡"      # a number that comes, for at least one seed, from a run with skipped rounds
@@ -169,6 +171,16 @@ def attack_rows(entries: list[Entry], got: dict[str, dict[str, float]], er: str,
                 if got[e.cell].get("skipped"):
                     skipped.add((names[e.attack, e.ratio], c))
     return table(list(names.values()), cols, values, len({e.seed for e in entries}), first, skipped)
+
+
+def without_floor_only(p: Plan, entries: list[Entry]) -> list[Entry]:
+    """The main table's entries less the attacks that only the floor's method runs (random and popular in
+    experiments/main-table.toml): those cells are the yardstick, shown in the floor's own section, not rivals
+    in a column of dashes."""
+    if p.floor is None:
+        return entries
+    only = {a for a in p.floor.attacks if all(e.row == p.floor.method for e in entries if e.attack == a)}
+    return [e for e in entries if e.attack not in only]
 
 
 def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict | None]) -> list[str]:
@@ -389,7 +401,8 @@ def write(p: Plan) -> Path:
              f"{len(p.cells)} cells: " + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ". "
              "Test split; mean ± sample std over seeds (one seed: its value alone; `(n=k)`: only k seeds finished); "
              f"bold = best in its column (highest HR/NDCG, lowest ER under attack), marked only where its lead over the "
-             f"next row is larger than the seed spread (the largest sample std of the rows compared; one seed: none). "
+             f"next row is larger than the seed spread (the largest sample std of the rows compared), never where either "
+             f"has a single seed. "
              f"ER@K is given twice: "
              f"the final value, and the mean of the last {p.er_last} evaluations (ER swings from round to round). "
              "Every cell's command is listed at the end.", ""]
@@ -400,6 +413,8 @@ def write(p: Plan) -> Path:
         entries = by_section.get(section, [])
         if not entries:
             continue
+        if section == "main":
+            entries = without_floor_only(p, entries)
         lines += [f"## {title}", ""]
         for ds in dict.fromkeys(e.dataset for e in entries):
             es = [e for e in entries if e.dataset == ds]
