@@ -15,7 +15,7 @@ import pytest
 
 from fortress.config import Config
 from fortress.errors import InputError
-from fortress.experiments import runner
+from fortress.experiments import report, runner
 from fortress.experiments import spec as specs
 from fortress.cli import main
 
@@ -599,6 +599,26 @@ def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_pa
     assert "| 0.3400 ± 0.0566 | yes |" in rows["FedAvg-lr-half", "A-hum"]
     assert "| 37.5% | 0.900 / 0.950 / 0.500 |" in rows["FedAvg-lr-half", "A-hum"]
     assert rows["FedAvg", "Popular"].endswith("| – | – |")
+
+
+def test_attacks_only_the_floor_method_runs_stay_out_of_the_main_table(tmp_path):
+    """experiments/main-table.toml: only FedAvg-SASRec runs random and popular (the floor). Those cells are the
+    yardstick, in the floor's table; the main table keeps the attacks the rivals run, and the floor attacks too
+    when a rival runs them."""
+    grid = TINY.replace("er_last = 2", 'er_last = 2\nattacks = ["ahum", "random", "popular"]\nattack_ratios = [0.05]')
+    grid = grid.replace("[datasets.broken]\ndata = \"BROKEN\"\n", "") + '[floor]\nmethod = "FedAvg"\n'
+    only = grid.replace("lr = 0.5", 'lr = 0.5\nattacks = ["ahum"]')
+    p = specs.load(spec_file(tmp_path / "a", only), tmp_path / "a" / "out", check_data=False)
+    main_entries = [e for e in p.entries if e.section == "main"]
+    kept = report.without_floor_only(p, main_entries)
+    assert {e.attack for e in kept} == {"ahum"} and {e.attack for e in main_entries} == {"ahum", "random", "popular"}
+    text = report.write(p).read_text()
+    table = text.split("## Main table")[1].split("\n## ")[0]
+    assert "A-hum 5%" in table and "Random" not in table and "Popular" not in table
+    floor = text.split("## Against the data-poisoning floor")[1]
+    assert "| FedAvg | Random |" in floor and "| FedAvg | Popular |" in floor
+    both = specs.load(spec_file(tmp_path / "b", grid), tmp_path / "b" / "out", check_data=False)
+    assert report.without_floor_only(both, both.entries) == both.entries        # a rival runs them: they stay
 
 
 def test_a_slice_run_into_the_folder_keeps_the_larger_spec(tmp_path):
