@@ -18,7 +18,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -70,6 +70,7 @@ class Column:
 
 
 ANY = "*"       # a column of every attack: the attack is the row
+Values = dict[tuple[str, Column], list[float]]     # (row, column) -> the values over seeds
 
 
 def attack_name(attack: str, ratio: float | None) -> str:
@@ -86,7 +87,7 @@ def mean_std(xs: list[float], expected: int) -> str:
     return text + (f" (n={len(xs)})" if len(xs) < expected else "")
 
 
-def clear_best(rows: list[str], c: Column, values: dict[tuple[str, Column], list[float]]) -> set[str]:
+def clear_best(rows: list[str], c: Column, values: Values) -> set[str]:
     """The rows to mark in column c: those at the best mean (rounded as shown, ties included), when their lead
     over the next-best row is larger than the seed spread (the largest sample std among them and that row).
     A lead inside the spread, a column where every row ties, or a comparison in which the best or the next-best
@@ -107,7 +108,7 @@ def clear_best(rows: list[str], c: Column, values: dict[tuple[str, Column], list
 SKIP_MARK = "‡"      # a number that comes, for at least one seed, from a run with skipped rounds
 
 
-def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], list[float]], expected: int,
+def table(rows: list[str], cols: list[Column], values: Values, expected: int,
           first: str = "method", skipped: set[tuple[str, Column]] = frozenset()) -> str:
     """A markdown table of mean ± std; in each column the best mean is bold where it is ahead by more than the
     seed spread (`clear_best`). A (row, column) in `skipped` holds a run that skipped rounds: its number is marked
@@ -129,48 +130,49 @@ def table(rows: list[str], cols: list[Column], values: dict[tuple[str, Column], 
     return "\n".join(lines)
 
 
+def collect(entries: list[Entry], got: dict[str, dict[str, float]], cols: list[Column],
+            row_of: Callable[[Entry], str]) -> tuple[Values, set[tuple[str, Column]]]:
+    """Each (row, column)'s values over the seeds, and the (row, column)s that hold a run with skipped rounds
+    (marked SKIP_MARK in `table`). An entry fills the columns of its attack and ratio (or every ANY column)."""
+    values: Values = defaultdict(list)
+    skipped: set[tuple[str, Column]] = set()
+    for e in entries:
+        for c in cols:
+            if (c.attack == ANY or (e.attack, e.ratio) == (c.attack, c.ratio)) and c.metric in got.get(e.cell, {}):
+                values[row_of(e), c].append(got[e.cell][c.metric])
+                if got[e.cell].get("skipped"):
+                    skipped.add((row_of(e), c))
+    return values, skipped
+
+
 def grid_tables(entries: list[Entry], got: dict[str, dict[str, float]], er: str, first: str) -> str:
-    """Rows = entries' rows; columns: clean HR@10, NDCG@10 (and ER@10 without attack), ER@5/ER@10 per attack.
-    A table of one row under several attacks is turned round: one attack per row (`attack_rows`)."""
+    """Rows = entries' rows; columns: clean HR@10, NDCG@10 (and ER@10 without attack, when a run tracked targets),
+    ER@5/ER@10 per attack. A table of one row under several attacks is turned round: one attack per row
+    (`attack_rows`)."""
     rows = list(dict.fromkeys(e.row for e in entries))
     attacks = list(dict.fromkeys((e.attack, e.ratio) for e in entries))
     if len(rows) == 1 and len(attacks) > 1:
         return attack_rows(entries, got, er, f"{rows[0]}: attack")
-    values: dict[tuple[str, Column], list[float]] = defaultdict(list)
-    skipped: set[tuple[str, Column]] = set()
     cols: list[Column] = []
     for attack, ratio in attacks:
         if attack == "none":
-            group = [Column("HR@10", "none", None, "max"), Column("NDCG@10", "none", None, "max"),
+            cols += [Column("HR@10", "none", None, "max"), Column("NDCG@10", "none", None, "max"),
                      Column(f"ER@10{er}", "none", None, None)]
         else:
-            group = [Column(f"ER@5{er}", attack, ratio, "min"), Column(f"ER@10{er}", attack, ratio, "min")]
-        for c in group:
-            for e in entries:
-                if (e.attack, e.ratio) == (c.attack, c.ratio) and e.cell in got and c.metric in got[e.cell]:
-                    values[e.row, c].append(got[e.cell][c.metric])
-                    if got[e.cell].get("skipped"):
-                        skipped.add((e.row, c))
-        cols += [c for c in group if c.attack != "none" or any(values.get((r, c)) for r in rows)
-                 or c.metric.startswith(("HR", "NDCG"))]
-    seeds = len({e.seed for e in entries})
-    return table(rows, cols, values, seeds, first, skipped)
+            cols += [Column(f"ER@5{er}", attack, ratio, "min"), Column(f"ER@10{er}", attack, ratio, "min")]
+    values, skipped = collect(entries, got, cols, lambda e: e.row)
+    cols = [c for c in cols if c.attack != "none" or c.metric.startswith(("HR", "NDCG"))
+            or any(values.get((r, c)) for r in rows)]
+    return table(rows, cols, values, len({e.seed for e in entries}), first, skipped)
 
 
 def attack_rows(entries: list[Entry], got: dict[str, dict[str, float]], er: str, first: str) -> str:
     """One row per attack (and ratio): test HR@10, NDCG@10, ER@5, ER@10 under it; no best marked (the
     rows are attacks, not rivals)."""
-    names = {(e.attack, e.ratio): attack_name(e.attack, e.ratio) for e in entries}
     cols = [Column(m, ANY, None, None) for m in ("HR@10", "NDCG@10", f"ER@5{er}", f"ER@10{er}")]
-    values: dict[tuple[str, Column], list[float]] = defaultdict(list)
-    skipped: set[tuple[str, Column]] = set()
-    for e in entries:
-        for c in cols:
-            if e.cell in got and c.metric in got[e.cell]:
-                values[names[e.attack, e.ratio], c].append(got[e.cell][c.metric])
-                if got[e.cell].get("skipped"):
-                    skipped.add((names[e.attack, e.ratio], c))
-    return table(list(names.values()), cols, values, len({e.seed for e in entries}), first, skipped)
+    values, skipped = collect(entries, got, cols, lambda e: attack_name(e.attack, e.ratio))
+    rows = list(dict.fromkeys(attack_name(e.attack, e.ratio) for e in entries))
+    return table(rows, cols, values, len({e.seed for e in entries}), first, skipped)
 
 
 def without_floor_only(p: Plan, entries: list[Entry]) -> list[Entry]:
@@ -271,7 +273,7 @@ def strata_tables(entries: list[Entry], got: dict[str, dict[str, Any]], first: s
         for metric in ("HR@10", "NDCG@10"):
             cols = {key: Column(f"{stratum_name(*key) if key[0] != 'all' else 'all'} ({n(key)} users)", ANY, None, "max")
                     for key in [("all", ""), *groups]}
-            values: dict[tuple[str, Column], list[float]] = defaultdict(list)
+            values: Values = defaultdict(list)
             for e in es:
                 res = got[e.cell]
                 values[e.row, cols["all", ""]].append(float(res[metric]))
