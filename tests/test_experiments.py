@@ -135,6 +135,8 @@ def one_line_error(capsys, spec: Path, out: Path) -> str:
     (("er_last = 2", "er_last = 2\nattacks = [\"none\", \"random\"]\n[floor]\nmethod = \"FedAvg\"\nattacks = [\"random\"]\nmargin = 2"),
      "[floor] margin = 2: expected a number in [0, 1)"),
     (("[set]", "[floor]\nmethod = \"FedAvg\"\nmarign = 0.1\n[set]"), "[floor]: unknown field 'marign'"),
+    (("[set]", "[floor]\nmethod = { name = \"FedAvg\" }\n[set]"), "[floor] method = {'name': 'FedAvg'}: expected a method"),
+    (("[set]", "[floor]\nmethod = [\"FedAvg\", 3]\n[set]"), "[floor] method = ['FedAvg', 3]: expected a non-empty list"),
     (("[grid]", "[grid"), "not valid TOML"),
     (("[grid]", "[grid]\n[grid.x]"), "[grid]: unknown field 'x'"),
 ])
@@ -571,7 +573,7 @@ def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_pa
     text = grid.replace("[datasets.broken]\ndata = \"BROKEN\"\n", "") + '[floor]\nmethod = "FedAvg"\nmargin = 0.05\n'
     spec = spec_file(tmp_path, text)
     p = specs.load(spec, tmp_path / "out", check_data=False)
-    assert p.floor == specs.Floor("FedAvg", ("random", "popular"), 0.05)
+    assert p.floor == specs.Floor(("FedAvg",), ("random", "popular"), 0.05)
     last = {("FedAvg", "random"): [0.2, 0.2], ("FedAvg", "popular"): [0.25, 0.35], ("FedAvg", "ahum"): [0.36, 0.36],
             ("FedAvg-lr-half", "random"): [0.1, 0.1], ("FedAvg-lr-half", "popular"): [0.1, 0.1],
             ("FedAvg-lr-half", "ahum"): [0.3, 0.38]}
@@ -599,6 +601,50 @@ def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_pa
     assert "| 0.3400 ± 0.0566 | yes |" in rows["FedAvg-lr-half", "A-hum"]
     assert "| 37.5% | 0.900 / 0.950 / 0.500 |" in rows["FedAvg-lr-half", "A-hum"]
     assert rows["FedAvg", "Popular"].endswith("| – | – |")
+
+
+def test_each_row_is_held_to_the_floor_of_its_backbone(tmp_path):
+    """[floor] method = a list, one per backbone: a GRU4Rec row is held to FedAvg-GRU4Rec's data poisoning, not
+    SASRec's; two floor methods of one backbone, or one that does not run the floor attacks, is a one-line error."""
+    grid = TINY.replace("er_last = 2", 'er_last = 2\nattacks = ["random", "ahum"]\nattack_ratios = [0.05]')
+    grid = grid.replace("[datasets.broken]\ndata = \"BROKEN\"\n", "").replace("[pretrain]\ninherit = [\"backbone\"]\nrounds = 3\n", "")
+    gru = grid + '[methods.FedAvg-GRU]\nobjective = "next_item"\nbackbone = "gru4rec"\n'
+    text = gru + '[floor]\nmethod = ["FedAvg", "FedAvg-GRU"]\nattacks = ["random"]\n'
+    p = specs.load(spec_file(tmp_path / "a", text), tmp_path / "a" / "out", check_data=False)
+    assert p.floor.method_of("FedAvg-lr-half") == "FedAvg" and p.floor.method_of("FedAvg-GRU") == "FedAvg-GRU"
+    last = {("FedAvg", "random"): 0.1, ("FedAvg", "ahum"): 0.1, ("FedAvg-lr-half", "random"): 0.1,
+            ("FedAvg-lr-half", "ahum"): 0.3, ("FedAvg-GRU", "random"): 0.4, ("FedAvg-GRU", "ahum"): 0.3}
+    for e in p.entries:
+        rec = {"id": e.cell, "kind": "run", "status": "ok", "seconds": 1.0, "command": "", "labels": [],
+               "test": {"HR@10": 0.1, "NDCG@10": 0.05}}
+        if e.attack != "none":
+            er = last[e.row, e.attack]
+            rec["attack"] = {"ER@5": er, "ER@10": er, "history": [{"round": 1, "ER@10": er}]}
+        p.cells[e.cell].folder.mkdir(parents=True, exist_ok=True)
+        runner.write_json(p.cells[e.cell].folder / "summary.json", rec)
+    section = report.write(p).read_text().split("## Against the data-poisoning floor")[1]
+    assert "of FedAvg / FedAvg-GRU under Random (each row against the floor method of its backbone): " in section
+    assert "### synthetic, 5%: floor 0.1000 (FedAvg), 0.4000 (FedAvg-GRU)" in section
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in section.splitlines() if line.startswith("| ")}
+    assert "| **no** |" in rows["FedAvg-lr-half", "A-hum"]           # 0.3 against SASRec's 0.1
+    assert "| yes |" in rows["FedAvg-GRU", "A-hum"]                  # 0.3 against GRU4Rec's 0.4
+    bad = [(grid + '[floor]\nmethod = ["FedAvg", "FedAvg-lr-half"]\nattacks = ["random"]\n',
+            "'FedAvg' and 'FedAvg-lr-half' have the same backbone 'sasrec'"),
+           (gru + '[methods.FedAvg-GRU-lr]\nobjective = "next_item"\nbackbone = "gru4rec"\nlr = 0.5\n'
+            '[floor]\nmethod = ["FedAvg", "FedAvg-GRU"]\nattacks = ["random"]\n', None),
+           (gru.replace('backbone = "gru4rec"', 'backbone = "gru4rec"\nattacks = ["ahum"]')
+            + '[floor]\nmethod = ["FedAvg", "FedAvg-GRU"]\nattacks = ["random"]\n',
+            "'random' is not an attack that method 'FedAvg-GRU' runs")]
+    for i, (text, error) in enumerate(bad):
+        path = spec_file(tmp_path / f"bad{i}", text)
+        if error is None:                                               # two GRU rows share one floor: fine
+            assert specs.load(path, tmp_path / "o", check_data=False).floor.method_of("FedAvg-GRU-lr") == "FedAvg-GRU"
+            continue
+        with pytest.raises(InputError, match=re.escape(error)):
+            specs.load(path, tmp_path / "o", check_data=False)
+    missing = gru.replace("[methods.FedAvg-GRU]", "[methods.GRU-alone]") + '[floor]\nmethod = ["FedAvg"]\nattacks = ["random"]\n'
+    assert specs.load(spec_file(tmp_path / "one", missing), tmp_path / "o", check_data=False).floor.method_of(
+        "GRU-alone") == "FedAvg"                                        # one floor method holds every row
 
 
 def test_attacks_only_the_floor_method_runs_stay_out_of_the_main_table(tmp_path):

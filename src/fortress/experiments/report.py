@@ -181,7 +181,7 @@ def without_floor_only(p: Plan, entries: list[Entry]) -> list[Entry]:
     in a column of dashes."""
     if p.floor is None:
         return entries
-    only = {a for a in p.floor.attacks if all(e.row == p.floor.method for e in entries if e.attack == a)}
+    only = {a for a in p.floor.attacks if all(e.row in p.floor.methods for e in entries if e.attack == a)}
     return [e for e in entries if e.attack not in only]
 
 
@@ -191,9 +191,11 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
     f = p.floor
     entries = [e for e in p.entries if e.section == "main" and e.attack != "none"]
     names = " and ".join(attack_name(a, None) for a in f.attacks)
+    each = "" if len(f.methods) == 1 else " (each row against the floor method of its backbone)"
     lines = ["## Against the data-poisoning floor", "",
-             f"The floor is the larger mean ER@10 (of the last {p.er_last} evaluations, over seeds) of {f.method} under "
-             f"{names}: fake users who train honestly on sequences that hold the target. An attacked cell holds when "
+             f"The floor is the larger mean ER@10 (of the last {p.er_last} evaluations, over seeds) of "
+             f"{' / '.join(f.methods)} under {names}{each}: fake users who train honestly on sequences that hold the "
+             "target. An attacked cell holds when "
              f"its mean is within floor + {f.margin:g}. Target flagged: the share of the rounds in which the defence "
              "flagged a target; weight kept: the mean share of their FedAvg contribution (reported weight × update) "
              "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
@@ -206,9 +208,13 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
                 return [got[e.cell][metric] for e in es if e.row == row and e.attack == attack and e.cell in got
                         and metric in got[e.cell]]
 
-            floors = [float(np.mean(xs)) for a in f.attacks if (xs := values(f.method, a, "ER@10 last"))]
-            floor = max(floors) if floors else None
-            lines += [f"### {ds}, {ratio * 100:g}%: floor " + (f"{floor:.4f}" if floor is not None else "not run yet"),
+            floors: dict[str, float | None] = {}
+            for m in f.methods:
+                means = [float(np.mean(xs)) for a in f.attacks if (xs := values(m, a, "ER@10 last"))]
+                floors[m] = max(means) if means else None
+            shown = ", ".join((f"{x:.4f}" if x is not None else "not run yet")
+                              + (f" ({m})" if len(f.methods) > 1 else "") for m, x in floors.items())
+            lines += [f"### {ds}, {ratio * 100:g}%: floor {shown}",
                       "", "| method | attack | ER@10 final | ER@10, mean of last evals | ≤ floor + "
                       f"{f.margin:g} | test HR@10 | target flagged | weight kept |", "|---|---|---:|---:|---|---:|---:|---|"]
             for row, attack in dict.fromkeys((e.row, e.attack) for e in es):
@@ -216,6 +222,7 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
                 if not last:
                     lines.append(f"| {row} | {attack_name(attack, None)} | – | – | | – | | |")
                     continue
+                floor = floors[f.method_of(row)]
                 ok = "" if floor is None else ("yes" if np.mean(last) <= floor + f.margin else "**no**")
                 if any(got[e.cell].get("skipped") for e in es if e.row == row and e.attack == attack and e.cell in got):
                     ok += f" {SKIP_MARK}"

@@ -79,12 +79,17 @@ class Entry:
 @dataclass(frozen=True)
 class Floor:
     """The yardstick of a defence grid: the data-poisoning floor, the larger mean ER@10 (of the last evaluations)
-    of `method` under `attacks` (fake users who train honestly), per dataset and ratio; an attacked cell holds
-    when its mean is within floor + margin."""
+    of a floor method under `attacks` (fake users who train honestly), per dataset and ratio; an attacked cell holds
+    when its mean is within floor + margin. With several floor methods (one per backbone), each main-grid row is
+    held to the floor of the one with its backbone (`of_row`)."""
 
-    method: str
+    methods: tuple[str, ...]
     attacks: tuple[str, ...]
     margin: float
+    of_row: tuple[tuple[str, str], ...] = ()      # (main-grid row, its floor method); one floor method: every row
+
+    def method_of(self, row: str) -> str:
+        return dict(self.of_row).get(row, self.methods[0])
 
 
 @dataclass
@@ -238,21 +243,47 @@ class _Spec:
                         raise InputError(f"{s} [pretrain] inherit: unknown key {k!r}; known keys: {', '.join(config.keys())}")
 
     def floor(self, table: Any) -> Floor:
-        """[floor]: method = a method of the spec, attacks = the grid attacks (run by it) that make the floor."""
+        """[floor]: method = a method of the spec, or a list of them with one backbone each (every main-grid row is
+        then held to the one with its backbone); attacks = the grid attacks (run by each) that make the floor."""
         where = f"{self.s} [floor]"
         t = _fields(table, FLOOR_FIELDS, where)
-        name = t.get("method")
-        self.method(name, f"{where} method")
+        raw = t.get("method")
+        if not isinstance(raw, (str, list)):
+            raise InputError(f"{where} method = {raw!r}: expected a method of this spec, or a list of them "
+                             f"(one per backbone); known: {', '.join(self.methods)}")
+        names = _list(raw, str, f"{where} method") if isinstance(raw, list) else [raw]
+        for name in names:
+            self.method(name, f"{where} method")
         attacks = _list(t.get("attacks", ["random", "popular"]), str, f"{where} attacks")
-        runs = self.method_attacks.get(name, self.attacks)
-        for a in attacks:
-            if a not in runs or a == "none":
-                raise InputError(f"{where} attacks: {a!r} is not an attack that method {name!r} runs "
-                                 f"({', '.join(x for x in runs if x != 'none')})")
+        for name in names:
+            runs = self.method_attacks.get(name, self.attacks)
+            for a in attacks:
+                if a not in runs or a == "none":
+                    raise InputError(f"{where} attacks: {a!r} is not an attack that method {name!r} runs "
+                                     f"({', '.join(x for x in runs if x != 'none')})")
         margin = t.get("margin", 0.02)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
             raise InputError(f"{where} margin = {margin!r}: expected a number in [0, 1), e.g. 0.02")
-        return Floor(name, tuple(attacks), float(margin))
+        of_row: tuple[tuple[str, str], ...] = ()
+        if len(names) > 1:
+            floors: dict[str, str] = {}
+            for name in names:
+                b = self.backbone(name)
+                if b in floors:
+                    raise InputError(f"{where} method: {floors[b]!r} and {name!r} have the same backbone {b!r}; "
+                                     "give one floor method per backbone")
+                floors[b] = name
+            rows = dict.fromkeys(e.row for e in self.entries if e.section == "main")
+            for row in rows:
+                if self.backbone(row) not in floors:
+                    raise InputError(f"{where} method: no floor method has the backbone {self.backbone(row)!r} of "
+                                     f"[methods.{row}] (floor backbones: {', '.join(floors)})")
+            of_row = tuple((row, floors[self.backbone(row)]) for row in rows)
+        return Floor(tuple(names), tuple(attacks), float(margin), of_row)
+
+    def backbone(self, method: str) -> str:
+        """The backbone a method's cells train: its own, else [set]'s, else the config default."""
+        return self.methods[method].get("backbone", self.base.get("backbone", Config().backbone))
 
     # -- checks shared by the sections
     def check_attacks(self, attacks: list[Any], ratios: list[float], where: str) -> None:
