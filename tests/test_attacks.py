@@ -394,3 +394,18 @@ def test_evade_promotes_after_plausible_histories_and_demotes_after_probe_like_o
     u, both, _ = attack_round(probe, "evade", 6)
     out = server().aggregate(both, params)
     assert targets[0] not in out.flagged.tolist() and float(out.weights[-6:].mean()) > 0.9
+
+
+def test_draw_samples_the_softmax_and_never_an_impossible_item(monkeypatch):
+    """PSMU's sampler (inverse CDF, attacks.base.draw): the softmax's distribution, as torch.multinomial gave it,
+    items at -inf never drawn, and a uniform that rounds up to the total lands on the last possible item."""
+    from fortress.attacks.base import draw
+    logits = torch.tensor([[float("-inf"), 0.0, 1.0, float("-inf"), 2.0, -30.0, float("-inf")]])
+    p = logits.softmax(-1)[0].double()
+    x = draw(logits.expand(200000, -1), torch.Generator().manual_seed(0))
+    assert x.shape == (200000, 1) and x.dtype == torch.int64
+    freq = torch.bincount(x[:, 0], minlength=7).double() / 200000
+    assert freq[[0, 3, 6]].sum() == 0                                           # impossible items
+    assert torch.allclose(freq, p, atol=4 * (p * (1 - p) / 200000).sqrt().max().item())
+    monkeypatch.setattr(torch, "rand", lambda n, k, **kw: torch.ones(n, k, dtype=torch.float64))
+    assert draw(logits, torch.Generator()).tolist() == [[5]]                   # the last item with p > 0

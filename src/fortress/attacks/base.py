@@ -103,6 +103,21 @@ def random_items(rng: np.random.Generator, n: int, length: int, n_items: int,
     return np.stack([rng.choice(pool, size=length, replace=length > len(pool)) for _ in range(n)])
 
 
+def draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One item per row from softmax(logits) (B, N+1) -> (B, 1), by inverse CDF: one uniform per row against the
+    row's cumulative probabilities (summed in float64, so that no small probability is lost in the running sum).
+    The same distribution as torch.multinomial(p, 1), which draws an exponential for every entry and took most of
+    a PSMU round (bench/psmu_step.py). Entries at -inf (probability 0) are never drawn."""
+    c = logits.softmax(-1).double().cumsum(-1)                                      # (B, N+1)
+    u = torch.rand(c.shape[0], 1, generator=gen, dtype=torch.float64) * c[:, -1:]   # [0, total)
+    idx = torch.searchsorted(c, u, right=True)                                      # the first c > u: p > 0 there
+    over = idx[:, 0] >= c.shape[1]                                                  # u rounded up to the total
+    if over.any():
+        last = c[over] < c[over, -1:]                                               # before the last rise
+        idx[over, 0] = last.sum(-1)
+    return idx
+
+
 def append_targets(seqs: np.ndarray, targets: torch.Tensor) -> list[np.ndarray]:
     """Each fake sequence followed by one target (client i carries target i mod T)."""
     t = targets.numpy()

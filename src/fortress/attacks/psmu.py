@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from fortress.attacks.ahum import target_logprob
-from fortress.attacks.base import (AttackView, append_targets, fake_chunks, next_item_logits, random_items,
-                                   scaled, train_fake)
+from fortress.attacks.base import (AttackView, append_targets, draw, fake_chunks, next_item_logits,
+                                   random_items, scaled, train_fake)
 from fortress.models import Model, Params
 from fortress.objectives import next_item_loss, sampled_softmax_bias
 from fortress.updates import Updates
@@ -81,7 +81,7 @@ def sample_histories(view: AttackView, rng: np.random.Generator, n: int, length:
         logits = next_item_logits(view, seq.numpy())                                # (n, N+1)
         logits[:, view.targets] = float("-inf")
         logits.scatter_(1, seq, float("-inf"))
-        seq = torch.cat([seq, torch.multinomial(logits.softmax(-1), 1, generator=gen)], 1)
+        seq = torch.cat([seq, draw(logits, gen)], 1)
     return seq.numpy()
 
 
