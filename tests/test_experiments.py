@@ -547,7 +547,26 @@ def test_cell_ids_count_whole_history_at_its_old_behaviour(tmp_path):
         return {cid for cid, c in plan.cells.items() if "synthetic" in c.argv}
     assert synthetic(old) == synthetic(plain) != set()
     assert len(old.cells) == len(new.cells) > 0 and not set(old.cells) & set(new.cells)
-    assert not specs.ID_BASE.whole_history and specs.ID_BASE == Config(whole_history=False)
+    assert specs.id_defaults(Config(whole_history=True))["whole_history"] is False
+
+
+def test_cell_ids_count_fedcl_lambda_at_its_old_default():
+    """fedcl_lambda's default went from 1 (diverges from scratch) to 0.1: the main table's FedCL cells, which set
+    0.1, keep their ids (run-97023e7850 is committed), a spec that leaves the key out now runs those same cells, and
+    one that sets 1 runs the cells computed before at the old default."""
+    text = (ROOT / "experiments" / "main-table.toml").read_text()
+    explicit = specs.plan(tomllib.loads(text), ROOT / "m.toml", Path("/tmp/x"), check_data=False)
+    fedcl = {e.cell for e in explicit.entries if e.row == "FedCL-SASRec"}
+    assert "run-97023e7850" in fedcl and Config().fedcl_lambda == 0.1
+    plain = specs.plan(tomllib.loads(text.replace("fedcl_lambda = 0.1", "")), ROOT / "m.toml", Path("/tmp/x"),
+                       check_data=False)
+    assert {e.cell for e in plain.entries if e.row == "FedCL-SASRec"} == fedcl
+    one = specs.plan(tomllib.loads(text.replace("fedcl_lambda = 0.1", "fedcl_lambda = 1")), ROOT / "m.toml",
+                     Path("/tmp/x"), check_data=False)
+    old = {e.cell for e in one.entries if e.row == "FedCL-SASRec"}
+    assert len(old) == len(fedcl) and not old & fedcl
+    others = {e.cell for e in explicit.entries if e.row != "FedCL-SASRec"}       # not FedCL: the key changes nothing
+    assert others == {e.cell for e in one.entries if e.row != "FedCL-SASRec"} and "run-4a31a0d97a" in others
 
 
 def test_defence_digest_counts_the_round_logs():

@@ -9,7 +9,7 @@ sweeps and figures. It expands to *cells*; each cell is one `fortress` command:
   figure    a `fortress plot ...` command over the folders of some runs
 
 A cell's id is a hash of what it computes (its data and the config keys that differ from the
-defaults, `ID_BASE`, and the cell it starts from), so a run needed by several tables runs once, a changed
+defaults, `id_defaults`, and the cell it starts from), so a run needed by several tables runs once, a changed
 spec re-runs only the cells whose settings changed, and the ids do not depend on the folder.
 """
 from __future__ import annotations
@@ -19,16 +19,28 @@ import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fortress import config
 from fortress.config import Config
 from fortress.errors import InputError
 
-# the defaults cell ids are taken against: a key added later with a default that changes what a run computes
-# counts at its old behaviour, so a cell computed before the key keeps its id and one computed with the new
-# default gets a new one (whole_history: runs before it trained on the last window only)
-ID_BASE = Config(whole_history=False)
+# the defaults cell ids are taken against: a key added later, or a default changed later, counts at its old
+# value in the cells it acts on, so a cell computed before keeps its id and one computed with the new default gets
+# a new one; cells it does not act on are unaffected. whole_history (every run; runs before it trained on the
+# last window only), fedcl_lambda (objective fedcl; 1 until 2026-12-03, now 0.1)
+ID_PINS: dict[str, tuple[Any, Callable[[Config], bool]]] = {
+    "whole_history": (False, lambda cfg: True),
+    "fedcl_lambda": (1.0, lambda cfg: cfg.objective == "fedcl"),
+}
+
+
+def id_defaults(cfg: Config) -> dict[str, Any]:
+    """The config a cell's id lists its differences from: today's defaults, with the pinned keys of ID_PINS at
+    their old values where they act on this cell."""
+    base = config.to_dict(Config())
+    base.update({k: old for k, (old, acts) in ID_PINS.items() if acts(cfg)})
+    return base
 SECTIONS = ("grid", "set", "datasets", "methods", "pretrain", "floor", "ablation", "sensitivity", "figures")
 GRID_FIELDS = ("seeds", "attacks", "attack_ratios", "er_last")
 ABLATION_FIELDS = ("method", "variants", "attacks", "attack_ratio", "datasets", "seeds")
@@ -311,7 +323,7 @@ class _Spec:
     # -- cells
     def _add(self, kind: str, data: str, sets: dict[str, str], after: str | None, label: str) -> str:
         cfg = _resolve(sets, f"{self.s}: cell '{label}'")
-        default = config.to_dict(ID_BASE)
+        default = id_defaults(cfg)
         changed = {k: v for k, v in config.to_dict(cfg).items() if v != default[k]}
         cid = _cell_id(kind, {"data": data, "config": changed, "after": after})
         if cid not in self.cells:
