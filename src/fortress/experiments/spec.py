@@ -41,6 +41,8 @@ def id_defaults(cfg: Config) -> dict[str, Any]:
     base = config.to_dict(Config())
     base.update({k: old for k, (old, acts) in ID_PINS.items() if acts(cfg)})
     return base
+
+
 SECTIONS = ("grid", "set", "datasets", "methods", "pretrain", "floor", "ablation", "sensitivity", "figures")
 GRID_FIELDS = ("seeds", "attacks", "attack_ratios", "er_last")
 ABLATION_FIELDS = ("method", "variants", "attacks", "attack_ratio", "datasets", "seeds")
