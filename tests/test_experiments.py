@@ -569,6 +569,23 @@ def test_cell_ids_count_fedcl_lambda_at_its_old_default():
     assert others == {e.cell for e in one.entries if e.row != "FedCL-SASRec"} and "run-4a31a0d97a" in others
 
 
+def test_summaries_record_the_commit_the_runner_started_with(tmp_path, monkeypatch):
+    """A long grid runs from a checkout that may be moved on while its cells run (they keep the code imported at the
+    start): every summary names the commit of the start, not the one the checkout shows when a cell ends."""
+    import functools
+    head = {"commit": "start"}
+
+    @functools.cache
+    def versions():
+        return {"commit": head["commit"]}
+    monkeypatch.setattr(runner, "versions", versions)
+    p = specs.load(spec_file(tmp_path), tmp_path / "out", check_data=False)
+    p.cells = {cid: c for cid, c in list(p.cells.items())[:2]}
+    runner.execute(p, lambda argv: 1, progress=False, log=lambda msg: head.update(commit="moved"))
+    commits = {json.loads((c.folder / "summary.json").read_text())["versions"]["commit"] for c in p.cells.values()}
+    assert commits == {"start"}
+
+
 def test_defence_digest_counts_the_round_logs():
     """A cell's summary says, per defended run, how often a target was flagged and what each kind of client kept."""
     rounds = [{"round": 1, "defence": {"name": "fortress", "targets_flagged": [True], "weight_benign": 0.9,

@@ -293,6 +293,7 @@ def execute(p: Plan, main: Callable[[list[str]], int], jobs: int = 1, part: tupl
     log = log or (lambda msg: print(msg, file=sys.stderr))
     prepare(p.root)
     save_spec(p, log)
+    versions()     # the commit now, as the cells run the code imported now: the checkout may move while they run
     t0, start = time.monotonic(), time.time()
     todo = [p.cells[cid] for cid in shard(p, *part)]
     done = {c.id for c in todo if finished(c)}
