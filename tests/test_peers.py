@@ -154,6 +154,16 @@ def test_hics_clips_rows_then_sparsifies_then_clips_users():
     assert torch.allclose(share, torch.tensor([4.0, 4.0, 2.0], dtype=D) / raw)
 
 
+def test_hics_keeps_the_largest_uploaded_rows_not_the_first_clipped_ones():
+    # client 0's rows 2, 5, 9 all exceed C_item = median(9, 1, 1) = 1, so after the clip they tie; it keeps ceil(0.34 x 3)
+    # = 2 rows: the two largest uploaded (9 and 5), whatever their order in the upload
+    rows = [(0, 1, [2.0, 0]), (0, 2, [0, 5.0]), (0, 3, [9.0, 0]), (1, 1, [1.0, 0]), (2, 2, [0, 1.0])]
+    u = round_of(3, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], dense=[[0.0] * 3] * 3)
+    out, _, log = hics(u, item_clip=1.0, keep=0.34, user_clip=10.0)
+    assert log["c_item"] == 1.0 and log["rows_zeroed"] == 1
+    assert out.rows_delta[:3].tolist() == [[0, 0], [0, 1.0], [1.0, 0]]
+
+
 def test_hics_of_an_agreeing_round_is_fedavg_and_stays_finite():
     rows = [(c, i, [1.0, -1.0]) for c in range(4) for i in (1, 2)]
     u = round_of(4, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], dense=[[1.0, 2.0, 3.0]] * 4)

@@ -12,7 +12,7 @@ name, and every threshold is our choice:
    round's median, over clients, of each client's largest row norm (the push an ordinary client
    gives its own next item).
 2. Sparsified updating: of each client's rows, only the ceil(`hics_keep` x its row count) largest
-   (by norm, after step 1; at least 1) are kept; the other rows are zeroed, not removed, so the client
+   (by their uploaded norm, before step 1, which would tie every row above C_item; at least 1) are kept; the other rows are zeroed, not removed, so the client
    still counts in those rows' FedAvg denominators (removing them would leave a cold item's average
    to its few large pushers, the attackers among them).
 3. User level: the client's whole update (encoder + its rows after steps 1-2) is clipped to L2 norm
@@ -52,10 +52,9 @@ def hics(u: Updates, item_clip: float, keep: float, user_clip: float) -> tuple[U
     top.scatter_reduce_(0, u.rows_client, row_norm, "amax", include_self=True)         # (n,) largest row norm
     c_item = item_clip * float(top.median()) if n else 0.0
     row_scale = (c_item / row_norm.clamp(min=1e-30)).clamp(max=1.0) if c_item > 0 else torch.ones_like(row_norm)
-    clipped = row_norm * row_scale                                                     # (M,)
     per_client = torch.bincount(u.rows_client, minlength=n)                            # (n,)
     k = torch.ceil(keep * per_client.double()).clamp(min=1)                            # (n,)
-    kept = rank_in_client(u.rows_client, clipped) < k[u.rows_client] if M else torch.zeros(0, dtype=torch.bool)
+    kept = rank_in_client(u.rows_client, row_norm) < k[u.rows_client] if M else torch.zeros(0, dtype=torch.bool)
     row_scale = row_scale * kept                                                       # (M,) zeroed rows: 0
     dense_norm = torch.linalg.vector_norm(u.dense.double(), dim=1)                     # (n,)
     sq = dense_norm ** 2
