@@ -11,6 +11,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fortress.config import Config
@@ -637,6 +638,14 @@ def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_pa
     assert "| 0.3400 ± 0.0566 | yes |" in rows["FedAvg-lr-half", "A-hum"]
     assert "| 37.5% | 0.900 / 0.950 / 0.500 |" in rows["FedAvg-lr-half", "A-hum"]
     assert rows["FedAvg", "Popular"].endswith("| – | – |")
+    assert "![ER@10 over the rounds on synthetic at 5%](figures/exposure-synthetic-5pct.png)" in section
+    assert (tmp_path / "out" / "figures" / "exposure-synthetic-5pct.png").stat().st_size > 0
+
+
+def test_exposure_trajectory_is_the_seed_mean_over_the_rounds_every_seed_evaluated():
+    rounds, mean, lo, hi = report.mean_trajectory([[(1, 0.2), (2, 0.4), (3, 0.6)], [(2, 0.2), (3, 0.0)]])
+    assert rounds == [2, 3]
+    assert np.allclose(mean, [0.3, 0.3]) and np.allclose(lo, [0.2, 0.0]) and np.allclose(hi, [0.4, 0.6])
 
 
 def test_each_row_is_held_to_the_floor_of_its_backbone(tmp_path):

@@ -185,9 +185,71 @@ def without_floor_only(p: Plan, entries: list[Entry]) -> list[Entry]:
     return [e for e in entries if e.attack not in only]
 
 
+Trajectory = list[tuple[int, float]]       # one run's (round, ER@10) at each evaluation
+
+
+def mean_trajectory(runs: list[Trajectory]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """The rounds every run evaluated, and at each the mean, lowest and highest ER@10 over the runs."""
+    rounds = sorted(set.intersection(*(set(r for r, _ in run) for run in runs)))
+    ys = np.array([[dict(run)[r] for r in rounds] for run in runs]).reshape(len(runs), len(rounds))
+    return rounds, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def exposure_figure(series: dict[str, dict[str, list[Trajectory]]], floors: dict[str, float | None], margin: float,
+                    er_last: int, title: str):
+    """ER@10 over the rounds, one panel per attack (`series`: attack -> row -> one trajectory per seed), a line per
+    row: the mean over its seeds, a band from the lowest to the highest seed; the floor of each floor method
+    (dashed), floor + margin (dotted), and the last `er_last` evaluations (shaded: the window the verdict
+    averages). Returns the matplotlib Figure."""
+    from fortress.plots import pyplot
+    plt = pyplot()
+    cols = min(3, len(series))
+    lines = -(-len(series) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4.6 * cols, 3.4 * lines + 0.4), squeeze=False)
+    rows = list(dict.fromkeys(row for by_row in series.values() for row in by_row))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax in axes.flat[len(series):]:
+        ax.set_visible(False)
+    for ax, (attack, by_row) in zip(axes.flat, series.items()):
+        evals: set[int] = set()
+        for row, runs in by_row.items():
+            rounds, mean, lo, hi = mean_trajectory(runs)
+            evals.update(rounds)
+            colour = colours[rows.index(row) % len(colours)]
+            ax.plot(rounds, mean, marker=".", color=colour, label=f"{row} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(rounds, lo, hi, color=colour, alpha=0.15, lw=0)
+        known = [(m, x) for m, x in floors.items() if x is not None]
+        for k, (m, x) in enumerate(known):
+            grey = str(0.15 + 0.35 * k)
+            name = f" ({m})" if len(known) > 1 else ""
+            ax.axhline(x, ls="--", lw=1, color=grey, label=f"floor{name}")
+            ax.axhline(x + margin, ls=":", lw=1, color=grey, label=f"floor + {margin:g}{name}")
+        if len(evals) >= er_last:
+            last = sorted(evals)[-er_last:]
+            ax.axvspan(last[0], last[-1], color="0.5", alpha=0.1, lw=0, label=f"last {er_last} evaluations")
+        ax.set_title(attack, fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_ylabel("ER@10 (share of eligible test users)", fontsize=8)
+        ax.set_ylim(0, 1.02)                                    # a share: every panel on the same scale
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def exposure_plot(path: Path, *args) -> Path:
+    """`exposure_figure` as a PNG (written atomically, as the sensitivity figures)."""
+    from fortress.plots import pyplot, save
+    tmp = save(pyplot(), exposure_figure(*args), path.with_name(f".{path.stem}.{os.getpid()}.png"), 110)
+    os.replace(tmp, path)
+    return path
+
+
 def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict | None]) -> list[str]:
     """The verdict of every attacked cell of the main grid against the data-poisoning floor ([floor] of the spec),
-    per dataset and ratio, with what the defence's round logs say (`runner.defence_digest`)."""
+    per dataset and ratio, with what the defence's round logs say (`runner.defence_digest`), and a figure of
+    ER@10 over the rounds (DIR/figures/exposure-DATASET-Rpct.png, drawn from the summaries' evaluations)."""
     f = p.floor
     entries = [e for e in p.entries if e.section == "main" and e.attack != "none"]
     names = " and ".join(attack_name(a, None) for a in f.attacks)
@@ -199,6 +261,21 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
              f"its mean is within floor + {f.margin:g}. Target flagged: the share of the rounds in which the defence "
              "flagged a target; weight kept: the mean share of their FedAvg contribution (reported weight × update) "
              "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
+    def figure(es: list[Entry], floors: dict[str, float | None], ds: str, ratio: float) -> list[str]:
+        """The slice's ER@10 over the rounds, from the summaries' evaluations (`exposure_figure`)."""
+        series: dict[str, dict[str, list[Trajectory]]] = defaultdict(lambda: defaultdict(list))
+        for e in es:
+            history = ((recs.get(e.cell) or {}).get("attack") or {}).get("history") or []
+            run = [(int(h["round"]), float(h["ER@10"])) for h in history if "ER@10" in h]
+            if run and e.cell in got:
+                series[attack_name(e.attack, None)][e.row].append(run)
+        if not series:
+            return []
+        png = p.root / "figures" / f"exposure-{ds}-{ratio * 100:g}pct.png"
+        exposure_plot(png, series, floors, f.margin, p.er_last, f"ER@10 over the rounds on {ds}, attackers {ratio * 100:g}%"
+                      " of the clients (mean over seeds, band: lowest to highest seed)")
+        return [f"![ER@10 over the rounds on {ds} at {ratio * 100:g}%]({png.relative_to(p.root)})", ""]
+
     for ds in dict.fromkeys(e.dataset for e in entries):
         for ratio in dict.fromkeys(e.ratio for e in entries if e.dataset == ds):
             es = [e for e in entries if e.dataset == ds and e.ratio == ratio]
@@ -214,8 +291,8 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
                 floors[m] = max(means) if means else None
             shown = ", ".join((f"{x:.4f}" if x is not None else "not run yet")
                               + (f" ({m})" if len(f.methods) > 1 else "") for m, x in floors.items())
-            lines += [f"### {ds}, {ratio * 100:g}%: floor {shown}",
-                      "", "| method | attack | ER@10 final | ER@10, mean of last evals | ≤ floor + "
+            lines += [f"### {ds}, {ratio * 100:g}%: floor {shown}", ""] + figure(es, floors, ds, ratio) + [
+                      "| method | attack | ER@10 final | ER@10, mean of last evals | ≤ floor + "
                       f"{f.margin:g} | test HR@10 | target flagged | weight kept |", "|---|---|---:|---:|---|---:|---:|---|"]
             for row, attack in dict.fromkeys((e.row, e.attack) for e in es):
                 last = values(row, attack, "ER@10 last")
