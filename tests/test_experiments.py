@@ -358,6 +358,12 @@ def test_report_is_rebuilt_from_the_summaries_alone(done, tmp_path, capsys):
     # than here, so compare the number, not its last rounded digit)
     about = float(re.search(r"they take about ([0-9.e-]+) cell-hours\.", text).group(1))
     assert about == pytest.approx(sum(runs) / len(runs) / 3600, rel=0.05)
+    e = next(e for e in specs.load(spec, out).entries if e.cell == cid and e.section == "main")
+    lost = [x for x in specs.load(spec, out).entries if x.section == "main" and (x.dataset, x.row, x.attack, x.ratio)
+            == (e.dataset, e.row, e.attack, e.ratio)]
+    coverage = text.split("Seeds finished of each cell of the main table")[1].split(f"### {e.dataset}\n")[1]
+    row = next(line for line in coverage.splitlines() if line.startswith(f"| {e.row} |"))
+    assert f"{len(lost) - 1}/{len(lost)}" in [c.strip() for c in row.split("|")]   # the coverage table counts the loss
     assert "(n=1)" in text                                  # the seed that is left stands alone
     summary = json.loads((out / "cells" / cid / "summary.json").read_text())
     assert summary["versions"].keys() == {"fortress", "torch", "python", "commit"} and summary["config"]["seed"] in (0, 1)

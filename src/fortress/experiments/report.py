@@ -458,6 +458,26 @@ def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Pa
     return lines
 
 
+def coverage(entries: list[Entry], recs: dict[str, dict | None]) -> list[str]:
+    """Per dataset, the seeds finished (status ok) of each main-grid (method, attack, ratio), as `k/n`; – where the
+    method does not run that attack. What is missing at a glance, beside the list of cell ids."""
+    lines: list[str] = []
+    for ds in dict.fromkeys(e.dataset for e in entries):
+        es = [e for e in entries if e.dataset == ds]
+        rows = list(dict.fromkeys(e.row for e in es))
+        cols = list(dict.fromkeys((e.attack, e.ratio) for e in es))
+        done: dict[tuple, list[bool]] = defaultdict(list)
+        for e in es:
+            done[e.row, e.attack, e.ratio].append((recs.get(e.cell) or {}).get("status") == "ok")
+        lines += [f"### {ds}", "", "| method | " + " | ".join(attack_name(a, r) for a, r in cols) + " |",
+                  "|---|" + "---:|" * len(cols)]
+        for row in rows:
+            marks = [f"{sum(xs)}/{len(xs)}" if (xs := done.get((row, a, r))) else "–" for a, r in cols]
+            lines.append(f"| {row} | " + " | ".join(marks) + " |")
+        lines.append("")
+    return lines
+
+
 def cost(p: Plan, recs: dict[str, dict | None], missing: list[str]) -> str:
     """What the missing cells may cost: per kind of cell (pretrain, run, figure), their number times the mean
     wall time of the finished cells of that kind; empty when no cell of a missing kind has finished."""
@@ -548,6 +568,9 @@ def write(p: Plan) -> Path:
         lines += ["## Missing cells", "", f"{len(missing)} of {len(p.cells)} cells have not run yet (or not here): "
                   + ", ".join(f"`{cid}`" for cid in missing) + ". Their commands are in the list below."
                   + cost(p, recs, missing), ""]
+        if by_section.get("main"):
+            lines += ["Seeds finished of each cell of the main table (`k/n`; – where the method does not run the "
+                      "attack):", ""] + coverage(by_section["main"], recs)
     lines += ["## Cells", "",
               "Each cell is one command, run from the folder where `fortress experiment` ran, with DIR its `--out` "
               "folder; a cell that starts from a pretrained model (`init_from`) needs that cell's command run first. "
