@@ -261,6 +261,7 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
              f"its mean is within floor + {f.margin:g}. Target flagged: the share of the rounds in which the defence "
              "flagged a target; weight kept: the mean share of their FedAvg contribution (reported weight × update) "
              "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
+
     def figure(es: list[Entry], floors: dict[str, float | None], ds: str, ratio: float) -> list[str]:
         """The slice's ER@10 over the rounds, from the summaries' evaluations (`exposure_figure`)."""
         series: dict[str, dict[str, list[Trajectory]]] = defaultdict(lambda: defaultdict(list))
@@ -272,8 +273,9 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
         if not series:
             return []
         png = p.root / "figures" / f"exposure-{ds}-{ratio * 100:g}pct.png"
-        exposure_plot(png, series, floors, f.margin, p.er_last, f"ER@10 over the rounds on {ds}, attackers {ratio * 100:g}%"
-                      " of the clients (mean over seeds, band: lowest to highest seed)")
+        title = (f"ER@10 over the rounds on {ds}, attackers {ratio * 100:g}% of the clients (mean over seeds, band: "
+                 "lowest to highest seed)")
+        exposure_plot(png, series, floors, f.margin, p.er_last, title)
         return [f"![ER@10 over the rounds on {ds} at {ratio * 100:g}%]({png.relative_to(p.root)})", ""]
 
     for ds in dict.fromkeys(e.dataset for e in entries):
