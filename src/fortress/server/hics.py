@@ -13,8 +13,9 @@ name, and every threshold is our choice:
    gives its own next item).
 2. Sparsified updating: of each client's rows, only the ceil(`hics_keep` x its row count) largest
    (by their uploaded norm, not the clipped one, which ties every row above C_item; at least 1) are
-   kept; the other rows are zeroed, not removed, so the client still counts in those rows' FedAvg denominators (removing them would leave a cold item's average
-   to its few large pushers, the attackers among them).
+   kept; the other rows are zeroed, not removed, so the client still counts in those rows' FedAvg
+   denominators (removing them would leave a cold item's average to its few large pushers, the
+   attackers among them).
 3. User level: the client's whole update (encoder + its rows after steps 1-2) is clipped to L2 norm
    <= C_user = `hics_user_clip` x the round's median of those norms.
 Then FedAvg (interaction-weighted). The thresholds are relative to the round's medians because
