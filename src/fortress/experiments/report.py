@@ -238,11 +238,10 @@ def exposure_figure(series: dict[str, dict[str, list[Trajectory]]], floors: dict
     return fig
 
 
-def exposure_plot(path: Path, *args) -> Path:
-    """`exposure_figure` as a PNG (written atomically, as the sensitivity figures)."""
+def save_png(path: Path, fig, dpi: int) -> Path:
+    """A report figure as a PNG, written atomically: runners sharing DIR may draw it at once."""
     from fortress.plots import pyplot, save
-    tmp = save(pyplot(), exposure_figure(*args), path.with_name(f".{path.stem}.{os.getpid()}.png"), 110)
-    os.replace(tmp, path)
+    os.replace(save(pyplot(), fig, path.with_name(f".{path.stem}.{os.getpid()}.png"), dpi), path)
     return path
 
 
@@ -275,7 +274,7 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
         png = p.root / "figures" / f"exposure-{ds}-{ratio * 100:g}pct.png"
         title = (f"ER@10 over the rounds on {ds}, attackers {ratio * 100:g}% of the clients (mean over seeds, band: "
                  "lowest to highest seed)")
-        exposure_plot(png, series, floors, f.margin, p.er_last, title)
+        save_png(png, exposure_figure(series, floors, f.margin, p.er_last, title), 110)
         return [f"![ER@10 over the rounds on {ds} at {ratio * 100:g}%]({png.relative_to(p.root)})", ""]
 
     for ds in dict.fromkeys(e.dataset for e in entries):
@@ -420,12 +419,9 @@ def sensitivity_figure(key: str, values: list[str], series: dict[str, list[list[
 
 def sensitivity_plot(path: Path, key: str, values: list[str], series: dict[str, list[list[float]]],
                      attack: str | None, title: str = "") -> Path:
-    """The sensitivity figure as a PNG (written atomically: runners sharing DIR may draw it at once)."""
-    from fortress.plots import pyplot, save
-    fig = sensitivity_figure(key, values, series, attack, title or f"Sensitivity to {KEY_NAMES.get(key, key)}")
-    tmp = save(pyplot(), fig, path.with_name(f".{path.stem}.{os.getpid()}.png"), 120)
-    os.replace(tmp, path)
-    return path
+    """The sensitivity figure as a PNG (`save_png`)."""
+    return save_png(path, sensitivity_figure(key, values, series, attack,
+                                             title or f"Sensitivity to {KEY_NAMES.get(key, key)}"), 120)
 
 
 def sensitivity(entries: list[Entry], got: dict[str, dict[str, float]], root: Path) -> list[str]:
