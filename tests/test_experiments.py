@@ -495,6 +495,18 @@ def test_committed_report_is_rebuilt_from_its_summaries(tmp_path, folder):
     assert (copy / "report.md").read_text() == (ROOT / "docs" / "results" / folder / "report.md").read_text()
 
 
+
+def test_readme_verdict_tables_are_the_committed_main_table_reports():
+    """The README's verdict tables are the committed main-table report's "At a glance" tables, verbatim: a number
+    in the README cannot drift from the summaries it comes from (refresh both with `fortress report --publish`)."""
+    text = (ROOT / "docs" / "results" / "main-table" / "report.md").read_text()
+    glance = text.split("### At a glance")[1].split("\n### ")[0] + "\n"
+    tables = re.findall(r"^\| dataset, attackers \|.*?(?=\n\n)", glance, flags=re.M | re.S)
+    assert len(tables) == 2                                 # SASRec and GRU4Rec rows, each against its own floor
+    readme = "\n".join(line.strip() for line in (ROOT / "README.md").read_text().splitlines())   # list-item indent
+    for t in tables:
+        assert t in readme, f"README lacks the verdict table that starts {t.splitlines()[2][:60]!r}"
+
 def test_a_cell_is_claimed_by_one_runner_and_broken_locks_are_one_line(tmp_path, monkeypatch):
     import errno
     import fcntl
@@ -638,6 +650,11 @@ def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_pa
     text = (tmp_path / "out" / "report.md").read_text()
     section = text.split("## Against the data-poisoning floor")[1].split("\n## ")[0]
     assert "### synthetic, 5%: floor 0.3000" in section
+    glance = section.split("### At a glance")[1].split("\n### ")[0]
+    assert ("| dataset, attackers | floor: Random / Popular | FedAvg A-hum | FedAvg-lr-half Random | FedAvg-lr-half Popular "
+            "| FedAvg-lr-half A-hum |") in glance
+    assert ("| synthetic, 5% | 0.200 ± 0.000 (2) / 0.300 ± 0.071 (2) | 0.360 ± 0.000 (2) **fails** | 0.100 ± 0.000 (2) "
+            "holds | 0.100 ± 0.000 (2) holds | 0.340 ± 0.057 (2) holds |") in glance
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in section.splitlines()
             if line.startswith("| FedAvg")}
     assert "| 0.3600 ± 0.0000 | **no** |" in rows["FedAvg", "A-hum"]
@@ -676,6 +693,7 @@ def test_each_row_is_held_to_the_floor_of_its_backbone(tmp_path):
     section = report.write(p).read_text().split("## Against the data-poisoning floor")[1]
     assert "of FedAvg / FedAvg-GRU under Random (each row against the floor method of its backbone): " in section
     assert "### synthetic, 5%: floor 0.1000 (FedAvg), 0.4000 (FedAvg-GRU)" in section
+    assert "Held to FedAvg:" in section and "Held to FedAvg-GRU:" in section
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in section.splitlines() if line.startswith("| ")}
     assert "| **no** |" in rows["FedAvg-lr-half", "A-hum"]           # 0.3 against SASRec's 0.1
     assert "| yes |" in rows["FedAvg-GRU", "A-hum"]                  # 0.3 against GRU4Rec's 0.4

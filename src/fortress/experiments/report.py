@@ -245,12 +245,87 @@ def save_png(path: Path, fig, dpi: int) -> Path:
     return path
 
 
-def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict | None]) -> list[str]:
-    """The verdict of every attacked cell of the main grid against the data-poisoning floor ([floor] of the spec),
-    per dataset and ratio, with what the defence's round logs say (`runner.defence_digest`), and a figure of
-    ER@10 over the rounds (DIR/figures/exposure-DATASET-Rpct.png, drawn from the summaries' evaluations)."""
+@dataclass
+class Slice:
+    """One (dataset, ratio) of the main grid judged against the data-poisoning floor: its entries, the floor of each
+    floor method (None: not run yet), and the seed values of (row, attack, metric) that finished."""
+    dataset: str
+    ratio: float
+    entries: list[Entry]
+    floors: dict[str, float | None]
+    values: dict[tuple[str, str, str], list[float]]
+
+    def holds(self, f, row: str, attack: str) -> bool | None:
+        """Whether the row's mean last-evaluation ER@10 under the attack is within its floor + margin; None
+        without a floor or a finished seed."""
+        floor, last = self.floors[f.method_of(row)], self.values.get((row, attack, "ER@10 last"))
+        return None if floor is None or not last else bool(np.mean(last) <= floor + f.margin)
+
+
+def judged(p: Plan, got: dict[str, dict[str, float]]) -> list[Slice]:
+    """The attacked cells of the main grid, per dataset and ratio, with the floors they are held to: the larger
+    mean ER@10 of the last evaluations (over seeds) of each floor method under the floor attacks."""
     f = p.floor
     entries = [e for e in p.entries if e.section == "main" and e.attack != "none"]
+    out = []
+    for ds in dict.fromkeys(e.dataset for e in entries):
+        for ratio in dict.fromkeys(e.ratio for e in entries if e.dataset == ds):
+            es = [e for e in entries if e.dataset == ds and e.ratio == ratio]
+            values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+            for e in es:
+                for metric, x in got.get(e.cell, {}).items():
+                    values[e.row, e.attack, metric].append(x)
+            floors: dict[str, float | None] = {}
+            for m in f.methods:
+                means = [float(np.mean(xs)) for a in f.attacks if (xs := values.get((m, a, "ER@10 last")))]
+                floors[m] = max(means) if means else None
+            out.append(Slice(ds, ratio, es, floors, dict(values)))
+    return out
+
+
+def glance(p: Plan, slices: list[Slice]) -> list[str]:
+    """The verdicts at a glance: per floor method (backbone), one line per dataset and ratio, the floor attacks'
+    ER@10 and every attacked row's held to that floor, each with its verdict (the tables the README quotes)."""
+    f = p.floor
+
+    def short(xs: list[float] | None) -> str:
+        if not xs:
+            return "–"
+        return f"{np.mean(xs):.3f}" + (f" ± {std(xs):.3f}" if len(xs) > 1 else "") + f" ({len(xs)})"
+
+    lines = ["### At a glance", "",
+             "ER@10 as the mean of the last evaluations, mean ± std over seeds (in brackets: how many); each attacked "
+             f"cell holds (within floor + {f.margin:g}) or **fails**.", ""]
+    for m in f.methods:
+        cols = list(dict.fromkeys((e.row, e.attack) for s in slices for e in s.entries if f.method_of(e.row) == m
+                                  and not (e.row in f.methods and e.attack in f.attacks)))
+        cols = [c for c in cols if any(s.values.get((*c, "ER@10 last")) for s in slices)]
+        rows = []
+        for s in slices:
+            floor = " / ".join(short(s.values.get((m, a, "ER@10 last"))) for a in f.attacks)
+            cells = []
+            for row, attack in cols:
+                verdict = s.holds(f, row, attack)
+                cells.append(short(s.values.get((row, attack, "ER@10 last")))
+                             + ("" if verdict is None else " holds" if verdict else " **fails**"))
+            if s.floors[m] is not None or any(c != "–" for c in cells):
+                rows.append(f"| {s.dataset}, {s.ratio * 100:g}% | {floor} | " + " | ".join(cells) + " |")
+        if not rows:
+            continue
+        names = " / ".join(attack_name(a, None) for a in f.attacks)
+        lines += [f"Held to {m}:", "",
+                  f"| dataset, attackers | floor: {names} | " + " | ".join(f"{r} {attack_name(a, None)}" for r, a in cols)
+                  + " |", "|---|---|" + "---|" * len(cols)] + rows + [""]
+    return lines
+
+
+def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict | None]) -> list[str]:
+    """The verdict of every attacked cell of the main grid against the data-poisoning floor ([floor] of the spec):
+    at a glance (`glance`), then per dataset and ratio with what the defence's round logs say
+    (`runner.defence_digest`) and a figure of ER@10 over the rounds (DIR/figures/exposure-DATASET-Rpct.png, drawn
+    from the summaries' evaluations)."""
+    f = p.floor
+    slices = judged(p, got)
     names = " and ".join(attack_name(a, None) for a in f.attacks)
     each = "" if len(f.methods) == 1 else " (each row against the floor method of its backbone)"
     lines = ["## Against the data-poisoning floor", "",
@@ -260,60 +335,51 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
              f"its mean is within floor + {f.margin:g}. Target flagged: the share of the rounds in which the defence "
              "flagged a target; weight kept: the mean share of their FedAvg contribution (reported weight × update) "
              "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
+    lines += glance(p, slices)
 
-    def figure(es: list[Entry], floors: dict[str, float | None], ds: str, ratio: float) -> list[str]:
+    def figure(s: Slice) -> list[str]:
         """The slice's ER@10 over the rounds, from the summaries' evaluations (`exposure_figure`)."""
         series: dict[str, dict[str, list[Trajectory]]] = defaultdict(lambda: defaultdict(list))
-        for e in es:
+        for e in s.entries:
             history = ((recs.get(e.cell) or {}).get("attack") or {}).get("history") or []
             run = [(int(h["round"]), float(h["ER@10"])) for h in history if "ER@10" in h]
             if run and e.cell in got:
                 series[attack_name(e.attack, None)][e.row].append(run)
         if not series:
             return []
+        ds, ratio = s.dataset, s.ratio
         png = p.root / "figures" / f"exposure-{ds}-{ratio * 100:g}pct.png"
         title = (f"ER@10 over the rounds on {ds}, attackers {ratio * 100:g}% of the clients (mean over seeds, band: "
                  "lowest to highest seed)")
-        save_png(png, exposure_figure(series, floors, f.margin, p.er_last, title), 110)
+        save_png(png, exposure_figure(series, s.floors, f.margin, p.er_last, title), 110)
         return [f"![ER@10 over the rounds on {ds} at {ratio * 100:g}%]({png.relative_to(p.root)})", ""]
 
-    for ds in dict.fromkeys(e.dataset for e in entries):
-        for ratio in dict.fromkeys(e.ratio for e in entries if e.dataset == ds):
-            es = [e for e in entries if e.dataset == ds and e.ratio == ratio]
-            seeds = len({e.seed for e in es})
-
-            def values(row: str, attack: str, metric: str) -> list[float]:
-                return [got[e.cell][metric] for e in es if e.row == row and e.attack == attack and e.cell in got
-                        and metric in got[e.cell]]
-
-            floors: dict[str, float | None] = {}
-            for m in f.methods:
-                means = [float(np.mean(xs)) for a in f.attacks if (xs := values(m, a, "ER@10 last"))]
-                floors[m] = max(means) if means else None
-            shown = ", ".join((f"{x:.4f}" if x is not None else "not run yet")
-                              + (f" ({m})" if len(f.methods) > 1 else "") for m, x in floors.items())
-            lines += [f"### {ds}, {ratio * 100:g}%: floor {shown}", ""] + figure(es, floors, ds, ratio) + [
-                      "| method | attack | ER@10 final | ER@10, mean of last evals | ≤ floor + "
-                      f"{f.margin:g} | test HR@10 | target flagged | weight kept |", "|---|---|---:|---:|---|---:|---:|---|"]
-            for row, attack in dict.fromkeys((e.row, e.attack) for e in es):
-                last = values(row, attack, "ER@10 last")
-                if not last:
-                    lines.append(f"| {row} | {attack_name(attack, None)} | – | – | | – | | |")
-                    continue
-                floor = floors[f.method_of(row)]
-                ok = "" if floor is None else ("yes" if np.mean(last) <= floor + f.margin else "**no**")
-                if any(got[e.cell].get("skipped") for e in es if e.row == row and e.attack == attack and e.cell in got):
-                    ok += f" {SKIP_MARK}"
-                digests = [d for e in es if e.row == row and e.attack == attack
-                           and (d := (recs.get(e.cell) or {}).get("defence"))]
-                shares = [d["rounds_target_flagged"] / d["rounds"] for d in digests if d.get("rounds_target_flagged") is not None]
-                flagged = f"{100 * np.mean(shares):.1f}%" if shares else "–"
-                kept = " / ".join("–" if not (xs := [d[k] for d in digests if d.get(k) is not None])
-                                  else f"{np.mean(xs):.3f}" for k in ("weight_benign", "weight_short", "weight_malicious"))
-                lines.append(f"| {row} | {attack_name(attack, None)} | {mean_std(values(row, attack, 'ER@10'), seeds)} | "
-                             f"{mean_std(last, seeds)} | {ok} | {mean_std(values(row, attack, 'HR@10'), seeds)} | "
-                             f"{flagged} | {kept if digests else '–'} |")
-            lines.append("")
+    for s in slices:
+        seeds = len({e.seed for e in s.entries})
+        shown = ", ".join((f"{x:.4f}" if x is not None else "not run yet")
+                          + (f" ({m})" if len(f.methods) > 1 else "") for m, x in s.floors.items())
+        lines += [f"### {s.dataset}, {s.ratio * 100:g}%: floor {shown}", ""] + figure(s) + [
+                  "| method | attack | ER@10 final | ER@10, mean of last evals | ≤ floor + "
+                  f"{f.margin:g} | test HR@10 | target flagged | weight kept |", "|---|---|---:|---:|---|---:|---:|---|"]
+        for row, attack in dict.fromkeys((e.row, e.attack) for e in s.entries):
+            last = s.values.get((row, attack, "ER@10 last"))
+            if not last:
+                lines.append(f"| {row} | {attack_name(attack, None)} | – | – | | – | | |")
+                continue
+            verdict = s.holds(f, row, attack)
+            ok = "" if verdict is None else ("yes" if verdict else "**no**")
+            if s.values.get((row, attack, "skipped")):
+                ok += f" {SKIP_MARK}"
+            digests = [d for e in s.entries if e.row == row and e.attack == attack
+                       and (d := (recs.get(e.cell) or {}).get("defence"))]
+            shares = [d["rounds_target_flagged"] / d["rounds"] for d in digests if d.get("rounds_target_flagged") is not None]
+            flagged = f"{100 * np.mean(shares):.1f}%" if shares else "–"
+            kept = " / ".join("–" if not (xs := [d[k] for d in digests if d.get(k) is not None])
+                              else f"{np.mean(xs):.3f}" for k in ("weight_benign", "weight_short", "weight_malicious"))
+            lines.append(f"| {row} | {attack_name(attack, None)} | {mean_std(s.values[row, attack, 'ER@10'], seeds)} | "
+                         f"{mean_std(last, seeds)} | {ok} | {mean_std(s.values[row, attack, 'HR@10'], seeds)} | "
+                         f"{flagged} | {kept if digests else '–'} |")
+        lines.append("")
     return lines
 
 

@@ -103,7 +103,7 @@ class Floor:
     of_row: tuple[tuple[str, str], ...] = ()      # (main-grid row, its floor method); one floor method: every row
 
     def method_of(self, row: str) -> str:
-        return dict(self.of_row).get(row, self.methods[0])
+        return next((m for r, m in self.of_row if r == row), self.methods[0])
 
 
 @dataclass
