@@ -497,8 +497,9 @@ def test_committed_report_is_rebuilt_from_its_summaries(tmp_path, folder):
 
 
 def test_readme_verdict_tables_are_the_committed_main_table_reports():
-    """The README's verdict tables are the committed main-table report's "At a glance" tables, verbatim: a number
-    in the README cannot drift from the summaries it comes from (refresh both with `fortress report --publish`)."""
+    """The README's verdict tables are the committed main-table report's "At a glance" tables, verbatim, and its count
+    of the cells that have run is the report's: a number in the README cannot drift from the summaries it comes from
+    (refresh both with `fortress report --publish`)."""
     text = (ROOT / "docs" / "results" / "main-table" / "report.md").read_text()
     glance = text.split("### At a glance")[1].split("\n### ")[0] + "\n"
     tables = re.findall(r"^\| dataset, attackers \|.*?(?=\n\n)", glance, flags=re.M | re.S)
@@ -506,6 +507,9 @@ def test_readme_verdict_tables_are_the_committed_main_table_reports():
     readme = "\n".join(line.strip() for line in (ROOT / "README.md").read_text().splitlines())   # list-item indent
     for t in tables:
         assert t in readme, f"README lacks the verdict table that starts {t.splitlines()[2][:60]!r}"
+    counts = re.search(r"^(\d+) cells: (.*?)\. ", text, flags=re.M)
+    total, ok = counts[1], re.search(r"(\d+) ok", counts[2])[1]
+    assert f"What has run of it: {ok} of {total} cells." in readme
 
 def test_a_cell_is_claimed_by_one_runner_and_broken_locks_are_one_line(tmp_path, monkeypatch):
     import errno
