@@ -352,15 +352,14 @@ def test_report_is_rebuilt_from_the_summaries_alone(done, tmp_path, capsys):
     assert "(1 of 12 cells missing)" in capsys.readouterr().out
     text = (dest / "report.md").read_text()
     assert f"## Missing cells\n\n1 of 12 cells have not run yet (or not here): `{cid}`." in text
-    runs = [r["seconds"] for r in map(json.loads, map(Path.read_text, dest.glob("cells/*/summary.json")))
-            if r["status"] == "ok" and r["kind"] == "run"]
-    # the estimate is the finished run cells' mean wall time, to 2 significant digits (summed in another order
-    # than here, so compare the number, not its last rounded digit)
-    about = float(re.search(r"they take about ([0-9.e-]+) cell-hours\.", text).group(1))
-    assert about == pytest.approx(sum(runs) / len(runs) / 3600, rel=0.05)
     e = next(e for e in specs.load(spec, out).entries if e.cell == cid and e.section == "main")
     lost = [x for x in specs.load(spec, out).entries if x.section == "main" and (x.dataset, x.row, x.attack, x.ratio)
             == (e.dataset, e.row, e.attack, e.ratio)]
+    # the estimate is the mean wall time of the finished cells of its dataset, method, attack and ratio (its other
+    # seeds), to 2 significant digits
+    like = [json.loads((dest / "cells" / x.cell / "summary.json").read_text())["seconds"] for x in lost if x.cell != cid]
+    about = float(re.search(r"they take about ([0-9.e-]+) cell-hours\.", text).group(1))
+    assert like and about == pytest.approx(np.mean(like) / 3600, rel=0.05)
     coverage = text.split("Seeds finished of each cell of the main table")[1].split(f"### {e.dataset}\n")[1]
     row = next(line for line in coverage.splitlines() if line.startswith(f"| {e.row} |"))
     assert f"{len(lost) - 1}/{len(lost)}" in [c.strip() for c in row.split("|")]   # the coverage table counts the loss
@@ -370,6 +369,33 @@ def test_report_is_rebuilt_from_the_summaries_alone(done, tmp_path, capsys):
     assert "--out DIR/cells/" in summary["command"] and str(out) not in json.dumps(summary)
     assert main(["report", str(tmp_path / "nothing")]) == 2 and "no such folder" in capsys.readouterr().err
 
+
+
+def test_missing_cells_are_costed_by_the_finished_cells_most_like_them(tmp_path):
+    """`cost`: a missing cell at the mean wall time of its own dataset/method/attack/ratio's finished cells, else of
+    its method's on that dataset, else of its attack and ratio's, else its dataset's; with no finished cell, no
+    estimate."""
+    grid = TINY.replace("er_last = 2", 'er_last = 2\nattacks = ["none", "ahum"]\nattack_ratios = [0.01, 0.05]')
+    grid = grid.replace('[datasets.broken]\ndata = "BROKEN"\n', "").replace('[pretrain]\ninherit = ["backbone"]\nrounds = 3\n', "")
+    p = specs.load(spec_file(tmp_path, grid), tmp_path / "out", check_data=False)
+    at = {(e.row, e.attack, e.ratio, e.seed): e.cell for e in p.entries}
+    seconds = {("FedAvg", "none", None, 0): 100, ("FedAvg", "ahum", 0.01, 0): 600, ("FedAvg", "ahum", 0.01, 1): 800,
+               ("FedAvg-lr-half", "ahum", 0.05, 0): 3600}
+    recs = {cid: None for cid in p.cells} | {at[k]: {"status": "ok", "seconds": x} for k, x in seconds.items()}
+    missing = [cid for cid, r in recs.items() if r is None]
+    # FedAvg none s1: 100; FedAvg ahum 5% s0, s1: FedAvg's ahum cells, 700 each; FedAvg-lr-half ahum 5% s1: 3600;
+    # FedAvg-lr-half none s0, s1 and ahum 1% s0, s1: that method's only finished cell, 3600 each
+    expected = (100 + 2 * 700 + 3600 + 4 * 3600) / 3600
+    about = float(re.search(r"they take about ([0-9.e-]+) cell-hours\.", report.cost(p, recs, missing))[1])
+    assert about == pytest.approx(expected, rel=0.05)
+    recs[at["FedAvg-lr-half", "ahum", 0.05, 0]] = None
+    missing = [cid for cid, r in recs.items() if r is None]
+    # FedAvg-lr-half has no finished cell: none at FedAvg's none (100), ahum 1% at FedAvg's (700), ahum 5% at the
+    # dataset's mean (500)
+    expected = (100 + 2 * 700 + 2 * 100 + 2 * 700 + 2 * 500) / 3600
+    about = float(re.search(r"they take about ([0-9.e-]+) cell-hours\.", report.cost(p, recs, missing))[1])
+    assert about == pytest.approx(expected, rel=0.05)
+    assert report.cost(p, {cid: None for cid in p.cells}, list(p.cells)) == ""   # nothing has finished
 
 def test_budget_stops_starting_cells(tmp_path):
     spec = spec_file(tmp_path, TINY.replace('[datasets.broken]\ndata = "BROKEN"\n', ""))

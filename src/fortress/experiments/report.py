@@ -543,15 +543,36 @@ def coverage(entries: list[Entry], recs: dict[str, dict | None]) -> list[str]:
 
 
 def cost(p: Plan, recs: dict[str, dict | None], missing: list[str]) -> str:
-    """What the missing cells may cost: per kind of cell (pretrain, run, figure), their number times the mean
-    wall time of the finished cells of that kind; empty when no cell of a missing kind has finished."""
-    hours = 0.0
-    for kind in dict.fromkeys(p.cells[cid].kind for cid in missing):
-        done = [r["seconds"] for cid, r in recs.items() if r and r.get("status") == "ok" and p.cells[cid].kind == kind]
-        if not done:
+    """What the missing cells may cost: each at the mean wall time of the finished cells most like it, the first
+    of these that has one: the same kind of cell (pretrain, run, figure) and dataset, method, attack and ratio; and
+    dataset, method and attack; dataset and method; dataset, attack and ratio; dataset; kind alone (a cell outside
+    the tables: its kind). Empty when a missing cell has none at all."""
+    first: dict[str, Entry] = {}
+    for e in p.entries:
+        first.setdefault(e.cell, e)
+
+    def likes(cid: str) -> list[tuple]:
+        kind, e = p.cells[cid].kind, first.get(cid)
+        if e is None:
+            return [(kind,)]
+        return [(kind, e.dataset, e.row, e.attack, e.ratio), (kind, e.dataset, e.row, e.attack),
+                (kind, e.dataset, e.row), (kind, e.dataset, "*", e.attack, e.ratio), (kind, e.dataset), (kind,)]
+
+    done: dict[tuple, list[float]] = defaultdict(list)
+    for cid, r in recs.items():
+        if r and r.get("status") == "ok" and "seconds" in r:
+            for key in likes(cid):
+                done[key].append(float(r["seconds"]))
+    hours: dict[str, float] = defaultdict(float)        # per dataset ('' outside the tables)
+    for cid in missing:
+        seconds = next((float(np.mean(done[k])) for k in likes(cid) if done.get(k)), None)
+        if seconds is None:
             return ""
-        hours += sum(p.cells[cid].kind == kind for cid in missing) * float(np.mean(done)) / 3600
-    return f" At the mean wall time of the finished cells of each kind they take about {hours:.2g} cell-hours."
+        hours[first[cid].dataset if cid in first else ""] += seconds / 3600
+    split = [f"{ds} {h:.2g}" for ds, h in hours.items() if ds]
+    return (f" At the mean wall time of the finished cells most like each (same dataset, method, attack and ratio where "
+            f"one has finished; `cost` in report.py) they take about {sum(hours.values()):.2g} cell-hours"
+            + (f" ({', '.join(split)})" if len(split) > 1 else "") + ".")
 
 
 def _esc(text: str) -> str:
