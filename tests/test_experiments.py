@@ -350,6 +350,12 @@ def test_report_is_rebuilt_from_the_summaries_alone(done, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(dest)]) == 0
     assert "(1 of 12 cells missing)" in capsys.readouterr().out
+    full = tmp_path / "docs" / "full"                       # a folder that holds every cell, published into
+    assert main(["report", str(out), "--publish", str(full)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(dest), "--publish", str(full)]) == 0
+    said = capsys.readouterr().out.splitlines()             # each report written, with its own count
+    assert said == [f"wrote {dest / 'report.md'} (1 of 12 cells missing)", f"wrote {full / 'report.md'}"]
     text = (dest / "report.md").read_text()
     assert f"## Missing cells\n\n1 of 12 cells have not run yet (or not here): `{cid}`." in text
     e = next(e for e in specs.load(spec, out).entries if e.cell == cid and e.section == "main")

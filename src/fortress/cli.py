@@ -142,11 +142,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fortress.experiments import report
     plan = report.rebuild(Path(args.dir))
     check_plot_extra(plan)
-    path = report.write(plan)
-    if args.publish:
-        path = report.write(report.publish(plan, Path(args.publish)))
-    missing_cells = sum(report.record(c) is None for c in plan.cells.values())
-    print(f"wrote {path}" + (f" ({missing_cells} of {len(plan.cells)} cells missing)" if missing_cells else ""))
+    written = [(report.write(plan), plan)]
+    if args.publish:                    # DEST may hold cells from other machines: its own count
+        published = report.publish(plan, Path(args.publish))
+        written.append((report.write(published), published))
+    for path, p in written:
+        missing_cells = sum(report.record(c) is None for c in p.cells.values())
+        print(f"wrote {path}" + (f" ({missing_cells} of {len(p.cells)} cells missing)" if missing_cells else ""))
     return 0
 
 
