@@ -376,7 +376,6 @@ def test_report_is_rebuilt_from_the_summaries_alone(done, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2 and "no such folder" in capsys.readouterr().err
 
 
-
 def test_missing_cells_are_costed_by_the_finished_cells_most_like_them(tmp_path):
     """`cost`: a missing cell at the mean wall time of its own dataset/method/attack/ratio's finished cells, else of
     its method's on that dataset, else of its attack and ratio's, else its dataset's; with no finished cell, no
@@ -402,6 +401,7 @@ def test_missing_cells_are_costed_by_the_finished_cells_most_like_them(tmp_path)
     about = float(re.search(r"they take about ([0-9.e-]+) cell-hours\.", report.cost(p, recs, missing))[1])
     assert about == pytest.approx(expected, rel=0.05)
     assert report.cost(p, {cid: None for cid in p.cells}, list(p.cells)) == ""   # nothing has finished
+
 
 def test_budget_stops_starting_cells(tmp_path):
     spec = spec_file(tmp_path, TINY.replace('[datasets.broken]\ndata = "BROKEN"\n', ""))
@@ -527,7 +527,6 @@ def test_committed_report_is_rebuilt_from_its_summaries(tmp_path, folder):
     assert (copy / "report.md").read_text() == (ROOT / "docs" / "results" / folder / "report.md").read_text()
 
 
-
 def test_readme_verdict_tables_are_the_committed_main_table_reports():
     """The README's verdict tables are the committed main-table report's "At a glance" tables, verbatim, and its count
     of the cells that have run is the report's: a number in the README cannot drift from the summaries it comes from
@@ -542,6 +541,7 @@ def test_readme_verdict_tables_are_the_committed_main_table_reports():
     counts = re.search(r"^(\d+) cells: (.*?)\. ", text, flags=re.M)
     total, ok = counts[1], re.search(r"(\d+) ok", counts[2])[1]
     assert f"What has run of it: {ok} of {total} cells." in readme
+
 
 def test_a_cell_is_claimed_by_one_runner_and_broken_locks_are_one_line(tmp_path, monkeypatch):
     import errno

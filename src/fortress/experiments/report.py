@@ -24,7 +24,7 @@ import numpy as np
 
 from fortress.errors import InputError
 from fortress.experiments.runner import SPEC_COPY, STRATA, SUMMARY, record, write_text
-from fortress.experiments.spec import Entry, Plan, load
+from fortress.experiments.spec import Entry, Floor, Plan, load
 
 ATTACK_NAMES = {"none": "no attack", "ahum": "A-hum", "psmu": "PSMU", "random": "Random",
                 "popular": "Popular", "boost": "Boost"}
@@ -255,7 +255,7 @@ class Slice:
     floors: dict[str, float | None]
     values: dict[tuple[str, str, str], list[float]]
 
-    def holds(self, f, row: str, attack: str) -> bool | None:
+    def holds(self, f: Floor, row: str, attack: str) -> bool | None:
         """Whether the row's mean last-evaluation ER@10 under the attack is within its floor + margin; None
         without a floor or a finished seed."""
         floor, last = self.floors[f.method_of(row)], self.values.get((row, attack, "ER@10 last"))
