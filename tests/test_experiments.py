@@ -687,10 +687,10 @@ def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_pa
     section = text.split("## Against the data-poisoning floor")[1].split("\n## ")[0]
     assert "### synthetic, 5%: floor 0.3000" in section
     glance = section.split("### At a glance")[1].split("\n### ")[0]
-    assert ("| dataset, attackers | floor: Random / Popular | FedAvg A-hum | FedAvg-lr-half Random | FedAvg-lr-half Popular "
-            "| FedAvg-lr-half A-hum |") in glance
-    assert ("| synthetic, 5% | 0.200 ± 0.000 (2) / 0.300 ± 0.071 (2) | 0.360 ± 0.000 (2) **fails** | 0.100 ± 0.000 (2) "
-            "holds | 0.100 ± 0.000 (2) holds | 0.340 ± 0.057 (2) holds |") in glance
+    assert ("| dataset, attackers | floor: Random / Popular | row | Random | Popular | A-hum |\n|---|---|---|---|---|---|\n"
+            "| synthetic, 5% | 0.200 ± 0.000 (2) / 0.300 ± 0.071 (2) | FedAvg |  |  | 0.360 ± 0.000 (2) **fails** |\n"
+            "|  |  | FedAvg-lr-half | 0.100 ± 0.000 (2) holds | 0.100 ± 0.000 (2) holds | 0.340 ± 0.057 (2) holds |\n"
+            ) in glance          # a line per row, attacks in the spec's order; blank: FedAvg's random / popular are its floor
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in section.splitlines()
             if line.startswith("| FedAvg")}
     assert "| 0.3600 ± 0.0000 | **no** |" in rows["FedAvg", "A-hum"]

@@ -284,8 +284,10 @@ def judged(p: Plan, got: dict[str, dict[str, float]]) -> list[Slice]:
 
 
 def glance(p: Plan, slices: list[Slice]) -> list[str]:
-    """The verdicts at a glance: per floor method (backbone), one line per dataset and ratio, the floor attacks'
-    ER@10 and every attacked row's held to that floor, each with its verdict (the tables the README quotes)."""
+    """The verdicts at a glance: per floor method (backbone), a line per dataset, ratio and attacked row held to
+    that floor (rows with a finished cell there), its ER@10 under each attack with the verdict, the floor attacks'
+    ER@10 on the first line of the dataset and ratio (the tables the README quotes). A blank cell: an attack the
+    spec does not run on that row; "–": not run yet."""
     f = p.floor
 
     def short(xs: list[float] | None) -> str:
@@ -293,29 +295,39 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
             return "–"
         return f"{np.mean(xs):.3f}" + (f" ± {std(xs):.3f}" if len(xs) > 1 else "") + f" ({len(xs)})"
 
+    def last(s: Slice, row: str, attack: str) -> list[float] | None:
+        return s.values.get((row, attack, "ER@10 last"))
+
     lines = ["### At a glance", "",
              "ER@10 as the mean of the last evaluations, mean ± std over seeds (in brackets: how many); each attacked "
-             f"cell holds (within floor + {f.margin:g}) or **fails**.", ""]
+             f"cell holds (within floor + {f.margin:g}) or **fails**; a blank: not in the spec; –: not run yet.", ""]
     for m in f.methods:
-        cols = list(dict.fromkeys((e.row, e.attack) for s in slices for e in s.entries if f.method_of(e.row) == m
-                                  and not (e.row in f.methods and e.attack in f.attacks)))
-        cols = [c for c in cols if any(s.values.get((*c, "ER@10 last")) for s in slices)]
-        rows = []
+        planned = {(e.row, e.attack) for s in slices for e in s.entries if f.method_of(e.row) == m
+                   and not (e.row in f.methods and e.attack in f.attacks)}
+        done = [(e.row, e.attack) for s in slices for e in s.entries if (e.row, e.attack) in planned
+                and last(s, e.row, e.attack)]
+        attacks = [a for a in dict.fromkeys(e.attack for e in p.entries) if a in {a for _, a in done}]   # spec order
+        rows = list(dict.fromkeys(r for r, _ in done))
+        out = []
         for s in slices:
-            floor = " / ".join(short(s.values.get((m, a, "ER@10 last"))) for a in f.attacks)
-            cells = []
-            for row, attack in cols:
-                verdict = s.holds(f, row, attack)
-                cells.append(short(s.values.get((row, attack, "ER@10 last")))
-                             + ("" if verdict is None else " holds" if verdict else " **fails**"))
-            if s.floors[m] is not None or any(c != "–" for c in cells):
-                rows.append(f"| {s.dataset}, {s.ratio * 100:g}% | {floor} | " + " | ".join(cells) + " |")
-        if not rows:
+            shown = [r for r in rows if any(last(s, r, a) for a in attacks)]
+            if not shown and s.floors[m] is None:
+                continue
+            floor = " / ".join(short(last(s, m, a)) for a in f.attacks)
+            for k, row in enumerate(shown or ["–"]):
+                cells = []
+                for a in attacks:
+                    verdict = s.holds(f, row, a)
+                    cells.append("" if (row, a) not in planned and shown else short(last(s, row, a))
+                                 + ("" if verdict is None else " holds" if verdict else " **fails**"))
+                lead = f"{s.dataset}, {s.ratio * 100:g}% | {floor}" if k == 0 else " | "
+                out.append(f"| {lead} | {row} | " + " | ".join(cells) + " |")
+        if not out:
             continue
         names = " / ".join(attack_name(a, None) for a in f.attacks)
         lines += [f"Held to {m}:", "",
-                  f"| dataset, attackers | floor: {names} | " + " | ".join(f"{r} {attack_name(a, None)}" for r, a in cols)
-                  + " |", "|---|---|" + "---|" * len(cols)] + rows + [""]
+                  f"| dataset, attackers | floor: {names} | row | " + " | ".join(attack_name(a, None) for a in attacks)
+                  + " |", "|---|---|---|" + "---|" * len(attacks)] + out + [""]
     return lines
 
 
