@@ -306,7 +306,8 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
                    and not (e.row in f.methods and e.attack in f.attacks)}
         done = [(e.row, e.attack) for s in slices for e in s.entries if (e.row, e.attack) in planned
                 and last(s, e.row, e.attack)]
-        attacks = [a for a in dict.fromkeys(e.attack for e in p.entries) if a in {a for _, a in done}]   # spec order
+        ran = {a for _, a in done}
+        attacks = [a for a in dict.fromkeys(e.attack for e in p.entries) if a in ran]   # in the spec's order
         rows = list(dict.fromkeys(r for r, _ in done))
         out = []
         for s in slices:
@@ -314,12 +315,16 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
             if not shown and s.floors[m] is None:
                 continue
             floor = " / ".join(short(last(s, m, a)) for a in f.attacks)
-            for k, row in enumerate(shown or ["–"]):
+            if not shown:                                   # the floor alone so far
+                out.append(f"| {s.dataset}, {s.ratio * 100:g}% | {floor} | – | " + " | ".join("–" for _ in attacks) + " |")
+            for k, row in enumerate(shown):
                 cells = []
                 for a in attacks:
+                    if (row, a) not in planned:
+                        cells.append("")
+                        continue
                     verdict = s.holds(f, row, a)
-                    cells.append("" if (row, a) not in planned and shown else short(last(s, row, a))
-                                 + ("" if verdict is None else " holds" if verdict else " **fails**"))
+                    cells.append(short(last(s, row, a)) + ("" if verdict is None else " holds" if verdict else " **fails**"))
                 lead = f"{s.dataset}, {s.ratio * 100:g}% | {floor}" if k == 0 else " | "
                 out.append(f"| {lead} | {row} | " + " | ".join(cells) + " |")
         if not out:
