@@ -17,7 +17,7 @@ $(BIN)/fortress: pyproject.toml
 	$(BIN)/pip install -q -e ".[test,plot,flower]"
 	touch $@
 
-.PHONY: demo test test-all
+.PHONY: demo test test-all test-cuda
 demo: $(BIN)/fortress
 	$(BIN)/fortress run $(DEMO) --out runs/demo --overwrite
 	@echo
@@ -34,6 +34,9 @@ demo: $(BIN)/fortress
 test: $(BIN)/fortress
 	$(BIN)/python -m pytest tests -m "not slow"
 	@echo "(slow tests left out: make test-all runs them)"
+
+test-cuda: $(BIN)/fortress
+	$(BIN)/python -m pytest tests -m cuda -rA
 
 test-all: test
 	$(BIN)/python -m pytest tests -m slow
