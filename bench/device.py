@@ -4,7 +4,8 @@
 
 For each row (the main table's methods, clean and under A-hum at 1%), `fortress run`'s own loop (`simulate.run`)
 trains `--rounds` rounds with the main table's settings, once with `device=cpu` and once with `device=cuda`, and
-evaluates once at the end (full ranking of every user); the rows alternate the two devices. Reported: seconds a
+evaluates once at the end (full ranking of every user); the rows alternate the two devices, after a one-round
+run on each that warms them up. Reported: seconds a
 round (train_seconds / rounds, so the first round's start-up is in it), the final evaluation's seconds, and a
 1,500-round cell with 15 evaluations projected from them (ratio = CPU / GPU). The FORTRESS defence, the attacks and
 the upload checks run on the CPU by design (docs/results/engine.md#device), so their share is not sped up.
@@ -54,6 +55,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/device.py: torch sees no CUDA device")
     ds = load_dataset(resolve(args.data))
+    warm = override(Config(), {"threads": str(args.threads), "rounds": "1", "eval_every": "0"})
+    for dev in ("cpu", "cuda"):            # imports, kernels and allocators warmed before the first timed row
+        one(override(warm, {"device": dev}), ds)
     rows = []
     for name in args.rows.split(","):
         for attack, asets in ATTACKS.items():

@@ -792,3 +792,21 @@ def test_a_slice_run_into_the_folder_keeps_the_larger_spec(tmp_path):
                     f"(and {len(full.cells) - len(part.cells)} more)"]
     runner.save_spec(grown)
     assert (out / "spec.toml").read_text() == grown.text
+
+
+def test_cells_that_may_use_a_gpu_run_as_subprocesses_not_forks(tmp_path, monkeypatch):
+    """A fork cannot use CUDA once the runner has touched it (checking a spec's device=cuda does): such cells, and
+    device=auto ones, run as `fortress` subprocesses, and finish (on a machine without a GPU auto is the CPU)."""
+    text = TINY.replace('[datasets.broken]\ndata = "BROKEN"\n', "").replace("seeds = [0, 1]", "seeds = [0]")
+    plain = specs.load(spec_file(tmp_path / "a", text), tmp_path / "a" / "out")
+    auto = specs.load(spec_file(tmp_path / "b", text.replace("threads = 1", 'threads = 1\ndevice = "auto"')),
+                      tmp_path / "b" / "out")
+    assert runner.forks(plain) == runner.FORK and not runner.forks(auto)
+    forked, real = [], runner.Job.__init__
+
+    def job(self, cell, main_, close_fds=(), fork=runner.FORK):
+        forked.append(fork)
+        real(self, cell, main_, close_fds, fork)
+    monkeypatch.setattr(runner.Job, "__init__", job)
+    counts = runner.execute(auto, main, jobs=1, progress=False)
+    assert counts["ok"] == len(auto.cells) and forked == [False] * len(auto.cells), counts

@@ -13,7 +13,7 @@ shard `i/n` runs every n-th cell of the plan, and the cells they start from when
 made or is making them; it waits for those another runner is making.
 
 Each cell is its own process (on Linux a fork of the runner, which has already imported torch, so a
-cell does not pay ~1.5 s of imports; elsewhere a `fortress` subprocess), killed by the kernel if the
+cell does not pay ~1.5 s of imports; elsewhere, or where a cell may run on a GPU, a `fortress` subprocess), killed by the kernel if the
 runner dies (PR_SET_PDEATHSIG), so a `kill -9` of the runner loses the cells in progress and
 nothing else (their locks go with it). A failing cell is recorded with its error line and the
 others go on; cells that start from it are marked failed.
@@ -43,6 +43,12 @@ SUMMARY = "summary.json"
 STRATA = "strata.json"          # what `fortress eval` writes into a run's folder: its metrics by stratum
 SPEC_COPY = "spec.toml"
 FORK = sys.platform.startswith("linux")
+
+
+def forks(p: Plan) -> bool:
+    """Whether cells run as forks of the runner: on Linux, unless a cell may run on a GPU (device cuda or auto; a
+    fork cannot use CUDA once the runner has touched it, and checking the spec's device=cuda touches it)."""
+    return FORK and not any(a in ("device=cuda", "device=auto") for c in p.cells.values() for a in c.argv)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -156,11 +162,12 @@ class Job:
     """A cell running in its own process: a fork of the runner calling `main(argv)` (Linux), or a
     `fortress` subprocess."""
 
-    def __init__(self, cell: Cell, main: Callable[[list[str]], int], close_fds: tuple[int, ...] = ()):
+    def __init__(self, cell: Cell, main: Callable[[list[str]], int], close_fds: tuple[int, ...] = (),
+                 fork: bool = FORK):
         argv = [*cell.argv, "--quiet"] if cell.kind != "figure" else cell.argv
         log = cell.folder / "log.txt"
         self.cell, self.t0, self.proc, self.pid = cell, time.time(), None, 0
-        if not FORK:
+        if not fork:
             with open(log, "w") as f:
                 self.proc = subprocess.Popen([sys.executable, "-m", "fortress.cli", *argv], stdout=f,
                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -288,7 +295,8 @@ def execute(p: Plan, main: Callable[[list[str]], int], jobs: int = 1, part: tupl
     experiment` command), since torch's thread pools do not survive a fork.
     """
     from tqdm import tqdm
-    if FORK:       # import torch and the simulator once here; forked cells inherit them (no torch op has run)
+    fork = forks(p)
+    if fork:       # import torch and the simulator once here; forked cells inherit them (no torch op has run)
         import fortress.simulate  # noqa: F401
     log = log or (lambda msg: print(msg, file=sys.stderr))
     prepare(p.root)
@@ -366,7 +374,7 @@ def execute(p: Plan, main: Callable[[list[str]], int], jobs: int = 1, part: tupl
                     cell.out.unlink(missing_ok=True)    # an older PNG must not pass for this one
                 cell.out.parent.mkdir(parents=True, exist_ok=True)
                 locks = tuple(fd for _, fd in running.values()) + (lock,)
-                running[cell.id] = (Job(cell, main, locks), lock)
+                running[cell.id] = (Job(cell, main, locks, fork), lock)
                 bar.set_postfix(running=len(running), failed=counts["failed"], refresh=True)
             ended = [(cid, j, c) for cid, (j, _) in running.items() if (c := j.poll()) is not None]
             for cid, job, code in ended:
