@@ -465,7 +465,11 @@ def test_kill_9_loses_only_cells_in_progress(done, tmp_path):
 # ---------------------------------------------------------------- the shipped specs
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "experiments").glob("*.toml")))
-def test_shipped_specs_are_valid(shared_data, tmp_path, name):
+def test_shipped_specs_are_valid(shared_data, tmp_path, name, monkeypatch):
+    text = (ROOT / "experiments" / name).read_text()
+    if 'device = "cuda"' in text:       # checked as where a GPU is (its device is asked for when it runs)
+        import torch
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     p = specs.load(ROOT / "experiments" / name, tmp_path)
     if name.startswith("paper"):
         assert {e.section for e in p.entries} >= {"main", "ablation", "sensitivity"}
@@ -810,3 +814,11 @@ def test_cells_that_may_use_a_gpu_run_as_subprocesses_not_forks(tmp_path, monkey
     monkeypatch.setattr(runner.Job, "__init__", job)
     counts = runner.execute(auto, main, jobs=1, progress=False)
     assert counts["ok"] == len(auto.cells) and forked == [False] * len(auto.cells), counts
+
+
+def test_a_gpu_spec_is_refused_without_a_gpu_but_its_report_rebuilds(tmp_path, monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match=r"cuda-check.toml: cell '.*': device='cuda': CUDA is not available here"):
+        specs.load(ROOT / "experiments" / "cuda-check.toml", tmp_path)
+    assert len(specs.load(ROOT / "experiments" / "cuda-check.toml", tmp_path, check_data=False).cells) == 12

@@ -50,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.format:
         sets.append(f"data_format={args.format}")
     cfg = config.load(args.config, sets)
+    config.check_device(cfg)
     simulate.check_out(args.out, cfg, args.resume, args.overwrite)     # before the data load, which can be slow
     ds = load_data(args.data, cfg)
     simulate.check_data(cfg, hosted(ds))

@@ -277,13 +277,18 @@ def validate(cfg: Config) -> Config:
         _validate_ptf(cfg)
     if cfg.dim % cfg.heads:
         raise InputError(f"dim={cfg.dim} must be divisible by heads={cfg.heads}", ("dim", "heads"))
+    _validate_attack(cfg)
+    return cfg
+
+
+def check_device(cfg: Config) -> None:
+    """device=cuda where torch sees no GPU: one line. Asked where a config is about to run (`simulate.run`,
+    `fortress experiment`), not by `validate`, so a GPU spec's report can be rebuilt on a machine without one."""
     if cfg.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise InputError(f"device='cuda': CUDA is not available here (torch {torch.__version__}); "
                              "use device=cpu, or auto to take CUDA where there is one", ("device",))
-    _validate_attack(cfg)
-    return cfg
 
 
 def _validate_attack(cfg: Config) -> None:

@@ -688,6 +688,7 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
     if ds is None and (pop is None or evaluator is None or cfg.training != "federated"):
         raise InputError(f"training={cfg.training}: a run without data needs federated training, the hosts' population and "
                          "an evaluator")
+    config_mod.check_device(cfg)
     pop = pop if pop is not None else hosted(ds, counts=True)
     check_data(cfg, pop)
     out = Path(out)

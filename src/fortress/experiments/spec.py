@@ -193,7 +193,7 @@ class _Spec:
     """A spec being checked and expanded into cells; identical cells are made once."""
 
     def __init__(self, table: dict[str, Any], spec: Path, root: Path, check_data: bool):
-        self.s, self.root = str(spec), root
+        self.s, self.root, self.check_data = str(spec), root, check_data
         self.cells: dict[str, Cell] = {}
         self.entries: list[Entry] = []
         self.figures: dict[str, str] = {}
@@ -325,6 +325,11 @@ class _Spec:
     # -- cells
     def _add(self, kind: str, data: str, sets: dict[str, str], after: str | None, label: str) -> str:
         cfg = _resolve(sets, f"{self.s}: cell '{label}'")
+        if self.check_data:             # what this machine must have to run it (a report needs neither)
+            try:
+                config.check_device(cfg)
+            except InputError as err:
+                raise InputError(f"{self.s}: cell '{label}': {err}") from None
         default = id_defaults(cfg)
         changed = {k: v for k, v in config.to_dict(cfg).items() if v != default[k]}
         cid = _cell_id(kind, {"data": data, "config": changed, "after": after})
@@ -456,7 +461,7 @@ def _cell_id(kind: str, payload: dict[str, Any]) -> str:
 def load(spec: str | Path, root: str | Path, check_data: bool = True) -> Plan:
     """Read and check a spec file; every error is one line naming the file, field and value.
 
-    `check_data=False` skips looking for the datasets (a report is rebuilt from summaries alone)."""
+    `check_data=False` skips looking for the datasets and the device (a report is rebuilt from summaries alone)."""
     spec = Path(spec)
     table = config.read_toml(spec, "spec file")
     p = plan(table, spec, Path(root), check_data)
