@@ -109,7 +109,7 @@ class Config:
     eval_every: int = 25            # rounds (fedavg) or epochs (central) between validation passes; 0 = end only
     eval_batch: int = 2048          # users scored at once
     threads: int = 0                # torch threads; 0 = the idle cores this process may use (simulate.torch_threads)
-    device: str = "cpu"             # cpu | cuda | auto (cuda where available): where training, evaluation, attacks and defences run
+    device: str = "cpu"             # cpu | cuda | auto (cuda where available): where training, evaluation, FedAvg and the robust rules run (FORTRESS, UNION, HiCS and the attacks stay on the CPU)
     # poisoning attacks (fedavg; fortress/attacks explains each one and its choices)
     attack: str = "none"            # none | ahum | psmu | random | popular | boost | stealth | ramp | weight | adaptive
     attack_ratio: float = 0.01      # malicious clients as a fraction of benign users (>= 1 client when > 0)
