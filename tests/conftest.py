@@ -44,3 +44,26 @@ def interrupt_and_resume(cfg, ds, folder: Path, cut: int) -> dict:
     run(dataclasses.replace(cfg, rounds=cut), ds, folder, progress=False)
     assert torch.load(Path(folder) / checkpoint.NAME, weights_only=False)["round"] == cut
     return run(cfg, ds, folder, progress=False, resume=True)
+
+
+def client_round(ds, cfg, engine: str, chunk_size: int, device: str = "cpu"):
+    """One FedAvg round of 40 fixed clients from a float64 model initialised with seed 0, on `device`: the model
+    after it (on that device) and the uploads. The engine tests compare such rounds (vmap against the loop, chunk
+    sizes, the GPU against the CPU)."""
+    import numpy as np
+    import torch
+
+    from fortress.client import build_chunks, eligible_clients, objective, train_round
+    from fortress.models import dense_keys, from_config
+    from fortress.server.aggregate import GlobalOptimizer, fedavg
+    model = from_config(cfg)
+    params = {k: v.to(device) for k, v in
+              model.init(ds.n_items, torch.Generator().manual_seed(0), torch.float64).items()}
+    rng = np.random.default_rng(1)
+    users = rng.choice(eligible_clients(ds), 40, replace=False)
+    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, chunk_size, rng)
+    updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params,
+                          chunks, engine)
+    GlobalOptimizer(cfg.global_opt, cfg.global_lr).apply(params, dense_keys(params), params["item_emb"],
+                                                         fedavg(updates))
+    return params, updates

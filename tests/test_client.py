@@ -12,9 +12,11 @@ from fortress.client import (build_chunks, eligible_clients, length_buckets, obj
                              train_round)
 from fortress.config import Config
 from fortress.data import synthetic
-from fortress.models import dense_keys, from_config
-from fortress.server.aggregate import GlobalOptimizer, fedavg
+from fortress.models import from_config
+from fortress.server.aggregate import fedavg
 from fortress.updates import check
+
+from conftest import client_round
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +24,12 @@ def ds():
     return synthetic(300, 80, seed=3)
 
 
-def one_round(ds, cfg, engine, chunk_size):
-    model = from_config(cfg)
-    params = model.init(ds.n_items, torch.Generator().manual_seed(0), torch.float64)
-    rng = np.random.default_rng(1)
-    users = rng.choice(eligible_clients(ds), 40, replace=False)
-    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, chunk_size, rng)
-    updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks, engine)
-    keys = dense_keys(params)
-    GlobalOptimizer(cfg.global_opt, cfg.global_lr).apply(params, keys, params["item_emb"], fedavg(updates))
-    return params, updates
-
-
 @pytest.mark.parametrize("backbone,opt", [("sasrec", "adam"), ("sasrec", "sgd"), ("gru4rec", "adam")])
 def test_vmap_matches_loop_after_a_round(ds, backbone, opt):
     cfg = Config(backbone=backbone, client_opt=opt, lr=0.05 if opt == "sgd" else 0.01, dim=16,
                  max_len=10, n_neg=12, local_epochs=2, dropout=0.0, heads=2)
-    p_vmap, u_vmap = one_round(ds, cfg, "vmap", chunk_size=16)
-    p_loop, _ = one_round(ds, cfg, "loop", chunk_size=16)
+    p_vmap, u_vmap = client_round(ds, cfg, "vmap", chunk_size=16)
+    p_loop, _ = client_round(ds, cfg, "loop", chunk_size=16)
     start = from_config(cfg).init(ds.n_items, torch.Generator().manual_seed(0), torch.float64)
     for k in p_vmap:
         assert torch.allclose(p_vmap[k], p_loop[k], atol=1e-6, rtol=0), k
@@ -49,8 +39,8 @@ def test_vmap_matches_loop_after_a_round(ds, backbone, opt):
 
 def test_chunking_does_not_change_the_round(ds):
     cfg = Config(dim=16, max_len=10, n_neg=12, dropout=0.0)
-    a, _ = one_round(ds, cfg, "vmap", chunk_size=7)
-    b, _ = one_round(ds, cfg, "vmap", chunk_size=40)
+    a, _ = client_round(ds, cfg, "vmap", chunk_size=7)
+    b, _ = client_round(ds, cfg, "vmap", chunk_size=40)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-9), k
 
@@ -107,16 +97,16 @@ def test_sub_tables_hold_own_items_and_distinct_negatives(ds):
 def test_round_is_deterministic(ds):
     cfg = Config(dim=16, max_len=10, n_neg=12, dropout=0.2)
     torch.manual_seed(5)
-    a, _ = one_round(ds, cfg, "vmap", 16)
+    a, _ = client_round(ds, cfg, "vmap", 16)
     torch.manual_seed(5)
-    b, _ = one_round(ds, cfg, "vmap", 16)
+    b, _ = client_round(ds, cfg, "vmap", 16)
     for k in a:
         assert torch.equal(a[k], b[k])
 
 
 def test_check_rejects_nan_and_out_of_range_items(ds):
     cfg = Config(dim=16, max_len=10, n_neg=12, dropout=0.0)
-    _, u = one_round(ds, cfg, "vmap", 16)
+    _, u = client_round(ds, cfg, "vmap", 16)
     dense_size = u.dense.shape[1]
     bad = dataclasses.replace(u, dense=u.dense.clone(), rows_item=u.rows_item.clone())
     bad.dense[3, 0] = float("nan")

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from fortress.client import build_chunks, eligible_clients, objective, train_round
 from fortress.config import Config
 from fortress.data import synthetic
-from fortress.models import dense_keys, from_config
-from fortress.server.aggregate import GlobalOptimizer, fedavg
 from fortress.simulate import run
+
+from conftest import client_round
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")]
@@ -27,27 +26,14 @@ def ds():
     return synthetic(400, 90, seed=3)
 
 
-def one_round(ds, cfg, engine, device):
-    model = from_config(cfg)
-    params = {k: v.to(device) for k, v in
-              model.init(ds.n_items, torch.Generator().manual_seed(0), torch.float64).items()}
-    rng = np.random.default_rng(1)
-    users = rng.choice(eligible_clients(ds), 40, replace=False)
-    chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, 16, rng)
-    updates = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params,
-                          chunks, engine)
-    GlobalOptimizer(cfg.global_opt, cfg.global_lr).apply(params, dense_keys(params), params["item_emb"],
-                                                         fedavg(updates))
-    return {k: v.cpu() for k, v in params.items()}
-
-
 @pytest.mark.parametrize("backbone,engine", [("sasrec", "vmap"), ("sasrec", "loop"), ("gru4rec", "vmap")])
 def test_a_round_on_cuda_is_the_cpu_round(ds, backbone, engine):
     """float64, no dropout: the same clients, negatives and steps give the same model to rounding."""
     cfg = Config(backbone=backbone, client_opt="adam", lr=0.01, dim=16, max_len=10, n_neg=12, local_epochs=2,
                  dropout=0.0, heads=2)
-    cpu = one_round(ds, cfg, "vmap", "cpu")
-    gpu = one_round(ds, cfg, engine, "cuda")
+    cpu, _ = client_round(ds, cfg, "vmap", 16)
+    gpu, _ = client_round(ds, cfg, engine, 16, device="cuda")
+    gpu = {k: v.cpu() for k, v in gpu.items()}
     for k in cpu:
         assert torch.allclose(cpu[k], gpu[k], atol=1e-8, rtol=0), (k, (cpu[k] - gpu[k]).abs().max().item())
 
