@@ -409,3 +409,24 @@ def test_draw_samples_the_softmax_and_never_an_impossible_item(monkeypatch):
     assert torch.allclose(freq, p, atol=4 * (p * (1 - p) / 200000).sqrt().max().item())
     monkeypatch.setattr(torch, "rand", lambda n, k, **kw: torch.ones(n, k, dtype=torch.float64))
     assert draw(logits, torch.Generator()).tolist() == [[5]]                   # the last item with p > 0
+
+
+def test_several_targets_keep_each_targets_er_history_and_its_last_mean():
+    camp = attacks.Campaign("psmu", [3, 7], np.arange(4))
+    item_ids = [f"i{j}" for j in range(10)]
+
+    def test(r):
+        per = {"3": 0.1 * r, "7": 0.5}
+        return {"ER@5": 0.0, "ER@10": sum(per.values()) / 2, "ER@20": 0.0, "HR@10": 0.2,
+                "ER_per_target": {t: {"ER@5": 0.0, "ER@10": v, "ER@20": 0.0} for t, v in per.items()}}
+    for r in range(1, 8):
+        camp.record(r, test(r))
+    assert camp.history[0]["ER@10_per_target"] == {"3": pytest.approx(0.1), "7": 0.5}
+    out = camp.report(Config(attack="psmu", attack_ratio=0.01), item_ids, test(7), rounds=7, last=5)
+    assert out["per_target_last5_mean"]["i3"]["ER@10"] == pytest.approx(0.5)      # rounds 3-7: 0.3 ... 0.7
+    assert out["per_target_last5_mean"]["i7"]["ER@10"] == pytest.approx(0.5)
+    assert out["last5_mean"]["ER@10"] == pytest.approx(0.5)
+    one = attacks.Campaign("psmu", [3], np.arange(4))
+    one.record(1, test(1))
+    assert "ER@10_per_target" not in one.history[0]
+    assert "per_target_last5_mean" not in one.report(Config(attack="psmu"), item_ids, test(1), rounds=1)

@@ -139,8 +139,11 @@ class Campaign:
         self.history = [dict(h) for h in state["history"]]
 
     def record(self, round_: int, test: dict[str, Any]) -> dict[str, float]:
-        """Keep the ER@K (and test HR@10) of an evaluation of the test split with the targets."""
+        """Keep the ER@K (and test HR@10) of an evaluation of the test split with the targets; with several targets
+        also each target's ER@10 (by target index), so a target's own exposure can be averaged like the mean's."""
         entry = {"round": round_, **{k: test[k] for k in ER_KEYS}, "HR@10": test["HR@10"]}
+        if len(self.targets) > 1 and "ER_per_target" in test:
+            entry["ER@10_per_target"] = {t: v["ER@10"] for t, v in test["ER_per_target"].items()}
         self.history.append(entry)
         return entry
 
@@ -154,6 +157,10 @@ class Campaign:
             **{k: test[k] for k in ER_KEYS},
             f"last{last}_mean": {k: float(np.mean([h[k] for h in tail])) for k in ER_KEYS} if tail else {},
             "per_target": {item_ids[int(t)]: v for t, v in test.get("ER_per_target", {}).items()},
+            **({f"per_target_last{last}_mean": {item_ids[int(t)]: {"ER@10": float(np.mean([h["ER@10_per_target"][t]
+                                                                                           for h in tail]))}
+                                                for t in tail[-1]["ER@10_per_target"]}}
+               if tail and all("ER@10_per_target" in h for h in tail) else {}),
             "history": self.history,
             "malicious_uploads": self.uploads,
             "malicious_rejected": self.rejected,
