@@ -18,7 +18,7 @@ from fortress.errors import InputError
 from fortress.models import Model, dense_keys, from_config
 from fortress.server.aggregate import GlobalOptimizer
 from fortress.rounds import sample_clients, split_sampled
-from fortress.simulate import Run, federated_round, initial_params, run
+from fortress.simulate import Run, federated_round, initial_params, run, summary
 from fortress.updates import check
 from conftest import same_saved_model
 
@@ -430,3 +430,17 @@ def test_several_targets_keep_each_targets_er_history_and_its_last_mean():
     one.record(1, test(1))
     assert "ER@10_per_target" not in one.history[0]
     assert "per_target_last5_mean" not in one.report(Config(attack="psmu"), item_ids, test(1), rounds=1)
+
+
+def test_a_run_with_several_targets_reports_each_targets_er_over_the_evaluations(ds, tmp_path):
+    res = run(Config(objective="next_item", **{**TINY, "eval_every": 1}, rounds=6, attack="psmu", attack_ratio=0.05,
+                     targets=2), ds, tmp_path / "r", progress=False)
+    att = res["attack"]
+    assert len(att["history"]) == 6
+    for h in att["history"]:
+        per = h["ER@10_per_target"]
+        assert len(per) == 2 and h["ER@10"] == pytest.approx(sum(per.values()) / 2)
+    last = att["per_target_last5_mean"]
+    assert set(last) == set(att["per_target"]) == set(att["targets"])
+    assert np.mean([v["ER@10"] for v in last.values()]) == pytest.approx(att["last5_mean"]["ER@10"])
+    assert "ER@10 of each target (final / mean of the last evaluations)" in summary(res)
