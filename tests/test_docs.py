@@ -3,6 +3,7 @@ points at a file of the checkout and, for a Markdown file, at one of its heading
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +17,7 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
 
 
+@cache
 def anchors(path: Path) -> set[str]:
     """The anchors of a Markdown file's headings (a repeated heading gets -1, -2, ... as on GitHub)."""
     seen: dict[str, int] = {}

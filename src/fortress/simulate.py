@@ -809,9 +809,10 @@ def summary(results: dict[str, Any]) -> str:
                      + (f"; ER@10 mean of the last evaluations {last['ER@10']:.4f}" if last else ""))
         tails = next((v for k, v in a.items() if k.startswith("per_target_last")), {})
         if len(a.get("per_target", {})) > 1:
+            each = (f"{t} {v['ER@10']:.4f}" + (f" / {tails[t]['ER@10']:.4f}" if t in tails else "")
+                    for t, v in a["per_target"].items())
             lines.append("attack: ER@10 of each target (final" + (" / mean of the last evaluations" if tails else "")
-                         + "): " + ", ".join(f"{t} {v['ER@10']:.4f}" + (f" / {tails[t]['ER@10']:.4f}" if t in tails else "")
-                                             for t, v in a["per_target"].items()))
+                         + "): " + ", ".join(each))
         if a.get("malicious_rejected"):
             lines.append(f"attack: the server's checks rejected {a['malicious_rejected']} of {a['malicious_uploads']} "
                          f"malicious uploads (see `rejected` in results.json; max_update_norm={results['config']['max_update_norm']:g})")

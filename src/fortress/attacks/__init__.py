@@ -150,23 +150,24 @@ class Campaign:
     def report(self, cfg, item_ids: list[str], test: dict[str, Any], rounds: int, last: int = 5) -> dict[str, Any]:
         """The `attack` section of results.json: final ER@K, the mean of the last evaluations, history."""
         tail = self.history[-last:]
-        return {
+        out = {
             "attack": self.attack, "attack_ratio": cfg.attack_ratio if self.attack != "none" else 0.0,
             "malicious_clients": int(len(self.malicious)),
             "targets": [item_ids[t] for t in self.targets], "target_index": list(self.targets),
             **{k: test[k] for k in ER_KEYS},
             f"last{last}_mean": {k: float(np.mean([h[k] for h in tail])) for k in ER_KEYS} if tail else {},
             "per_target": {item_ids[int(t)]: v for t, v in test.get("ER_per_target", {}).items()},
-            **({f"per_target_last{last}_mean": {item_ids[int(t)]: {"ER@10": float(np.mean([h["ER@10_per_target"][t]
-                                                                                           for h in tail]))}
-                                                for t in tail[-1]["ER@10_per_target"]}}
-               if tail and all("ER@10_per_target" in h for h in tail) else {}),
             "history": self.history,
             "malicious_uploads": self.uploads,
             "malicious_rejected": self.rejected,
             "seconds": self.seconds,
             "seconds_per_round": self.seconds / max(1, rounds),
         }
+        per = [h.get("ER@10_per_target") for h in tail]        # several targets: each one's ER@10 at each evaluation
+        if tail and all(per):
+            out[f"per_target_last{last}_mean"] = {item_ids[int(t)]: {"ER@10": float(np.mean([p[t] for p in per]))}
+                                                  for t in per[-1]}
+        return out
 
 
 def campaign(cfg, counts: np.ndarray, item_ids: list[str], n_users: int) -> Campaign | None:
