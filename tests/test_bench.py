@@ -20,3 +20,30 @@ def test_flop_model_counts_a_tiny_catalogue_and_is_linear_in_the_sub_table():
         for obj in fm:          # the line fitted at two sizes predicts a third one's count
             assert fm[obj](L, 40) == pytest.approx(fm[obj]._count(L, 40), rel=1e-6) and fm[obj](L, 40) > 0
         assert fm["fortress"](L, 10) > 2 * fm["next_item"](L, 10)     # two views, the window pass, the item view
+
+
+@pytest.mark.slow
+def test_target_pushes_reads_the_saved_monitor_and_simulates_the_attacked_rounds(tmp_path):
+    """bench/target_pushes.py on a short defended A-hum run: the rate it reports is the monitor's saved rate of the
+    run's target, and it prints one attacked and one honest line per round and one line per cap rate."""
+    import json
+    import subprocess
+
+    import torch
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    sets = ["rounds=6", "clients_per_round=16", "defence=fortress", "attack=ahum", "attack_ratio=0.05",
+            "synthetic_users=200", "synthetic_items=80", "eval_every=3", "threads=1"]
+    subprocess.run([sys.executable, "-m", "fortress.cli", "run", "--data", "synthetic", "--out", str(run), "--quiet",
+                    *[a for s in sets for a in ("--set", s)]], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, str(root / "bench" / "target_pushes.py"), str(run), "--data", "synthetic",
+                          "--rounds", "2", "--rates", "1", "0.5"], check=True, capture_output=True, text=True).stdout
+    target = json.loads((run / "results.json").read_text())["attack"]["target_index"][0]
+    rate = float(torch.load(run / "model.pt", weights_only=False)["defence"]["state"]["rate"][target])
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{run}: target {target} rate {rate:.3f} (rank ")
+    assert sum("ahum attackers: their target-row push-equivalents" in ln for ln in lines) == 2
+    assert sum(ln.lstrip().startswith("honest round") for ln in lines) == 2
+    assert [ln.split(":")[0].strip() for ln in lines if "exposure cap" in ln] == [
+        "exposure cap with the target at its own rate", "exposure cap with the target at rate 1",
+        "exposure cap with the target at rate 0.5"]
