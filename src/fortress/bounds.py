@@ -336,27 +336,3 @@ def shrink_to_cap(a: torch.Tensor, t_in: torch.Tensor, t_out: torch.Tensor, in_t
         ok = reached(mid) <= cap
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     return torch.where(reached(torch.ones_like(lo)) <= cap, torch.ones_like(lo), lo)
-
-
-DIR_PROBES = 256         # probe users whose mean representation is the direction `dir_clip` bounds rows along
-
-
-def along(u: Updates, w: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """(M,) float64 each row contribution's component along the unit vector `direction` (d,): w_eff x delta . direction,
-    how far the row raises its item's score for a user whose representation is `direction`."""
-    return w[u.rows_client] * (u.rows_delta.double() @ direction.double().to(u.rows_delta.device))
-
-
-def clip_along(u: Updates, w: torch.Tensor, row_clip: torch.Tensor, direction: torch.Tensor,
-               c_dir: float) -> tuple[torch.Tensor, int]:
-    """`dir_clip`: (M, d) row deltas whose contributions, clipped by row_clip (M,) (the norm clip's factors), raise
-    `direction` by at most c_dir (the round's dir_clip x median over clients of their largest such raise), and
-    the number of rows cut. The excess is taken off along `direction` only; nothing else of the row changes,
-    and rows that lower the item there (sampled negatives) are untouched. A crafted row that aims every push at
-    the users in general (A-hum's target rows: 0.8-0.9 of a clip along the probe users' mean, against 0.35-0.5
-    for a median client's largest push, docs/results/adaptive.md) keeps an honest push's share of that."""
-    kept = w[u.rows_client] * row_clip                                              # (M,) contribution / delta
-    excess = (along(u, w, direction) * row_clip - c_dir).clamp(min=0)               # (M,)
-    cut = excess / kept.clamp(min=1e-300)
-    out = u.rows_delta - (cut[:, None] * direction.double().to(u.rows_delta.device)[None]).to(u.rows_delta.dtype)
-    return out, int((excess > 0).sum())

@@ -147,8 +147,6 @@ class Config:
     probe_users: int = 128          # exposure cap: synthetic probe users scored after each round (0 = no cap)
     exposure_cap: float = 10.0      # an item may reach this many times the median probe exposure its rate buys
     reach_cap: float = 0.0          # ... and at most this many times the probe users the REACH_RANK-th most seen item reaches (0 = off; opt-in)
-    dir_clip: float = 0.0           # a row contribution raises an item along the probe users' mean representation at most
-                                    # dir_clip x the round's median client's largest such raise (0 = off; opt-in)
 
 
 TRAINING = ("pop", "central", "federated", "ptf")   # most-popular counts, centralised Adam, federated rounds, PTF-FSR
@@ -310,9 +308,6 @@ def _validate_attack(cfg: Config) -> None:
                          ("attack", "training"))
     if cfg.attack != "none" and cfg.targets < 1:
         raise InputError(f"attack={cfg.attack!r} needs targets >= 1", ("attack", "targets"))
-    if cfg.dir_clip > 0 and cfg.clients_per_round > cfg.hold_clients:
-        raise InputError(f"dir_clip={cfg.dir_clip!r} needs each round held whole: clients_per_round="
-                         f"{cfg.clients_per_round} is above hold_clients={cfg.hold_clients}", ("dir_clip", "clients_per_round"))
 
 
 # federated keys PTF-FSR does not take, and why (they must keep their defaults with training=ptf)

@@ -103,7 +103,6 @@ WARMUP = bounds.WARMUP
 FLAGGED_SPEED = bounds.FLAGGED_SPEED
 MAX_LISTED = 20       # flagged item ids (most pushed first) written to the round log
 PROBE_SEED = 7919     # the probe users' generator is seeded apart from the sketch's
-DIR_SEED = 104729     # dir_clip's probe users: a generator per round, seeded apart from both
 TOPK_GROUP = 64       # columns per group in grouped_topk
 PROBE_BLOCK = 64      # probe users scored together (a block's 64 x N scores fit in cache for its top k)
 
@@ -128,13 +127,12 @@ class FortressConfig:
     whole_history: bool = False   # with whole-history training on all of them (bounds.weight_ceiling)
     n_neg: int = 0                # the negatives each client samples (rows of its upload that are not its own)
     reach_cap: float = 0.0        # an item reaches at most this many times the REACH_RANK-th item's probe users (0 = off)
-    dir_clip: float = 0.0         # a row contribution's raise along the probe users' mean representation (0 = off)
 
     @classmethod
     def from_config(cls, cfg) -> "FortressConfig":
         return cls(cfg.popular_frac, cfg.row_clip, cfg.dense_clip, cfg.push_frac, cfg.p_flag, cfg.floor_frac,
                    cfg.alpha, cfg.beta, cfg.margin, cfg.knn, cfg.server_steps, cfg.server_lr, cfg.probe_users,
-                   cfg.exposure_cap, cfg.max_len, cfg.whole_history, cfg.n_neg, cfg.reach_cap, cfg.dir_clip)
+                   cfg.exposure_cap, cfg.max_len, cfg.whole_history, cfg.n_neg, cfg.reach_cap)
 
 
 def top_items(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -298,7 +296,7 @@ class FortressServer:
     on_host = True        # its state and generators live on the CPU (`rounds.home`)
 
     def __init__(self, fc: FortressConfig, n_items: int, seed: int = 0, model: Model | None = None):
-        self.fc, self.n_items, self.model, self.seed = fc, n_items, model, seed
+        self.fc, self.n_items, self.model = fc, n_items, model
         self.probe_gen = torch.Generator().manual_seed(seed + PROBE_SEED)
         self.rate = torch.zeros(n_items + 1, dtype=torch.float64)                 # push mass per round, running mean
         self.recent = torch.zeros(n_items + 1, dtype=torch.float64)              # push mass kept lately, decayed sum
@@ -323,17 +321,10 @@ class FortressServer:
         mass = torch.zeros(N + 1, dtype=torch.float64).index_add_(0, u.rows_item, equiv)     # every row counts
         item_scale, allow, flagged, floor = self.judge(mass)
         coh, coh_b = self.coherence(u.dense, sk)
-        along = None
-        if fc.dir_clip > 0:                        # opt-in: bound each row's raise along the probe users' mean
-            direction = self.direction(params)
-            c_dir = fc.dir_clip * float(bounds.client_max(bounds.along(u, w, direction), u.rows_client, u.n).quantile(0.5))
-            along = (direction, c_dir)
         total = FedAvgSum(u.dense.shape[1], u.rows_delta.shape[1], N, u.dense.dtype, u.dense.device)
-        share, counts = self.contribute(total, u, w, row_norm, equiv, dense_norm, coh, c_row, c_dense, item_scale,
-                                        along)
+        share, counts = self.contribute(total, u, w, row_norm, equiv, dense_norm, coh, c_row, c_dense, item_scale)
         return self.learn(total.result(), share.to(u.weight.dtype), mass, allow, flagged,
-                          {**counts, "c_row": c_row, "c_dense": c_dense, "rate_floor": floor, "coherent_cos": coh_b,
-                           **({"c_dir": along[1]} if along else {})})
+                          {**counts, "c_row": c_row, "c_dense": c_dense, "rate_floor": floor, "coherent_cos": coh_b})
 
     def first_pass(self, parts: Iterable[Updates]) -> "FirstPass":
         """Pass one of `aggregate_stream` over a round's checked uploads, part by part: what the rule needs of
@@ -424,13 +415,11 @@ class FortressServer:
 
     def contribute(self, total: FedAvgSum, u: Updates, w: torch.Tensor, row_norm: torch.Tensor, equiv: torch.Tensor,
                    dense_norm: torch.Tensor, coh: torch.Tensor, c_row: float, c_dense: float,
-                   item_scale: torch.Tensor, along: tuple[torch.Tensor, float] | None = None
-                   ) -> tuple[torch.Tensor, dict[str, int]]:
+                   item_scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
         """Add clients u (all of a round's or a part), clipped and scaled, to the running sums `total`: their
         effective weights w, row contribution norms and push-equivalents, encoder contribution norms, coherence
-        factors, the round's clips and the items' scales, and with `dir_clip` (direction, C_dir) the bound on
-        each row's raise along the direction (`bounds.clip_along`; the retained share does not count that cut).
-        Returns each client's retained share and the log's counts."""
+        factors, the round's clips and the items' scales. Returns each client's retained share and the log's
+        counts."""
         row_clip = (c_row / row_norm.clamp(min=1e-300)).clamp(max=1.0)                  # (M,)
         dense_clip = (c_dense / dense_norm.clamp(min=1e-300)).clamp(max=1.0)            # (n,)
         push = bounds.pushes(equiv, self.fc.push_frac)                                  # (M,) bool
@@ -439,8 +428,7 @@ class FortressServer:
         rho = torch.ones(u.n, dtype=torch.float64).scatter_reduce_(
             0, u.rows_client, torch.where(push, row_scale, torch.ones_like(row_scale)), "amin")
         dt = u.dense.dtype
-        deltas, cut = (u.rows_delta, None) if along is None else bounds.clip_along(u, w, row_clip, *along)
-        weighted = Updates(u.clients, w.to(dt), u.dense, u.rows_client, u.rows_item, deltas, u.loss)
+        weighted = Updates(u.clients, w.to(dt), u.dense, u.rows_client, u.rows_item, u.rows_delta, u.loss)
         # a flagged item's rows (all of them, pushes or not) move its average allowance / mass as far; a
         # coherent client counts as the same fraction of a client in its rows as in its encoder
         row_kept = row_clip * row_scale * coh[u.rows_client]                           # (M,)
@@ -449,7 +437,7 @@ class FortressServer:
         share = retained(u, w, row_norm, row_kept, dense_norm, dense_clip * rho * coh)
         return share, {"pushes": int(push.sum()), "rows_clipped": int((row_clip < 1).sum()),
                        "dense_clipped": int((dense_clip < 1).sum()), "down_weighted": int((rho < 1).sum()),
-                       "coherent_scaled": int((coh < 1).sum()), **({"dir_clipped": int(cut)} if along else {})}
+                       "coherent_scaled": int((coh < 1).sum())}
 
     def learn(self, agg: Aggregate, share: torch.Tensor, mass: torch.Tensor, allow: torch.Tensor,
               flagged: torch.Tensor, stats: dict[str, Any]) -> Outcome:
@@ -473,8 +461,7 @@ class FortressServer:
                "push_mass": float(mass.sum()), "c_row": stats["c_row"], "c_dense": stats["c_dense"],
                "rows_clipped": stats["rows_clipped"], "dense_clipped": stats["dense_clipped"],
                "down_weighted": stats["down_weighted"], "rate_floor": stats["rate_floor"],
-               "coherent_cos": stats["coherent_cos"], "coherent_scaled": stats["coherent_scaled"],
-               **{k: stats[k] for k in ("c_dir", "dir_clipped") if k in stats}}
+               "coherent_cos": stats["coherent_cos"], "coherent_scaled": stats["coherent_scaled"]}
         return Outcome(agg, share, log, flagged, popular)
 
     def sketch(self, dense: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -529,17 +516,6 @@ class FortressServer:
         worst = torch.argsort(-(count[over] / cap[over]), stable=True)[:MAX_LISTED]
         return {"exposure_capped": int(len(over)), "capped": over[worst].tolist(),
                 "capped_reach": (count[over[worst]] / fc.probe_users).tolist()}
-
-    def direction(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(d,) float64 unit vector: the mean representation of `bounds.DIR_PROBES` probe users under the broadcast
-        model, the direction along which a row raises its item for users in general (`dir_clip`). The probe users
-        are drawn as the exposure cap's are (from the monitor's floored rates), by a generator seeded from the
-        seed and the round, so that a resumed run draws the same ones and the exposure cap's draws are untouched."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + DIR_SEED + self.rounds)
-        seqs = bounds.probe_sequences(self.floored_rate(), bounds.DIR_PROBES, self.model.max_len, gen)
-        with torch.no_grad():
-            h = self.model.last(params, seqs.to(params["item_emb"].device)).double().mean(0).cpu()
-        return h / h.norm().clamp(min=1e-300)
 
     def floored_rate(self) -> torch.Tensor:
         """(N + 1,) the items' rates, at least the warm monitor's floor (`bounds.rate_floor` of their sum) and 1e-6."""
