@@ -10,7 +10,8 @@ For the model in RUN_DIR/model.pt (with a FORTRESS monitor state; RUN_DIR/result
   coherence factors (`FortressServer.coherence`, which scales their contributions but not the push mass), and
   each honest client's push-equivalent on the target row (`bounds.push_equivalents` at the round's C_row, what the server adds to the item's push mass) and the
   cosine of its delta with the target row: a negative cosine is a client pushing the target down (it is
-  among its sampled negatives and ranked high), which the push mass counts like a fan's push;
+  among its sampled negatives and ranked high), which the push mass counts like a fan's push,
+  and how much of the target rows' contributions the row clip keeps;
 - the server's exposure cap (`FortressServer.cap_exposure`, one pass, probe generator seed 0) with the
   target's rate set to each of `--rates`, and the test split's HR@10 / ER@10 after it: the rate below
   which the cap binds.
@@ -76,7 +77,8 @@ def main() -> None:
               f"{np.round(coh[u.n:].numpy(), 3)} (honest: {int((coh[:u.n] < 1).sum())} of {u.n} divided, median "
               f"factor of those {float(coh[:u.n][coh[:u.n] < 1].median()) if (coh[:u.n] < 1).any() else 1:.3f})")
         c_row, _ = bounds.clip_scales(u, cfg.max_len, cfg.row_clip, cfg.dense_clip)
-        e = bounds.push_equivalents(bounds.row_contrib_norms(u, bounds.effective_weight(u, cfg.max_len)), c_row)
+        raw = bounds.row_contrib_norms(u, bounds.effective_weight(u, cfg.max_len)) / c_row       # in units of C_row
+        e = raw.clamp(max=1.0)                                                                   # push_equivalents
         mass = torch.zeros(ds.n_items + 1, dtype=torch.float64).index_add_(0, u.rows_item, e)
         on = u.rows_item == target
         cos = F.cosine_similarity(u.rows_delta[on], p0["item_emb"][target][None], dim=1).double()
@@ -86,7 +88,8 @@ def main() -> None:
               f"{float(mass[target]):.2f} (rank {int((mass > mass[target]).sum()) + 1}; mean item "
               f"{float(mass[1:].mean()):.2f}), {down:.2f} of it from rows pushing it down (cosine with the "
               f"target row < 0; {fans} of the clients have the target in their history); the largest push-equivalents {np.round(e[on].sort().values[-4:].numpy(), 2)} "
-              f"with cosines {np.round(cos[e[on].argsort()][-4:].numpy(), 2)}")
+              f"with cosines {np.round(cos[e[on].argsort()][-4:].numpy(), 2)}; before the row clip the target rows "
+              f"add up to {float(raw[on].sum()):.2f} clips (the clip keeps {float(e[on].sum() / raw[on].sum()):.2f})")
 
     for r in [None, *a.rates]:
         srv = defences.make(cfg, ds.n_items)
