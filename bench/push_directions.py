@@ -4,9 +4,9 @@
 
 For the model in RUN_DIR/model.pt (with a FORTRESS monitor state; RUN_DIR/results.json names the target):
 the mean representation of `--probes` probe users (drawn from the monitor's floored rates, as the exposure
-cap draws them) and, for `--rounds` rounds simulated from the model (clients_per_round - k honest users, numpy
-seed 0, trained with `client.train_round` and the FedAvg objective; k = attack_ratio x clients_per_round of the
-run's attackers):
+cap draws them) and, for `--rounds` rounds simulated from the model (`saved.attacked_round`: clients_per_round - k
+honest users, numpy seed 0, trained as FedAvg clients; k = attack_ratio x clients_per_round of the run's
+attackers):
 - the cosine of every honest push (a row of at least push_frac push-equivalents) with that mean, as quantiles,
   and of the attackers' target rows;
 - in units of the round's row clip, each client's largest raise along the mean (its norm-clipped row
@@ -16,18 +16,13 @@ Used for docs/results/adaptive.md ("The floor under the same server, and a direc
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fortress import attacks, bounds
-from fortress import config as config_mod
-from fortress.client import build_chunks, eligible_clients, objective, train_round
-from fortress.data import load_data
-from fortress.models import from_config
+import saved
+from fortress import bounds
 from fortress.server import defences
 from fortress.updates import concat
 
@@ -39,15 +34,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--probes", type=int, default=2000)
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)                                   # the clients' dropout
-    blob = torch.load(Path(a.run) / "model.pt", weights_only=False)
-    target = json.loads((Path(a.run) / "results.json").read_text())["attack"]["target_index"][0]
-    cfg = config_mod.from_dict({**config_mod.upgrade(blob["config"]), "defence": "fortress", "objective": "next_item"})
-    ds = load_data(a.data, cfg)
-    model, p0 = from_config(cfg), {k: v.float() for k, v in blob["params"].items()}
+    sv = saved.load(a.run, a.data, objective="next_item")
+    cfg, ds, model, p0, target = sv.cfg, sv.ds, sv.model, sv.params, sv.target
     srv = defences.make(cfg, ds.n_items)
-    srv.load_state_dict((blob.get("defence") or {}).get("state") or {})
+    srv.load_state_dict(sv.state)
     with torch.no_grad():
         h = model.last(p0, bounds.probe_sequences(srv.floored_rate(), a.probes, cfg.max_len,
                                                   torch.Generator().manual_seed(0)))
@@ -57,14 +47,9 @@ def main() -> None:
     mean = mean / mean.norm()
     q = torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)
     rng = np.random.default_rng(0)
-    k = max(1, round(cfg.attack_ratio * cfg.clients_per_round))
     for r in range(a.rounds):
-        users = rng.choice(eligible_clients(ds), cfg.clients_per_round - k, replace=False)
-        chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, rng)
-        u = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, p0, chunks,
-                        cfg.engine)
-        bad = attacks.malicious_updates(cfg.attack, cfg, model, p0, ds.n_items, [target],
-                                        np.arange(ds.n_users, ds.n_users + k), (cfg.seed, 10_000 + r, 1))
+        u, bad = saved.attacked_round(sv, rng, r)
+        k = bad.n
         both = concat([u, bad])
         w = bounds.effective_weight(both, cfg.max_len)
         norms = bounds.row_contrib_norms(both, w)

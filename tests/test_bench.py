@@ -23,9 +23,10 @@ def test_flop_model_counts_a_tiny_catalogue_and_is_linear_in_the_sub_table():
 
 
 @pytest.mark.slow
-def test_target_pushes_reads_the_saved_monitor_and_simulates_the_attacked_rounds(tmp_path):
+def test_saved_run_scripts_read_the_saved_monitor_and_simulate_the_attacked_rounds(tmp_path):
     """bench/target_pushes.py on a short defended A-hum run: the rate it reports is the monitor's saved rate of the
-    run's target, and it prints one attacked and one honest line per round and one line per cap rate."""
+    run's target, and it prints one attacked and one honest line per round and one line per cap rate; then
+    bench/push_directions.py on the same run."""
     import json
     import subprocess
 
@@ -47,3 +48,10 @@ def test_target_pushes_reads_the_saved_monitor_and_simulates_the_attacked_rounds
     assert [ln.split(":")[0].strip() for ln in lines if "exposure cap" in ln] == [
         "exposure cap with the target at its own rate", "exposure cap with the target at rate 1",
         "exposure cap with the target at rate 0.5"]
+    # bench/push_directions.py on the same run: the same simulated rounds (bench/saved.py), two lines each
+    out = subprocess.run([sys.executable, str(root / "bench" / "push_directions.py"), str(run), "--data", "synthetic",
+                          "--rounds", "2", "--probes", "50"], check=True, capture_output=True, text=True).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{run}: target {target}; |mean probe representation|")
+    assert sum("ahum attackers' target rows" in ln for ln in lines) == 2
+    assert sum("largest raise along the mean per client" in ln for ln in lines) == 2
