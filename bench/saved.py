@@ -42,7 +42,8 @@ def load(run: str, data: str, **overrides: Any) -> Saved:
 
 def attacked_round(s: Saved, rng: np.random.Generator, r: int) -> tuple[Updates, Updates]:
     """Round r simulated from the saved model: the uploads of clients_per_round - k honest users (drawn by rng,
-    trained as the run's clients train) and of k = attack_ratio x clients_per_round of the run's attackers."""
+    trained with the loaded config's objective: the scripts load with objective=next_item, FedAvg clients) and of
+    k = attack_ratio x clients_per_round of the run's attackers."""
     cfg, ds = s.cfg, s.ds
     k = max(1, round(cfg.attack_ratio * cfg.clients_per_round))
     users = rng.choice(eligible_clients(ds), cfg.clients_per_round - k, replace=False)
