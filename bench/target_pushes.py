@@ -52,17 +52,17 @@ def main() -> None:
         u, bad = saved.attacked_round(sv, rng, r)
         k = bad.n
         both = concat([u, bad])
-        c_row, _ = bounds.clip_scales(both, cfg.max_len, cfg.row_clip, cfg.dense_clip)
-        eb = bounds.push_equivalents(bounds.row_contrib_norms(both, bounds.effective_weight(both, cfg.max_len)),
-                                     c_row)[u.rows_item.numel():]
+        norms = bounds.row_contrib_norms(both, bounds.effective_weight(both, cfg.max_len))
+        c_row, _ = bounds.clip_scales(both, cfg.max_len, cfg.row_clip, cfg.dense_clip, row_norms=norms)
+        M = u.rows_item.numel()                                  # the honest rows come first in `both`
+        raw = norms[:M] / c_row                                  # honest rows, in units of the round's C_row
+        e = bounds.push_equivalents(norms, c_row)                # what the server adds to each item's push mass
+        eb, e = e[M:], e[:M]
         coh, _ = srv.coherence(both.dense)
         print(f"  round {r + 1} with {k} {cfg.attack} attackers: their target-row push-equivalents "
               f"{np.round(eb[bad.rows_item == target].numpy(), 2)}, their coherence factors "
               f"{np.round(coh[u.n:].numpy(), 3)} (honest: {int((coh[:u.n] < 1).sum())} of {u.n} divided, median "
               f"factor of those {float(coh[:u.n][coh[:u.n] < 1].median()) if (coh[:u.n] < 1).any() else 1:.3f})")
-        c_row, _ = bounds.clip_scales(u, cfg.max_len, cfg.row_clip, cfg.dense_clip)
-        raw = bounds.row_contrib_norms(u, bounds.effective_weight(u, cfg.max_len)) / c_row       # in units of C_row
-        e = raw.clamp(max=1.0)                                                                   # push_equivalents
         mass = torch.zeros(ds.n_items + 1, dtype=torch.float64).index_add_(0, u.rows_item, e)
         on = u.rows_item == target
         cos = F.cosine_similarity(u.rows_delta[on], p0["item_emb"][target][None], dim=1).double()
