@@ -545,6 +545,11 @@ def test_readme_verdict_tables_are_the_committed_main_table_reports():
     counts = re.search(r"^(\d+) cells: (.*?)\. ", text, flags=re.M)
     total, ok = counts[1], re.search(r"(\d+) ok", counts[2])[1]
     assert f"What has run of it: {ok} of {total} cells." in readme
+    verdicts = [c for t in tables for line in t.splitlines() for c in line.split("|") if "holds" in c or "fails" in c]
+    fails, close = [c for c in verdicts if "fails" in c], [c for c in verdicts if c.strip().endswith("?")]
+    assert f"buys more than honest fake users in {len(fails)} of the {len(verdicts)} cells with a verdict" in readme
+    assert (f"{sum(c in fails for c in close)} of those {len(fails)} and {sum(c not in fails for c in close)} of the "
+            f"{len(verdicts) - len(fails)} that hold lie within the seeds' spread") in readme
 
 
 def test_a_cell_is_claimed_by_one_runner_and_broken_locks_are_one_line(tmp_path, monkeypatch):
@@ -692,17 +697,33 @@ def test_floor_table_compares_every_attacked_cell_with_the_stronger_floor(tmp_pa
     assert "### synthetic, 5%: floor 0.3000" in section
     glance = section.split("### At a glance")[1].split("\n### ")[0]
     assert ("| dataset, attackers | floor: Random / Popular | row | Random | Popular | A-hum |\n|---|---|---|---|---|---|\n"
-            "| synthetic, 5% | 0.200 ± 0.000 (2) / 0.300 ± 0.071 (2) | FedAvg |  |  | 0.360 ± 0.000 (2) **fails** |\n"
-            "|  |  | FedAvg-lr-half | 0.100 ± 0.000 (2) holds | 0.100 ± 0.000 (2) holds | 0.340 ± 0.057 (2) holds |\n"
+            "| synthetic, 5% | 0.200 ± 0.000 (2) / 0.300 ± 0.071 (2) | FedAvg |  |  | 0.360 ± 0.000 (2) **fails**? |\n"
+            "|  |  | FedAvg-lr-half | 0.100 ± 0.000 (2) holds | 0.100 ± 0.000 (2) holds | 0.340 ± 0.057 (2) holds? |\n"
             ) in glance          # a line per row, attacks in the spec's order; blank: FedAvg's random / popular are its floor
+    # ?: 0.36 and 0.34 lie 0.01 from floor + margin, inside the floor's spread (popular's std 0.071); 0.10 does not
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in section.splitlines()
             if line.startswith("| FedAvg")}
-    assert "| 0.3600 ± 0.0000 | **no** |" in rows["FedAvg", "A-hum"]
-    assert "| 0.3400 ± 0.0566 | yes |" in rows["FedAvg-lr-half", "A-hum"]
+    assert "| 0.3600 ± 0.0000 | **no**? |" in rows["FedAvg", "A-hum"]
+    assert "| 0.3400 ± 0.0566 | yes? |" in rows["FedAvg-lr-half", "A-hum"]
+    assert "| 0.1000 ± 0.0000 | yes |" in rows["FedAvg-lr-half", "Random"]
     assert "| 37.5% | 0.900 / 0.950 / 0.500 |" in rows["FedAvg-lr-half", "A-hum"]
     assert rows["FedAvg", "Popular"].endswith("| – | – |")
     assert "![ER@10 over the rounds on synthetic at 5%](figures/exposure-synthetic-5pct.png)" in section
     assert (tmp_path / "out" / "figures" / "exposure-synthetic-5pct.png").stat().st_size > 0
+
+
+def test_a_verdict_within_the_seeds_spread_is_marked():
+    """Slice.close: the distance to floor + margin against the larger std over seeds of the cell and of the floor
+    attack that sets the floor (the larger mean: popular here, std 0.014); a one-seed cell brings no std of its own."""
+    f = specs.Floor(("F",), ("random", "popular"), 0.02)
+    er = {("F", "random"): [0.25, 0.05], ("F", "popular"): [0.21, 0.19],        # random's std 0.14, not the setter
+          ("A", "ahum"): [0.23], ("A", "psmu"): [0.24], ("B", "ahum"): [0.05, 0.33], ("B", "psmu"): [0.40, 0.42]}
+    s = report.Slice("d", 0.05, [], {"F": 0.20}, {(r, a, "ER@10 last"): xs for (r, a), xs in er.items()})
+    assert s.verdict(f, "A", "ahum", "yes", "no") == "no?"          # 0.01 above 0.22, inside the floor's 0.014
+    assert s.verdict(f, "A", "psmu", "yes", "no") == "no"           # 0.02 above it
+    assert s.verdict(f, "B", "ahum", "yes", "no") == "yes?"         # 0.03 below it, inside its own std 0.20
+    assert s.verdict(f, "B", "psmu", "yes", "no") == "no"           # 0.19 above it
+    assert s.verdict(f, "C", "ahum", "yes", "no") == ""             # not run
 
 
 def test_exposure_trajectory_is_the_seed_mean_over_the_rounds_every_seed_evaluated():

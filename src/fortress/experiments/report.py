@@ -106,6 +106,7 @@ def clear_best(rows: list[str], c: Column, values: Values) -> set[str]:
 
 
 SKIP_MARK = "‡"      # a number that comes, for at least one seed, from a run with skipped rounds
+CLOSE_MARK = "?"     # a verdict within the seeds' spread of floor + margin (`Slice.close`)
 
 
 def table(rows: list[str], cols: list[Column], values: Values, expected: int,
@@ -261,6 +262,23 @@ class Slice:
         floor, last = self.floors[f.method_of(row)], self.values.get((row, attack, "ER@10 last"))
         return None if floor is None or not last else bool(np.mean(last) <= floor + f.margin)
 
+    def close(self, f: Floor, row: str, attack: str) -> bool:
+        """Whether the verdict lies within the seeds' spread: the row's mean is no farther from floor + margin than
+        the larger sample std over seeds of the row's cell and of the floor attack that sets the floor (a one-seed
+        cell brings no std of its own), so more seeds may flip it."""
+        m = f.method_of(row)
+        last = self.values.get((row, attack, "ER@10 last"))
+        floors = [xs for a in f.attacks if (xs := self.values.get((m, a, "ER@10 last")))]
+        if self.holds(f, row, attack) is None or not floors:
+            return False
+        setter = max(floors, key=np.mean)
+        return bool(abs(np.mean(last) - (self.floors[m] + f.margin)) <= max(std(last), std(setter)))
+
+    def verdict(self, f: Floor, row: str, attack: str, yes: str, no: str) -> str:
+        """The verdict as text (yes / no), CLOSE_MARK appended where it is within the seeds' spread; "" without one."""
+        held = self.holds(f, row, attack)
+        return "" if held is None else (yes if held else no) + (CLOSE_MARK if self.close(f, row, attack) else "")
+
 
 def judged(p: Plan, got: dict[str, dict[str, float]]) -> list[Slice]:
     """The attacked cells of the main grid, per dataset and ratio, with the floors they are held to: the larger
@@ -300,7 +318,10 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
 
     lines = ["### At a glance", "",
              "ER@10 as the mean of the last evaluations, mean ± std over seeds (in brackets: how many); each attacked "
-             f"cell holds (within floor + {f.margin:g}) or **fails**; a blank: not in the spec; –: not run yet.", ""]
+             f"cell holds (within floor + {f.margin:g}) or **fails**, marked {CLOSE_MARK} where its distance to "
+             f"floor + {f.margin:g} is within the seeds' spread (the larger std over seeds of the cell and of the "
+             "floor; a one-seed cell has none of its own), so more seeds may flip it; a blank: not in the spec; –: "
+             "not run yet.", ""]
     for m in f.methods:
         planned = {(e.row, e.attack) for s in slices for e in s.entries if f.method_of(e.row) == m
                    and not (e.row in f.methods and e.attack in f.attacks)}
@@ -323,8 +344,8 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
                     if (row, a) not in planned:
                         cells.append("")
                         continue
-                    verdict = s.holds(f, row, a)
-                    cells.append(short(last(s, row, a)) + ("" if verdict is None else " holds" if verdict else " **fails**"))
+                    verdict = s.verdict(f, row, a, "holds", "**fails**")
+                    cells.append(short(last(s, row, a)) + (f" {verdict}" if verdict else ""))
                 lead = f"{s.dataset}, {s.ratio * 100:g}% | {floor}" if k == 0 else " | "
                 out.append(f"| {lead} | {row} | " + " | ".join(cells) + " |")
         if not out:
@@ -348,9 +369,9 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
     lines = ["## Against the data-poisoning floor", "",
              f"The floor is the larger mean ER@10 (of the last {p.er_last} evaluations, over seeds) of "
              f"{' / '.join(f.methods)} under {names}{each}: fake users who train honestly on sequences that hold the "
-             "target. An attacked cell holds when "
-             f"its mean is within floor + {f.margin:g}. Target flagged: the share of the rounds in which the defence "
-             "flagged a target; weight kept: the mean share of their FedAvg contribution (reported weight × update) "
+             f"target. An attacked cell holds when its mean is within floor + {f.margin:g} ({CLOSE_MARK}: within the "
+             "seeds' spread of it). Target flagged: the share of the rounds in which the defence flagged a target; "
+             "weight kept: the mean share of their FedAvg contribution (reported weight × update) "
              "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
     lines += glance(p, slices)
 
@@ -383,8 +404,7 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
             if not last:
                 lines.append(f"| {row} | {attack_name(attack, None)} | – | – | | – | | |")
                 continue
-            verdict = s.holds(f, row, attack)
-            ok = "" if verdict is None else ("yes" if verdict else "**no**")
+            ok = s.verdict(f, row, attack, "yes", "**no**")
             if s.values.get((row, attack, "skipped")):
                 ok += f" {SKIP_MARK}"
             digests = [d for e in s.entries if e.row == row and e.attack == attack
