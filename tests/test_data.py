@@ -409,6 +409,8 @@ def test_describe(tmp_path):
     text = describe(load_dataset(write(tmp_path / "s.txt", "1 5 3 7\n2 3 3\n")))
     assert "users          2" in text and "interactions   5" in text
     assert "min 2 / p25" in text and "max 3" in text and "chronological  yes" in text
+    # user 1: train 5, valid 3 (user 2 trains on it), test 7 (in nobody's train); user 2 is too short to evaluate
+    assert "unseen items   valid 0.0% / test 100.0% of the held-out items" in text
 
 
 # --- real data ---------------------------------------------------------------------------------
@@ -458,6 +460,8 @@ def test_real_mind_small(shared_data):
     assert ds.n_users == 4_637
     assert ds.stats()["interactions"] == 138_932 + 7_542
     assert ds.chronological
+    # the test item is each user's last impression click, fresh news: a quarter are in no train sequence (valid: 12%)
+    assert ds.unseen_targets() == pytest.approx({"valid": 540 / 4_509, "test": 1_139 / 4_509})
 
 
 # --- synthetic ---------------------------------------------------------------------------------

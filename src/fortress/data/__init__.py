@@ -39,4 +39,6 @@ def describe(ds: Dataset, detected: bool = False) -> str:
         f"({100 * evaluated / max(1, s['users']):.1f}%)",
         "seq length     " + " / ".join(f"{k} {_num(v)}" for k, v in pct.items()),
         f"chronological  {'yes' if s['chronological'] else 'no (source order is not time order)'}",
+        "unseen items   " + " / ".join(f"{k} {100 * v:.1f}%" for k, v in s["unseen_targets"].items())
+        + " of the held-out items are in no train sequence",
     ])

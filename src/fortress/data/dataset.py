@@ -70,7 +70,15 @@ class Dataset:
             "length_percentiles": dict(zip(["min", "p25", "p50", "p75", "p90", "p99", "max"],
                                            [float(x) for x in pct])),
             "chronological": self.chronological,
+            "unseen_targets": self.unseen_targets(),
         }
+
+    def unseen_targets(self) -> dict[str, float]:
+        """The share of the valid and of the test items (users that have one) that no user has in train: a model
+        ranks them from embeddings no training touched (MIND's test clicks are fresh news)."""
+        seen = self.item_counts() > 0
+        return {split: float(np.mean(~seen[held[held > 0]])) if (held > 0).any() else 0.0
+                for split, held in (("valid", self.valid), ("test", self.test))}
 
 
 def from_sequences(name: str, seqs: list[np.ndarray], user_ids: list[str], item_ids: list[str],
