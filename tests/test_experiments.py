@@ -718,7 +718,9 @@ def test_a_verdict_within_the_seeds_spread_is_marked():
     f = specs.Floor(("F",), ("random", "popular"), 0.02)
     er = {("F", "random"): [0.25, 0.05], ("F", "popular"): [0.21, 0.19],        # random's std 0.14, not the setter
           ("A", "ahum"): [0.23], ("A", "psmu"): [0.24], ("B", "ahum"): [0.05, 0.33], ("B", "psmu"): [0.40, 0.42]}
-    s = report.Slice("d", 0.05, [], {"F": 0.20}, {(r, a, "ER@10 last"): xs for (r, a), xs in er.items()})
+    values = {(r, a, "ER@10 last"): xs for (r, a), xs in er.items()}
+    s = report.Slice("d", 0.05, [], report.floor_seeds(f, values), values)
+    assert s.floors == {"F": pytest.approx(0.20)}
     assert s.verdict(f, "A", "ahum", "yes", "no") == "no?"          # 0.01 above 0.22, inside the floor's 0.014
     assert s.verdict(f, "A", "psmu", "yes", "no") == "no"           # 0.02 above it
     assert s.verdict(f, "B", "ahum", "yes", "no") == "yes?"         # 0.03 below it, inside its own std 0.20

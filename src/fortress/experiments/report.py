@@ -248,36 +248,48 @@ def save_png(path: Path, fig, dpi: int) -> Path:
 
 @dataclass
 class Slice:
-    """One (dataset, ratio) of the main grid judged against the data-poisoning floor: its entries, the floor of each
-    floor method (None: not run yet), and the seed values of (row, attack, metric) that finished."""
+    """One (dataset, ratio) of the main grid judged against the data-poisoning floor: its entries, the seed values
+    of the floor attack that sets each floor method's floor (`floor_seeds`; None: not run yet), and the seed values
+    of (row, attack, metric) that finished."""
     dataset: str
     ratio: float
     entries: list[Entry]
-    floors: dict[str, float | None]
+    floor_seeds: dict[str, list[float] | None]
     values: dict[tuple[str, str, str], list[float]]
+
+    @property
+    def floors(self) -> dict[str, float | None]:
+        """Each floor method's floor: the seed mean of the attack that sets it."""
+        return {m: None if xs is None else float(np.mean(xs)) for m, xs in self.floor_seeds.items()}
 
     def holds(self, f: Floor, row: str, attack: str) -> bool | None:
         """Whether the row's mean last-evaluation ER@10 under the attack is within its floor + margin; None
         without a floor or a finished seed."""
-        floor, last = self.floors[f.method_of(row)], self.values.get((row, attack, "ER@10 last"))
-        return None if floor is None or not last else bool(np.mean(last) <= floor + f.margin)
+        floor, last = self.floor_seeds[f.method_of(row)], self.values.get((row, attack, "ER@10 last"))
+        return None if floor is None or not last else bool(np.mean(last) <= np.mean(floor) + f.margin)
 
     def close(self, f: Floor, row: str, attack: str) -> bool:
         """Whether the verdict lies within the seeds' spread: the row's mean is no farther from floor + margin than
         the larger sample std over seeds of the row's cell and of the floor attack that sets the floor (a one-seed
         cell brings no std of its own), so more seeds may flip it."""
-        m = f.method_of(row)
-        last = self.values.get((row, attack, "ER@10 last"))
-        floors = [xs for a in f.attacks if (xs := self.values.get((m, a, "ER@10 last")))]
-        if self.holds(f, row, attack) is None or not floors:
-            return False
-        setter = max(floors, key=np.mean)
-        return bool(abs(np.mean(last) - (self.floors[m] + f.margin)) <= max(std(last), std(setter)))
+        floor, last = self.floor_seeds[f.method_of(row)], self.values.get((row, attack, "ER@10 last"))
+        return (floor is not None and bool(last)
+                and bool(abs(np.mean(last) - (np.mean(floor) + f.margin)) <= max(std(last), std(floor))))
 
     def verdict(self, f: Floor, row: str, attack: str, yes: str, no: str) -> str:
         """The verdict as text (yes / no), CLOSE_MARK appended where it is within the seeds' spread; "" without one."""
         held = self.holds(f, row, attack)
         return "" if held is None else (yes if held else no) + (CLOSE_MARK if self.close(f, row, attack) else "")
+
+
+def floor_seeds(f: Floor, values: dict[tuple[str, str, str], list[float]]) -> dict[str, list[float] | None]:
+    """Per floor method, the seed values of the floor attack with the larger mean last-evaluation ER@10 (the one
+    that sets its floor); None where none has finished."""
+    out: dict[str, list[float] | None] = {}
+    for m in f.methods:
+        runs = [xs for a in f.attacks if (xs := values.get((m, a, "ER@10 last")))]
+        out[m] = max(runs, key=np.mean) if runs else None
+    return out
 
 
 def judged(p: Plan, got: dict[str, dict[str, float]]) -> list[Slice]:
@@ -293,11 +305,7 @@ def judged(p: Plan, got: dict[str, dict[str, float]]) -> list[Slice]:
             for e in es:
                 for metric, x in got.get(e.cell, {}).items():
                     values[e.row, e.attack, metric].append(x)
-            floors: dict[str, float | None] = {}
-            for m in f.methods:
-                means = [float(np.mean(xs)) for a in f.attacks if (xs := values.get((m, a, "ER@10 last")))]
-                floors[m] = max(means) if means else None
-            out.append(Slice(ds, ratio, es, floors, dict(values)))
+            out.append(Slice(ds, ratio, es, floor_seeds(f, values), dict(values)))
     return out
 
 
