@@ -754,7 +754,7 @@ def test_each_row_is_held_to_the_floor_of_its_backbone(tmp_path):
         p.cells[e.cell].folder.mkdir(parents=True, exist_ok=True)
         runner.write_json(p.cells[e.cell].folder / "summary.json", rec)
     section = report.write(p).read_text().split("## Against the data-poisoning floor")[1]
-    assert "of FedAvg / FedAvg-GRU under Random (each row against the floor method of its backbone): " in section
+    assert "of the `FedAvg` / `FedAvg-GRU` rows under Random (each row against the floor method of its backbone): " in section
     assert "### synthetic, 5%: floor 0.1000 (FedAvg), 0.4000 (FedAvg-GRU)" in section
     assert "Held to FedAvg:" in section and "Held to FedAvg-GRU:" in section
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in section.splitlines() if line.startswith("| ")}
