@@ -374,9 +374,10 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
     slices = judged(p, got)
     names = " and ".join(attack_name(a, None) for a in f.attacks)
     each = "" if len(f.methods) == 1 else " (each row against the floor method of its backbone)"
+    floor_rows = " / ".join(f"`{m}`" for m in f.methods) + (" rows" if len(f.methods) > 1 else " row")
     lines = ["## Against the data-poisoning floor", "",
              f"The floor is the larger mean ER@10 (of the last {p.er_last} evaluations, over seeds) of "
-             f"the {' / '.join(f'`{m}`' for m in f.methods)} row{'s' * (len(f.methods) > 1)} under {names}{each}: fake users who train honestly on sequences that hold the "
+             f"the {floor_rows} under {names}{each}: fake users who train honestly on sequences that hold the "
              f"target. An attacked cell holds when its mean is within floor + {f.margin:g} ({CLOSE_MARK}: within the "
              "seeds' spread of it). Target flagged: the share of the rounds in which the defence flagged a target; "
              "weight kept: the mean share of their FedAvg contribution (reported weight × update) "
