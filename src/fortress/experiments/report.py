@@ -262,19 +262,28 @@ class Slice:
         """Each floor method's floor: the seed mean of the attack that sets it."""
         return {m: None if xs is None else float(np.mean(xs)) for m, xs in self.floor_seeds.items()}
 
+    def sides(self, f: Floor, row: str, attack: str) -> tuple[list[float], list[float]] | None:
+        """The seed values of the floor attack that sets the row's floor and of the row under the attack (last-
+        evaluation ER@10); None without a floor or a finished seed."""
+        floor, last = self.floor_seeds[f.method_of(row)], self.values.get((row, attack, "ER@10 last"))
+        return None if floor is None or not last else (floor, last)
+
     def holds(self, f: Floor, row: str, attack: str) -> bool | None:
         """Whether the row's mean last-evaluation ER@10 under the attack is within its floor + margin; None
         without a floor or a finished seed."""
-        floor, last = self.floor_seeds[f.method_of(row)], self.values.get((row, attack, "ER@10 last"))
-        return None if floor is None or not last else bool(np.mean(last) <= np.mean(floor) + f.margin)
+        if (both := self.sides(f, row, attack)) is None:
+            return None
+        floor, last = both
+        return bool(np.mean(last) <= np.mean(floor) + f.margin)
 
     def close(self, f: Floor, row: str, attack: str) -> bool:
         """Whether the verdict lies within the seeds' spread: the row's mean is no farther from floor + margin than
         the larger sample std over seeds of the row's cell and of the floor attack that sets the floor (a one-seed
         cell brings no std of its own), so more seeds may flip it."""
-        floor, last = self.floor_seeds[f.method_of(row)], self.values.get((row, attack, "ER@10 last"))
-        return (floor is not None and bool(last)
-                and bool(abs(np.mean(last) - (np.mean(floor) + f.margin)) <= max(std(last), std(floor))))
+        if (both := self.sides(f, row, attack)) is None:
+            return False
+        floor, last = both
+        return bool(abs(np.mean(last) - (np.mean(floor) + f.margin)) <= max(std(last), std(floor)))
 
     def verdict(self, f: Floor, row: str, attack: str, yes: str, no: str) -> str:
         """The verdict as text (yes / no), CLOSE_MARK appended where it is within the seeds' spread; "" without one."""
