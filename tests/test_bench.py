@@ -55,3 +55,30 @@ def test_saved_run_scripts_read_the_saved_monitor_and_simulate_the_attacked_roun
     assert lines[0].startswith(f"{run}: target {target}; |mean probe representation|")
     assert sum("ahum attackers' target rows" in ln for ln in lines) == 2
     assert sum("largest raise along the mean per client" in ln for ln in lines) == 2
+
+
+def test_hics_rows_counts_every_uploaded_row_and_its_hits_add_up_to_the_runs_test_hr(tmp_path):
+    """bench/hics_rows.py on a short HiCS run: each simulated client uploads its own items and exactly n_neg
+    negatives (so the negative rows are rounds x clients x n_neg), every kept share lies in [0, 1], and the test hits
+    of the three popularity classes add up to the run's own test HR@10."""
+    import json
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    run, out = tmp_path / "run", tmp_path / "rows.json"
+    sets = ["rounds=2", "clients_per_round=16", "defence=hics", "n_neg=20", "synthetic_users=200",
+            "synthetic_items=80", "eval_every=2", "threads=1"]
+    subprocess.run([sys.executable, "-m", "fortress.cli", "run", "--data", "synthetic", "--out", str(run), "--quiet",
+                    *[a for s in sets for a in ("--set", s)]], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(root / "bench" / "hics_rows.py"), str(run), "--data", "synthetic",
+                    "--rounds", "2", "--out", str(out)], check=True, capture_output=True, text=True)
+    res = json.loads(out.read_text())[str(run)]
+    rows = res["rows"]
+    assert sum(v["rows"] for k, v in rows.items() if k.startswith("negative")) == 2 * 16 * 20
+    assert sum(v["rows"] for k, v in rows.items() if k.startswith("own")) > 2 * 16
+    assert all(0.0 <= v["kept"] <= 1.0 for v in rows.values())
+    assert 0.0 < sum(v["rows"] * v["kept"] for v in rows.values()) < sum(v["rows"] for v in rows.values())
+    place = res["placement"]
+    hits = sum(v["test_users"] * v["test_HR@10"] for v in place.values())
+    saved = json.loads((run / "results.json").read_text())["test"]
+    assert hits / saved["users"] == pytest.approx(saved["HR@10"], abs=1e-9)
+    assert sum(v["top10_share"] for v in place.values()) == pytest.approx(1.0)
