@@ -728,6 +728,25 @@ def test_a_verdict_within_the_seeds_spread_is_marked():
     assert s.verdict(f, "C", "ahum", "yes", "no") == ""             # not run
 
 
+def test_a_verdict_from_a_model_that_barely_ranks_the_test_items_is_marked():
+    """Slice.weak: a cell whose seed mean test HR@10 is under half the clean test HR@10 of the floor method it is
+    held to (0.02 here) gets WEAK_MARK, whatever its verdict; the floor's own cells too; no clean run, no mark."""
+    f = specs.Floor(("F",), ("random",), 0.02)
+    values = {("F", "random", "ER@10 last"): [0.2, 0.2], ("F", "random", "HR@10"): [0.002, 0.03],
+              ("A", "ahum", "ER@10 last"): [0.01, 0.01], ("A", "ahum", "HR@10"): [0.004, 0.0059],
+              ("B", "ahum", "ER@10 last"): [0.01], ("B", "ahum", "HR@10"): [0.01],
+              ("C", "ahum", "ER@10 last"): [0.5], ("C", "ahum", "HR@10"): [0.001]}
+    s = report.Slice("d", 0.05, [], report.floor_seeds(f, values), values, {"F": 0.02})
+    assert s.verdict(f, "A", "ahum", "yes", "no") == f"yes {report.WEAK_MARK}"     # 0.00495 < 0.01
+    assert s.verdict(f, "B", "ahum", "yes", "no") == "yes"                         # 0.01 is not under 0.01
+    assert s.verdict(f, "C", "ahum", "yes", "no") == f"no {report.WEAK_MARK}"
+    assert not s.weak(f, "F", "random")                                            # mean 0.016
+    s.values["F", "random", "HR@10"] = [0.002, 0.0]
+    assert s.weak(f, "F", "random")
+    bare = report.Slice("d", 0.05, [], report.floor_seeds(f, values), values, {"F": None})
+    assert bare.verdict(f, "A", "ahum", "yes", "no") == "yes"
+
+
 def test_exposure_trajectory_is_the_seed_mean_over_the_rounds_every_seed_evaluated():
     rounds, mean, lo, hi = report.mean_trajectory([[(1, 0.2), (2, 0.4), (3, 0.6)], [(2, 0.2), (3, 0.0)]])
     assert rounds == [2, 3]

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,6 +107,8 @@ def clear_best(rows: list[str], c: Column, values: Values) -> set[str]:
 
 SKIP_MARK = "‡"      # a number that comes, for at least one seed, from a run with skipped rounds
 CLOSE_MARK = "?"     # a verdict within the seeds' spread of floor + margin (`Slice.close`)
+WEAK_MARK = "↓"      # a cell whose model ranks the test items at under WEAK_SHARE of the clean floor row (`Slice.weak`)
+WEAK_SHARE = 0.5
 
 
 def table(rows: list[str], cols: list[Column], values: Values, expected: int,
@@ -256,6 +258,7 @@ class Slice:
     entries: list[Entry]
     floor_seeds: dict[str, list[float] | None]
     values: dict[tuple[str, str, str], list[float]]
+    clean_hr: dict[str, float | None] = field(default_factory=dict)   # per floor method: its clean test HR@10 (mean)
 
     @property
     def floors(self) -> dict[str, float | None]:
@@ -285,10 +288,21 @@ class Slice:
         floor, last = both
         return bool(abs(np.mean(last) - (np.mean(floor) + f.margin)) <= max(std(last), std(floor)))
 
+    def weak(self, f: Floor, row: str, attack: str) -> bool:
+        """Whether the cell's model barely ranks the test items: its seed mean test HR@10 under WEAK_SHARE of the
+        clean test HR@10 of the floor method that the row is held to (on the same dataset). Its low ER then shows
+        no defence: a model that promotes nothing also leaves the target out."""
+        hr, ref = self.values.get((row, attack, "HR@10")), self.clean_hr.get(f.method_of(row))
+        return bool(hr) and ref is not None and float(np.mean(hr)) < WEAK_SHARE * ref
+
     def verdict(self, f: Floor, row: str, attack: str, yes: str, no: str) -> str:
-        """The verdict as text (yes / no), CLOSE_MARK appended where it is within the seeds' spread; "" without one."""
+        """The verdict as text (yes / no), CLOSE_MARK appended where it is within the seeds' spread and WEAK_MARK
+        where the model barely ranks the test items (`weak`); "" without one."""
         held = self.holds(f, row, attack)
-        return "" if held is None else (yes if held else no) + (CLOSE_MARK if self.close(f, row, attack) else "")
+        if held is None:
+            return ""
+        return ((yes if held else no) + (CLOSE_MARK if self.close(f, row, attack) else "")
+                + (f" {WEAK_MARK}" if self.weak(f, row, attack) else ""))
 
 
 def floor_seeds(f: Floor, values: dict[tuple[str, str, str], list[float]]) -> dict[str, list[float] | None]:
@@ -314,7 +328,10 @@ def judged(p: Plan, got: dict[str, dict[str, float]]) -> list[Slice]:
             for e in es:
                 for metric, x in got.get(e.cell, {}).items():
                     values[e.row, e.attack, metric].append(x)
-            out.append(Slice(ds, ratio, es, floor_seeds(f, values), dict(values)))
+            clean = {m: [got[e.cell]["HR@10"] for e in p.entries if e.section == "main" and e.attack == "none"
+                         and e.dataset == ds and e.row == m and "HR@10" in got.get(e.cell, {})] for m in f.methods}
+            out.append(Slice(ds, ratio, es, floor_seeds(f, values), dict(values),
+                             {m: float(np.mean(xs)) if xs else None for m, xs in clean.items()}))
     return out
 
 
@@ -337,7 +354,9 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
              "ER@10 as the mean of the last evaluations, mean ± std over seeds (in brackets: how many); each attacked "
              f"cell holds (within floor + {f.margin:g}) or **fails**, marked {CLOSE_MARK} where its distance to "
              f"floor + {f.margin:g} is within the seeds' spread (the larger std over seeds of the cell and of the "
-             "floor; a one-seed cell has none of its own), so more seeds may flip it; a blank: not in the spec; –: "
+             "floor; a one-seed cell has none of its own), so more seeds may flip it, and marked "
+             f"{WEAK_MARK} where its model barely ranks the test items (mean test HR@10 under {WEAK_SHARE:g} x the "
+             "clean floor row's on that dataset: its low ER shows no defence); a blank: not in the spec; –: "
              "not run yet.", ""]
     for m in f.methods:
         planned = {(e.row, e.attack) for s in slices for e in s.entries if f.method_of(e.row) == m
@@ -352,7 +371,7 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
             shown = [r for r in rows if any(last(s, r, a) for a in attacks)]
             if not shown and s.floors[m] is None:
                 continue
-            floor = " / ".join(short(last(s, m, a)) for a in f.attacks)
+            floor = " / ".join(short(last(s, m, a)) + (f" {WEAK_MARK}" if s.weak(f, m, a) else "") for a in f.attacks)
             if not shown:                                   # the floor alone so far
                 out.append(f"| {s.dataset}, {s.ratio * 100:g}% | {floor} | – | " + " | ".join("–" for _ in attacks) + " |")
             for k, row in enumerate(shown):
@@ -388,7 +407,8 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
              f"The floor is the larger mean ER@10 (of the last {p.er_last} evaluations, over seeds) of "
              f"the {floor_rows} under {names}{each}: fake users who train honestly on sequences that hold the "
              f"target. An attacked cell holds when its mean is within floor + {f.margin:g} ({CLOSE_MARK}: within the "
-             "seeds' spread of it). Target flagged: the share of the rounds in which the defence flagged a target; "
+             f"seeds' spread of it; {WEAK_MARK}: its model barely ranks the test items, mean test HR@10 under "
+             f"{WEAK_SHARE:g} x that of the clean floor row on the dataset, so its low ER is no defence). Target flagged: the share of the rounds in which the defence flagged a target; "
              "weight kept: the mean share of their FedAvg contribution (reported weight × update) "
              "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
     lines += glance(p, slices)
