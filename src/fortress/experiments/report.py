@@ -107,7 +107,7 @@ def clear_best(rows: list[str], c: Column, values: Values) -> set[str]:
 
 SKIP_MARK = "‡"      # a number that comes, for at least one seed, from a run with skipped rounds
 CLOSE_MARK = "?"     # a verdict within the seeds' spread of floor + margin (`Slice.close`)
-WEAK_MARK = "↓"      # a cell whose model ranks the test items at under WEAK_SHARE of the clean floor row (`Slice.weak`)
+WEAK_MARK = "↓"      # a cell whose model barely ranks the test items (`Slice.weak`)
 WEAK_SHARE = 0.5
 
 
@@ -371,7 +371,8 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
             shown = [r for r in rows if any(last(s, r, a) for a in attacks)]
             if not shown and s.floors[m] is None:
                 continue
-            floor = " / ".join(short(last(s, m, a)) + (f" {WEAK_MARK}" if s.weak(f, m, a) else "") for a in f.attacks)
+            floor = " / ".join(short(last(s, m, a)) + (f" {WEAK_MARK}" if s.weak(f, m, a) else "")
+                               for a in f.attacks)
             if not shown:                                   # the floor alone so far
                 out.append(f"| {s.dataset}, {s.ratio * 100:g}% | {floor} | – | " + " | ".join("–" for _ in attacks) + " |")
             for k, row in enumerate(shown):
@@ -408,7 +409,8 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
              f"the {floor_rows} under {names}{each}: fake users who train honestly on sequences that hold the "
              f"target. An attacked cell holds when its mean is within floor + {f.margin:g} ({CLOSE_MARK}: within the "
              f"seeds' spread of it; {WEAK_MARK}: its model barely ranks the test items, mean test HR@10 under "
-             f"{WEAK_SHARE:g} x that of the clean floor row on the dataset, so its low ER is no defence). Target flagged: the share of the rounds in which the defence flagged a target; "
+             f"{WEAK_SHARE:g} x that of the clean floor row on the dataset, so its low ER is no defence). Target "
+             "flagged: the share of the rounds in which the defence flagged a target; "
              "weight kept: the mean share of their FedAvg contribution (reported weight × update) "
              "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
     lines += glance(p, slices)
