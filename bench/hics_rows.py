@@ -26,7 +26,7 @@ import torch
 from fortress import config as config_mod
 from fortress.client import build_chunks, eligible_clients, objective, train_round
 from fortress.evaluate_run import run_data
-from fortress.metrics import popularity_cuts
+from fortress.metrics import _masked, history_matrix, popularity_class, popularity_cuts
 from fortress.models import from_config
 from fortress.recommend import load_run
 from fortress.server.hics import hics
@@ -37,8 +37,7 @@ CLASSES = ("cold", "mid", "popular")
 
 def item_classes(counts: np.ndarray) -> np.ndarray:
     """(N+1,) 0 cold, 1 mid, 2 popular by train count; -1 for the padding row."""
-    cold_max, popular_min = popularity_cuts(counts)
-    cls = np.where(counts >= popular_min, 2, np.where(counts <= cold_max, 0, 1))
+    cls = popularity_class(counts, *popularity_cuts(counts))
     cls[0] = -1
     return cls
 
@@ -46,9 +45,10 @@ def item_classes(counts: np.ndarray) -> np.ndarray:
 def kept_rows(model, params, cfg, ds, cls: np.ndarray, rounds: int) -> dict[str, dict[str, float]]:
     """Per (own | negative) x class: rows uploaded, share kept by HiCS, mean uploaded row norm, over the rounds."""
     tally = {f"{kind} {c}": [0, 0, 0.0] for kind in ("own", "negative") for c in CLASSES}
+    eligible = eligible_clients(ds)
     for r in range(rounds):
         rng = np.random.default_rng(r)
-        users = rng.choice(eligible_clients(ds), min(cfg.clients_per_round, len(eligible_clients(ds))), replace=False)
+        users = rng.choice(eligible, min(cfg.clients_per_round, len(eligible)), replace=False)
         chunks = build_chunks(ds, users, cfg.n_neg, cfg.max_len, cfg.chunk_size, rng)
         u = train_round(model, objective(cfg, ds.n_items), cfg.local_epochs, cfg.lr, cfg.client_opt, params, chunks,
                         cfg.engine)
@@ -75,11 +75,7 @@ def placement(model, params, ds, cls: np.ndarray) -> dict[str, dict[str, float]]
     sc = model_scorer(model, params, ds)
     scores = torch.cat([sc(users[a:a + 512], "test") for a in range(0, len(users), 512)])    # (B, N+1)
     target = torch.as_tensor(ds.test[users])                                                 # (B,)
-    kept = scores[torch.arange(len(users)), target].clone()
-    scores[:, 0] = -torch.inf
-    for i, u in enumerate(users):                      # history masked, the target never (as metrics._masked)
-        scores[i, torch.as_tensor(ds.history(int(u), "test"))] = -torch.inf
-    scores[torch.arange(len(users)), target] = kept
+    scores, _ = _masked(scores, history_matrix(ds, users, "test"), target)   # history masked, the target never
     top = scores.topk(10, dim=1).indices                                                     # (B, 10)
     cls_t = torch.as_tensor(cls)
     hit = (top == target[:, None]).any(1)                                                    # (B,)

@@ -120,6 +120,12 @@ def popularity_cuts(counts: np.ndarray, share: float = HEAD_SHARE) -> tuple[int,
     return int(values[np.argmax(at_most >= need)]), int(values[at_least >= need].max())
 
 
+def popularity_class(counts: np.ndarray, cold_max: int, popular_min: int) -> np.ndarray:
+    """(N+1,) each item's popularity by its train count (`popularity_cuts`): 0 cold, 1 mid, 2 popular (the padding
+    row, count 0, reads cold)."""
+    return np.where(counts >= popular_min, 2, np.where(counts <= cold_max, 0, 1))
+
+
 def strata(ds: Dataset, split: str) -> Strata:
     """History-length and target-popularity strata of the users at `split` (module docstring)."""
     truth = ds.valid if split == "valid" else ds.test
@@ -128,8 +134,7 @@ def strata(ds: Dataset, split: str) -> Strata:
     history = (length > lo).astype(np.int64) + (length > hi)                       # 0, 1, 2
     counts = ds.item_counts()
     cold_max, popular_min = popularity_cuts(counts)
-    of_target = counts[truth]                                                      # (n_users,) 0 where no target
-    popularity = np.where(of_target >= popular_min, 2, np.where(of_target <= cold_max, 0, 1))
+    popularity = popularity_class(counts, cold_max, popular_min)[truth]              # (n_users,) cold where no target
     groups = (("history", f"<={lo}"), ("history", f"{lo + 1}-{hi}"), ("history", f">{hi}"),
               ("popularity", "cold"), ("popularity", "mid"), ("popularity", "popular"))
     cuts = {"history": {"by": "the user's train interactions", "cuts": list(HISTORY_CUTS)},
