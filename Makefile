@@ -29,7 +29,7 @@ demo: $(BIN)/fortress
 	@echo '      --set clients_per_round=32 --set rounds=60 --set attack=psmu --set defence=fortress   # the defence'
 	@echo '  $(BIN)/fortress data stats FILE      # your own data (README, Data), then:'
 	@echo '  $(BIN)/fortress run --data FILE --out runs/mine'
-	@echo '  make test       # the fast tests (about a minute); make test-all adds the slow ones'
+	@echo '  make test       # the fast tests (about 2 minutes); make test-all adds the slow ones'
 
 test: $(BIN)/fortress
 	$(BIN)/python -m pytest tests -m "not slow"
