@@ -288,12 +288,18 @@ class Slice:
         floor, last = both
         return bool(abs(np.mean(last) - (np.mean(floor) + f.margin)) <= max(std(last), std(floor)))
 
-    def weak(self, f: Floor, row: str, attack: str) -> bool:
-        """Whether the cell's model barely ranks the test items: its seed mean test HR@10 under WEAK_SHARE of the
-        clean test HR@10 of the floor method that the row is held to (on the same dataset). Its low ER then shows
-        no defence: a model that promotes nothing also leaves the target out."""
+    def weak(self, f: Floor, row: str, attack: str) -> str:
+        """How the cell's model ranks the test items against the clean test HR@10 of the floor method that the row
+        is held to (on the same dataset): WEAK_MARK where its seed mean test HR@10 is under WEAK_SHARE of it (its low
+        ER then shows no defence: a model that promotes nothing also leaves the target out); WEAK_MARK with "k/n"
+        where the mean is not but k of its n seeds are (a diverged seed whose ER sits in the row's mean); "" else."""
         hr, ref = self.values.get((row, attack, "HR@10")), self.clean_hr.get(f.method_of(row))
-        return bool(hr) and ref is not None and float(np.mean(hr)) < WEAK_SHARE * ref
+        if not hr or ref is None:
+            return ""
+        if float(np.mean(hr)) < WEAK_SHARE * ref:
+            return WEAK_MARK
+        k = sum(x < WEAK_SHARE * ref for x in hr)
+        return f"{WEAK_MARK}{k}/{len(hr)}" if k else ""
 
     def verdict(self, f: Floor, row: str, attack: str, yes: str, no: str) -> str:
         """The verdict as text (yes / no), CLOSE_MARK appended where it is within the seeds' spread and WEAK_MARK
@@ -302,7 +308,7 @@ class Slice:
         if held is None:
             return ""
         return ((yes if held else no) + (CLOSE_MARK if self.close(f, row, attack) else "")
-                + (f" {WEAK_MARK}" if self.weak(f, row, attack) else ""))
+                + (f" {mark}" if (mark := self.weak(f, row, attack)) else ""))
 
 
 def floor_seeds(f: Floor, values: dict[tuple[str, str, str], list[float]]) -> dict[str, list[float] | None]:
@@ -356,7 +362,8 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
              f"floor + {f.margin:g} is within the seeds' spread (the larger std over seeds of the cell and of the "
              "floor; a one-seed cell has none of its own), so more seeds may flip it, and marked "
              f"{WEAK_MARK} where its model barely ranks the test items (mean test HR@10 under {WEAK_SHARE:g} x the "
-             "clean floor row's on that dataset: its low ER shows no defence); a blank: not in the spec; –: "
+             f"clean floor row's on that dataset: its low ER shows no defence; {WEAK_MARK}k/n where only k of its n seeds' "
+             "models do, whose ER still counts in the mean); a blank: not in the spec; –: "
              "not run yet.", ""]
     for m in f.methods:
         planned = {(e.row, e.attack) for s in slices for e in s.entries if f.method_of(e.row) == m
@@ -371,7 +378,7 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
             shown = [r for r in rows if any(last(s, r, a) for a in attacks)]
             if not shown and s.floors[m] is None:
                 continue
-            floor = " / ".join(short(last(s, m, a)) + (f" {WEAK_MARK}" if s.weak(f, m, a) else "")
+            floor = " / ".join(short(last(s, m, a)) + (f" {mark}" if (mark := s.weak(f, m, a)) else "")
                                for a in f.attacks)
             if not shown:                                   # the floor alone so far
                 out.append(f"| {s.dataset}, {s.ratio * 100:g}% | {floor} | – | " + " | ".join("–" for _ in attacks) + " |")
@@ -409,7 +416,8 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
              f"the {floor_rows} under {names}{each}: fake users who train honestly on sequences that hold the "
              f"target. An attacked cell holds when its mean is within floor + {f.margin:g} ({CLOSE_MARK}: within the "
              f"seeds' spread of it; {WEAK_MARK}: its model barely ranks the test items, mean test HR@10 under "
-             f"{WEAK_SHARE:g} x that of the clean floor row on the dataset, so its low ER is no defence). Target "
+             f"{WEAK_SHARE:g} x that of the clean floor row on the dataset, so its low ER is no defence; {WEAK_MARK}k/n: k "
+             "of its n seeds' models do). Target "
              "flagged: the share of the rounds in which the defence flagged a target; "
              "weight kept: the mean share of their FedAvg contribution (reported weight × update) "
              "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
