@@ -362,8 +362,8 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
              f"floor + {f.margin:g} is within the seeds' spread (the larger std over seeds of the cell and of the "
              "floor; a one-seed cell has none of its own), so more seeds may flip it, and marked "
              f"{WEAK_MARK} where its model barely ranks the test items (mean test HR@10 under {WEAK_SHARE:g} x the "
-             f"clean floor row's on that dataset: its low ER shows no defence; {WEAK_MARK}k/n where only k of its n seeds' "
-             "models do, whose ER still counts in the mean); a blank: not in the spec; –: "
+             f"clean floor row's on that dataset: its low ER shows no defence; {WEAK_MARK}k/n where only k of its n "
+             "seeds' models do, whose ER still counts in the mean); a blank: not in the spec; –: "
              "not run yet.", ""]
     for m in f.methods:
         planned = {(e.row, e.attack) for s in slices for e in s.entries if f.method_of(e.row) == m
@@ -416,8 +416,8 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
              f"the {floor_rows} under {names}{each}: fake users who train honestly on sequences that hold the "
              f"target. An attacked cell holds when its mean is within floor + {f.margin:g} ({CLOSE_MARK}: within the "
              f"seeds' spread of it; {WEAK_MARK}: its model barely ranks the test items, mean test HR@10 under "
-             f"{WEAK_SHARE:g} x that of the clean floor row on the dataset, so its low ER is no defence; {WEAK_MARK}k/n: k "
-             "of its n seeds' models do). Target "
+             f"{WEAK_SHARE:g} x that of the clean floor row on the dataset, so its low ER is no defence; "
+             f"{WEAK_MARK}k/n: k of its n seeds' models do). Target "
              "flagged: the share of the rounds in which the defence flagged a target; "
              "weight kept: the mean share of their FedAvg contribution (reported weight × update) "
              "kept by benign / short benign (≤ 5 interactions) / malicious clients; – without a defence.", ""]
