@@ -336,6 +336,35 @@ def test_shards_into_one_folder_give_the_unsharded_report(done, tmp_path):
     assert len(ok) == 6 and all(runner.finished(c) for c in ok)
 
 
+def test_followers_record_the_model_they_started_from_and_the_report_names_a_mix(done, tmp_path, capsys):
+    """Every run records its weights' fingerprint (`model`) and, with init_from, its starting model's (`start`):
+    a pretrained cell's followers carry its `model`. Where they do not agree (the pretrain ran twice, on machines
+    whose float sums differ), the report lists the cells by the model they started from."""
+    spec, out, _ = done
+    p = specs.load(spec, out)
+    pre = [c for c in p.cells.values() if c.kind == "pretrain" and runner.finished(c)]
+    assert pre
+    for c in pre:
+        model = runner.record(c)["model"]
+        followers = [runner.record(f) for f in p.cells.values() if f.after == [c.id] and runner.finished(f)]
+        assert followers and {f["start"] for f in followers} == {model} and len(model) == 16
+        assert all(f["model"] != model for f in followers)          # they trained on from it
+    assert "started from different models" not in (out / "report.md").read_text()
+    dest = tmp_path / "pub"
+    assert main(["report", str(out), "--publish", str(dest)]) == 0
+    c = pre[0]
+    moved = next(f.id for f in p.cells.values() if f.after == [c.id] and runner.finished(f))
+    path = dest / "cells" / moved / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "start": "0123456789abcdef"}))
+    capsys.readouterr()
+    assert main(["report", str(dest)]) == 0
+    text = (dest / "report.md").read_text()
+    section = text.split("## Cells that started from different models\n")[1].split("\n## ")[0]
+    line = next(x for x in section.splitlines() if x.startswith(f"- `{c.id}`"))
+    assert f"from `0123456789abcdef`: 1 (`{moved}`)" in line
+    assert f"from `{runner.record(c)['model']}` (the pretrained cell's)" in line
+
+
 def test_report_is_rebuilt_from_the_summaries_alone(done, tmp_path, capsys):
     """`fortress report DIR --publish DEST` copies summaries, spec and figures (no models, no logs); the report
     rebuilt from DEST alone is the report of DIR, and a missing cell is listed as missing."""

@@ -8,6 +8,7 @@ Every run writes `results.json` and `model.pt` into its output folder.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -598,6 +599,19 @@ def initial_params(cfg: Config, model: Model, ds: Population | Dataset) -> Param
     return {k: v.to(DTYPES[cfg.dtype]).clone() for k, v in saved.items()}
 
 
+def fingerprint(params: Params) -> str:
+    """The weights' sha256 (names, dtypes, shapes, values), 16 hex digits: equal for the same model on any machine,
+    unlike model.pt's bytes (torch.save writes differently each time). Runs record it for the model they end with
+    (`model`) and the one `init_from` gave them (`start`), so a grid can tell when its cells started from
+    different copies of one pretrained model (a pretrain re-run on another CPU differs in its last bits)."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        v = params[name].detach().cpu().contiguous()
+        h.update(f"{name}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_model(path: Path, cfg: Config, ds: Dataset | None, params: Params | None, defence=None,
                pop: Population | None = None) -> None:
     """Weights + config + id maps + the users' known sequences, enough for `fortress recommend`, and the
@@ -698,11 +712,12 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
         raise InputError(f"{out}: cannot create the output folder ({err.strerror or type(err).__name__})") from None
     setup_torch(cfg)
     model = from_config(cfg)
-    params = None
+    params, start = None, None
     if cfg.training == "pop":
         run_ = Run(cfg, ds, model, {}, pop=pop, evaluator=local_evaluator(ds, lambda _: pop_scorer(ds), cfg.eval_batch))
     else:
         params = {k: v.to(torch_device(cfg.device)) for k, v in initial_params(cfg, model, pop).items()}
+        start = fingerprint(params) if cfg.init_from else None
         counts = pop.item_counts
         if counts is None:             # the hosts send item counts only when targets are picked by popularity
             if cfg.training == "federated" and cfg.targets >= 1 and cfg.target_pick == "unpopular":
@@ -765,6 +780,8 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
         },
         "rejected": run_.rejected,
         "dropped": run_.dropped,
+        **({"model": fingerprint(params)} if params is not None else {}),
+        **({"start": start} if start else {}),
     }
     if camp is not None:
         camp.record(cfg.rounds, {**test, **er})

@@ -660,6 +660,32 @@ def cost(p: Plan, recs: dict[str, dict | None], missing: list[str]) -> str:
             + (f" ({', '.join(split)})" if len(split) > 1 else "") + ".")
 
 
+def mixed_starts(p: Plan, recs: dict[str, dict | None]) -> list[str]:
+    """Pretrained cells whose followers started from more than one model, by the weights' fingerprints their
+    summaries record (`model`, `start`; summaries written before them have none). A pretrain run again where its
+    model.pt was not at hand (another machine or shard, a fresh clone) is the same command but, on another CPU,
+    not the same model; the numbers of its followers then come from different starting points."""
+    followers: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))  # pretrain -> start -> ids
+    for cid, c in p.cells.items():
+        if len(c.after) == 1 and (rec := recs[cid] or {}).get("status") == "ok" and rec.get("start"):
+            followers[c.after[0]][rec["start"]].append(cid)
+    lines = []
+    for pid, starts in followers.items():
+        pre, own = p.cells[pid], (recs[pid] or {}).get("model")
+        if len(starts) > 1 or (own and set(starts) != {own}):
+            mark = {own: " (the pretrained cell's)"}
+            by = "; ".join(f"from `{fp}`{mark.get(fp, '')}: {len(cs)} ({', '.join(f'`{c}`' for c in cs)})"
+                           for fp, cs in starts.items())
+            lines.append(f"- `{pid}` ({_esc(pre.labels[0])}; its summary: model `{own or 'not recorded'}`): {by}")
+    if not lines:
+        return []
+    return ["## Cells that started from different models", "",
+            "These cells continue the same pretrained cell, but not the same model: it was run more than once (on "
+            "machines whose CPUs sum floats in another order, the same command ends in other weights), so their "
+            "numbers mix starting points. Run them again from one copy of it (delete the followers' folders and keep "
+            "the pretrained cell's model.pt) before comparing them.", ""] + lines + [""]
+
+
 def _esc(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -729,6 +755,7 @@ def write(p: Plan) -> Path:
         lines += [f"- `{cid}` ({_esc('; '.join(p.cells[cid].labels[:2]))}): {r['rounds_skipped']} of "
                   f"{r.get('rounds_run', '?')} rounds skipped, {r.get('rejected', 0):,} uploads rejected"
                   for cid, r in skips] + [""]
+    lines += mixed_starts(p, recs)
     failed = [(cid, recs[cid]) for cid in p.cells if (recs[cid] or {}).get("status") == "failed"]
     if failed:
         lines += ["## Failed cells", ""] + [f"- `{cid}` ({'; '.join(p.cells[cid].labels[:2])}): {_esc(r.get('error') or '')}"

@@ -119,6 +119,7 @@ def summary(cell: Cell, status: str, seconds: float, error: str | None) -> dict[
             "attack": {k: v for k, v in attack.items() if k != "per_target"},
             "rejected": len(res.get("rejected", [])), "dropped": len(res.get("dropped", [])),
         })
+        out.update({k: res[k] for k in ("model", "start") if res.get(k)})   # weights' fingerprints (simulate)
         history = res.get("history") or []
         skipped = sum(1 for h in history if isinstance(h, dict) and h.get("skipped"))
         if skipped:                                 # rounds with too few valid uploads: the model did not move
