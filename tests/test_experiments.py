@@ -582,6 +582,19 @@ def test_readme_verdict_tables_are_the_committed_main_table_reports():
             f"{len(verdicts) - len(fails)} that hold lie within the seeds' spread") in readme
 
 
+@pytest.mark.parametrize("page", ["attacks"])
+def test_results_page_tables_are_its_spec_report(page):
+    """A results page whose grid is a spec quotes the tables of the spec's committed report verbatim (refresh both
+    with `fortress report --publish`), so its numbers are the cells' summaries."""
+    text = (ROOT / "docs" / "results" / page / "report.md").read_text()
+    tables = re.findall(r"^\| FedAvg-SASRec: attack \|.*?(?=\n\n)|^\| method \| .*?(?=\n\n)",
+                        text.split("## Main table\n")[1].split("\n## ")[0] + "\n", flags=re.M | re.S)
+    assert len(tables) >= 2                                 # final ER, and ER as the mean of the last evaluations
+    body = (ROOT / "docs" / "results" / f"{page}.md").read_text()
+    for t in tables:
+        assert t in body, f"{page}.md lacks the report's table that starts {t.splitlines()[2][:60]!r}"
+
+
 def test_a_cell_is_claimed_by_one_runner_and_broken_locks_are_one_line(tmp_path, monkeypatch):
     import errno
     import fcntl
