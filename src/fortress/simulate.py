@@ -599,7 +599,7 @@ def initial_params(cfg: Config, model: Model, ds: Population | Dataset) -> Param
     return {k: v.to(DTYPES[cfg.dtype]).clone() for k, v in saved.items()}
 
 
-def fingerprint(params: Params) -> str:
+def weights_fingerprint(params: Params) -> str:
     """The weights' sha256 (names, dtypes, shapes, values), 16 hex digits: equal for the same model on any machine,
     unlike model.pt's bytes (torch.save writes differently each time). Runs record it for the model they end with
     (`model`) and the one `init_from` gave them (`start`), so a grid can tell when its cells started from
@@ -717,7 +717,7 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
         run_ = Run(cfg, ds, model, {}, pop=pop, evaluator=local_evaluator(ds, lambda _: pop_scorer(ds), cfg.eval_batch))
     else:
         params = {k: v.to(torch_device(cfg.device)) for k, v in initial_params(cfg, model, pop).items()}
-        start = fingerprint(params) if cfg.init_from else None
+        start = weights_fingerprint(params) if cfg.init_from else None
         counts = pop.item_counts
         if counts is None:             # the hosts send item counts only when targets are picked by popularity
             if cfg.training == "federated" and cfg.targets >= 1 and cfg.target_pick == "unpopular":
@@ -780,7 +780,7 @@ def run(cfg: Config, ds: Dataset | None, out: str | Path, progress: bool = True,
         },
         "rejected": run_.rejected,
         "dropped": run_.dropped,
-        **({"model": fingerprint(params)} if params is not None else {}),
+        **({"model": weights_fingerprint(params)} if params is not None else {}),
         **({"start": start} if start else {}),
     }
     if camp is not None:
