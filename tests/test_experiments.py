@@ -582,7 +582,7 @@ def test_readme_verdict_tables_are_the_committed_main_table_reports():
             f"{len(verdicts) - len(fails)} that hold lie within the seeds' spread") in readme
 
 
-@pytest.mark.parametrize("page", ["attacks", "defences"])
+@pytest.mark.parametrize("page", ["attacks", "defences", "client-objective"])
 def test_results_page_tables_are_its_spec_report(page):
     """A results page whose grid is a spec quotes the tables of the spec's committed report verbatim (refresh both
     with `fortress report --publish`), so its numbers are the cells' summaries."""
