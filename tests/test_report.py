@@ -71,6 +71,16 @@ def test_metrics_final_and_mean_of_last_evaluations():
     assert "ER@10" not in report.metrics({"test": {"HR@10": 0.5, "NDCG@10": 0.2}}, 3)       # no targets tracked
 
 
+def test_heading_names_the_evaluations_actually_averaged():
+    """'mean of the last 5 evaluations' only where the cells had 5; a 30-round cell evaluated every 10 rounds has 3."""
+    def rec(n, status="ok"):
+        return {"status": status, "attack": {"history": [{"round": r, "ER@10": 0.1} for r in range(n)]}}
+    assert report.window(5, [rec(15), rec(5)]) == "5"
+    assert report.window(5, [rec(3), rec(3), None, rec(9, "failed")]) == "3"
+    assert report.window(5, [rec(3), rec(15)]) == "3-5"
+    assert report.window(5, [None, {"status": "ok"}]) == "5"        # nothing averaged yet: the spec's window
+
+
 def fake_plan(root: Path) -> Plan:
     """Two methods x (none, ahum) x 2 seeds, an ablation row, a sensitivity sweep, one failed cell."""
     cells, entries = {}, []

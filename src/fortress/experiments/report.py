@@ -46,6 +46,17 @@ def metrics(results: dict[str, Any], er_last: int) -> dict[str, float]:
     return out
 
 
+def window(er_last: int, recs) -> str:
+    """How many evaluations 'ER@K last' averages over the finished cells of `recs`: `er_last`, or fewer where none
+    has that many ("3", or "3-5" where cells differ), so a heading never claims a longer window than was averaged."""
+    n = {min(er_last, sum("ER@10" in h for h in (r.get("attack") or {}).get("history", [])))
+         for r in recs if r and r.get("status") == "ok"}
+    n.discard(0)
+    if not n or n == {er_last}:
+        return str(er_last)
+    return str(min(n)) if len(n) == 1 else f"{min(n)}-{max(n)}"
+
+
 def load_metrics(p: Plan) -> dict[str, dict[str, float]]:
     """Metrics of every run cell whose summary says ok."""
     out = {}
@@ -411,8 +422,9 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
     names = " and ".join(attack_name(a, None) for a in f.attacks)
     each = "" if len(f.methods) == 1 else " (each row against the floor method of its backbone)"
     floor_rows = " / ".join(f"`{m}`" for m in f.methods) + (" rows" if len(f.methods) > 1 else " row")
+    floor_n = window(p.er_last, (recs[e.cell] for e in p.entries if e.section == "main"))
     lines = ["## Against the data-poisoning floor", "",
-             f"The floor is the larger mean ER@10 (of the last {p.er_last} evaluations, over seeds) of "
+             f"The floor is the larger mean ER@10 (of the last {floor_n} evaluations, over seeds) of "
              f"the {floor_rows} under {names}{each}: fake users who train honestly on sequences that hold the "
              f"target. An attacked cell holds when its mean is within floor + {f.margin:g} ({CLOSE_MARK}: within the "
              f"seeds' spread of it; {WEAK_MARK}: its model barely ranks the test items, mean test HR@10 under "
@@ -694,6 +706,7 @@ def write(p: Plan) -> Path:
     """Write DIR/report.md (and the sensitivity PNGs) from whatever cells have finished."""
     got = load_metrics(p)
     recs = {cid: record(c) for cid, c in p.cells.items()}
+    last_n = window(p.er_last, (recs[e.cell] for e in p.entries))
     status = defaultdict(int)
     for cid in p.cells:
         status[(recs[cid] or {}).get("status", "not run")] += 1
@@ -706,7 +719,7 @@ def write(p: Plan) -> Path:
              f"next row is larger than the seed spread (the largest sample std of the rows compared), never where either "
              f"has a single seed. "
              f"ER@K is given twice: "
-             f"the final value, and the mean of the last {p.er_last} evaluations (ER swings from round to round). "
+             f"the final value, and the mean of the last {last_n} evaluations (ER swings from round to round). "
              "Every cell's command is listed at the end.", ""]
     by_section: dict[str, list[Entry]] = defaultdict(list)
     for e in p.entries:
@@ -724,8 +737,9 @@ def write(p: Plan) -> Path:
             if "ER@" not in final.splitlines()[0]:       # no attack and no tracked targets: one table
                 lines += [f"### {ds}", "", final, ""]
                 continue
+            n = window(p.er_last, (recs[e.cell] for e in es))
             lines += [f"### {ds}: final ER", "", final, "",
-                      f"### {ds}: ER as the mean of the last {p.er_last} evaluations", "",
+                      f"### {ds}: ER as the mean of the last {n} evaluations", "",
                       grid_tables(es, got, " last", first), ""]
     if p.floor is not None:
         lines += floor_tables(p, got, recs)
