@@ -215,6 +215,18 @@ def test_a_pretrain_can_fix_its_seed_and_continue_in_a_second_stage(tmp_path):
                    check_data=False)
 
 
+def test_a_method_with_its_own_init_from_skips_the_pretrain(tmp_path):
+    """PTF-FSR cannot continue a FedAvg model: `init_from = ""` in its method table runs it from scratch, while the
+    spec's other methods continue [pretrain] (experiments/peers.toml)."""
+    text = TINY + '[methods.scratch]\ntraining = "ptf"\ninit_from = ""\n'
+    p = specs.load(spec_file(tmp_path, text), tmp_path / "out", check_data=False)
+    runs = [c for c in p.cells.values() if c.kind == "run"]
+    scratch = [c for c in runs if "training=ptf" in c.command()]
+    assert len(scratch) == 2 * 2 and all(not c.after and "--set init_from= " in c.command() + " " for c in scratch)
+    rest = [c for c in runs if c not in scratch]
+    assert rest and all(c.after and p.cells[c.after[0]].kind == "pretrain" for c in rest)
+
+
 def test_cells_are_shared_by_what_they_compute(tmp_path):
     text = TINY + """
 [ablation]

@@ -4,7 +4,8 @@ A spec (see `experiments/smoke.toml`) names datasets, methods (each a table of c
 `--set` overrides), attacks x attack ratios x seeds, and optional ablation variants, sensitivity
 sweeps and figures. It expands to *cells*; each cell is one `fortress` command:
 
-  pretrain  a clean model that runs start from (`init_from`), shared by every attack of a method
+  pretrain  a clean model that runs start from (`init_from`), shared by every attack of a method (a method that
+            sets `init_from` itself, e.g. "" for a protocol that trains from scratch, starts from that instead)
   run       `fortress run` of one (dataset, method [+ variant or swept value], attack, ratio, seed)
   figure    a `fortress plot ...` command over the folders of some runs
 
@@ -349,7 +350,7 @@ class _Spec:
         """A run cell (and, with [pretrain], the clean model it starts from)."""
         data, ds_sets = self.datasets[ds]
         after = None
-        if self.pretrain is not None:
+        if self.pretrain is not None and "init_from" not in method:    # a method's own init_from ("": scratch) wins
             inherited = {k: v for k, v in method.items() if self.inherit is None or k in self.inherit}
             # a seed written in [pretrain] wins: one clean model shared by every seed of the grid
             pre = {**self.base, **ds_sets, **inherited, "seed": str(seed), **self.pretrain}
