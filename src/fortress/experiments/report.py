@@ -32,6 +32,11 @@ KEY_NAMES = {"lambda_cl": "λ1 (lambda_cl)", "lambda_temp": "λ2 (lambda_temp)",
              "beta": "β (beta)"}
 
 
+def last_evaluations(results: dict[str, Any], k: str, er_last: int) -> list[float]:
+    """The ER@K values 'ER@K last' averages: those of the last `er_last` evaluations in the attack's history."""
+    return [float(h[k]) for h in (results.get("attack") or {}).get("history", []) if k in h][-er_last:]
+
+
 def metrics(results: dict[str, Any], er_last: int) -> dict[str, float]:
     """HR@10, NDCG@10 and, with tracked targets, ER@5/10 (final) and 'ER@K last' (mean of the last evaluations)."""
     out = {k: float(results["test"][k]) for k in ("HR@10", "NDCG@10")}
@@ -41,7 +46,7 @@ def metrics(results: dict[str, Any], er_last: int) -> dict[str, float]:
     for k in ("ER@5", "ER@10"):
         if k in attack:
             out[k] = float(attack[k])
-            tail = [float(h[k]) for h in attack.get("history", []) if k in h][-er_last:]
+            tail = last_evaluations(results, k, er_last)
             out[f"{k} last"] = float(np.mean(tail)) if tail else out[k]
     return out
 
@@ -49,8 +54,7 @@ def metrics(results: dict[str, Any], er_last: int) -> dict[str, float]:
 def window(er_last: int, recs) -> str:
     """How many evaluations 'ER@K last' averages over the finished cells of `recs`: `er_last`, or fewer where none
     has that many ("3", or "3-5" where cells differ), so a heading never claims a longer window than was averaged."""
-    n = {min(er_last, sum("ER@10" in h for h in (r.get("attack") or {}).get("history", [])))
-         for r in recs if r and r.get("status") == "ok"}
+    n = {len(last_evaluations(r, "ER@10", er_last)) for r in recs if r and r.get("status") == "ok"}
     n.discard(0)
     if not n or n == {er_last}:
         return str(er_last)
