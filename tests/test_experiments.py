@@ -778,9 +778,25 @@ def test_a_verdict_within_the_seeds_spread_is_marked():
     assert s.floors == {"F": pytest.approx(0.20)}
     assert s.verdict(f, "A", "ahum", "yes", "no") == "no?"          # 0.01 above 0.22, inside the floor's 0.014
     assert s.verdict(f, "A", "psmu", "yes", "no") == "no"           # 0.02 above it
-    assert s.verdict(f, "B", "ahum", "yes", "no") == "yes?"         # 0.03 below it, inside its own std 0.20
+    assert s.verdict(f, "B", "ahum", "yes", "no") == f"yes? {report.SEED_MARK}1/2"   # 0.03 below it, inside its own
+    #                                                         std 0.20; seed 1's 0.33 above popular's 0.21 + 0.02
     assert s.verdict(f, "B", "psmu", "yes", "no") == "no"           # 0.19 above it
     assert s.verdict(f, "C", "ahum", "yes", "no") == ""             # not run
+
+
+def test_a_verdict_that_holds_on_the_mean_but_not_on_some_seeds_is_marked():
+    """Slice.seeds_above: a cell that holds on its seed mean gets SEED_MARK with how many of how many seeds lie above
+    the floor attack's highest seed + margin (0.25 + 0.02 here); one that fails, or whose seeds all stay below, none."""
+    f = specs.Floor(("F",), ("random",), 0.02)
+    er = {("F", "random"): [0.15, 0.25], ("A", "ahum"): [0.0, 0.40], ("B", "ahum"): [0.16, 0.26],
+          ("C", "ahum"): [0.30, 0.50], ("D", "ahum"): [0.0, 0.27]}
+    values = {(r, a, "ER@10 last"): xs for (r, a), xs in er.items()}
+    s = report.Slice("d", 0.05, [], report.floor_seeds(f, values), values)
+    assert s.verdict(f, "A", "ahum", "yes", "no") == f"yes? {report.SEED_MARK}1/2"   # mean 0.20 <= 0.22; 0.40 > 0.27
+    assert s.verdict(f, "B", "ahum", "yes", "no") == "yes?"                       # 0.26 is under 0.27
+    assert s.verdict(f, "C", "ahum", "yes", "no") == "no"                         # fails: no seed mark
+    assert s.seeds_above(f, "D", "ahum") == ""                                    # 0.27 is not above 0.27
+    assert s.seeds_above(f, "E", "ahum") == ""                                    # not run
 
 
 def test_a_verdict_from_a_model_that_barely_ranks_the_test_items_is_marked():

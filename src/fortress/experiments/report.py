@@ -123,6 +123,7 @@ def clear_best(rows: list[str], c: Column, values: Values) -> set[str]:
 SKIP_MARK = "‡"      # a number that comes, for at least one seed, from a run with skipped rounds
 CLOSE_MARK = "?"     # a verdict within the seeds' spread of floor + margin (`Slice.close`)
 WEAK_MARK = "↓"      # a cell whose model barely ranks the test items (`Slice.weak`)
+SEED_MARK = "↑"      # a cell that holds on the mean but not on some seeds (`Slice.seeds_above`)
 WEAK_SHARE = 0.5
 
 
@@ -303,6 +304,16 @@ class Slice:
         floor, last = both
         return bool(abs(np.mean(last) - (np.mean(floor) + f.margin)) <= max(std(last), std(floor)))
 
+    def seeds_above(self, f: Floor, row: str, attack: str) -> str:
+        """SEED_MARK with "k/n" where the row holds on the mean over seeds but k of its n seeds' ER@10 lie above
+        the highest seed of the floor attack + margin (no seed of honest fake users got that far: the attack wins
+        on those seeds, e.g. 0.000 and 0.981 hold on their mean of 0.490 against a floor of 0.59); "" else."""
+        if not self.holds(f, row, attack):
+            return ""
+        floor, last = self.sides(f, row, attack)
+        k = sum(x > max(floor) + f.margin for x in last)
+        return f"{SEED_MARK}{k}/{len(last)}" if k else ""
+
     def weak(self, f: Floor, row: str, attack: str) -> str:
         """How the cell's model ranks the test items against the clean test HR@10 of the floor method that the row
         is held to (on the same dataset): WEAK_MARK where its seed mean test HR@10 is under WEAK_SHARE of it (its low
@@ -317,13 +328,14 @@ class Slice:
         return f"{WEAK_MARK}{k}/{len(hr)}" if k else ""
 
     def verdict(self, f: Floor, row: str, attack: str, yes: str, no: str) -> str:
-        """The verdict as text (yes / no), CLOSE_MARK appended where it is within the seeds' spread and WEAK_MARK
-        where the model barely ranks the test items (`weak`); "" without one."""
+        """The verdict as text (yes / no), CLOSE_MARK appended where it is within the seeds' spread, SEED_MARK where
+        it holds on the mean but not on some seeds (`seeds_above`) and WEAK_MARK where the model barely ranks the
+        test items (`weak`); "" without one."""
         held = self.holds(f, row, attack)
         if held is None:
             return ""
         return ((yes if held else no) + (CLOSE_MARK if self.close(f, row, attack) else "")
-                + (f" {mark}" if (mark := self.weak(f, row, attack)) else ""))
+                + "".join(f" {mark}" for mark in (self.seeds_above(f, row, attack), self.weak(f, row, attack)) if mark))
 
 
 def floor_seeds(f: Floor, values: dict[tuple[str, str, str], list[float]]) -> dict[str, list[float] | None]:
@@ -375,8 +387,9 @@ def glance(p: Plan, slices: list[Slice]) -> list[str]:
              "ER@10 as the mean of the last evaluations, mean ± std over seeds (in brackets: how many); each attacked "
              f"cell holds (within floor + {f.margin:g}) or **fails**, marked {CLOSE_MARK} where its distance to "
              f"floor + {f.margin:g} is within the seeds' spread (the larger std over seeds of the cell and of the "
-             "floor; a one-seed cell has none of its own), so more seeds may flip it, and marked "
-             f"{WEAK_MARK} where its model barely ranks the test items (mean test HR@10 under {WEAK_SHARE:g} x the "
+             "floor; a one-seed cell has none of its own), so more seeds may flip it, marked "
+             f"{SEED_MARK}k/n where it holds on the mean but k of its n seeds lie above the floor attack's highest "
+             f"seed + {f.margin:g} (the attack wins on those seeds), and marked {WEAK_MARK} where its model barely ranks the test items (mean test HR@10 under {WEAK_SHARE:g} x the "
              f"clean floor row's on that dataset: its low ER shows no defence; {WEAK_MARK}k/n where only k of its n "
              "seeds' models do, whose ER still counts in the mean); a blank: not in the spec; –: "
              "not run yet.", ""]
@@ -431,7 +444,8 @@ def floor_tables(p: Plan, got: dict[str, dict[str, float]], recs: dict[str, dict
              f"The floor is the larger mean ER@10 (of the last {floor_n} evaluations, over seeds) of "
              f"the {floor_rows} under {names}{each}: fake users who train honestly on sequences that hold the "
              f"target. An attacked cell holds when its mean is within floor + {f.margin:g} ({CLOSE_MARK}: within the "
-             f"seeds' spread of it; {WEAK_MARK}: its model barely ranks the test items, mean test HR@10 under "
+             f"seeds' spread of it; {SEED_MARK}k/n: it holds on the mean, but k of its n seeds lie above the "
+             f"floor attack's highest seed + {f.margin:g}; {WEAK_MARK}: its model barely ranks the test items, mean test HR@10 under "
              f"{WEAK_SHARE:g} x that of the clean floor row on the dataset, so its low ER is no defence; "
              f"{WEAK_MARK}k/n: k of its n seeds' models do). Target "
              "flagged: the share of the rounds in which the defence flagged a target; "
