@@ -592,6 +592,8 @@ def test_readme_verdict_tables_are_the_committed_main_table_reports():
     assert f"buys more than honest fake users in {len(fails)} of the {len(verdicts)} cells with a verdict" in readme
     assert (f"{sum(c in fails for c in close)} of those {len(fails)} and {sum(c not in fails for c in close)} of the "
             f"{len(verdicts) - len(fails)} that hold lie within the seeds' spread") in readme
+    above = [c for c in verdicts if "holds" in c and report.SEED_MARK in c]
+    assert f"{len(above)} of the {len(verdicts) - len(fails)} that hold carry {report.SEED_MARK}" in readme
 
 
 @pytest.mark.parametrize("page", ["attacks", "defences", "client-objective"])
